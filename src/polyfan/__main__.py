@@ -1,0 +1,3 @@
+from polyfan.cli import main
+
+main(prog_name="polyfan")

@@ -1,0 +1,328 @@
+"""The ``polyfan`` command line: builds each role's config and calls its ``run``.
+
+Only this module configures logging handlers. Errors that are polyfan's own print one line
+and exit with the error's status; tracebacks only at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from polyfan import config as cfg
+from polyfan.errors import ConfigError, PolyfanError
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("polyfan")
+
+
+def _duration(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            if isinstance(value, tuple):
+                return tuple(cfg.parse_duration_ms(v, name=name) for v in value)
+            return cfg.parse_duration_ms(value, name=name)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+    return convert
+
+
+def _call(converter: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return converter(*args, **kwargs)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _run(run: Callable[[Any], int], config: Any) -> None:
+    try:
+        status = run(config)
+    except PolyfanError as exc:
+        if log.isEnabledFor(logging.DEBUG):
+            log.exception("fatal")
+        click.echo(f"polyfan: {exc}", err=True)
+        sys.exit(exc.exit_status)
+    except KeyboardInterrupt:
+        status = 0
+    sys.exit(status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=None,
+    help="Log level (default info; env POLYFAN_LOG).",
+)
+@click.version_option(package_name="polyfan")
+def main(log_level: str | None) -> None:
+    """polyfan: fan out one Polygon/Massive trade feed over ZeroMQ and serve sub-second bars."""
+    level = (log_level or os.environ.get("POLYFAN_LOG") or "info").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise click.UsageError(
+            f"POLYFAN_LOG: {level.lower()!r} is not debug, info, warning or error"
+        )
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.option(
+    "--upstream",
+    envvar="POLYFAN_UPSTREAM",
+    default=cfg.DEFAULT_UPSTREAM,
+    show_default=True,
+    help="Upstream WebSocket URL (env POLYFAN_UPSTREAM).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the API key from this file (else env MASSIVE_API_KEY, then POLYGON_API_KEY).",
+)
+@click.option("--subscribe", default="T.*", show_default=True, help="Upstream subscribe params.")
+@click.option(
+    "--pub", default=cfg.DEFAULT_PROXY_PUB, show_default=True, help="ZeroMQ PUB endpoint to bind."
+)
+@click.option(
+    "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus counters here."
+)
+def proxy(
+    upstream: str, api_key_file: Path | None, subscribe: str, pub: str, metrics: str | None
+) -> None:
+    """Hold the one upstream connection and republish every trade on ZeroMQ."""
+    from polyfan import proxy as role
+
+    config = cfg.ProxyConfig(
+        api_key=_call(cfg.read_api_key, os.environ, api_key_file),
+        upstream=upstream,
+        subscribe=subscribe,
+        pub=_call(cfg.validate_endpoint, pub, name="--pub"),
+        metrics=_call(cfg.parse_host_port, metrics, name="--metrics") if metrics else None,
+    )
+    _run(role.run, config)
+
+
+@main.command()
+@click.option(
+    "--sub",
+    multiple=True,
+    default=(cfg.DEFAULT_PROXY_PUB,),
+    show_default=True,
+    help="Proxy PUB endpoint to connect to; repeatable.",
+)
+@click.option(
+    "--pub",
+    default=cfg.DEFAULT_AGG_PUB,
+    show_default=True,
+    help="ZeroMQ endpoint to bind for bars.",
+)
+@click.option("--symbols", default="*", show_default=True, help="* for every symbol, or TSLA,AAPL.")
+@click.option(
+    "--interval",
+    "intervals",
+    multiple=True,
+    default=cfg.DEFAULT_INTERVALS,
+    show_default=True,
+    callback=_duration("--interval"),
+    help="Bar interval (100ms to 1m); repeatable.",
+)
+@click.option(
+    "--grace",
+    default="250ms",
+    show_default=True,
+    callback=_duration("--grace"),
+    help="How long a bar waits for late trades.",
+)
+@click.option(
+    "--conditions",
+    type=click.Choice(["polygon", "all"]),
+    default="polygon",
+    show_default=True,
+    help="Trade-condition rules: Polygon's table, or every trade regular.",
+)
+@click.option(
+    "--conditions-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON dump of /v3/reference/conditions to use instead of the built-in table.",
+)
+@click.option(
+    "--history",
+    default="1h",
+    show_default=True,
+    callback=_duration("--history"),
+    help="Bars kept per symbol and interval for late joiners.",
+)
+@click.option(
+    "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus counters here."
+)
+def agg(
+    sub: tuple[str, ...],
+    pub: str,
+    symbols: str,
+    intervals: tuple[int, ...],
+    grace: int,
+    conditions: str,
+    conditions_file: Path | None,
+    history: int,
+    metrics: str | None,
+) -> None:
+    """Build exact OHLCV bars from the proxy's trades and publish them."""
+    from polyfan import agg as role
+
+    for interval in intervals:
+        if not 100 <= interval <= 60_000:
+            raise click.BadParameter(
+                f"{interval}ms is outside 100ms to 1m", param_hint="--interval"
+            )
+    config = cfg.AggConfig(
+        sub=tuple(_call(cfg.validate_endpoint, s, name="--sub") for s in sub),
+        pub=_call(cfg.validate_endpoint, pub, name="--pub"),
+        symbols=_call(cfg.parse_symbols, symbols),
+        intervals_ms=tuple(sorted(set(intervals))),
+        grace_ms=grace,
+        conditions=conditions,
+        conditions_file=conditions_file,
+        history_ms=history,
+        metrics=_call(cfg.parse_host_port, metrics, name="--metrics") if metrics else None,
+    )
+    _run(role.run, config)
+
+
+@main.command()
+@click.option(
+    "--sub",
+    multiple=True,
+    default=(cfg.DEFAULT_AGG_PUB,),
+    show_default=True,
+    help="Aggregator PUB endpoint to connect to; repeatable.",
+)
+@click.option(
+    "--listen",
+    default=cfg.DEFAULT_BRIDGE_LISTEN,
+    show_default=True,
+    help="HOST:PORT for WebSocket and HTTP.",
+)
+@click.option(
+    "--token",
+    "tokens",
+    multiple=True,
+    help="Accepted client token; repeatable (env POLYFAN_TOKENS, comma-separated).",
+)
+def bridge(sub: tuple[str, ...], listen: str, tokens: tuple[str, ...]) -> None:
+    """Serve bars to WebSocket clients, the chart page and the HTTP API."""
+    from polyfan import bridge as role
+
+    config = cfg.BridgeConfig(
+        sub=tuple(_call(cfg.validate_endpoint, s, name="--sub") for s in sub),
+        listen=_call(cfg.parse_host_port, listen, name="--listen"),
+        tokens=cfg.read_tokens(os.environ, tokens),
+    )
+    _run(role.run, config)
+
+
+def _sim_symbols(text: str) -> int | tuple[str, ...]:
+    if text.strip().isdigit():
+        count = int(text)
+        if count < 1:
+            raise ConfigError("--symbols: need at least one symbol")
+        return count
+    symbols = cfg.parse_symbols(text)
+    if symbols is None:
+        raise ConfigError("--symbols: give a count or a list, not *")
+    return symbols
+
+
+@main.command()
+@click.option(
+    "--listen", default=cfg.DEFAULT_SIM_LISTEN, show_default=True, help="HOST:PORT to serve on."
+)
+@click.option(
+    "--symbols", default="50", show_default=True, help="How many tickers, or a list: A,AA,AAPL."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2000,
+    show_default=True,
+    help="Trades per second.",
+)
+@click.option("--seed", type=int, default=None, help="Seed for a reproducible market.")
+@click.option("--api-key", default=None, help="Accept only this key (default: any).")
+def sim(listen: str, symbols: str, rate: float, seed: int | None, api_key: str | None) -> None:
+    """A local stand-in for the Polygon stocks WebSocket, with a synthetic market."""
+    from polyfan import sim as role
+
+    config = cfg.SimConfig(
+        listen=_call(cfg.parse_host_port, listen, name="--listen"),
+        symbols=_call(_sim_symbols, symbols),
+        rate=rate,
+        seed=seed,
+        api_key=api_key,
+    )
+    _run(role.run, config)
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default=cfg.DEFAULT_BRIDGE_LISTEN,
+    show_default=True,
+    help="HOST:PORT for the chart page.",
+)
+@click.option(
+    "--symbols",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="How many simulated tickers.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2000,
+    show_default=True,
+    help="Simulated trades per second.",
+)
+def demo(listen: str, symbols: int, rate: float) -> None:
+    """Run sim, proxy, agg and bridge over ipc on this machine; no API key needed."""
+    from polyfan import demo as role
+
+    config = cfg.DemoConfig(
+        listen=_call(cfg.parse_host_port, listen, name="--listen"),
+        symbols=symbols,
+        rate=rate,
+    )
+    _run(role.run, config)
+
+
+@main.command()
+@click.argument("endpoint")
+@click.argument("prefixes", nargs=-1)
+@click.option(
+    "--count", type=click.IntRange(min=1), default=None, help="Exit after this many messages."
+)
+def tap(endpoint: str, prefixes: tuple[str, ...], count: int | None) -> None:
+    """Print what a polyfan PUB endpoint publishes, one JSON object per line.
+
+    PREFIXES as users type them: T.TSLA, T. or 500Ms.TSLA (default: everything).
+    """
+    from polyfan import tap as role
+
+    config = cfg.TapConfig(
+        endpoint=_call(cfg.validate_endpoint, endpoint, name="ENDPOINT"),
+        prefixes=prefixes,
+        count=count,
+    )
+    _run(role.run, config)

@@ -1,0 +1,158 @@
+"""Configuration: one frozen dataclass per role, and the parsers the CLI uses to build them.
+
+Nothing here touches a socket. Reading the environment takes a mapping, so tests pass a dict.
+Secrets are declared ``repr=False`` so that a logged config never shows them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from polyfan.errors import ConfigError
+
+DEFAULT_UPSTREAM = "wss://socket.massive.com/stocks"
+DEFAULT_PROXY_PUB = "tcp://127.0.0.1:8767"
+DEFAULT_AGG_PUB = "tcp://127.0.0.1:8769"
+DEFAULT_BRIDGE_LISTEN = "127.0.0.1:8768"
+DEFAULT_SIM_LISTEN = "127.0.0.1:8766"
+DEFAULT_INTERVALS = ("100ms", "250ms", "500ms", "1s", "5s", "1m")
+
+SYMBOL_RE = re.compile(r"[A-Za-z0-9.:/_-]{1,32}")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def parse_duration_ms(text: str, *, name: str = "duration") -> int:
+    """Parse ``250ms``, ``1s``, ``5m`` or ``1h`` into whole milliseconds."""
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ConfigError(f"{name}: {text!r} is not a duration; write it like 250ms, 1s, 5m or 1h")
+    value = float(match.group(1)) * _UNIT_MS[match.group(2)]
+    if value != int(value):
+        raise ConfigError(f"{name}: {text!r} is not a whole number of milliseconds")
+    return int(value)
+
+
+def format_duration_ms(ms: int) -> str:
+    """The shortest exact spelling of ``ms``: 100ms, 1s, 5m, 1h."""
+    for unit in ("h", "m", "s"):
+        size = _UNIT_MS[unit]
+        if ms >= size and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def parse_host_port(text: str, *, name: str = "address") -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{name}: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
+def parse_symbols(text: str, *, name: str = "--symbols") -> tuple[str, ...] | None:
+    """``*`` means every symbol (``None``); otherwise a comma list of valid tickers."""
+    if text.strip() == "*":
+        return None
+    symbols = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not symbols:
+        raise ConfigError(f"{name}: empty symbol list; use * for every symbol")
+    for symbol in symbols:
+        if SYMBOL_RE.fullmatch(symbol) is None:
+            raise ConfigError(
+                f"{name}: {symbol!r} is not a symbol (1 to 32 of A-Z a-z 0-9 . : / _ -)"
+            )
+    return symbols
+
+
+def validate_endpoint(text: str, *, name: str) -> str:
+    """Accept the ZeroMQ transports polyfan supports: tcp:// and ipc://."""
+    if not text.startswith(("tcp://", "ipc://")) or len(text) <= len("ipc://"):
+        raise ConfigError(
+            f"{name}: {text!r} is not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"
+        )
+    return text
+
+
+def read_api_key(env: Mapping[str, str], key_file: Path | None) -> str:
+    """The API key: ``--api-key-file`` if given, else ``MASSIVE_API_KEY``, else ``POLYGON_API_KEY``."""
+    if key_file is not None:
+        try:
+            key = key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file: cannot read {key_file}: {exc.strerror}") from exc
+        if not key:
+            raise ConfigError(f"--api-key-file: {key_file} is empty")
+        return key
+    for var in ("MASSIVE_API_KEY", "POLYGON_API_KEY"):
+        key = env.get(var, "").strip()
+        if key:
+            return key
+    raise ConfigError("no API key: set MASSIVE_API_KEY (or POLYGON_API_KEY) or pass --api-key-file")
+
+
+def read_tokens(env: Mapping[str, str], flags: tuple[str, ...]) -> tuple[str, ...]:
+    """Bridge tokens: every ``--token`` plus the comma list in ``POLYFAN_TOKENS``."""
+    from_env = tuple(t.strip() for t in env.get("POLYFAN_TOKENS", "").split(",") if t.strip())
+    return tuple(dict.fromkeys(flags + from_env))
+
+
+def mask_secret(secret: str) -> str:
+    """``****`` plus at most the last 4 characters (none for short secrets)."""
+    return "****" + (secret[-4:] if len(secret) >= 12 else "")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    api_key: str = field(repr=False)
+    upstream: str = DEFAULT_UPSTREAM
+    subscribe: str = "T.*"
+    pub: str = DEFAULT_PROXY_PUB
+    metrics: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class AggConfig:
+    sub: tuple[str, ...] = (DEFAULT_PROXY_PUB,)
+    pub: str = DEFAULT_AGG_PUB
+    symbols: tuple[str, ...] | None = None  # None: every symbol
+    intervals_ms: tuple[int, ...] = (100, 250, 500, 1000, 5000, 60_000)
+    grace_ms: int = 250
+    conditions: str = "polygon"
+    conditions_file: Path | None = None
+    history_ms: int = 3_600_000
+    metrics: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    sub: tuple[str, ...] = (DEFAULT_AGG_PUB,)
+    listen: tuple[str, int] = ("127.0.0.1", 8768)
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 8766)
+    symbols: int | tuple[str, ...] = 50
+    rate: float = 2000.0
+    seed: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 8768)
+    symbols: int = 50
+    rate: float = 2000.0
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    endpoint: str
+    prefixes: tuple[str, ...] = ()
+    count: int | None = None

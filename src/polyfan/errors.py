@@ -1,0 +1,50 @@
+"""The exceptions polyfan raises, one small tree translated at the edges.
+
+::
+
+    PolyfanError
+    ├── ConfigError          bad flags or environment (also a ValueError)
+    ├── FeedError            upstream problems
+    │   ├── AuthenticationError   fatal, never retried
+    │   └── FeedProtocolError     a frame that is not the protocol
+    ├── WireError            a ZeroMQ message that does not decode
+    └── ClientError          a WebSocket client sent something invalid
+
+The CLI catches :class:`PolyfanError`, prints one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class PolyfanError(Exception):
+    """Base class of every error polyfan raises on purpose."""
+
+    exit_status = 1
+
+
+class ConfigError(PolyfanError, ValueError):
+    """A flag, a file or the environment holds a value polyfan cannot use."""
+
+    exit_status = 2
+
+
+class FeedError(PolyfanError):
+    """The upstream feed failed or said something polyfan cannot accept."""
+
+
+class AuthenticationError(FeedError):
+    """The upstream refused the API key. Fatal: retrying would only be refused again."""
+
+    exit_status = 2
+
+
+class FeedProtocolError(FeedError):
+    """An upstream frame that is not the Polygon protocol."""
+
+
+class WireError(PolyfanError):
+    """A ZeroMQ message that does not decode as polyfan's wire format."""
+
+
+class ClientError(PolyfanError):
+    """A WebSocket or HTTP client sent something invalid."""

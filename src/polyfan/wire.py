@@ -1,0 +1,289 @@
+"""The ZeroMQ wire codec: one pure module that every publisher and subscriber uses.
+
+Every message is a single ZeroMQ frame::
+
+    topic bytes | 0x00 | header (24 bytes) | payload
+
+The topic comes first so that ZeroMQ's prefix filtering works at the publisher; the NUL
+terminator makes ``T.A\\0`` a different prefix from ``T.AAPL\\0``. The header is little-endian::
+
+    u8  version      (1)
+    u8  kind         (Kind below)
+    u16 reserved     (0)
+    u32 count        number of records in the payload
+    u64 session      the publisher's session id, random at each start
+    u64 seq          per-topic sequence number, 1, 2, 3 ... within a session
+
+Payloads are arrays of fixed-size little-endian records (``TRADE_DTYPE``, ``BAR_DTYPE``,
+``CLOCK_DTYPE``, ``UPSTREAM_DTYPE``) or, for the low-rate announce message, UTF-8 JSON.
+docs/wire.md is the reference for programs in other languages.
+
+History requests travel the other way, from an XSUB socket to the agg's XPUB socket, as
+``0x02 | JSON``; replies come back on the requester's own topic ``_rep.<id>``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from polyfan.errors import WireError
+
+VERSION = 1
+TERMINATOR = b"\x00"
+CONTROL = "_ctl"
+CONTROL_TOPIC = b"_ctl\x00"
+REPLY_PREFIX = "_rep."
+REQUEST_MARK = b"\x02"
+MAX_CONDITIONS = 8
+
+HEADER = struct.Struct("<BBHIQQ")
+
+
+class Kind(enum.IntEnum):
+    TRADES = 1
+    BARS = 2
+    CLOCK = 3
+    UPSTREAM = 4
+    ANNOUNCE = 5
+    HISTORY = 6
+
+
+TRADE_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # SIP timestamp, Unix ms
+        ("p", "<f8"),  # price
+        ("s", "<f8"),  # size in shares (from ds when present, else s)
+        ("q", "<i8"),  # upstream sequence number (0 when absent)
+        ("trft", "<i8"),  # TRF timestamp, Unix ms (0 when absent)
+        ("trfi", "<u2"),  # TRF id (0 when absent)
+        ("x", "<u2"),  # exchange id (0 when absent)
+        ("z", "u1"),  # tape (0 when absent)
+        ("nc", "u1"),  # number of condition codes used in c
+        ("c", "u1", (MAX_CONDITIONS,)),  # condition codes, first nc are valid
+        ("_pad", "u1", (2,)),
+    ]
+)
+assert TRADE_DTYPE.itemsize == 56
+
+BAR_FLAG_OUTAGE = 1  # the bar spans an upstream outage: trades may be missing
+BAR_FLAG_CARRIED = 2  # volume-only bar: o/h/l/c carried from the previous close
+
+BAR_DTYPE = np.dtype(
+    [
+        ("s", "<i8"),  # bar start, Unix ms; e = s + interval
+        ("o", "<f8"),
+        ("h", "<f8"),
+        ("l", "<f8"),
+        ("c", "<f8"),
+        ("v", "<f8"),
+        ("vw", "<f8"),  # NaN when v == 0
+        ("n", "<u4"),
+        ("flags", "<u4"),
+    ]
+)
+assert BAR_DTYPE.itemsize == 64
+
+CLOCK_DTYPE = np.dtype([("clock", "<i8"), ("wall", "<i8")])
+
+UPSTREAM_DOWN = 0
+UPSTREAM_UP = 1
+UPSTREAM_DTYPE = np.dtype([("state", "<i8"), ("clock", "<i8"), ("wall", "<i8")])
+
+
+def trade_topic(symbol: str) -> bytes:
+    return b"T." + symbol.encode() + TERMINATOR
+
+
+def bar_channel(interval_ms: int, symbol: str) -> str:
+    return f"{interval_ms}Ms.{symbol}"
+
+
+def bar_topic(interval_ms: int, symbol: str) -> bytes:
+    return f"{interval_ms}Ms.{symbol}".encode() + TERMINATOR
+
+
+def reply_topic(requester: str) -> bytes:
+    return (REPLY_PREFIX + requester).encode() + TERMINATOR
+
+
+def subscription_prefix(text: str) -> bytes:
+    """The ZeroMQ prefix for what a user types: ``T.TSLA`` is exact, ``T.`` is a prefix.
+
+    A prefix ending in ``.`` (or empty) matches every topic under it; anything else is one
+    topic and gets its terminator, so ``T.A`` never matches ``T.AAPL``.
+    """
+    if text == "" or text.endswith("."):
+        return text.encode()
+    return text.encode() + TERMINATOR
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    kind: Kind
+    session: int
+    seq: int
+    count: int
+    payload: memoryview
+
+
+def encode(topic: bytes, kind: Kind, session: int, seq: int, count: int, payload: bytes) -> bytes:
+    """One message: ``topic`` must already end with the terminator."""
+    return b"".join((topic, HEADER.pack(VERSION, kind, 0, count, session, seq), payload))
+
+
+def decode(frame: bytes) -> Message:
+    """Split a frame into topic, header fields and payload; raise WireError if it is not ours."""
+    end = frame.find(TERMINATOR)
+    if end < 0:
+        raise WireError("message has no topic terminator")
+    start = end + 1
+    if len(frame) < start + HEADER.size:
+        raise WireError(f"message on {frame[:end]!r} is shorter than its header")
+    version, kind, _, count, session, seq = HEADER.unpack_from(frame, start)
+    if version != VERSION:
+        raise WireError(
+            f"message on {frame[:end]!r} has wire version {version}, expected {VERSION}"
+        )
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise WireError(f"message on {frame[:end]!r} has unknown kind {kind}") from None
+    payload = memoryview(frame)[start + HEADER.size :]
+    record = _RECORD_DTYPE.get(kind)
+    if record is not None and len(payload) != count * record.itemsize:
+        raise WireError(
+            f"message on {frame[:end]!r}: {len(payload)} payload bytes for {count} records"
+        )
+    try:
+        topic = frame[:end].decode()
+    except UnicodeDecodeError:
+        raise WireError("message topic is not UTF-8") from None
+    return Message(topic, kind, session, seq, count, payload)
+
+
+_RECORD_DTYPE = {
+    Kind.TRADES: TRADE_DTYPE,
+    Kind.BARS: BAR_DTYPE,
+    Kind.CLOCK: CLOCK_DTYPE,
+    Kind.UPSTREAM: UPSTREAM_DTYPE,
+}
+
+
+def records(message: Message) -> np.ndarray:
+    """The payload as a read-only structured array (no copy)."""
+    dtype = _RECORD_DTYPE.get(message.kind)
+    if dtype is None:
+        raise WireError(f"{message.kind.name} messages carry no records")
+    return np.frombuffer(message.payload, dtype=dtype)
+
+
+class HistoryStatus(enum.IntEnum):
+    OK = 0
+    INTERVAL_NOT_SERVED = 1
+    SYMBOL_NOT_SERVED = 2
+    BAD_REQUEST = 3
+
+
+HISTORY_HEAD = struct.Struct("<QII")  # request id, HistoryStatus, reserved
+
+
+def records_from_history(message: Message) -> tuple[int, HistoryStatus, np.ndarray]:
+    """A HISTORY reply: ``(request id, status, bars)``; bars oldest first."""
+    if message.kind is not Kind.HISTORY or len(message.payload) < HISTORY_HEAD.size:
+        raise WireError("not a history reply")
+    request_id, status, _ = HISTORY_HEAD.unpack_from(message.payload)
+    bars = np.frombuffer(message.payload[HISTORY_HEAD.size :], dtype=BAR_DTYPE)
+    if len(bars) != message.count:
+        raise WireError("history reply record count does not match its payload")
+    try:
+        return request_id, HistoryStatus(status), bars
+    except ValueError:
+        raise WireError(f"history reply has unknown status {status}") from None
+
+
+def encode_history(
+    topic: bytes,
+    session: int,
+    seq: int,
+    request_id: int,
+    status: HistoryStatus,
+    bars: np.ndarray,
+) -> bytes:
+    payload = (
+        HISTORY_HEAD.pack(request_id, status, 0) + np.ascontiguousarray(bars, BAR_DTYPE).tobytes()
+    )
+    return encode(topic, Kind.HISTORY, session, seq, len(bars), payload)
+
+
+def encode_json(topic: bytes, kind: Kind, session: int, seq: int, value: Any) -> bytes:
+    return encode(topic, kind, session, seq, 1, orjson.dumps(value))
+
+
+def decode_json(message: Message) -> Any:
+    try:
+        return orjson.loads(message.payload)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"{message.kind.name} message on {message.topic!r} is not JSON") from exc
+
+
+def encode_request(value: dict[str, Any]) -> bytes:
+    """A history request, sent upstream from an XSUB socket to an XPUB."""
+    return REQUEST_MARK + orjson.dumps(value)
+
+
+def decode_request(frame: bytes) -> dict[str, Any]:
+    if not frame.startswith(REQUEST_MARK):
+        raise WireError("upstream message is not a history request")
+    try:
+        value = orjson.loads(frame[1:])
+    except orjson.JSONDecodeError as exc:
+        raise WireError("history request is not JSON") from exc
+    if not isinstance(value, dict):
+        raise WireError("history request is not a JSON object")
+    return value
+
+
+class Sequencer:
+    """Per-topic sequence numbers for a publisher: 1, 2, 3 ... per topic."""
+
+    def __init__(self, session: int) -> None:
+        self.session = session
+        self._last: dict[bytes, int] = {}
+
+    def next(self, topic: bytes) -> int:
+        seq = self._last.get(topic, 0) + 1
+        self._last[topic] = seq
+        return seq
+
+
+class GapCounter:
+    """Subscriber side: how many messages a topic's sequence numbers say were lost.
+
+    A new session id is a publisher restart, not a loss: the topic starts over. The first
+    message seen on a topic (a late joiner) is not a loss either.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+        self.lost = 0
+
+    def observe(self, topic: str, session: int, seq: int) -> int:
+        """Record one message; return how many were lost just before it."""
+        previous = self._last.get(topic)
+        self._last[topic] = (session, seq)
+        if previous is None or previous[0] != session or seq <= previous[1]:
+            return 0
+        lost = seq - previous[1] - 1
+        self.lost += lost
+        return lost
+
+    def forget(self, topic: str) -> None:
+        """Stop tracking a topic (after an unsubscribe the next message is a fresh start)."""
+        self._last.pop(topic, None)

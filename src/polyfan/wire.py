@@ -52,6 +52,7 @@ class Kind(enum.IntEnum):
     UPSTREAM = 4
     ANNOUNCE = 5
     HISTORY = 6
+    SYMBOLS = 7
 
 
 TRADE_DTYPE = np.dtype(

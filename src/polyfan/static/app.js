@@ -1,0 +1,629 @@
+// polyfan's live chart page: history over HTTP, live bars over the WebSocket protocol of
+// CONTRACT §4, drawn with TradingView's lightweight-charts (served from /static/vendor/).
+//
+// Time axis: lightweight-charts counts time in whole seconds, and our bars go down to 100 ms.
+// Each bar is placed at time = s / interval (its index since the epoch), and the formatters
+// turn that back into the real HH:MM:SS.mmm. Because bars are epoch aligned, the library's
+// "new minute / hour" tick weights land on real round times (every 60 / 3600 bars). See
+// docs/page.md.
+
+const LWC = globalThis.LightweightCharts;
+
+const COLORS = {
+  up: "#26a69a",
+  down: "#ef5350",
+  outage: "#b58cff",
+  upVolume: "rgba(38, 166, 154, 0.45)",
+  downVolume: "rgba(239, 83, 80, 0.45)",
+  outageVolume: "rgba(181, 140, 255, 0.6)",
+  text: "#8b94a3",
+  grid: "rgba(42, 49, 61, 0.55)",
+  border: "#222a35",
+};
+
+const HISTORY_LIMIT = 600;
+const SCROLL_BACK_MARGIN = 40; // bars left of the first one held before older ones are fetched
+const RATE_WINDOW_MS = 5000;
+const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
+const BACKOFF_MIN_MS = 250;
+const BACKOFF_MAX_MS = 5000;
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+
+// ---------------------------------------------------------------- pure helpers
+
+const pad = (n, width = 2) => String(n).padStart(width, "0");
+
+/** "HH:MM:SS.mmm" (ms only when the interval is below a second) in the browser's time zone. */
+function formatClock(ms, withMillis) {
+  const d = new Date(ms);
+  const hms = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return withMillis ? `${hms}.${pad(d.getMilliseconds(), 3)}` : hms;
+}
+
+function formatDate(ms) {
+  const d = new Date(ms);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+}
+
+/** A tick label from real time: the coarsest round unit the instant falls on. */
+function formatTick(ms) {
+  const d = new Date(ms);
+  if (d.getMilliseconds() !== 0) return formatClock(ms, true);
+  if (d.getHours() === 0 && d.getMinutes() === 0 && d.getSeconds() === 0) {
+    return d.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+  }
+  if (d.getSeconds() !== 0) return formatClock(ms, false);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+function intervalLabel(ms) {
+  if (ms % 3_600_000 === 0) return `${ms / 3_600_000}h`;
+  if (ms % 60_000 === 0) return `${ms / 60_000}m`;
+  if (ms % 1000 === 0) return `${ms / 1000}s`;
+  return `${ms}ms`;
+}
+
+function decimalsOf(x) {
+  if (!Number.isFinite(x) || Number.isInteger(x)) return 0;
+  const text = String(x);
+  const exp = text.indexOf("e-");
+  if (exp >= 0) return Number(text.slice(exp + 2));
+  return text.length - text.indexOf(".") - 1;
+}
+
+/** Price precision that shows every stored price exactly: at least 2, at most 6 decimals. */
+function pricePrecision(bars) {
+  let precision = 2;
+  for (let i = Math.max(0, bars.length - 200); i < bars.length; i++) {
+    const b = bars[i];
+    precision = Math.max(precision, decimalsOf(b.o), decimalsOf(b.h), decimalsOf(b.l), decimalsOf(b.c));
+  }
+  return Math.min(precision, 6);
+}
+
+const formatVolume = (v) => v.toLocaleString("en-US", { maximumFractionDigits: 4 });
+
+function backoffDelay(attempt) {
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt);
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+// ---------------------------------------------------------------- state
+
+const state = {
+  token: params.get("token") || "polyfan",
+  intervals: [],
+  symbol: null,
+  interval: null,
+  generation: 0, // bumped on every channel switch; stale fetches and bars are dropped
+  bars: [], // MB objects of the current channel, sorted by s, unique s
+  index: new Map(), // s -> position in bars
+  precision: 2,
+  olderLoading: false,
+  olderExhausted: false,
+  hovered: null, // the bar under the crosshair, or null for "the last bar"
+  liveTimes: [], // receive times of live bars, for bars/s
+  lastDelayMs: null,
+  liveBarCount: 0,
+  historyLoaded: false, // the current channel's history request has finished
+  everLive: false,
+  authFailed: false,
+};
+
+const channel = () => `${state.interval}Ms.${state.symbol}`;
+const lastBar = () => (state.bars.length ? state.bars[state.bars.length - 1] : null);
+
+// ---------------------------------------------------------------- chart
+
+const chartBox = $("chart");
+const chart = LWC.createChart(chartBox, {
+  autoSize: true,
+  layout: {
+    background: { type: LWC.ColorType.Solid, color: "transparent" },
+    textColor: COLORS.text,
+    fontFamily: getComputedStyle(document.documentElement).getPropertyValue("--mono").trim(),
+    fontSize: 11,
+    attributionLogo: true,
+    panes: { separatorColor: COLORS.border, separatorHoverColor: "rgba(120, 130, 150, 0.25)" },
+  },
+  grid: { vertLines: { color: COLORS.grid }, horzLines: { color: COLORS.grid } },
+  crosshair: { mode: LWC.CrosshairMode.Normal },
+  rightPriceScale: { borderColor: COLORS.border },
+  timeScale: {
+    borderColor: COLORS.border,
+    timeVisible: true,
+    secondsVisible: true,
+    rightOffset: 4,
+    barSpacing: 8,
+    minBarSpacing: 0.5,
+    tickMarkMaxCharacterLength: 12,
+    tickMarkFormatter: (time) => formatTick(time * state.interval),
+  },
+  localization: {
+    timeFormatter: (time) => formatClock(time * state.interval, state.interval < 1000),
+  },
+});
+
+const candles = chart.addSeries(LWC.CandlestickSeries, {
+  upColor: COLORS.up,
+  downColor: COLORS.down,
+  borderUpColor: COLORS.up,
+  borderDownColor: COLORS.down,
+  wickUpColor: COLORS.up,
+  wickDownColor: COLORS.down,
+  priceLineWidth: 1,
+});
+const volume = chart.addSeries(
+  LWC.HistogramSeries,
+  { priceFormat: { type: "volume" }, priceLineVisible: false, lastValueVisible: true },
+  1,
+);
+chart.panes()[0].setStretchFactor(3);
+chart.panes()[1].setStretchFactor(1);
+const markers = LWC.createSeriesMarkers(candles, []);
+
+function toCandle(b) {
+  const candle = { time: b.s / state.interval, open: b.o, high: b.h, low: b.l, close: b.c };
+  if (b.outage) {
+    candle.color = COLORS.outage;
+    candle.borderColor = COLORS.outage;
+    candle.wickColor = COLORS.outage;
+  }
+  return candle;
+}
+
+function toVolume(b) {
+  const color = b.outage ? COLORS.outageVolume : b.c >= b.o ? COLORS.upVolume : COLORS.downVolume;
+  return { time: b.s / state.interval, value: b.v, color };
+}
+
+function outageMarkers() {
+  const list = [];
+  for (const b of state.bars) {
+    if (b.outage) {
+      list.push({
+        time: b.s / state.interval,
+        position: "aboveBar",
+        shape: "square",
+        color: COLORS.outage,
+        size: 0.6,
+        text: list.length && list[list.length - 1].time === b.s / state.interval - 1 ? "" : "outage",
+      });
+    }
+  }
+  return list;
+}
+
+function applyPrecision() {
+  const precision = pricePrecision(state.bars);
+  if (precision !== state.precision) {
+    state.precision = precision;
+    candles.applyOptions({ priceFormat: { type: "price", precision, minMove: 10 ** -precision } });
+  }
+}
+
+function reindex() {
+  state.index = new Map(state.bars.map((b, i) => [b.s, i]));
+}
+
+/** Replace everything the series hold with state.bars (history loads, gap fills, resets). */
+function redraw() {
+  reindex();
+  applyPrecision();
+  candles.setData(state.bars.map(toCandle));
+  volume.setData(state.bars.map(toVolume));
+  markers.setMarkers(outageMarkers());
+  renderLegend();
+  $("stat-count").textContent = String(state.bars.length);
+}
+
+/** Merge bars of the current channel (any order, may overlap what is held). */
+function mergeBars(incoming) {
+  let appendOnly = true;
+  let outageSeen = false;
+  for (const b of incoming) {
+    const last = lastBar();
+    if (state.index.has(b.s)) {
+      state.bars[state.index.get(b.s)] = b; // a repeat at the seam: the server's copy wins
+      appendOnly = false;
+    } else if (!last || b.s > last.s) {
+      state.index.set(b.s, state.bars.length);
+      state.bars.push(b);
+    } else {
+      state.bars.push(b);
+      appendOnly = false;
+    }
+    outageSeen ||= Boolean(b.outage);
+  }
+  if (!appendOnly) {
+    state.bars.sort((a, b) => a.s - b.s);
+    redraw();
+    return;
+  }
+  for (const b of incoming) {
+    candles.update(toCandle(b));
+    volume.update(toVolume(b));
+  }
+  if (outageSeen) markers.setMarkers(outageMarkers());
+  if (state.bars.length && decimalsOf(lastBar().c) > state.precision) applyPrecision();
+  if (state.hovered === null) renderLegend();
+  $("stat-count").textContent = String(state.bars.length);
+}
+
+// ---------------------------------------------------------------- legend and stats
+
+function renderLegend() {
+  const b = state.hovered ?? lastBar();
+  $("legend-sym").textContent = state.symbol ?? "—";
+  $("legend-interval").textContent = state.interval ? intervalLabel(state.interval) : "";
+  const fields = document.querySelectorAll("#legend [data-field]");
+  if (!b) {
+    $("legend-time").textContent = "";
+    for (const el of fields) el.textContent = "";
+    $("legend-outage").hidden = true;
+    return;
+  }
+  const text = {
+    o: b.o.toFixed(state.precision),
+    h: b.h.toFixed(state.precision),
+    l: b.l.toFixed(state.precision),
+    c: b.c.toFixed(state.precision),
+    v: formatVolume(b.v),
+    vw: b.vw === null || b.vw === undefined ? "—" : String(b.vw),
+    n: String(b.n),
+    change: "",
+  };
+  const previous = state.index.has(b.s) ? state.bars[state.index.get(b.s) - 1] : undefined;
+  if (previous) {
+    const delta = b.c - previous.c;
+    text.change = `${delta >= 0 ? "+" : ""}${((delta / previous.c) * 100).toFixed(2)}%`;
+  }
+  for (const el of fields) el.textContent = text[el.dataset.field];
+  const legend = $("legend");
+  legend.dataset.s = String(b.s);
+  legend.dataset.direction = b.outage ? "outage" : b.c >= b.o ? "up" : "down";
+  $("legend-time").textContent = `${formatDate(b.s)} ${formatClock(b.s, state.interval < 1000)}`;
+  $("legend-outage").hidden = !b.outage;
+}
+
+chart.subscribeCrosshairMove((param) => {
+  const hovered =
+    param.time === undefined ? null : (state.bars[state.index.get(param.time * state.interval)] ?? null);
+  if (hovered !== state.hovered) {
+    state.hovered = hovered;
+    renderLegend();
+  }
+});
+
+function renderStats() {
+  const now = performance.now();
+  while (state.liveTimes.length && now - state.liveTimes[0] > RATE_WINDOW_MS) state.liveTimes.shift();
+  $("stat-rate").textContent = (state.liveTimes.length / (RATE_WINDOW_MS / 1000)).toFixed(1);
+  $("stat-delay").textContent = state.lastDelayMs === null ? "—" : `${state.lastDelayMs} ms`;
+}
+setInterval(renderStats, 500);
+
+function showMessage(text) {
+  $("message").textContent = text;
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async function getJSON(url) {
+  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.json();
+}
+
+function barsUrl(before) {
+  const query = new URLSearchParams({ channel: channel(), limit: String(HISTORY_LIMIT) });
+  if (before !== undefined) query.set("before", String(before));
+  return `/api/bars?${query}`;
+}
+
+async function loadHistory() {
+  const generation = state.generation;
+  let bars;
+  try {
+    bars = await getJSON(barsUrl());
+  } catch (error) {
+    showMessage(`history: ${error.message}`);
+    bars = [];
+  }
+  if (generation !== state.generation) return;
+  state.historyLoaded = true;
+  // Live bars may already have arrived (the socket was subscribed first): merge, do not replace.
+  state.bars = mergeSorted(bars, state.bars);
+  redraw();
+  chart.timeScale().scrollToRealTime();
+}
+
+async function loadOlder() {
+  if (state.olderLoading || state.olderExhausted || !state.bars.length) return;
+  const generation = state.generation;
+  state.olderLoading = true;
+  try {
+    const older = await getJSON(barsUrl(state.bars[0].s));
+    if (generation !== state.generation) return;
+    if (!older.length) {
+      state.olderExhausted = true;
+      return;
+    }
+    state.bars = mergeSorted(older, state.bars);
+    redraw();
+  } catch (error) {
+    showMessage(`older bars: ${error.message}`);
+  } finally {
+    if (generation === state.generation) state.olderLoading = false;
+  }
+}
+
+function mergeSorted(a, b) {
+  const bySecond = new Map();
+  for (const bar of a) bySecond.set(bar.s, bar);
+  for (const bar of b) bySecond.set(bar.s, bar);
+  return [...bySecond.values()].sort((x, y) => x.s - y.s);
+}
+
+chart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
+  if (range && range.from < SCROLL_BACK_MARGIN) loadOlder();
+});
+
+// ---------------------------------------------------------------- WebSocket
+
+const feed = {
+  socket: null,
+  attempt: 0,
+  subscribed: null, // channel the server confirmed or we asked for on this socket
+  timer: null,
+};
+
+function setConnection(status) {
+  const el = $("conn");
+  el.dataset.state = status;
+  el.querySelector(".conn-label").textContent = status;
+}
+
+function send(message) {
+  if (feed.socket && feed.socket.readyState === WebSocket.OPEN) {
+    feed.socket.send(JSON.stringify(message));
+  }
+}
+
+function subscribeCurrent() {
+  if (!state.historyLoaded || feed.subscribed === channel()) return;
+  if (!feed.socket || feed.socket.readyState !== WebSocket.OPEN) return;
+  const message = { action: "subscribe", params: channel() };
+  // Everything from the last bar held on (inclusive: the seam is deduplicated by s), or, before
+  // any bar is held, the same window the history request covers.
+  const last = lastBar();
+  message.since = last ? last.s : Date.now() - HISTORY_LIMIT * state.interval;
+  send(message);
+  feed.subscribed = channel();
+}
+
+function connect() {
+  clearTimeout(feed.timer);
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const socket = new WebSocket(`${scheme}//${location.host}/stocks`);
+  feed.socket = socket;
+  feed.subscribed = null;
+  setConnection(feed.attempt === 0 && !state.everLive ? "connecting" : "reconnecting");
+  socket.onmessage = (event) => {
+    if (socket !== feed.socket) return;
+    let events;
+    try {
+      events = JSON.parse(event.data);
+    } catch {
+      showMessage("server sent a frame that is not JSON");
+      return;
+    }
+    const bars = [];
+    for (const ev of events) {
+      if (ev.ev === "MB") {
+        if (ev.sym === state.symbol && ev.interval === state.interval) bars.push(ev);
+      } else if (ev.ev === "status") {
+        onStatus(ev);
+      }
+    }
+    if (bars.length) onBars(bars);
+  };
+  socket.onclose = () => {
+    if (socket !== feed.socket) return;
+    feed.socket = null;
+    if (state.authFailed) return;
+    setConnection("reconnecting");
+    feed.timer = setTimeout(connect, backoffDelay(feed.attempt++));
+  };
+}
+
+function onStatus(ev) {
+  switch (ev.status) {
+    case "connected":
+      send({ action: "auth", params: state.token });
+      subscribeCurrent();
+      break;
+    case "auth_success":
+      break;
+    case "auth_failed":
+      state.authFailed = true;
+      setConnection("auth failed");
+      showMessage(`authentication failed: ${ev.message}; add ?token=… to the URL`);
+      break;
+    case "success":
+      if (ev.message && ev.message.endsWith(channel())) {
+        feed.attempt = 0;
+        state.everLive = true;
+        setConnection("live");
+        showMessage("");
+      }
+      break;
+    case "error":
+      showMessage(ev.message);
+      break;
+    default:
+      break;
+  }
+}
+
+function onBars(bars) {
+  const now = Date.now();
+  const tick = performance.now();
+  const last = lastBar();
+  let live = 0;
+  for (const b of bars) {
+    if (!last || b.s > last.s) {
+      live += 1;
+      state.liveTimes.push(tick);
+    }
+  }
+  if (live) {
+    state.liveBarCount += live;
+    state.lastDelayMs = now - bars[bars.length - 1].e;
+  }
+  mergeBars(bars);
+}
+
+// ---------------------------------------------------------------- controls
+
+function selectChannel(symbol, interval) {
+  if (symbol === state.symbol && interval === state.interval) return;
+  if (feed.subscribed) send({ action: "unsubscribe", params: feed.subscribed });
+  feed.subscribed = null;
+  state.generation += 1;
+  state.symbol = symbol;
+  state.interval = interval;
+  state.bars = [];
+  state.index = new Map();
+  state.hovered = null;
+  state.olderExhausted = false;
+  state.olderLoading = false;
+  state.liveTimes = [];
+  state.lastDelayMs = null;
+  state.historyLoaded = false;
+  redraw();
+  $("symbol").value = symbol;
+  for (const button of document.querySelectorAll("#intervals button")) {
+    button.setAttribute("aria-checked", String(Number(button.dataset.interval) === interval));
+  }
+  const query = new URLSearchParams(location.search);
+  query.set("sym", symbol);
+  query.set("interval", String(interval));
+  history.replaceState(null, "", `?${query}`);
+  document.title = `${symbol} ${intervalLabel(interval)} · polyfan`;
+  // History first, then the socket subscription with since = the last bar held.
+  loadHistory().then(subscribeCurrent);
+}
+
+function buildIntervalPicker() {
+  const box = $("intervals");
+  box.replaceChildren();
+  for (const interval of state.intervals) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.role = "radio";
+    button.dataset.interval = String(interval);
+    button.textContent = intervalLabel(interval);
+    button.addEventListener("click", () => selectChannel(state.symbol, interval));
+    box.append(button);
+  }
+}
+
+async function refreshSymbols() {
+  try {
+    const symbols = await getJSON("/api/symbols");
+    const list = $("symbol-list");
+    list.replaceChildren(
+      ...symbols.map(({ sym, trades }) => {
+        const option = document.createElement("option");
+        option.value = sym;
+        option.label = `${trades.toLocaleString("en-US")} trades`;
+        return option;
+      }),
+    );
+    return symbols;
+  } catch (error) {
+    showMessage(`symbols: ${error.message}`);
+    return [];
+  }
+}
+
+$("symbol-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const symbol = $("symbol").value.trim().toUpperCase();
+  if (!SYMBOL_RE.test(symbol)) {
+    showMessage(`"${symbol}" is not a symbol (1 to 32 of A-Z 0-9 . : / _ -)`);
+    return;
+  }
+  $("symbol").blur();
+  selectChannel(symbol, state.interval);
+});
+$("symbol").addEventListener("change", () => $("symbol-form").requestSubmit());
+$("symbol").addEventListener("focus", () => {
+  $("symbol").select();
+  refreshSymbols();
+});
+
+// ---------------------------------------------------------------- start
+
+function pickInterval(intervals, wanted) {
+  if (intervals.includes(wanted)) return wanted;
+  return intervals.find((i) => i >= 500) ?? intervals[0];
+}
+
+async function start() {
+  let info;
+  try {
+    info = await getJSON("/api/info");
+  } catch (error) {
+    showMessage(`info: ${error.message}`);
+    info = { intervals: [100, 250, 500, 1000, 5000, 60000] };
+  }
+  state.intervals = [...info.intervals].sort((a, b) => a - b);
+  buildIntervalPicker();
+  const symbols = await refreshSymbols();
+  const symbol = (params.get("sym") || symbols[0]?.sym || "AAPL").toUpperCase();
+  const interval = pickInterval(state.intervals, Number(params.get("interval") || 500));
+  connect();
+  selectChannel(symbol, interval);
+}
+
+// For the browser tests and the curious: what the chart holds, read back from the series.
+globalThis.polyfan = {
+  chart,
+  channel,
+  connection: () => $("conn").dataset.state,
+  bars() {
+    const volumes = new Map(volume.data().map((d) => [d.time, d.value]));
+    return candles.data().map((d) => {
+      const s = d.time * state.interval;
+      return {
+        s,
+        o: d.open,
+        h: d.high,
+        l: d.low,
+        c: d.close,
+        v: volumes.get(d.time),
+        outage: Boolean(state.bars[state.index.get(s)]?.outage),
+      };
+    });
+  },
+  /** Page coordinates of the middle of the candle that starts at s (for crosshair tests). */
+  pointOf(s) {
+    const x = chart.timeScale().timeToCoordinate(s / state.interval);
+    const b = state.bars[state.index.get(s)];
+    if (x === null || !b) return null;
+    const y = candles.priceToCoordinate((b.o + b.c) / 2);
+    const box = chartBox.getBoundingClientRect();
+    return { x: box.left + x, y: box.top + (y ?? 20) };
+  },
+  stats: () => ({
+    liveBars: state.liveBarCount,
+    lastDelayMs: state.lastDelayMs,
+    olderExhausted: state.olderExhausted,
+  }),
+};
+
+start();

@@ -260,8 +260,38 @@ def _sim_symbols(text: str) -> int | tuple[str, ...]:
 )
 @click.option("--seed", type=int, default=None, help="Seed for a reproducible market.")
 @click.option("--api-key", default=None, help="Accept only this key (default: any).")
-def sim(listen: str, symbols: str, rate: float, seed: int | None, api_key: str | None) -> None:
-    """A local stand-in for the Polygon stocks WebSocket, with a synthetic market."""
+@click.option(
+    "--late-prints",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of off-exchange prints stamped 1 s to 2 min in the past (default 0).",
+)
+@click.option(
+    "--script",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    hidden=True,
+    help="Send this file's lines verbatim, one frame each, after subscribe (tests).",
+)
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    hidden=True,
+    help="Write every frame sent as JSON lines {client, frame} (tests).",
+)
+def sim(
+    listen: str,
+    symbols: str,
+    rate: float,
+    seed: int | None,
+    api_key: str | None,
+    late_prints: float,
+    script: Path | None,
+    record: Path | None,
+) -> None:
+    """A local stand-in for the Polygon stocks WebSocket, with a synthetic market.
+
+    SIGUSR1 drops every client connection abruptly, as the real server can.
+    """
     from polyfan import sim as role
 
     config = cfg.SimConfig(
@@ -270,6 +300,9 @@ def sim(listen: str, symbols: str, rate: float, seed: int | None, api_key: str |
         rate=rate,
         seed=seed,
         api_key=api_key,
+        script=script,
+        record=record,
+        late_fraction=late_prints,
     )
     _run(role.run, config)
 

@@ -142,6 +142,9 @@ class SimConfig:
     rate: float = 2000.0
     seed: int | None = None
     api_key: str | None = field(default=None, repr=False)
+    script: Path | None = None  # send these frames verbatim after subscribe (tests)
+    record: Path | None = None  # write every frame sent, as JSON lines (tests)
+    late_fraction: float = 0.0  # share of off-exchange prints stamped in the past
 
 
 @dataclass(frozen=True)

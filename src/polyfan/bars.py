@@ -1,0 +1,221 @@
+"""The bar state around the kernels: trades in (``add_trades``), closed bars out (``closed_bars``).
+
+A *series* is one symbol at one interval: ``series = symbol_id * len(intervals) + k``. Symbol
+ids are small integers the caller assigns (0, 1, 2 ... in order of first sight); the state grows
+as they appear, so a symbol that never trades costs nothing.
+
+Semantics are CONTRACT.md section 3. Choices the contract leaves open:
+
+- The feed clock the caller passes for each trade is the clock at the trade's arrival; the
+  caller keeps it monotonic (the largest CLOCK seen), so a bar published once can never reopen.
+- A late trade is counted once per interval it is late for (a trade late for the 100 ms and
+  250 ms bars but on time for the 1 min bar counts 2). Trades that qualify for nothing (e.g.
+  code 15 alone) are never applied and never counted late.
+- ``unknown_conditions`` counts trades that carry at least one unknown code, once per trade.
+- An outage window is ``[clock at UPSTREAM down, wall time at UPSTREAM up]``; a bar whose
+  ``[s, e)`` overlaps it (``s <= hi and e > lo``) gets ``BAR_FLAG_OUTAGE``. While the upstream is
+  down the window is open-ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from polyfan import kernels, wire
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+class Bars:
+    """Open bars of every series, and the closing of them on the feed clock."""
+
+    def __init__(
+        self,
+        intervals_ms: tuple[int, ...],
+        grace_ms: int,
+        rules: np.ndarray,
+        *,
+        jit: bool = True,
+        pool_size: int = 1024,
+        symbols: int = 64,
+    ) -> None:
+        if not intervals_ms or min(intervals_ms) <= 0:
+            raise ValueError("intervals must be positive")
+        self.intervals = np.asarray(intervals_ms, dtype=np.int64)
+        self.grace = int(grace_ms)
+        self.rules = np.ascontiguousarray(rules, dtype=np.uint8)
+        self._apply: Callable[..., Any] = (
+            kernels.apply_trades if jit else kernels.apply_trades.py_func
+        )
+        self._close: Callable[..., Any] = kernels.close_bars if jit else kernels.close_bars.py_func
+        n_series = max(1, symbols) * len(self.intervals)
+        self.head = np.full(n_series, -1, dtype=np.int64)
+        self.prev_close = np.zeros(n_series, dtype=np.float64)
+        self.has_prev = np.zeros(n_series, dtype=np.uint8)
+        self.pool_i = np.full((pool_size, kernels.N_INT), -1, dtype=np.int64)
+        self.pool_f = np.zeros((pool_size, kernels.N_FLOAT), dtype=np.float64)
+        self.free = np.arange(pool_size - 1, -1, -1, dtype=np.int64)
+        self.meta = np.zeros(kernels.N_META, dtype=np.int64)
+        self.meta[kernels.M_FREE_TOP] = pool_size
+        self.meta[kernels.M_MIN_CLOSE] = _INT64_MAX
+        self.counters = np.zeros(kernels.N_COUNTERS, dtype=np.int64)
+        self._outage_lo = np.zeros(0, dtype=np.int64)
+        self._outage_hi = np.zeros(0, dtype=np.int64)
+
+    # --- sizes and counters -------------------------------------------------------------
+
+    @property
+    def late_trades(self) -> int:
+        return int(self.counters[kernels.C_LATE])
+
+    @property
+    def unknown_conditions(self) -> int:
+        return int(self.counters[kernels.C_UNKNOWN])
+
+    @property
+    def open_bars(self) -> int:
+        return int(self.meta[kernels.M_OPEN])
+
+    @property
+    def next_close(self) -> int:
+        """The feed clock at which the earliest open bar closes (int64 max when none is open)."""
+        return int(self.meta[kernels.M_MIN_CLOSE])
+
+    def is_down(self) -> bool:
+        return bool(len(self._outage_hi)) and int(self._outage_hi[-1]) == _INT64_MAX
+
+    def ensure_symbols(self, count: int) -> None:
+        """Make room for symbol ids ``0 .. count - 1``."""
+        need = count * len(self.intervals)
+        have = len(self.head)
+        if need <= have:
+            return
+        size = max(need, 2 * have)
+        self.head = _grown(self.head, size, -1)
+        self.prev_close = _grown(self.prev_close, size, 0.0)
+        self.has_prev = _grown(self.has_prev, size, 0)
+
+    def _grow_pool(self) -> None:
+        size = len(self.pool_i)
+        self.pool_i = np.concatenate([self.pool_i, np.full_like(self.pool_i, -1)])
+        self.pool_f = np.concatenate([self.pool_f, np.zeros_like(self.pool_f)])
+        top = int(self.meta[kernels.M_FREE_TOP])
+        self.free = np.concatenate(
+            [np.arange(2 * size - 1, size - 1, -1, dtype=np.int64), self.free[:top]]
+        )
+        self.free = np.concatenate([self.free, np.zeros(2 * size - len(self.free), np.int64)])
+        self.meta[kernels.M_FREE_TOP] = top + size
+
+    # --- feed in ------------------------------------------------------------------------
+
+    def add_trades(self, trades: np.ndarray, symbols: np.ndarray, clocks: np.ndarray) -> None:
+        """Apply a batch of TRADE records in arrival order.
+
+        ``symbols[i]`` is trade i's symbol id and ``clocks[i]`` the feed clock at its arrival.
+        """
+        if len(trades) == 0:
+            return
+        self.ensure_symbols(int(symbols.max()) + 1)
+        position = 0
+        while True:
+            position = self._apply(
+                trades["t"],
+                trades["p"],
+                trades["s"],
+                trades["nc"],
+                trades["c"],
+                symbols,
+                clocks,
+                position,
+                self.intervals,
+                self.grace,
+                self.rules,
+                self.head,
+                self.pool_i,
+                self.pool_f,
+                self.free,
+                self.meta,
+                self.counters,
+            )
+            if position < 0:
+                return
+            self._grow_pool()
+
+    # --- outages ------------------------------------------------------------------------
+
+    def upstream_down(self, clock: int) -> None:
+        """The proxy lost its upstream at feed clock ``clock``: open an outage window."""
+        if self.is_down():
+            return
+        self._outage_lo = np.append(self._outage_lo, np.int64(clock))
+        self._outage_hi = np.append(self._outage_hi, np.int64(_INT64_MAX))
+
+    def upstream_up(self, wall: int) -> None:
+        """The upstream is back at wall time ``wall``: the open window ends there."""
+        if self.is_down():
+            self._outage_hi[-1] = max(int(wall), int(self._outage_lo[-1]))
+
+    def _forget_old_outages(self, clock: int) -> None:
+        # A window can only touch bars with s <= hi; every bar still to close has
+        # s > clock - grace - max interval.
+        keep = self._outage_hi >= clock - self.grace - int(self.intervals.max())
+        if not keep.all():
+            self._outage_lo = self._outage_lo[keep]
+            self._outage_hi = self._outage_hi[keep]
+
+    # --- bars out -----------------------------------------------------------------------
+
+    def closed_bars(self, clock: int) -> tuple[np.ndarray, np.ndarray]:
+        """Close every bar with ``e + grace <= clock``: ``(series ids, BAR records)``.
+
+        Sorted by series, then bar start, so one topic's bars come oldest first.
+        """
+        if clock < self.meta[kernels.M_MIN_CLOSE]:
+            return _NO_SERIES, _NO_BARS
+        room = self.open_bars
+        series = np.empty(room, dtype=np.int64)
+        bars = np.empty(room, dtype=wire.BAR_DTYPE)
+        count = self._close(
+            np.int64(clock),
+            self.intervals,
+            self.grace,
+            self.head,
+            self.prev_close,
+            self.has_prev,
+            self.pool_i,
+            self.pool_f,
+            self.free,
+            self.meta,
+            self._outage_lo,
+            self._outage_hi,
+            series,
+            bars["s"],
+            bars["o"],
+            bars["h"],
+            bars["l"],
+            bars["c"],
+            bars["v"],
+            bars["vw"],
+            bars["n"],
+            bars["flags"],
+        )
+        if len(self._outage_lo):
+            self._forget_old_outages(clock)
+        return series[:count], bars[:count]
+
+    def series_id(self, symbol_id: int, interval_ms: int) -> int:
+        k = int(np.flatnonzero(self.intervals == interval_ms)[0])
+        return symbol_id * len(self.intervals) + k
+
+
+_NO_SERIES = np.zeros(0, dtype=np.int64)
+_NO_BARS = np.zeros(0, dtype=wire.BAR_DTYPE)
+
+
+def _grown(array: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    grown = np.full(size, fill, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown

@@ -1,0 +1,533 @@
+"""The numba kernels behind the agg: decode a batch of frames, apply trades, close bars.
+
+Module-level ``@njit(cache=True)`` functions over NumPy arrays and scalars only: no Python
+objects, no logging. Each is called once per batch, never per trade. The state they work on is
+owned by :class:`polyfan.bars.Bars` and :class:`polyfan.ingest.FrameDecoder`; this module only
+knows array layouts, described below. Every kernel is also correct through its ``py_func``
+(the tests run both).
+
+Open bars live in a slot pool shared by every series (series = symbol id * intervals + k):
+``pool_i[slot, I_*]`` holds the integer fields and ``pool_f[slot, F_*]`` the floats. A series
+keeps its open bars on a singly linked list (``head[series]``, ``pool_i[slot, I_NEXT]``), so a
+series can have any number of open bars at once (a trade stamped minutes ahead of the clock
+after an upstream reconnect simply opens one more). When the free list is empty the trade kernel
+stops and returns where it stopped; the caller grows the pool and calls again from there, so an
+open bar is never overwritten. ``meta`` holds the free-list top, the earliest pending close time
+(so closing costs nothing until the clock reaches it), the pool's high-water mark and the number
+of open bars.
+
+Trades are applied in arrival order, so "first by (t, arrival)" is "strictly smaller t" and
+"last by (t, arrival)" is "t greater or equal".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Condition bits (same values as polyfan.conditions).
+HL = 1
+OC = 2
+VOL = 4
+UNKNOWN = 8
+
+FLAG_OUTAGE = 1  # wire.BAR_FLAG_OUTAGE
+FLAG_CARRIED = 2  # wire.BAR_FLAG_CARRIED
+
+INT64_MAX = np.iinfo(np.int64).max
+INT64_MIN = np.iinfo(np.int64).min
+
+# pool_i columns
+I_S = 0  # bar start; slot is free when I_SERIES < 0
+I_SERIES = 1
+I_NEXT = 2  # next open slot of the same series, -1 at the end
+I_N = 3  # trades that qualify for anything
+I_NHL = 4
+I_NOC = 5
+I_OCF_T = 6  # t of the first O/C trade
+I_OCL_T = 7
+I_HLF_T = 8
+I_HLL_T = 9
+I_ANF_T = 10  # t of the first trade that qualifies for anything
+I_ANL_T = 11
+N_INT = 12
+
+# pool_f columns
+F_OCF = 0  # price of the first O/C trade
+F_OCL = 1
+F_HLF = 2
+F_HLL = 3
+F_HI = 4
+F_LO = 5
+F_ANF = 6
+F_ANL = 7
+F_ANHI = 8
+F_ANLO = 9
+F_V = 10
+F_PV = 11  # sum of price * size over volume trades
+N_FLOAT = 12
+
+# meta entries
+M_FREE_TOP = 0
+M_MIN_CLOSE = 1
+M_HIGH_WATER = 2
+M_OPEN = 3
+N_META = 4
+
+# bar counters
+C_LATE = 0
+C_UNKNOWN = 1
+N_COUNTERS = 2
+
+# --- trades ------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def trade_flags(nc: int, codes: np.ndarray, i: int, rules: np.ndarray) -> int:
+    """The AND of the rule entries of trade ``i``'s codes (regular when it has none)."""
+    flags = HL | OC | VOL
+    unknown = 0
+    for j in range(min(nc, codes.shape[1])):
+        entry = rules[codes[i, j]]
+        flags &= entry
+        unknown |= entry & UNKNOWN
+    return (flags & (HL | OC | VOL)) | unknown
+
+
+@njit(cache=True)
+def apply_trades(
+    t: np.ndarray,
+    p: np.ndarray,
+    size: np.ndarray,
+    nc: np.ndarray,
+    codes: np.ndarray,
+    sym: np.ndarray,
+    arrival_clock: np.ndarray,
+    start: int,
+    intervals: np.ndarray,
+    grace: int,
+    rules: np.ndarray,
+    head: np.ndarray,
+    pool_i: np.ndarray,
+    pool_f: np.ndarray,
+    free: np.ndarray,
+    meta: np.ndarray,
+    counters: np.ndarray,
+) -> int:
+    """Apply trades to every interval's open bars, from position ``start`` = trade * k + interval.
+
+    A trade whose bar has closed (``s + I + grace <= clock at its arrival``) is counted late
+    for that interval and not applied. Returns -1 when done, or the position at which the
+    free list ran out: grow the pool and call again from there.
+    """
+    n_int = intervals.shape[0]
+    n = t.shape[0]
+    i0 = start // n_int
+    k0 = start % n_int
+    for i in range(i0, n):
+        flags = trade_flags(nc[i], codes, i, rules)
+        if flags & (HL | OC | VOL) == 0:
+            continue
+        ti = t[i]
+        pi = p[i]
+        clock = arrival_clock[i]
+        base = sym[i] * n_int
+        for k in range(k0 if i == i0 else 0, n_int):
+            interval = intervals[k]
+            s = (ti // interval) * interval
+            close_at = s + interval + grace
+            if close_at <= clock:
+                counters[C_LATE] += 1
+                continue
+            series = base + k
+            slot = head[series]
+            while slot >= 0 and pool_i[slot, I_S] != s:
+                slot = pool_i[slot, I_NEXT]
+            if slot < 0:
+                top = meta[M_FREE_TOP]
+                if top == 0:
+                    return int(i * n_int + k)
+                top -= 1
+                meta[M_FREE_TOP] = top
+                slot = free[top]
+                meta[M_OPEN] += 1
+                if slot + 1 > meta[M_HIGH_WATER]:
+                    meta[M_HIGH_WATER] = slot + 1
+                if close_at < meta[M_MIN_CLOSE]:
+                    meta[M_MIN_CLOSE] = close_at
+                _open_slot(pool_i, pool_f, slot, s, series, head[series])
+                head[series] = slot
+            _apply_one(pool_i, pool_f, slot, flags, ti, pi, size[i])
+        if flags & UNKNOWN:
+            counters[C_UNKNOWN] += 1
+    return -1
+
+
+@njit(cache=True)
+def _open_slot(
+    pool_i: np.ndarray, pool_f: np.ndarray, slot: int, s: int, series: int, next_slot: int
+) -> None:
+    pool_i[slot, I_S] = s
+    pool_i[slot, I_SERIES] = series
+    pool_i[slot, I_NEXT] = next_slot
+    pool_i[slot, I_N] = 0
+    pool_i[slot, I_NHL] = 0
+    pool_i[slot, I_NOC] = 0
+    pool_i[slot, I_OCF_T] = INT64_MAX
+    pool_i[slot, I_OCL_T] = INT64_MIN
+    pool_i[slot, I_HLF_T] = INT64_MAX
+    pool_i[slot, I_HLL_T] = INT64_MIN
+    pool_i[slot, I_ANF_T] = INT64_MAX
+    pool_i[slot, I_ANL_T] = INT64_MIN
+    pool_f[slot, F_HI] = -np.inf
+    pool_f[slot, F_LO] = np.inf
+    pool_f[slot, F_ANHI] = -np.inf
+    pool_f[slot, F_ANLO] = np.inf
+    pool_f[slot, F_V] = 0.0
+    pool_f[slot, F_PV] = 0.0
+
+
+@njit(cache=True)
+def _apply_one(
+    pool_i: np.ndarray,
+    pool_f: np.ndarray,
+    slot: int,
+    flags: int,
+    t: int,
+    p: float,
+    size: float,
+) -> None:
+    pool_i[slot, I_N] += 1
+    if t < pool_i[slot, I_ANF_T]:
+        pool_i[slot, I_ANF_T] = t
+        pool_f[slot, F_ANF] = p
+    if t >= pool_i[slot, I_ANL_T]:
+        pool_i[slot, I_ANL_T] = t
+        pool_f[slot, F_ANL] = p
+    if p > pool_f[slot, F_ANHI]:
+        pool_f[slot, F_ANHI] = p
+    if p < pool_f[slot, F_ANLO]:
+        pool_f[slot, F_ANLO] = p
+    if flags & VOL:
+        pool_f[slot, F_V] += size
+        pool_f[slot, F_PV] += p * size
+    if flags & HL:
+        pool_i[slot, I_NHL] += 1
+        if p > pool_f[slot, F_HI]:
+            pool_f[slot, F_HI] = p
+        if p < pool_f[slot, F_LO]:
+            pool_f[slot, F_LO] = p
+        if t < pool_i[slot, I_HLF_T]:
+            pool_i[slot, I_HLF_T] = t
+            pool_f[slot, F_HLF] = p
+        if t >= pool_i[slot, I_HLL_T]:
+            pool_i[slot, I_HLL_T] = t
+            pool_f[slot, F_HLL] = p
+    if flags & OC:
+        pool_i[slot, I_NOC] += 1
+        if t < pool_i[slot, I_OCF_T]:
+            pool_i[slot, I_OCF_T] = t
+            pool_f[slot, F_OCF] = p
+        if t >= pool_i[slot, I_OCL_T]:
+            pool_i[slot, I_OCL_T] = t
+            pool_f[slot, F_OCL] = p
+
+
+# --- closing -----------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def close_bars(
+    clock: int,
+    intervals: np.ndarray,
+    grace: int,
+    head: np.ndarray,
+    prev_close: np.ndarray,
+    has_prev: np.ndarray,
+    pool_i: np.ndarray,
+    pool_f: np.ndarray,
+    free: np.ndarray,
+    meta: np.ndarray,
+    outage_lo: np.ndarray,
+    outage_hi: np.ndarray,
+    out_series: np.ndarray,
+    out_s: np.ndarray,
+    out_o: np.ndarray,
+    out_h: np.ndarray,
+    out_l: np.ndarray,
+    out_c: np.ndarray,
+    out_v: np.ndarray,
+    out_vw: np.ndarray,
+    out_n: np.ndarray,
+    out_flags: np.ndarray,
+) -> int:
+    """Close every open bar with ``s + I + grace <= clock``; write them sorted by (series, s).
+
+    The outputs need room for ``meta[M_OPEN]`` bars. Returns how many were written. A bar
+    whose [s, s + I) overlaps an outage window [lo, hi] (``s <= hi and s + I > lo``) gets
+    FLAG_OUTAGE; a volume-only bar takes the previous close of its series (FLAG_CARRIED).
+    """
+    if clock < meta[M_MIN_CLOSE]:
+        return 0
+    n_int = intervals.shape[0]
+    high_water = meta[M_HIGH_WATER]
+    closing = np.empty(meta[M_OPEN], dtype=np.int64)
+    m = 0
+    next_close = INT64_MAX
+    for slot in range(high_water):
+        series = pool_i[slot, I_SERIES]
+        if series < 0:
+            continue
+        close_at = pool_i[slot, I_S] + intervals[series % n_int] + grace
+        if close_at <= clock:
+            closing[m] = slot
+            m += 1
+        elif close_at < next_close:
+            next_close = close_at
+    meta[M_MIN_CLOSE] = next_close
+    if m == 0:
+        return 0
+    # Order by (series, s): stable sort by s, then stable sort by series.
+    key = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        key[j] = pool_i[closing[j], I_S]
+    by_s = closing[:m][np.argsort(key, kind="mergesort")]
+    for j in range(m):
+        key[j] = pool_i[by_s[j], I_SERIES]
+    ordered = by_s[np.argsort(key, kind="mergesort")]
+    top = meta[M_FREE_TOP]
+    for j in range(m):
+        slot = ordered[j]
+        series = pool_i[slot, I_SERIES]
+        s = pool_i[slot, I_S]
+        interval = intervals[series % n_int]
+        flags = 0
+        if pool_i[slot, I_NHL] == 0:
+            if has_prev[series]:
+                o = h = lo = c = prev_close[series]
+                flags |= FLAG_CARRIED
+            else:
+                o = pool_f[slot, F_ANF]
+                h = pool_f[slot, F_ANHI]
+                lo = pool_f[slot, F_ANLO]
+                c = pool_f[slot, F_ANL]
+        else:
+            h = pool_f[slot, F_HI]
+            lo = pool_f[slot, F_LO]
+            if pool_i[slot, I_NOC] > 0:
+                o = pool_f[slot, F_OCF]
+                c = pool_f[slot, F_OCL]
+            else:
+                o = pool_f[slot, F_HLF]
+                c = pool_f[slot, F_HLL]
+        for w in range(outage_lo.shape[0]):
+            if s <= outage_hi[w] and s + interval > outage_lo[w]:
+                flags |= FLAG_OUTAGE
+        v = pool_f[slot, F_V]
+        out_series[j] = series
+        out_s[j] = s
+        out_o[j] = o
+        out_h[j] = h
+        out_l[j] = lo
+        out_c[j] = c
+        out_v[j] = v
+        out_vw[j] = pool_f[slot, F_PV] / v if v > 0.0 else np.nan
+        out_n[j] = pool_i[slot, I_N]
+        out_flags[j] = flags
+        prev_close[series] = c
+        has_prev[series] = 1
+        # Unlink the slot from its series and free it.
+        nxt = pool_i[slot, I_NEXT]
+        if head[series] == slot:
+            head[series] = nxt
+        else:
+            cur = head[series]
+            while pool_i[cur, I_NEXT] != slot:
+                cur = pool_i[cur, I_NEXT]
+            pool_i[cur, I_NEXT] = nxt
+        pool_i[slot, I_SERIES] = -1
+        free[top] = slot
+        top += 1
+    meta[M_FREE_TOP] = top
+    meta[M_OPEN] -= m
+    return m
+
+
+# --- frames ------------------------------------------------------------------------------
+
+HEADER_SIZE = 24
+TRADE_SIZE = 56
+BAR_SIZE = 64
+CLOCK_SIZE = 16
+UPSTREAM_SIZE = 24
+WIRE_VERSION = 1
+KIND_TRADES = 1
+KIND_BARS = 2
+KIND_CLOCK = 3
+KIND_UPSTREAM = 4
+MAX_KIND = 7
+
+TOPIC_CONTROL = -1  # topic_sym value for the control topic
+TOPIC_IGNORED = -2  # a topic we do not use (counted, skipped)
+TOPIC_WIDTH = 128  # longest topic the table stores; longer ones are bad messages
+
+# decoder state entries
+D_CLOCK = 0  # the largest feed clock seen (monotonic)
+D_CLOCK_WALL = 1  # wall time of the CLOCK record that last moved or repeated it
+D_HAS_CLOCK = 2
+D_TRADES = 3  # trades written to the outputs
+D_SPECIALS = 4  # frames handed back to Python (UPSTREAM, ANNOUNCE ... on the control topic)
+D_GAPS = 5
+D_BAD = 6
+D_IGNORED = 7
+N_DECODER = 8
+
+
+@njit(cache=True)
+def topic_hash(data: np.ndarray, start: int, length: int) -> int:
+    h = 7
+    for j in range(start, start + length):
+        h = (h * 131 + data[j]) % 2147483647
+    return h
+
+
+@njit(cache=True)
+def _u64(buf: np.ndarray, at: int) -> np.uint64:
+    value = np.uint64(0)
+    for j in range(8):
+        value |= np.uint64(buf[at + j]) << np.uint64(8 * j)
+    return value
+
+
+@njit(cache=True)
+def _u32(buf: np.ndarray, at: int) -> int:
+    return (
+        int(buf[at]) | (int(buf[at + 1]) << 8) | (int(buf[at + 2]) << 16) | (int(buf[at + 3]) << 24)
+    )
+
+
+@njit(cache=True)
+def _i64(buf: np.ndarray, at: int) -> int:
+    value = 0
+    for j in range(7):
+        value |= int(buf[at + j]) << (8 * j)
+    top = int(buf[at + 7])
+    if top >= 128:
+        top -= 256
+    return value | (top << 56)
+
+
+@njit(cache=True)
+def find_topic(
+    buf: np.ndarray,
+    start: int,
+    length: int,
+    slots: np.ndarray,
+    topic_bytes: np.ndarray,
+    topic_len: np.ndarray,
+) -> int:
+    """The id of the topic ``buf[start:start + length]``, or -1 if it is not in the table."""
+    mask = slots.shape[0] - 1
+    at = topic_hash(buf, start, length) & mask
+    while True:
+        tid = slots[at]
+        if tid < 0:
+            return -1
+        if topic_len[tid] == length:
+            same = True
+            for j in range(length):
+                if topic_bytes[tid, j] != buf[start + j]:
+                    same = False
+                    break
+            if same:
+                return int(tid)
+        at = (at + 1) & mask
+
+
+@njit(cache=True)
+def decode_frames(
+    buf: np.ndarray,
+    offsets: np.ndarray,
+    start: int,
+    slots: np.ndarray,
+    topic_bytes: np.ndarray,
+    topic_len: np.ndarray,
+    topic_sym: np.ndarray,
+    last_session: np.ndarray,
+    last_seq: np.ndarray,
+    seen: np.ndarray,
+    symbol_trades: np.ndarray,
+    state: np.ndarray,
+    out_trades: np.ndarray,
+    out_sym: np.ndarray,
+    out_clock: np.ndarray,
+    specials: np.ndarray,
+) -> int:
+    """Decode frames ``start..`` of a batch (frame f is ``buf[offsets[f]:offsets[f + 1]]``).
+
+    Trades are copied to ``out_trades`` (raw TRADE records) with their symbol id and the feed
+    clock at their arrival (the largest CLOCK seen before their frame). CLOCK records move the
+    clock. Other control frames are listed in ``specials`` for the caller. Sequence gaps are
+    counted per topic exactly as ``wire.GapCounter`` does. Malformed frames are counted and
+    skipped. Returns -1 when done, or the index of a frame whose topic is not in the table:
+    register it and call again from there.
+    """
+    n = offsets.shape[0] - 1
+    for f in range(start, n):
+        begin = offsets[f]
+        end = offsets[f + 1]
+        nul = -1
+        for j in range(begin, min(end, begin + TOPIC_WIDTH + 1)):
+            if buf[j] == 0:
+                nul = j
+                break
+        if nul < 0 or end - nul - 1 < HEADER_SIZE:
+            state[D_BAD] += 1
+            continue
+        head = nul + 1
+        kind = int(buf[head + 1])
+        count = _u32(buf, head + 4)
+        if buf[head] != WIRE_VERSION or kind < 1 or kind > MAX_KIND:
+            state[D_BAD] += 1
+            continue
+        payload = head + HEADER_SIZE
+        size = end - payload
+        if (
+            (kind == KIND_TRADES and size != count * TRADE_SIZE)
+            or (kind == KIND_BARS and size != count * BAR_SIZE)
+            or (kind == KIND_CLOCK and size != count * CLOCK_SIZE)
+            or (kind == KIND_UPSTREAM and size != count * UPSTREAM_SIZE)
+        ):
+            state[D_BAD] += 1
+            continue
+        tid = find_topic(buf, begin, nul - begin, slots, topic_bytes, topic_len)
+        if tid < 0:
+            return f
+        session = _u64(buf, head + 8)
+        seq = _u64(buf, head + 16)
+        if seen[tid] and last_session[tid] == session and seq > last_seq[tid]:
+            state[D_GAPS] += np.int64(seq - last_seq[tid] - np.uint64(1))
+        seen[tid] = 1
+        last_session[tid] = session
+        last_seq[tid] = seq
+        sym = topic_sym[tid]
+        if sym >= 0 and kind == KIND_TRADES:
+            at = state[D_TRADES]
+            out_trades[at * TRADE_SIZE : (at + count) * TRADE_SIZE] = buf[payload:end]
+            out_sym[at : at + count] = sym
+            out_clock[at : at + count] = state[D_CLOCK]
+            state[D_TRADES] = at + count
+            symbol_trades[sym] += count
+        elif sym == TOPIC_CONTROL and kind == KIND_CLOCK:
+            for r in range(count):
+                clock = _i64(buf, payload + r * CLOCK_SIZE)
+                if clock >= state[D_CLOCK] or not state[D_HAS_CLOCK]:
+                    state[D_CLOCK] = clock
+                    state[D_CLOCK_WALL] = _i64(buf, payload + r * CLOCK_SIZE + 8)
+                    state[D_HAS_CLOCK] = 1
+        elif sym == TOPIC_CONTROL:
+            specials[state[D_SPECIALS]] = f
+            state[D_SPECIALS] += 1
+        else:
+            state[D_IGNORED] += 1
+    return -1

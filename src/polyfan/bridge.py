@@ -1,0 +1,782 @@
+"""``polyfan bridge``: bars from the aggregators to WebSocket clients, plus HTTP on the same port.
+
+The shell around :mod:`polyfan.protocol` (what clients say) and :mod:`polyfan.fanout` (who gets
+what). It moves bytes and decides nothing about content:
+
+- one ZeroMQ XSUB socket per ``--sub`` aggregator, subscribed to ``_ctl`` (the aggregator's
+  ANNOUNCE says which intervals and symbols it serves) and to this bridge's reply topic; bar
+  topics are subscribed when a channel gets its first client and unsubscribed when it loses its
+  last. History requests go up the same socket (docs/architecture.md, "Requests to an agg").
+- one reader task per aggregator drains every waiting message, encodes each bar once, and hands
+  every client one frame per pass to its bounded :class:`~polyfan.fanout.Backlog`; a per-client
+  writer task sends it. No client is ever awaited by the loop that serves the others; a client
+  whose backlog passes its bound is closed with 1013.
+- HTTP (``/``, ``/static/...``, ``/api/bars``, ``/api/symbols``, ``/api/info``, ``/healthz``,
+  ``/metrics``) is answered in websockets' ``process_request``; any WebSocket upgrade on any
+  path is the client protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import itertools
+import logging
+import mimetypes
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+import zmq
+import zmq.asyncio
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from polyfan import wire
+from polyfan.config import BridgeConfig
+from polyfan.errors import ConfigError, WireError
+from polyfan.fanout import Backlog, Batch, Fanout, frames_for
+from polyfan.metrics import Registry
+from polyfan.protocol import (
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
+    CONNECTED,
+    AggServes,
+    BarsQuery,
+    Catalog,
+    Channel,
+    Limits,
+    ParamError,
+    Session,
+    Subscribe,
+    Unsubscribe,
+    encode_bars,
+    encode_events,
+    error,
+    join_events,
+    parse_bar_topic,
+    parse_bars_query,
+)
+
+log = logging.getLogger("polyfan.bridge")
+
+STATIC = Path(__file__).parent / "static"
+REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
+HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
+DRAIN_MAX = 2000  # ZeroMQ messages handled per pass before clients get their frames
+HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
+STATS_EVERY = 10.0  # seconds between throughput log lines
+CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
+
+_PLACEHOLDER = b"""<!doctype html><meta charset="utf-8"><title>polyfan</title>
+<h1>polyfan bridge</h1><p>The chart page assets are not built. The bridge serves the
+WebSocket protocol on any path and the HTTP API: <a href="/api/info">/api/info</a>,
+<a href="/api/symbols">/api/symbols</a>, <a href="/healthz">/healthz</a>,
+<a href="/metrics">/metrics</a>.</p>
+"""
+
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+class Counters:
+    """The bridge's Prometheus counters (CONTRACT §6 plus what it receives and loses)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.clients = registry.gauge("polyfan_bridge_clients", "Connected WebSocket clients.")
+        self.bars_sent = registry.counter(
+            "polyfan_bridge_bars_sent_total", "Bars written to WebSocket clients (per client)."
+        )
+        self.slow_disconnects = registry.counter(
+            "polyfan_bridge_slow_disconnects_total",
+            "Clients closed with 1013 because their backlog passed its bound.",
+        )
+        self.bad_requests = registry.counter(
+            "polyfan_bridge_bad_requests_total",
+            "Client frames and HTTP requests answered with an error (or a 1008/1009 close).",
+        )
+        self.bars_received = registry.counter(
+            "polyfan_bridge_bars_received_total", "Bars received from aggregators."
+        )
+        self.frames_sent = registry.counter(
+            "polyfan_bridge_frames_sent_total", "WebSocket frames written to clients."
+        )
+        self.bars_dropped = registry.counter(
+            "polyfan_bridge_bars_dropped_total",
+            "Queued bars discarded because their client was cut off or left.",
+        )
+        self.gaps = registry.counter(
+            "polyfan_bridge_gaps_total",
+            "Bar messages lost between aggregator and bridge (from sequence numbers).",
+        )
+        self.wire_errors = registry.counter(
+            "polyfan_bridge_wire_errors_total", "ZeroMQ messages that did not decode."
+        )
+        self.history_requests = registry.counter(
+            "polyfan_bridge_history_requests_total", "Requests sent to aggregators."
+        )
+        self.request_timeouts = registry.counter(
+            "polyfan_bridge_request_timeouts_total", "Aggregator requests that got no reply."
+        )
+        self.connections = registry.counter(
+            "polyfan_bridge_connections_total", "WebSocket connections accepted."
+        )
+        self.http_requests = registry.counter(
+            "polyfan_bridge_http_requests_total", "HTTP requests answered."
+        )
+
+
+@dataclass(eq=False)
+class Agg:
+    """One aggregator: its XSUB socket and what it announced."""
+
+    endpoint: str
+    socket: zmq.asyncio.Socket
+    sync: zmq.Socket[bytes]
+    gaps: wire.GapCounter = field(default_factory=wire.GapCounter)
+    announce: dict[str, Any] | None = None
+    heard_at: float | None = None  # monotonic time of the last message
+    upstream_up: bool | None = None
+    topics: set[bytes] = field(default_factory=set)
+
+    def is_heard(self) -> bool:
+        return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
+
+    def send(self, frame: bytes) -> None:
+        """Subscriptions and requests upstream; an XSUB never blocks, it drops when it must."""
+        with contextlib.suppress(zmq.Again):
+            self.sync.send(frame, zmq.NOBLOCK)
+
+    def subscribe(self, topic: bytes) -> None:
+        if topic not in self.topics:
+            self.topics.add(topic)
+            self.send(b"\x01" + topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        if topic in self.topics:
+            self.topics.discard(topic)
+            self.send(b"\x00" + topic)
+
+    def status(self) -> dict[str, Any]:
+        announce = self.announce or {}
+        symbols = announce.get("symbols")
+        return {
+            "endpoint": self.endpoint,
+            "heard": self.is_heard(),
+            "seconds_since_heard": (
+                None if self.heard_at is None else round(time.monotonic() - self.heard_at, 3)
+            ),
+            "session": announce.get("session"),
+            "intervals": announce.get("intervals"),
+            "symbols": symbols,
+            "grace": announce.get("grace"),
+            "history": announce.get("history"),
+            "upstream_up": self.upstream_up,
+            "gaps": self.gaps.lost,
+        }
+
+
+@dataclass(eq=False)
+class Client:
+    """One WebSocket connection: protocol session, backlog and writer."""
+
+    id: int
+    ws: ServerConnection
+    session: Session
+    backlog: Backlog
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    close_after: tuple[int, str] | None = None  # close once the backlog is written
+    cut_off: bool = False
+
+
+class Bridge:
+    """The running bridge; ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: BridgeConfig, limits: Limits | None = None) -> None:
+        self.config = config
+        self.limits = limits or Limits()
+        self.registry = Registry()
+        self.counters = Counters(self.registry)
+        self.catalog = Catalog()
+        self.fanout = Fanout()
+        self.clients: dict[int, Client] = {}
+        self.aggs: list[Agg] = []
+        self.reply_id = secrets.token_hex(8)
+        self.reply_topic = wire.reply_topic(self.reply_id)
+        self._requests: dict[int, asyncio.Future[wire.Message]] = {}
+        self._ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._context = zmq.asyncio.Context()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: Server | None = None
+        self._channel_aggs: dict[Channel, list[Agg]] = {}
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.registry.on_collect(self._collect)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        for endpoint in self.config.sub:
+            socket = self._context.socket(zmq.XSUB)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.RCVHWM, 100_000)
+            socket.setsockopt(zmq.SNDHWM, 10_000)
+            try:
+                socket.connect(endpoint)
+            except zmq.ZMQError as exc:
+                socket.close()
+                raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
+            agg = Agg(endpoint, socket, zmq.Socket.shadow(socket.underlying))
+            agg.subscribe(wire.CONTROL_TOPIC)
+            agg.subscribe(self.reply_topic)
+            self.aggs.append(agg)
+            self._spawn(self._read(agg))
+        host, port = self.config.listen
+        try:
+            self._server = await serve(
+                self._serve_client,
+                host,
+                port,
+                process_request=self._http,
+                compression=None,
+                max_size=self.limits.max_frame_bytes,
+                write_limit=64 * 1024,
+                close_timeout=CLOSE_TIMEOUT,
+                backlog=4096,
+                logger=logging.getLogger("polyfan.bridge.ws"),
+            )
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"--listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self._spawn(self._report())
+        if not self.config.tokens:
+            log.warning("no --token configured: any client auth is accepted")
+        log.info(
+            "ready: serving ws://%s:%d/ and http://%s:%d/ from %d aggregator(s): %s",
+            host,
+            self.port,
+            host,
+            self.port,
+            len(self.aggs),
+            ", ".join(self.config.sub),
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT + 0.3):
+                    await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for agg in self.aggs:
+            agg.socket.close(linger=0)
+        self._context.term()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _report(self) -> None:
+        last = self.registry.values()
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            now = self.registry.values()
+            delta = {k: int(now[k] - last[k]) for k in now}
+            last = now
+            log.info(
+                "clients=%d aggs_heard=%d/%d; last %gs: bars in=%d out=%d frames=%d gaps=%d "
+                "slow=%d bad=%d",
+                len(self.clients),
+                sum(agg.is_heard() for agg in self.aggs),
+                len(self.aggs),
+                STATS_EVERY,
+                delta["polyfan_bridge_bars_received_total"],
+                delta["polyfan_bridge_bars_sent_total"],
+                delta["polyfan_bridge_frames_sent_total"],
+                delta["polyfan_bridge_gaps_total"],
+                delta["polyfan_bridge_slow_disconnects_total"],
+                delta["polyfan_bridge_bad_requests_total"],
+            )
+
+    def _collect(self) -> None:
+        self.counters.clients.value = len(self.clients)
+        self.counters.gaps.value = sum(agg.gaps.lost for agg in self.aggs)
+
+    # -- aggregators ---------------------------------------------------------------------------
+
+    async def _read(self, agg: Agg) -> None:
+        while True:
+            await agg.socket.poll()
+            batch: Batch = {}
+            for _ in range(DRAIN_MAX):
+                try:
+                    frame = agg.sync.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self._received(agg, frame, batch)
+            if batch:
+                self._deliver(batch)
+
+    def _received(self, agg: Agg, frame: bytes, batch: Batch) -> None:
+        try:
+            message = wire.decode(frame)
+        except WireError as exc:
+            self.counters.wire_errors.inc()
+            if self.debug:
+                log.debug("from %s: %s", agg.endpoint, exc)
+            return
+        agg.heard_at = time.monotonic()
+        kind = message.kind
+        if kind is wire.Kind.BARS:
+            self._bars_received(agg, message, batch)
+        elif kind is wire.Kind.ANNOUNCE:
+            self._announced(agg, message)
+        elif kind is wire.Kind.HISTORY or kind is wire.Kind.SYMBOLS:
+            self._replied(message)
+        elif kind is wire.Kind.UPSTREAM:
+            state = int(wire.records(message)["state"][-1]) if message.count else None
+            agg.upstream_up = state == wire.UPSTREAM_UP
+
+    def _bars_received(self, agg: Agg, message: wire.Message, batch: Batch) -> None:
+        parsed = parse_bar_topic(message.topic)
+        if parsed is None:
+            self.counters.wire_errors.inc()
+            return
+        lost = agg.gaps.observe(message.topic, message.session, message.seq)
+        if lost:
+            log.warning("lost %d bar message(s) on %s from %s", lost, message.topic, agg.endpoint)
+        interval, symbol = parsed
+        rows = wire.records(message).tolist()
+        self.counters.bars_received.inc(len(rows))
+        parts = encode_bars(interval, symbol, rows)
+        self.fanout.route(
+            interval, symbol, [(row[0], part) for row, part in zip(rows, parts, strict=True)], batch
+        )
+
+    def _announced(self, agg: Agg, message: wire.Message) -> None:
+        try:
+            announce = wire.decode_json(message)
+            intervals = frozenset(int(i) for i in announce["intervals"])
+            symbols = announce.get("symbols")
+            serves = AggServes(intervals, None if symbols is None else frozenset(symbols))
+        except (WireError, KeyError, TypeError, ValueError) as exc:
+            self.counters.wire_errors.inc()
+            log.warning("bad ANNOUNCE from %s: %s", agg.endpoint, exc)
+            return
+        first = agg.announce is None
+        restarted = (
+            not first
+            and agg.announce is not None
+            and agg.announce.get("session") != announce.get("session")
+        )
+        agg.announce = announce
+        self.catalog.update(agg, serves)
+        if first or restarted:
+            log.info(
+                "aggregator %s %s: intervals %s, symbols %s",
+                agg.endpoint,
+                "restarted" if restarted else "heard",
+                ",".join(str(i) for i in sorted(intervals)),
+                "*" if symbols is None else len(symbols),
+            )
+            for channel in self.fanout.channels():
+                self._route_channel(channel)
+
+    def _replied(self, message: wire.Message) -> None:
+        try:
+            if message.kind is wire.Kind.HISTORY:
+                request_id = wire.records_from_history(message)[0]
+            else:
+                request_id = int(wire.decode_json(message)["id"])
+        except (WireError, KeyError, TypeError, ValueError):
+            self.counters.wire_errors.inc()
+            return
+        future = self._requests.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    async def _request(self, agg: Agg, body: dict[str, Any]) -> wire.Message:
+        request_id = next(self._request_ids)
+        future: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        self.counters.history_requests.inc()
+        agg.send(wire.encode_request({"id": request_id, "reply": self.reply_id, **body}))
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await future
+        except TimeoutError:
+            self.counters.request_timeouts.inc()
+            log.warning("no reply from %s to %s within %gs", agg.endpoint, body, REQUEST_TIMEOUT)
+            raise
+        finally:
+            self._requests.pop(request_id, None)
+
+    def _serving_aggs(self, channel: Channel) -> list[Agg]:
+        """Every agg for ``N Ms.*``; the first that serves it for one symbol (sharding)."""
+        aggs = [agg for agg in self.aggs if agg in self.catalog.aggs_for(channel)]
+        return aggs if channel.symbol is None else aggs[:1]
+
+    def _route_channel(self, channel: Channel) -> None:
+        """Subscribe the channel's topic on the aggs that serve it (idempotent)."""
+        aggs = self._channel_aggs.setdefault(channel, [])
+        for agg in self._serving_aggs(channel):
+            if agg not in aggs and (channel.symbol is None or not aggs):
+                aggs.append(agg)
+                agg.subscribe(channel.topic)
+
+    def _unroute_channel(self, channel: Channel) -> None:
+        for agg in self._channel_aggs.pop(channel, []):
+            agg.unsubscribe(channel.topic)
+            if channel.symbol is not None:
+                agg.gaps.forget(channel.name)
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def _deliver(self, batch: Batch) -> None:
+        for client_id, frame in frames_for(batch).items():
+            client = self.clients.get(client_id)
+            if client is not None:
+                self._push(client, frame, len(batch[client_id]))
+
+    def _push(self, client: Client, frame: bytes, bars: int) -> None:
+        if client.cut_off:
+            return
+        if client.backlog.push(frame, bars):
+            client.wake.set()
+            return
+        client.cut_off = True
+        self.counters.slow_disconnects.inc()
+        log.warning(
+            "client %d from %s is too slow: %d bytes unsent (bound %d); closing with 1013",
+            client.id,
+            _peer(client.ws),
+            client.backlog.bytes,
+            self.limits.backlog_bytes,
+        )
+        self.counters.bars_dropped.inc(client.backlog.clear() + bars)
+        self._spawn(client.ws.close(CLOSE_TRY_AGAIN_LATER, "backlog bound passed: read faster"))
+
+    async def _write(self, client: Client) -> None:
+        ws = client.ws
+        try:
+            while True:
+                await client.wake.wait()
+                client.wake.clear()
+                while (item := client.backlog.pop()) is not None:
+                    frame, bars = item
+                    await ws.send(frame, text=True)
+                    self.counters.frames_sent.inc()
+                    self.counters.bars_sent.inc(bars)
+                if client.close_after is not None:
+                    await ws.close(*client.close_after)
+                    return
+        except ConnectionClosed:
+            pass
+
+    async def _serve_client(self, ws: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        client = Client(
+            next(self._ids),
+            ws,
+            Session(self.config.tokens, self.limits, loop.time()),
+            Backlog(self.limits.backlog_bytes),
+        )
+        self.clients[client.id] = client
+        self.counters.connections.inc()
+        log.info("client %d joined from %s (%d clients)", client.id, _peer(ws), len(self.clients))
+        self._push(client, encode_events([CONNECTED]), 0)
+        writer = self._spawn(self._write(client))
+        try:
+            async for frame in ws:
+                outcome = client.session.receive(frame, loop.time(), self.catalog)
+                self.counters.bad_requests.inc(outcome.bad_requests)
+                if outcome.events:
+                    self._push(client, encode_events(outcome.events), 0)
+                for command in outcome.commands:
+                    if isinstance(command, Subscribe):
+                        self._open(client, command)
+                    elif isinstance(command, Unsubscribe) and self.fanout.unsubscribe(
+                        client.id, command.channel
+                    ):
+                        self._unroute_channel(command.channel)
+                if outcome.close is not None:
+                    client.close_after = outcome.close
+                    client.wake.set()
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            close_sent = ws.protocol.close_sent
+            if close_sent is not None and close_sent.code == CLOSE_TOO_BIG:
+                self.counters.bad_requests.inc()
+            if client.close_after is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):
+                        await asyncio.shield(writer)
+            writer.cancel()
+            del self.clients[client.id]
+            for channel in self.fanout.remove_client(client.id):
+                self._unroute_channel(channel)
+            self.counters.bars_dropped.inc(client.backlog.clear())
+            log.info(
+                "client %d left (code %s; %d clients)",
+                client.id,
+                ws.close_code,
+                len(self.clients),
+            )
+
+    def _open(self, client: Client, command: Subscribe) -> None:
+        channel = command.channel
+        since = command.since is not None
+        if self.fanout.subscribe(client.id, channel, since=since):
+            self._route_channel(channel)
+        if command.since is not None:
+            self._spawn(self._send_history(client, channel, command.since))
+
+    async def _send_history(self, client: Client, channel: Channel, since: int) -> None:
+        aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
+        limit = self.limits.since_max_bars
+        history: list[tuple[int, bytes]] = []
+        problem = None
+        if not aggs:
+            problem = f"{channel.name}: no aggregator serves it now; live bars follow"
+        else:
+            try:
+                reply = await self._request(
+                    aggs[0],
+                    {
+                        "op": "bars",
+                        "channel": channel.name,
+                        "since": since,
+                        "before": None,
+                        "limit": limit,
+                    },
+                )
+                _, reply_status, bars = wire.records_from_history(reply)
+                if reply_status is not wire.HistoryStatus.OK:
+                    problem = f"{channel.name}: history unavailable ({reply_status.name}); live bars follow"
+                else:
+                    rows = bars.tolist()
+                    parts = encode_bars(channel.interval, channel.symbol or "", rows)
+                    history = [(row[0], part) for row, part in zip(rows, parts, strict=True)]
+                    if len(rows) >= limit:
+                        problem = (
+                            f"{channel.name}: since reaches past the {limit} most recent bars; "
+                            "only those are sent"
+                        )
+            except TimeoutError:
+                problem = f"{channel.name}: history request timed out; live bars follow"
+            except WireError:
+                self.counters.wire_errors.inc()
+                problem = f"{channel.name}: history reply did not decode; live bars follow"
+        if problem is not None and client.id in self.clients:
+            self._push(client, encode_events([error(problem)]), 0)
+        parts = self.fanout.complete_history(client.id, channel, history)
+        if client.id not in self.clients:
+            return
+        for start in range(0, len(parts), HISTORY_FRAME_BARS):
+            chunk = parts[start : start + HISTORY_FRAME_BARS]
+            self._push(client, join_events(chunk), len(chunk))
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
+        if "websocket" in request.headers.get("Upgrade", "").lower():
+            return None
+        self.counters.http_requests.inc()
+        url = urlsplit(request.path)
+        path = unquote(url.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        try:
+            handler = self._routes.get(path)
+            if handler is not None:
+                return await handler(self, query)
+            if path.startswith("/static/"):
+                return _static(path[len("/static/") :])
+            return _json(404, {"error": f"{path}: not found"})
+        except ParamError as exc:
+            self.counters.bad_requests.inc()
+            return _json(400, {"error": str(exc)})
+
+    async def _index(self, query: dict[str, list[str]]) -> Response:
+        page = STATIC / "index.html"
+        if page.is_file():
+            return _response(200, page.read_bytes(), _CONTENT_TYPES[".html"])
+        return _response(200, _PLACEHOLDER, _CONTENT_TYPES[".html"])
+
+    async def _api_bars(self, query: dict[str, list[str]]) -> Response:
+        bars_query: BarsQuery = parse_bars_query(query, self.limits)
+        channel = bars_query.channel
+        problem = self.catalog.why_not_served(channel)
+        if problem is not None:
+            self.counters.bad_requests.inc()
+            return _json(404 if self.aggs and self.catalog.intervals else 503, {"error": problem})
+        aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
+        try:
+            reply = await self._request(
+                aggs[0],
+                {
+                    "op": "bars",
+                    "channel": channel.name,
+                    "since": None,
+                    "before": bars_query.before,
+                    "limit": bars_query.limit,
+                },
+            )
+        except TimeoutError:
+            return _json(504, {"error": f"{channel.name}: the aggregator did not answer"})
+        _, reply_status, bars = wire.records_from_history(reply)
+        if reply_status is not wire.HistoryStatus.OK:
+            return _json(404, {"error": f"{channel.name}: {reply_status.name}"})
+        parts = encode_bars(channel.interval, channel.symbol or "", bars.tolist())
+        return _response(200, join_events(parts), "application/json")
+
+    async def _api_symbols(self, query: dict[str, list[str]]) -> Response:
+        heard = [agg for agg in self.aggs if agg.announce is not None]
+        replies = await asyncio.gather(
+            *(self._request(agg, {"op": "symbols"}) for agg in heard), return_exceptions=True
+        )
+        counts: dict[str, int] = {}
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                continue
+            try:
+                for symbol, trades in wire.decode_json(reply)["symbols"]:
+                    counts[symbol] = max(counts.get(symbol, 0), int(trades))
+            except (WireError, KeyError, TypeError, ValueError):
+                self.counters.wire_errors.inc()
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        return _json(200, [{"sym": symbol, "trades": trades} for symbol, trades in ranked])
+
+    async def _api_info(self, query: dict[str, list[str]]) -> Response:
+        return _json(
+            200,
+            {
+                "intervals": self.catalog.intervals,
+                "aggs": [agg.status() for agg in self.aggs],
+                "clients": len(self.clients),
+                "limits": {
+                    "max_frame_bytes": self.limits.max_frame_bytes,
+                    "max_subscriptions": self.limits.max_subscriptions,
+                    "rate_per_second": self.limits.rate_per_second,
+                    "rate_burst": self.limits.rate_burst,
+                    "backlog_bytes": self.limits.backlog_bytes,
+                    "since_max_bars": self.limits.since_max_bars,
+                    "api_max_limit": self.limits.api_max_limit,
+                },
+            },
+        )
+
+    async def _healthz(self, query: dict[str, list[str]]) -> Response:
+        heard = sum(agg.is_heard() for agg in self.aggs)
+        body = {
+            "status": "ok" if heard else "waiting for an aggregator",
+            "clients": len(self.clients),
+            "aggs": len(self.aggs),
+            "aggs_heard": heard,
+            "intervals": self.catalog.intervals,
+        }
+        return _json(200 if heard else 503, body)
+
+    async def _metrics(self, query: dict[str, list[str]]) -> Response:
+        return _response(
+            200, self.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    _routes: ClassVar[dict[str, Callable[[Bridge, dict[str, list[str]]], Awaitable[Response]]]] = {
+        "/": _index,
+        "/index.html": _index,
+        "/api/bars": _api_bars,
+        "/api/symbols": _api_symbols,
+        "/api/info": _api_info,
+        "/healthz": _healthz,
+        "/metrics": _metrics,
+    }
+
+
+def _response(status: int, body: bytes, content_type: str) -> Response:
+    from http import HTTPStatus
+
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-cache"),
+        ]
+    )
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def _json(status: int, value: Any) -> Response:
+    return _response(status, orjson.dumps(value), "application/json")
+
+
+def _static(relative: str) -> Response:
+    """A file under ``polyfan/static``; never anything outside it."""
+    root = STATIC.resolve()
+    try:
+        path = (root / relative).resolve()
+    except (OSError, ValueError):
+        return _json(404, {"error": "not found"})
+    if not path.is_relative_to(root) or not path.is_file():
+        return _json(404, {"error": f"/static/{relative}: not found"})
+    content_type = _CONTENT_TYPES.get(path.suffix) or (
+        mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    )
+    return _response(200, path.read_bytes(), content_type)
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
+
+
+async def serve_until_stopped(config: BridgeConfig, limits: Limits | None = None) -> None:
+    bridge = Bridge(config, limits)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await bridge.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: %d clients", len(bridge.clients))
+        await bridge.stop()
+
+
+def run(config: BridgeConfig) -> int:
+    """``polyfan bridge``: serve until SIGINT/SIGTERM; exit status 0."""
+    asyncio.run(serve_until_stopped(config))
+    return 0

@@ -1,0 +1,217 @@
+"""The bridge's fan-out core: who gets which bar, the ``since`` seam, and per-client backlogs.
+
+Pure: no asyncio, websockets or zmq; clients are plain integer ids.
+
+- :class:`Fanout` keeps the subscription table (channel → clients, client → channels). Its
+  answers tell the shell when a channel gained its first client (subscribe the ZeroMQ topic) or
+  lost its last (unsubscribe it). :meth:`Fanout.route` takes one topic's encoded bars and adds
+  them to a per-client batch; :func:`frames_for` turns a batch into one frame per client,
+  building identical frames once.
+- A client that subscribes with ``since`` is *pending* on that channel: its live bars are held
+  (:meth:`Fanout.route`) until the history reply arrives; :meth:`Fanout.complete_history`
+  returns history then the held live bars, dropping any live bar whose start ``s`` the history
+  already covered. The topic is subscribed before history is requested, so the two overlap and
+  nothing is missing or repeated at the seam.
+- :class:`Backlog` is one client's bounded queue of unsent frames; :meth:`Backlog.push` says no
+  when the bound would be passed, and the shell then closes the client with 1013.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from polyfan.protocol import Channel, join_events
+
+Batch = dict[int, list[bytes]]
+
+
+class Fanout:
+    """Subscription table and ``since`` seams for every client of one bridge."""
+
+    def __init__(self) -> None:
+        self._clients: dict[Channel, set[int]] = {}
+        self._channels: dict[int, set[Channel]] = {}
+        self._pending: dict[Channel, dict[int, list[tuple[int, bytes]]]] = {}
+
+    def subscribe(self, client: int, channel: Channel, *, since: bool = False) -> bool:
+        """Add ``client`` to ``channel``; True if it is the channel's first client.
+
+        With ``since``, the client's live bars on the channel are held until
+        :meth:`complete_history`.
+        """
+        clients = self._clients.setdefault(channel, set())
+        first = not clients
+        clients.add(client)
+        self._channels.setdefault(client, set()).add(channel)
+        if since:
+            self._pending.setdefault(channel, {}).setdefault(client, [])
+        return first
+
+    def unsubscribe(self, client: int, channel: Channel) -> bool:
+        """Remove ``client`` from ``channel``; True if it was the channel's last client."""
+        self._drop_pending(client, channel)
+        channels = self._channels.get(client)
+        if channels is not None:
+            channels.discard(channel)
+        clients = self._clients.get(channel)
+        if clients is None or client not in clients:
+            return False
+        clients.discard(client)
+        if clients:
+            return False
+        del self._clients[channel]
+        return True
+
+    def remove_client(self, client: int) -> list[Channel]:
+        """Forget a client; return the channels it was the last client of."""
+        emptied = [
+            channel
+            for channel in sorted(self._channels.get(client, ()))
+            if self.unsubscribe(client, channel)
+        ]
+        self._channels.pop(client, None)
+        return emptied
+
+    def has_subscribers(self, channel: Channel) -> bool:
+        return channel in self._clients
+
+    def channels(self) -> list[Channel]:
+        """Every channel with at least one client."""
+        return sorted(self._clients)
+
+    def channels_of(self, client: int) -> set[Channel]:
+        return set(self._channels.get(client, ()))
+
+    def is_pending(self, client: int, channel: Channel) -> bool:
+        return client in self._pending.get(channel, {})
+
+    def route(
+        self, interval: int, symbol: str, bars: Sequence[tuple[int, bytes]], batch: Batch
+    ) -> int:
+        """Add one topic's bars ``(s, encoded)`` to every receiving client's list in ``batch``.
+
+        A client on both ``500Ms.TSLA`` and ``500Ms.*`` gets each bar once. Returns how many
+        clients received them (pending clients hold them instead).
+        """
+        exact = self._clients.get(Channel(interval, symbol))
+        every = self._clients.get(Channel(interval, None))
+        if exact and every:
+            clients: Iterable[int] = exact | every
+        elif exact:
+            clients = exact
+        elif every:
+            clients = every
+        else:
+            return 0
+        pending = self._pending.get(Channel(interval, symbol))
+        parts = [part for _, part in bars]
+        delivered = 0
+        for client in clients:
+            if pending is not None and client in pending:
+                pending[client].extend(bars)
+                continue
+            existing = batch.get(client)
+            if existing is None:
+                batch[client] = list(parts)
+            else:
+                existing.extend(parts)
+            delivered += 1
+        return delivered
+
+    def complete_history(
+        self, client: int, channel: Channel, history: Sequence[tuple[int, bytes]]
+    ) -> list[bytes]:
+        """End a ``since`` seam: the history bars, then the held live bars it did not cover.
+
+        Returns nothing if the client left the channel meanwhile.
+        """
+        held = self._drop_pending(client, channel)
+        if channel not in self._channels.get(client, ()):
+            return []
+        parts = [part for _, part in history]
+        last = history[-1][0] if history else None
+        parts.extend(part for s, part in held if last is None or s > last)
+        return parts
+
+    def _drop_pending(self, client: int, channel: Channel) -> list[tuple[int, bytes]]:
+        pending = self._pending.get(channel)
+        if pending is None:
+            return []
+        held = pending.pop(client, [])
+        if not pending:
+            del self._pending[channel]
+        return held
+
+
+def frames_for(batch: Batch) -> dict[int, bytes]:
+    """One frame per client; clients with the same bars share one ``bytes`` object."""
+    built: dict[tuple[bytes, ...], bytes] = {}
+    frames: dict[int, bytes] = {}
+    for client, parts in batch.items():
+        key = tuple(parts)
+        frame = built.get(key)
+        if frame is None:
+            frame = built[key] = join_events(parts)
+        frames[client] = frame
+    return frames
+
+
+def chunked(parts: Sequence[bytes], size: int) -> list[bytes]:
+    """Frames of at most ``size`` events each (history is sent in several frames)."""
+    return [join_events(parts[i : i + size]) for i in range(0, len(parts), size)]
+
+
+class Backlog:
+    """One client's unsent frames, bounded in bytes, with how many bars each carries.
+
+    ``push`` refuses a frame that would take the backlog past ``limit_bytes`` (the shell then
+    closes the client with 1013: nothing is dropped silently). ``pop`` merges queued frames
+    into one JSON array of at most ``merge_bytes`` (a bigger frame goes alone), so a client
+    that fell behind catches up in fewer, larger writes.
+    """
+
+    def __init__(self, limit_bytes: int, merge_bytes: int = 256 * 1024) -> None:
+        self.limit_bytes = limit_bytes
+        self.merge_bytes = merge_bytes
+        self._frames: deque[tuple[bytes, int]] = deque()
+        self.bytes = 0
+        self.bars = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def push(self, frame: bytes, bars: int = 0) -> bool:
+        """Queue a frame carrying ``bars`` bars; False (and nothing queued) past the bound."""
+        if self.bytes + len(frame) > self.limit_bytes:
+            return False
+        self._frames.append((frame, bars))
+        self.bytes += len(frame)
+        self.bars += bars
+        return True
+
+    def pop(self) -> tuple[bytes, int] | None:
+        """The next frame to send (several merged) and its bar count, or None when empty."""
+        if not self._frames:
+            return None
+        first, bars = self._frames.popleft()
+        size = len(first)
+        if self._frames and size + len(self._frames[0][0]) <= self.merge_bytes:
+            inner = [first[1:-1]]
+            while self._frames and size + len(self._frames[0][0]) <= self.merge_bytes:
+                frame, count = self._frames.popleft()
+                size += len(frame)
+                bars += count
+                inner.append(frame[1:-1])
+            first = b"[" + b",".join(part for part in inner if part) + b"]"
+        self.bytes -= size
+        self.bars -= bars
+        return first, bars
+
+    def clear(self) -> int:
+        """Drop everything queued; return how many bars were dropped."""
+        dropped = self.bars
+        self._frames.clear()
+        self.bytes = 0
+        self.bars = 0
+        return dropped

@@ -1,0 +1,517 @@
+"""CONTRACT §4 and §5 over real sockets: an in-process bridge, a scripted agg on a real XPUB,
+real WebSocket and HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from fake_agg import FakeAgg, bar_rows, expected_event
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from wsclient import Client, eventually
+
+from polyfan import wire
+from polyfan.bridge import Bridge
+from polyfan.config import BridgeConfig
+from polyfan.protocol import Limits
+
+T0 = 1_781_622_376_000 // 1000 * 1000
+
+
+@pytest.fixture
+def agg() -> Iterator[FakeAgg]:
+    with FakeAgg("tcp://127.0.0.1:*") as fake:
+        yield fake
+
+
+async def start_bridge(
+    agg: FakeAgg, tokens: tuple[str, ...] = ("secret",), **limits: Any
+) -> Bridge:
+    bridge = Bridge(
+        BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0), tokens=tokens),
+        Limits(**limits),
+    )
+    await bridge.start()
+    await eventually(lambda: bridge.catalog.intervals, what="the agg's announce")
+    return bridge
+
+
+@pytest.fixture
+async def bridge(agg: FakeAgg) -> AsyncIterator[Bridge]:
+    bridge = await start_bridge(agg)
+    yield bridge
+    await bridge.stop()
+
+
+def url(bridge: Bridge, path: str = "/") -> str:
+    return f"ws://127.0.0.1:{bridge.port}{path}"
+
+
+def http_get(bridge: Bridge, path: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{bridge.port}{path}", timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+async def get(bridge: Bridge, path: str) -> tuple[int, str, bytes]:
+    return await asyncio.to_thread(http_get, bridge, path)
+
+
+def counter(bridge: Bridge, name: str) -> float:
+    return bridge.registry.values()[name]
+
+
+async def subscribed(client: Client, agg: FakeAgg, *channels: str) -> None:
+    await client.send({"action": "subscribe", "params": ",".join(channels)})
+    assert await client.statuses(len(channels)) == [
+        {"ev": "status", "status": "success", "message": f"subscribed to: {c}"} for c in channels
+    ]
+    for channel in channels:
+        topic = channel.encode() if channel.endswith("*") else channel.encode() + b"\x00"
+        await asyncio.to_thread(agg.wait_subscribed, topic.replace(b"*", b""))
+
+
+# -- the connection and auth -----------------------------------------------------------------
+
+
+async def test_any_path_gets_connected_status_then_auth_success(bridge: Bridge) -> None:
+    for path in ("/", "/stocks", "/any/path?x=1"):
+        client = await Client.open(url(bridge, path))
+        await client.close()
+
+
+async def test_auth_and_subscribe_back_to_back_are_processed_in_order(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    client = await Client.open(url(bridge), token=None)
+    await client.send({"action": "auth", "params": "secret"})
+    await client.send({"action": "subscribe", "params": "500Ms.TSLA,1000Ms.AAPL"})
+    assert await client.statuses(3) == [
+        {"ev": "status", "status": "auth_success", "message": "authenticated"},
+        {"ev": "status", "status": "success", "message": "subscribed to: 500Ms.TSLA"},
+        {"ev": "status", "status": "success", "message": "subscribed to: 1000Ms.AAPL"},
+    ]
+    await asyncio.to_thread(agg.wait_subscribed, b"1000Ms.AAPL\x00")
+    rows = bar_rows(1000, T0, 3)
+    agg.publish(1000, "AAPL", rows)
+    assert await client.bars(3) == [expected_event("AAPL", 1000, r) for r in rows]
+    await client.close()
+
+
+async def test_wrong_token_gets_auth_failed_and_close_1008(bridge: Bridge) -> None:
+    client = await Client.open(url(bridge), token=None)
+    await client.send({"action": "auth", "params": "wrong"})
+    assert await client.next_event() == {
+        "ev": "status",
+        "status": "auth_failed",
+        "message": "authentication failed",
+    }
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), 5)
+    assert client.ws.close_code == 1008
+    assert counter(bridge, "polyfan_bridge_bad_requests_total") == 1
+
+
+async def test_anything_but_auth_before_auth_gets_an_error_and_stays_open(bridge: Bridge) -> None:
+    client = await Client.open(url(bridge), token=None)
+    await client.send({"action": "subscribe", "params": "500Ms.TSLA"})
+    event = await client.next_event()
+    assert event["status"] == "error"
+    assert "not authenticated" in event["message"]
+    await client.send({"action": "auth", "params": "secret"})
+    assert (await client.next_event())["status"] == "auth_success"
+    await client.close()
+
+
+async def test_without_tokens_any_auth_is_accepted(agg: FakeAgg) -> None:
+    bridge = await start_bridge(agg, tokens=())
+    try:
+        client = await Client.open(url(bridge), token="anything at all")
+        await client.close()
+    finally:
+        await bridge.stop()
+
+
+# -- bad requests, each answered, none fatal -----------------------------------------------------
+
+
+BAD_FRAMES = [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"action": "dance"}', "unknown action"),
+    ('{"action": "subscribe", "params": "TSLA"}', "TSLA: not a channel"),
+    ('{"action": "subscribe", "params": "500Ms.TS LA"}', "500Ms.TS LA: bad symbol"),
+    ('{"action": "subscribe", "params": "500Ms.T$LA"}', "500Ms.T$LA: bad symbol"),
+    ('{"action": "subscribe", "params": "700Ms.TSLA"}', "700Ms.TSLA: interval 700ms is not served"),
+    ('{"action": "subscribe", "params": 5}', "params must be a comma-separated string"),
+    ('{"action": "subscribe", "params": "500Ms.TSLA", "since": "yesterday"}', "since must be"),
+]
+
+
+@pytest.mark.parametrize(("frame", "message"), BAD_FRAMES)
+async def test_a_bad_request_gets_an_error_status_naming_it(
+    bridge: Bridge, frame: str, message: str
+) -> None:
+    client = await Client.open(url(bridge))
+    await client.ws.send(frame)
+    event = await client.next_event()
+    assert event["ev"] == "status"
+    assert event["status"] == "error"
+    assert message in event["message"]
+    assert counter(bridge, "polyfan_bridge_bad_requests_total") == 1
+    # Still open and serving:
+    await client.send({"action": "subscribe", "params": "500Ms.OK"})
+    assert (await client.next_event())["message"] == "subscribed to: 500Ms.OK"
+    await client.close()
+
+
+async def test_a_frame_over_64_kib_is_closed_with_1009(bridge: Bridge) -> None:
+    client = await Client.open(url(bridge))
+    await client.ws.send('{"action":"subscribe","params":"' + "x" * 70_000 + '"}')
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), 5)
+    assert client.ws.close_code == 1009
+    await eventually(lambda: counter(bridge, "polyfan_bridge_bad_requests_total") == 1)
+
+
+async def test_a_well_behaved_client_is_unaffected_by_all_the_bad_ones(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    good = await Client.open(url(bridge))
+    await subscribed(good, agg, "250Ms.GOOD")
+    rows = bar_rows(250, T0, 400)
+    for i in range(0, 400, 40):
+        agg.publish(250, "GOOD", rows[i : i + 40])
+        bad = await Client.open(url(bridge), token=None)
+        for frame, _ in BAD_FRAMES:
+            await bad.ws.send(frame)
+        await bad.ws.send("x" * 70_000)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(bad.ws.recv(), 5)
+        wrong = await Client.open(url(bridge), token=None)
+        await wrong.send({"action": "auth", "params": "nope"})
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(wrong.ws.recv(), 5)
+    assert await good.bars(400) == [expected_event("GOOD", 250, r) for r in rows]
+    assert good.pending() == []
+    await good.close()
+
+
+async def test_unsubscribed_channel_gets_an_error_while_others_subscribe(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    client = await Client.open(url(bridge))
+    await client.send({"action": "subscribe", "params": "500Ms.TSLA,9000Ms.TSLA,bad"})
+    events = await client.statuses(3)
+    assert events[0]["message"] == "subscribed to: 500Ms.TSLA"
+    assert [e["status"] for e in events[1:]] == ["error", "error"]
+    assert {e["message"].split(":")[0] for e in events[1:]} == {"9000Ms.TSLA", "bad"}
+    await client.close()
+
+
+async def test_rate_limit_answers_excess_frames_with_an_error(agg: FakeAgg) -> None:
+    bridge = await start_bridge(agg, rate_per_second=1.0, rate_burst=3.0)
+    try:
+        client = await Client.open(url(bridge))  # the auth frame took one token
+        for _ in range(3):
+            await client.send({"action": "subscribe", "params": "500Ms.A"})
+        events = await client.statuses(3)
+        assert [e["status"] for e in events] == ["success", "success", "error"]
+        assert "rate limit" in events[2]["message"]
+        await client.close()
+    finally:
+        await bridge.stop()
+
+
+async def test_subscription_limit_per_connection_is_enforced(agg: FakeAgg) -> None:
+    bridge = await start_bridge(agg, max_subscriptions=2)
+    try:
+        client = await Client.open(url(bridge))
+        await client.send({"action": "subscribe", "params": "500Ms.A,500Ms.B,500Ms.C"})
+        events = await client.statuses(3)
+        assert [e["status"] for e in events] == ["success", "success", "error"]
+        assert events[2]["message"].startswith("500Ms.C: subscription limit of 2")
+        await client.close()
+    finally:
+        await bridge.stop()
+
+
+# -- bars ----------------------------------------------------------------------------------------
+
+
+async def test_bars_arrive_as_mb_events_exactly(bridge: Bridge, agg: FakeAgg) -> None:
+    client = await Client.open(url(bridge))
+    await subscribed(client, agg, "100Ms.TSLA")
+    rows = bar_rows(100, T0, 5)
+    rows["v"][1] = 12.5  # fractional shares stay fractional
+    rows["v"][2] = 0
+    rows["vw"][2] = np.nan  # no volume: vw null
+    rows["flags"][3] = wire.BAR_FLAG_OUTAGE
+    rows["flags"][4] = wire.BAR_FLAG_CARRIED
+    agg.publish(100, "TSLA", rows)
+    events = await client.bars(5)
+    assert events == [expected_event("TSLA", 100, r) for r in rows]
+    assert events[0]["v"] == 100 and isinstance(events[0]["v"], int)
+    assert events[1]["v"] == 12.5
+    assert events[2]["vw"] is None
+    assert events[3]["outage"] is True
+    assert "outage" not in events[4]
+    await client.close()
+
+
+async def test_star_channel_gets_every_symbol_once_even_with_an_exact_channel(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    client = await Client.open(url(bridge))
+    await subscribed(client, agg, "500Ms.*", "500Ms.TSLA")
+    tsla, aapl = bar_rows(500, T0, 2), bar_rows(500, T0, 2, price=50)
+    agg.publish(500, "TSLA", tsla)
+    agg.publish(500, "AAPL", aapl)
+    agg.publish(1000, "AAPL", bar_rows(1000, T0, 1))  # another interval: not subscribed
+    events = await client.bars(4)
+    assert sorted(events, key=lambda e: (e["sym"], e["s"])) == [
+        expected_event("AAPL", 500, r) for r in aapl
+    ] + [expected_event("TSLA", 500, r) for r in tsla]
+    agg.flush()
+    await asyncio.sleep(0)  # nothing more may arrive: a later subscribed bar proves it
+    await subscribed(client, agg, "1000Ms.MARK")
+    mark = bar_rows(1000, T0, 1)
+    agg.publish(1000, "MARK", mark)
+    assert await client.bars(1) == [expected_event("MARK", 1000, mark[0])]
+    await client.close()
+
+
+async def test_topic_is_subscribed_on_first_client_and_unsubscribed_after_last(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    topic = b"500Ms.NVDA\x00"
+    one, two = await Client.open(url(bridge)), await Client.open(url(bridge))
+    await subscribed(one, agg, "500Ms.NVDA")
+    await subscribed(two, agg, "500Ms.NVDA")
+    assert agg.subscribe_count(topic) == 1
+    await one.send({"action": "unsubscribe", "params": "500Ms.NVDA"})
+    assert (await one.next_event())["message"] == "unsubscribed to: 500Ms.NVDA"
+    rows = bar_rows(500, T0, 2)
+    agg.publish(500, "NVDA", rows)
+    assert await two.bars(2) == [expected_event("NVDA", 500, r) for r in rows]
+    assert agg.is_subscribed(topic)
+    await two.close()  # the last client leaves: the topic is unsubscribed
+    await asyncio.to_thread(agg.wait_unsubscribed, topic)
+    await one.close()
+
+
+async def test_since_sends_stored_bars_then_live_with_no_gap_or_repeat(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    rows = bar_rows(100, T0, 300)
+    agg.publish(100, "SEAM", rows[:100])
+    agg.flush()
+    watcher = await Client.open(url(bridge))
+    await subscribed(watcher, agg, "100Ms.SEAM")
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        for i in range(100, 300, 5):
+            agg.publish(100, "SEAM", rows[i : i + 5])
+            await asyncio.sleep(0.002)
+        stop.set()
+
+    publisher = asyncio.create_task(keep_publishing())
+    await asyncio.sleep(0.05)  # bars are flowing when the since-client subscribes
+    client = await Client.open(url(bridge))
+    since = int(rows["s"][10])
+    await client.send({"action": "subscribe", "params": "100Ms.SEAM", "since": since})
+    assert (await client.next_event())["message"] == "subscribed to: 100Ms.SEAM"
+    await publisher
+    assert await client.bars(290) == [expected_event("SEAM", 100, r) for r in rows[10:]]
+    assert await watcher.bars(200) == [expected_event("SEAM", 100, r) for r in rows[100:]]
+    agg.flush()
+    assert client.pending() == []
+    await client.close()
+    await watcher.close()
+
+
+async def test_since_on_a_star_channel_is_an_error(bridge: Bridge) -> None:
+    client = await Client.open(url(bridge))
+    await client.send({"action": "subscribe", "params": "500Ms.*", "since": 0})
+    event = await client.next_event()
+    assert event["status"] == "error"
+    assert event["message"].startswith("500Ms.*: since needs one symbol")
+    await client.close()
+
+
+async def test_sharded_aggs_each_serve_their_own_symbols() -> None:
+    with (
+        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), symbols=["AAPL"]) as a,
+        FakeAgg("tcp://127.0.0.1:*", intervals=(500, 1000), symbols=["TSLA"]) as b,
+    ):
+        bridge = Bridge(BridgeConfig(sub=(a.endpoint, b.endpoint), listen=("127.0.0.1", 0)))
+        await bridge.start()
+        try:
+            await eventually(lambda: len(bridge.catalog.intervals) == 2)
+            client = await Client.open(url(bridge), token="x")
+            await client.send(
+                {"action": "subscribe", "params": "500Ms.AAPL,500Ms.TSLA,1000Ms.AAPL,500Ms.MSFT"}
+            )
+            events = await client.statuses(4)
+            assert [e["status"] for e in events] == ["success", "success", "error", "error"]
+            assert "not served" in events[3]["message"]
+            await asyncio.to_thread(a.wait_subscribed, b"500Ms.AAPL\x00")
+            await asyncio.to_thread(b.wait_subscribed, b"500Ms.TSLA\x00")
+            assert not a.is_subscribed(b"500Ms.TSLA\x00")
+            assert not b.is_subscribed(b"500Ms.AAPL\x00")
+            ra, rb = bar_rows(500, T0, 2), bar_rows(500, T0, 2, price=7)
+            a.publish(500, "AAPL", ra)
+            b.publish(500, "TSLA", rb)
+            got = await client.bars(4)
+            assert sorted(got, key=lambda e: (e["sym"], e["s"])) == [
+                expected_event("AAPL", 500, r) for r in ra
+            ] + [expected_event("TSLA", 500, r) for r in rb]
+            status, _, body = await get(bridge, "/api/bars?channel=500Ms.TSLA")
+            assert status == 200
+            assert orjson.loads(body) == [expected_event("TSLA", 500, r) for r in rb]
+            await client.close()
+        finally:
+            await bridge.stop()
+
+
+async def test_lost_bar_messages_are_counted_as_gaps(bridge: Bridge, agg: FakeAgg) -> None:
+    client = await Client.open(url(bridge))
+    await subscribed(client, agg, "500Ms.GAP")
+    topic = wire.bar_topic(500, "GAP")
+    rows = bar_rows(500, T0, 3)
+    for seq, row in ((1, rows[:1]), (4, rows[1:2]), (5, rows[2:3])):
+        agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, seq, 1, row.tobytes()))
+    assert await client.bars(3) == [expected_event("GAP", 500, r) for r in rows]
+    assert counter(bridge, "polyfan_bridge_gaps_total") == 2
+    await client.close()
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+async def test_api_bars_returns_stored_bars_oldest_first_with_limit_and_before(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    rows = bar_rows(1000, T0, 50)
+    agg.publish(1000, "MSFT", rows)
+    agg.flush()
+    status, ctype, body = await get(bridge, "/api/bars?channel=1000Ms.MSFT&limit=10")
+    assert (status, ctype) == (200, "application/json")
+    assert orjson.loads(body) == [expected_event("MSFT", 1000, r) for r in rows[-10:]]
+    before = int(rows["s"][20])
+    _, _, body = await get(bridge, f"/api/bars?channel=1000Ms.MSFT&limit=5&before={before}")
+    assert orjson.loads(body) == [expected_event("MSFT", 1000, r) for r in rows[15:20]]
+    _, _, body = await get(bridge, "/api/bars?channel=1000Ms.MSFT")
+    assert orjson.loads(body) == [expected_event("MSFT", 1000, r) for r in rows]
+    _, _, body = await get(bridge, "/api/bars?channel=1000Ms.NONE")
+    assert orjson.loads(body) == []
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "named"),
+    [
+        ("", 400, "channel"),
+        ("channel=TSLA", 400, "channel"),
+        ("channel=500Ms.*", 400, "channel"),
+        ("channel=500Ms.TSLA&limit=0", 400, "limit"),
+        ("channel=500Ms.TSLA&limit=10001", 400, "limit"),
+        ("channel=500Ms.TSLA&limit=ten", 400, "limit"),
+        ("channel=500Ms.TSLA&before=-5", 400, "before"),
+        ("channel=500Ms.TSLA&colour=red", 400, "colour"),
+        ("channel=700Ms.TSLA", 404, "700Ms.TSLA"),
+    ],
+)
+async def test_api_bars_bad_parameters_get_json_errors_naming_them(
+    bridge: Bridge, query: str, status: int, named: str
+) -> None:
+    got, ctype, body = await get(bridge, f"/api/bars?{query}")
+    assert (got, ctype) == (status, "application/json")
+    assert orjson.loads(body)["error"].startswith(named)
+
+
+async def test_healthz_info_symbols_and_metrics(bridge: Bridge, agg: FakeAgg) -> None:
+    agg.set_trades({"AAPL": 10, "TSLA": 30, "MSFT": 20})
+    status, _, body = await get(bridge, "/healthz")
+    health = orjson.loads(body)
+    assert status == 200
+    assert (health["status"], health["aggs"], health["aggs_heard"]) == ("ok", 1, 1)
+    _, _, body = await get(bridge, "/api/info")
+    info = orjson.loads(body)
+    assert info["intervals"] == [100, 250, 500, 1000]
+    assert info["aggs"][0]["endpoint"] == agg.endpoint
+    assert info["aggs"][0]["session"] == agg.session
+    _, _, body = await get(bridge, "/api/symbols")
+    assert orjson.loads(body) == [
+        {"sym": "TSLA", "trades": 30},
+        {"sym": "MSFT", "trades": 20},
+        {"sym": "AAPL", "trades": 10},
+    ]
+    status, ctype, body = await get(bridge, "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    text = body.decode()
+    for name in (
+        "polyfan_bridge_clients",
+        "polyfan_bridge_bars_sent_total",
+        "polyfan_bridge_slow_disconnects_total",
+        "polyfan_bridge_bad_requests_total",
+        "polyfan_bridge_bars_received_total",
+        "polyfan_bridge_gaps_total",
+    ):
+        assert f"\n{name} " in text
+
+
+async def test_healthz_is_503_until_an_agg_is_heard() -> None:
+    bridge = Bridge(BridgeConfig(sub=("tcp://127.0.0.1:1",), listen=("127.0.0.1", 0)))
+    await bridge.start()
+    try:
+        status, _, body = await get(bridge, "/healthz")
+        assert status == 503
+        assert orjson.loads(body)["aggs_heard"] == 0
+        client = await Client.open(url(bridge), token="x")
+        await client.send({"action": "subscribe", "params": "500Ms.TSLA"})
+        event = await client.next_event()
+        assert event["status"] == "error" and "no aggregator" in event["message"]
+        await client.close()
+    finally:
+        await bridge.stop()
+
+
+async def test_index_and_static_files_are_served_without_traversal(bridge: Bridge) -> None:
+    status, ctype, body = await get(bridge, "/")
+    assert status == 200 and ctype == "text/html; charset=utf-8"
+    assert b"<" in body
+    for path in ("/static/../bridge.py", "/static/%2e%2e/bridge.py", "/static/nope.js", "/nope"):
+        status, _, _ = await get(bridge, path)
+        assert status == 404, path
+
+
+async def test_raw_http_request_without_upgrade_is_answered(bridge: Bridge) -> None:
+    def raw() -> bytes:
+        with socket.create_connection(("127.0.0.1", bridge.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    data = await asyncio.to_thread(raw)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_websocket_client_library_connects_on_stocks_path(bridge: Bridge) -> None:
+    async with connect(url(bridge, "/stocks")) as ws:
+        frame = await asyncio.wait_for(ws.recv(), 5)
+        assert orjson.loads(frame)[0]["status"] == "connected"

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from fake_agg import FakeAgg, bar_rows, expected_event
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-from wsclient import Client, eventually
 
+from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan import wire
 from polyfan.bridge import Bridge
 from polyfan.config import BridgeConfig
 from polyfan.protocol import Limits
+from wsclient import Client, eventually
 
 T0 = 1_781_622_376_000 // 1000 * 1000
 

@@ -71,7 +71,15 @@ _ANY = msgspec.json.Decoder()
 # The fixed-width columns of a trade, pulled out of the structs in one C-level pass.
 _COLUMNS = operator.attrgetter("t", "p", "q", "trft", "trfi", "x", "z")
 _COLUMNS_DTYPE = np.dtype(
-    [("t", "<i8"), ("p", "<f8"), ("q", "<i8"), ("trft", "<i8"), ("trfi", "<u2"), ("x", "<u2"), ("z", "u1")]
+    [
+        ("t", "<i8"),
+        ("p", "<f8"),
+        ("q", "<i8"),
+        ("trft", "<i8"),
+        ("trfi", "<u2"),
+        ("x", "<u2"),
+        ("z", "u1"),
+    ]
 )
 _NO_CONDITIONS: list[int] = []
 
@@ -251,9 +259,7 @@ class TradeDecoder:
     def _sizes(trades: list[Trade]) -> np.ndarray:
         """``ds`` when present, else ``s``; NaN (rejected as ``size``) when neither parses."""
         try:
-            return np.array(
-                [t.s if t.ds is None else t.ds for t in trades], dtype=np.float64
-            )
+            return np.array([t.s if t.ds is None else t.ds for t in trades], dtype=np.float64)
         except (TypeError, ValueError):
             return np.array([_size(t) for t in trades], dtype=np.float64)
 

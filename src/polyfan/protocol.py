@@ -189,7 +189,7 @@ def encode_bar(
         "h": h,
         "l": low,
         "c": c,
-        "v": int(v) if v.is_integer() else v,
+        "v": int(v) if float(v).is_integer() else v,
         "vw": None if math.isnan(vw) else vw,
         "n": n,
         "s": s,
@@ -314,7 +314,7 @@ class Session:
     def _channels(self, request: dict[str, Any], out: Outcome) -> list[Channel | ChannelError]:
         """The channels of ``params`` in order; a malformed one as its error, to answer in turn."""
         params = request.get("params")
-        if not isinstance(params, str) or not params.strip():
+        if not isinstance(params, str):
             out.reject(
                 f"{request['action']}: params must be a comma-separated string of channels "
                 "like 500Ms.TSLA,1000Ms.AAPL"
@@ -329,6 +329,11 @@ class Session:
                 channels.append(parse_channel(text))
             except ChannelError as exc:
                 channels.append(exc)
+        if not channels:
+            out.reject(
+                f"{request['action']}: params must be a comma-separated string of channels "
+                "like 500Ms.TSLA,1000Ms.AAPL"
+            )
         return channels
 
     def _subscribe(self, request: dict[str, Any], catalog: Catalog, out: Outcome) -> None:

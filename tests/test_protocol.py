@@ -115,7 +115,7 @@ def test_right_token_authenticates() -> None:
 
 @pytest.mark.parametrize("params", ['"nope"', "null", "5", '["tok"]'])
 def test_wrong_token_fails_and_closes_with_1008(params: str) -> None:
-    out = session().receive('{"action":"auth","params":%s}' % params, 0.0, catalog())
+    out = session().receive('{"action":"auth","params":' + params + "}", 0.0, catalog())
     assert out.events == [
         {"ev": "status", "status": "auth_failed", "message": "authentication failed"}
     ]

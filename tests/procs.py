@@ -99,12 +99,18 @@ class Proc:
                 raise AssertionError(
                     f"polyfan {' '.join(self.args)} did not stop on SIGINT"
                 ) from None
-        self._reader.join(2)
+        self._close_output()
         return self.popen.returncode
+
+    def _close_output(self) -> None:
+        """Join the reader and close the pipe (an open one is a ResourceWarning, an error here)."""
+        self._reader.join(2)
+        if self.popen.stdout is not None and not self._reader.is_alive():
+            self.popen.stdout.close()
 
     def wait(self, timeout: float = 10.0) -> int:
         status = self.popen.wait(timeout)
-        self._reader.join(2)
+        self._close_output()
         return status
 
     def __enter__(self) -> Proc:
@@ -114,3 +120,4 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
+        self._close_output()

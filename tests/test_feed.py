@@ -186,7 +186,8 @@ def test_trades_are_grouped_per_symbol_in_arrival_order_across_frames() -> None:
     more = [trade(sym="A", t=NOW - 8, q=4), trade(sym="BRK.A", t=NOW - 1, q=5)]
     batch = TradeDecoder().decode([frame(*events), frame(*more)], NOW).trades
     by_topic = {
-        topic: [int(q) for q in records["q"]] for topic, records in zip(batch.topics, batch.records)
+        topic: [int(q) for q in records["q"]]
+        for topic, records in zip(batch.topics, batch.records, strict=True)
     }
     assert by_topic == {b"T.AAPL\x00": [1, 3], b"T.A\x00": [2, 4], b"T.BRK.A\x00": [5]}
     assert (batch.count, batch.max_t) == (5, NOW - 1)
@@ -245,7 +246,7 @@ def test_valid_trades_survive_decode_and_the_wire_round_trip(events: list[dict[s
     batch = TradeDecoder().decode([frame(*events)], NOW).trades
     assert batch.count == len(events)
     received: dict[str, list[tuple[Any, ...]]] = {}
-    for seq, (topic, records) in enumerate(zip(batch.topics, batch.records), start=1):
+    for seq, (topic, records) in enumerate(zip(batch.topics, batch.records, strict=True), start=1):
         message = wire.decode(
             wire.encode(topic, wire.Kind.TRADES, 7, seq, len(records), records.tobytes())
         )

@@ -72,7 +72,7 @@ log = logging.getLogger("polyfan.bridge")
 STATIC = Path(__file__).parent / "static"
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
-DRAIN_MAX = 2000  # ZeroMQ messages handled per pass before clients get their frames
+DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
@@ -334,37 +334,44 @@ class Bridge:
     # -- aggregators ---------------------------------------------------------------------------
 
     async def _read(self, agg: Agg) -> None:
+        """Drain what is waiting (up to DRAIN_MAX_BARS bars), deliver one frame per client,
+        yield so the writers run, repeat."""
         while True:
             await agg.socket.poll()
             batch: Batch = {}
-            for _ in range(DRAIN_MAX):
+            bars = 0
+            while bars < DRAIN_MAX_BARS:
                 try:
                     frame = agg.sync.recv(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
-                self._received(agg, frame, batch)
+                bars += self._received(agg, frame, batch)
             if batch:
                 self._deliver(batch)
+            await asyncio.sleep(0)
 
-    def _received(self, agg: Agg, frame: bytes, batch: Batch) -> None:
+    def _received(self, agg: Agg, frame: bytes, batch: Batch) -> int:
+        """Handle one message; return how many bars it carried."""
         try:
             message = wire.decode(frame)
         except WireError as exc:
             self.counters.wire_errors.inc()
             if self.debug:
                 log.debug("from %s: %s", agg.endpoint, exc)
-            return
+            return 0
         agg.heard_at = time.monotonic()
         kind = message.kind
         if kind is wire.Kind.BARS:
             self._bars_received(agg, message, batch)
-        elif kind is wire.Kind.ANNOUNCE:
+            return message.count
+        if kind is wire.Kind.ANNOUNCE:
             self._announced(agg, message)
         elif kind is wire.Kind.HISTORY or kind is wire.Kind.SYMBOLS:
             self._replied(message)
         elif kind is wire.Kind.UPSTREAM:
             state = int(wire.records(message)["state"][-1]) if message.count else None
             agg.upstream_up = state == wire.UPSTREAM_UP
+        return 0
 
     def _bars_received(self, agg: Agg, message: wire.Message, batch: Batch) -> None:
         parsed = parse_bar_topic(message.topic)
@@ -479,7 +486,7 @@ class Bridge:
             "client %d from %s is too slow: %d bytes unsent (bound %d); closing with 1013",
             client.id,
             _peer(client.ws),
-            client.backlog.bytes,
+            client.backlog.bytes + len(frame),
             self.limits.backlog_bytes,
         )
         self.counters.bars_dropped.inc(client.backlog.clear() + bars)

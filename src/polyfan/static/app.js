@@ -21,7 +21,6 @@ const COLORS = {
   border: "#222a35",
 };
 
-const HISTORY_LIMIT = 600;
 const SCROLL_BACK_MARGIN = 40; // bars left of the first one held before older ones are fetched
 const RATE_WINDOW_MS = 5000;
 const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
@@ -30,6 +29,9 @@ const BACKOFF_MAX_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+
+// Bars per history request (on load and per scroll-back page); ?limit=N overrides it.
+const HISTORY_LIMIT = Math.min(Math.max(Math.trunc(Number(params.get("limit"))) || 600, 10), 5000);
 
 // ---------------------------------------------------------------- pure helpers
 
@@ -105,6 +107,7 @@ const state = {
   olderExhausted: false,
   hovered: null, // the bar under the crosshair, or null for "the last bar"
   liveTimes: [], // receive times of live bars, for bars/s
+  liveSince: null, // when the current subscription went live (performance.now())
   lastDelayMs: null,
   liveBarCount: 0,
   historyLoaded: false, // the current channel's history request has finished
@@ -283,6 +286,7 @@ function renderLegend() {
   for (const el of fields) el.textContent = text[el.dataset.field];
   const legend = $("legend");
   legend.dataset.s = String(b.s);
+  legend.dataset.hovered = String(state.hovered !== null);
   legend.dataset.direction = b.outage ? "outage" : b.c >= b.o ? "up" : "down";
   $("legend-time").textContent = `${formatDate(b.s)} ${formatClock(b.s, state.interval < 1000)}`;
   $("legend-outage").hidden = !b.outage;
@@ -300,7 +304,10 @@ chart.subscribeCrosshairMove((param) => {
 function renderStats() {
   const now = performance.now();
   while (state.liveTimes.length && now - state.liveTimes[0] > RATE_WINDOW_MS) state.liveTimes.shift();
-  $("stat-rate").textContent = (state.liveTimes.length / (RATE_WINDOW_MS / 1000)).toFixed(1);
+  // Over the last 5 s, or since the subscription went live when that is more recent.
+  const span = state.liveSince === null ? RATE_WINDOW_MS : Math.min(RATE_WINDOW_MS, now - state.liveSince);
+  const rate = span >= 1000 ? state.liveTimes.length / (span / 1000) : 0;
+  $("stat-rate").textContent = rate.toFixed(1);
   $("stat-delay").textContent = state.lastDelayMs === null ? "—" : `${state.lastDelayMs} ms`;
 }
 setInterval(renderStats, 500);
@@ -456,6 +463,7 @@ function onStatus(ev) {
       if (ev.message && ev.message.endsWith(channel())) {
         feed.attempt = 0;
         state.everLive = true;
+        state.liveSince ??= performance.now();
         setConnection("live");
         showMessage("");
       }
@@ -501,6 +509,7 @@ function selectChannel(symbol, interval) {
   state.olderExhausted = false;
   state.olderLoading = false;
   state.liveTimes = [];
+  state.liveSince = null;
   state.lastDelayMs = null;
   state.historyLoaded = false;
   redraw();

@@ -1,0 +1,484 @@
+"""The chart page in a real browser (Debian's chromium via Playwright) on a real pipeline.
+
+sim → proxy → agg → bridge run as ``polyfan`` subprocesses from the CLI over ipc, exactly as a
+user would start them. The page is checked against the bridge's own HTTP API: what the chart
+series hold (read back through ``window.polyfan.bars()``) and what the legend shows must equal
+``/api/bars``. Every test fails on a console error or an uncaught page error.
+
+The last test takes docs/screenshot.png (laptop size), the picture on the README's first screen.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    FloatRect,
+    Page,
+    ViewportSize,
+    sync_playwright,
+)
+
+from procs import Proc, free_port
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LAPTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+PRICE_FIELDS = ("o", "h", "l", "c")
+# While the bridge is down, chromium itself logs each refused WebSocket attempt as a console
+# error; only the restart test allows these, and only until the page is live again.
+REFUSED = re.compile(r"WebSocket connection to 'ws://[^']+' failed|ERR_CONNECTION_REFUSED")
+
+# ---------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Pipeline:
+    """sim, proxy and agg over ipc; bridges are started on top with ``start_bridge``."""
+
+    bars_endpoint: str
+    procs: list[Proc] = field(default_factory=list)
+
+    def start_bridge(self, port: int) -> Proc:
+        bridge = Proc("bridge", "--sub", self.bars_endpoint, "--listen", f"127.0.0.1:{port}")
+        bridge.wait_for(r"ready:", timeout=30)
+        return bridge
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    run_dir = tmp_path_factory.mktemp("page")
+    trades = f"ipc://{run_dir / 'trades.sock'}"
+    bars = f"ipc://{run_dir / 'bars.sock'}"
+    sim_port = free_port()
+    procs = [
+        Proc("sim", "--listen", f"127.0.0.1:{sim_port}", "--symbols", "12", "--rate", "1500"),
+    ]
+    try:
+        procs[0].wait_for(r"ready:")
+        procs.append(
+            Proc(
+                "proxy",
+                "--upstream",
+                f"ws://127.0.0.1:{sim_port}",
+                "--pub",
+                trades,
+                env={"MASSIVE_API_KEY": "page-test-key"},
+            )
+        )
+        procs[-1].wait_for(r"ready:")
+        procs.append(Proc("agg", "--sub", trades, "--pub", bars))
+        procs[-1].wait_for(r"ready:", timeout=60)  # numba compiles on a cold cache
+        yield Pipeline(bars_endpoint=bars, procs=procs)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge_url(pipeline: Pipeline) -> Iterator[str]:
+    port = free_port()
+    bridge = pipeline.start_bridge(port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        assert bridge.stop() == 0
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def api_bars(base: str, channel: str, limit: int = 5000) -> list[dict[str, Any]]:
+    bars: list[dict[str, Any]] = get_json(f"{base}/api/bars?channel={channel}&limit={limit}")
+    return bars
+
+
+def poll(condition: Callable[[], object], timeout: float, what: str) -> object:
+    """Call ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the browser
+
+
+@dataclass
+class Console:
+    """Console errors and page errors seen by one page, with the ones a test allows."""
+
+    errors: list[str] = field(default_factory=list)
+    allowed: list[str] = field(default_factory=list)
+    allow: re.Pattern[str] | None = None
+
+    def record(self, text: str) -> None:
+        if self.allow is not None and self.allow.search(text):
+            self.allowed.append(text)
+        else:
+            self.errors.append(text)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: bin/test installs Debian's chromium"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+OpenPage = Callable[..., tuple[Page, Console]]
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[OpenPage]:
+    """Open the page in a fresh context (UTC clock); fail the test on any console error."""
+    contexts: list[BrowserContext] = []
+    consoles: list[Console] = []
+
+    def open_(url: str, viewport: ViewportSize = LAPTOP, **options: Any) -> tuple[Page, Console]:
+        context = browser.new_context(viewport=viewport, timezone_id="UTC", **options)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        console = Console()
+        consoles.append(console)
+
+        def on_console(message: ConsoleMessage) -> None:
+            if message.type == "error":
+                console.record(f"{message.text} ({message.location.get('url')})")
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: console.errors.append(f"page error: {error}"))
+        page.goto(url)
+        return page, console
+
+    yield open_
+    for context in contexts:
+        context.close()
+    for console in consoles:
+        assert console.errors == [], "console errors on the page"
+
+
+def page_bars(page: Page) -> list[dict[str, Any]]:
+    bars: list[dict[str, Any]] = page.evaluate("window.polyfan.bars()")
+    return bars
+
+
+def wait_for_candles(page: Page, count: int = 1, timeout: float = 5.0) -> None:
+    page.wait_for_function(
+        f"window.polyfan && window.polyfan.bars().length >= {count}", timeout=timeout * 1000
+    )
+
+
+def wait_until_live(page: Page, timeout: float = 10.0) -> None:
+    page.wait_for_function(
+        "window.polyfan && window.polyfan.connection() === 'live'", timeout=timeout * 1000
+    )
+
+
+def assert_chart_matches_api(page: Page, base: str, *, min_bars: int = 1) -> list[dict[str, Any]]:
+    """The chart holds exactly the API's bars over their common range, with no hole.
+
+    Returns the API bars of that range.
+    """
+    shown = page_bars(page)
+    channel = page.evaluate("window.polyfan.channel()")
+    interval = int(channel.split("Ms.")[0])
+    stored = api_bars(base, channel)
+    assert shown, f"the chart holds no bar of {channel}"
+    assert stored, f"/api/bars has no bar of {channel}"
+    # Bars close once; the page and the API may each be a bar ahead of the other at the end.
+    low = max(shown[0]["s"], stored[0]["s"])
+    high = min(shown[-1]["s"], stored[-1]["s"])
+    expected = [
+        {
+            "s": b["s"],
+            **{k: b[k] for k in PRICE_FIELDS},
+            "v": b["v"],
+            "outage": bool(b.get("outage", False)),
+        }
+        for b in stored
+        if low <= b["s"] <= high
+    ]
+    held = [b for b in shown if low <= b["s"] <= high]
+    assert len(expected) >= min_bars, f"only {len(expected)} bars in common"
+    assert held == expected
+    assert all(b["s"] % interval == 0 for b in shown)
+    assert [b["s"] for b in shown] == sorted({b["s"] for b in shown}), "repeated or unsorted"
+    return expected
+
+
+def legend(page: Page) -> dict[str, str]:
+    """The legend's fields, read in one go (a live bar may move the crosshair at any time)."""
+    fields: dict[str, str] = page.evaluate(
+        """() => {
+            const legend = document.getElementById('legend');
+            const fields = Object.fromEntries([...legend.querySelectorAll('[data-field]')]
+                .map((el) => [el.dataset.field, el.textContent]));
+            return {...fields, s: legend.dataset.s, hovered: legend.dataset.hovered,
+                    time: document.getElementById('legend-time').textContent};
+        }"""
+    )
+    return fields
+
+
+def box_of(page: Page, selector: str) -> FloatRect:
+    box = page.locator(selector).bounding_box()
+    assert box is not None, f"{selector} is not visible"
+    return box
+
+
+def clock_text(ms: int, interval: int) -> str:
+    """What the legend shows for a bar start in UTC: date and HH:MM:SS(.mmm below 1 s)."""
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    text = moment.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{ms % 1000:03d}" if interval < 1000 else text
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_page_draws_live_candles_within_5_seconds(open_page: OpenPage, bridge_url: str) -> None:
+    started = time.monotonic()
+    page, _ = open_page(f"{bridge_url}/")
+    wait_for_candles(page, timeout=5.0)
+    wait_until_live(page, timeout=5.0 - (time.monotonic() - started))
+    # The candles are drawn: the chart's canvases have pixels of the up or down colour.
+    drawn = page.evaluate(
+        """() => [...document.querySelectorAll('#chart canvas')].some((canvas) => {
+            const ctx = canvas.getContext('2d');
+            if (!ctx || !canvas.width || !canvas.height) return false;
+            const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+            for (let i = 0; i < data.length; i += 4) {
+                const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
+                if ((r === 38 && g === 166 && b === 154) || (r === 239 && g === 83 && b === 80)) return true;
+            }
+            return false;
+        })"""
+    )
+    assert drawn, "no candle pixels on the chart's canvases"
+    held = len(page_bars(page))
+    page.wait_for_function(f"window.polyfan.bars().length > {held}", timeout=5000)
+
+
+def test_page_defaults_to_the_most_active_symbol_and_suggests_the_others(
+    open_page: OpenPage, bridge_url: str
+) -> None:
+    page, _ = open_page(f"{bridge_url}/")
+    wait_for_candles(page)
+    symbols = get_json(f"{bridge_url}/api/symbols")
+    info = get_json(f"{bridge_url}/api/info")
+    suggested = page.eval_on_selector_all(
+        "#symbol-list option", "(os) => os.map((o) => [o.value, o.label])"
+    )
+    assert {sym for sym, _ in suggested} == {s["sym"] for s in symbols}
+    counts = [int(label.split()[0].replace(",", "")) for _, label in suggested]
+    assert counts == sorted(counts, reverse=True), "suggestions are not most active first"
+    channel = page.evaluate("window.polyfan.channel()")
+    assert channel.split("Ms.")[1] in [s["sym"] for s in symbols[:3]]
+    assert page.input_value("#symbol") == channel.split("Ms.")[1]
+    buttons = page.eval_on_selector_all(
+        "#intervals button", "(bs) => bs.map((b) => Number(b.dataset.interval))"
+    )
+    assert buttons == sorted(info["intervals"])
+    checked = page.get_attribute("#intervals button[aria-checked='true']", "data-interval")
+    assert checked == channel.split("Ms.")[0]
+
+
+def test_chart_holds_exactly_the_bars_of_api_bars(open_page: OpenPage, bridge_url: str) -> None:
+    page, _ = open_page(f"{bridge_url}/?interval=250")
+    wait_until_live(page)
+    wait_for_candles(page, count=6, timeout=10)
+    assert_chart_matches_api(page, bridge_url, min_bars=5)
+    # And it keeps matching as live bars arrive over the WebSocket.
+    live_before = page.evaluate("window.polyfan.stats().liveBars")
+    page.wait_for_function(f"window.polyfan.stats().liveBars >= {live_before + 4}", timeout=5000)
+    assert_chart_matches_api(page, bridge_url, min_bars=9)
+
+
+def test_legend_shows_the_bar_under_the_crosshair(open_page: OpenPage, bridge_url: str) -> None:
+    page, _ = open_page(f"{bridge_url}/?interval=250")
+    wait_until_live(page)
+    wait_for_candles(page, count=8, timeout=10)
+    channel = page.evaluate("window.polyfan.channel()")
+    target = page_bars(page)[-6]["s"]
+    point = page.evaluate(f"window.polyfan.pointOf({target})")
+    assert point is not None
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_function("document.getElementById('legend').dataset.hovered === 'true'")
+    shown = legend(page)
+    # New bars shift the chart under a still mouse: the crosshair may have moved on by a bar.
+    hovered = int(shown["s"])
+    assert abs(hovered - target) <= 2 * 250
+    bar = {b["s"]: b for b in api_bars(bridge_url, channel)}[hovered]
+    assert hovered != page_bars(page)[-1]["s"], "the legend shows the last bar, not the hovered"
+    for name in PRICE_FIELDS:
+        assert float(shown[name]) == bar[name], name
+    assert float(shown["v"].replace(",", "")) == bar["v"]
+    assert int(shown["n"]) == bar["n"]
+    assert shown["time"] == clock_text(hovered, 250)
+    # Off the chart, the legend follows the last bar again.
+    page.mouse.move(2, 2)
+    page.wait_for_function("document.getElementById('legend').dataset.hovered === 'false'")
+    page.wait_for_function(
+        "document.getElementById('legend').dataset.s === String(window.polyfan.bars().at(-1).s)",
+        timeout=2000,
+    )
+
+
+def test_switching_symbol_and_interval_shows_the_new_channel(
+    open_page: OpenPage, bridge_url: str
+) -> None:
+    page, _ = open_page(f"{bridge_url}/")
+    wait_until_live(page)
+    wait_for_candles(page)
+    first = page.evaluate("window.polyfan.channel()")
+    symbols = [s["sym"] for s in get_json(f"{bridge_url}/api/symbols")]
+    other = next(s for s in symbols if s != first.split("Ms.")[1])
+
+    page.fill("#symbol", other.lower())  # typed in lower case: the page upper-cases it
+    page.press("#symbol", "Enter")
+    page.wait_for_function(f"window.polyfan.channel().endsWith('Ms.{other}')")
+    wait_until_live(page)
+    wait_for_candles(page)
+    assert page.inner_text("#legend-sym") == other
+    assert_chart_matches_api(page, bridge_url)
+
+    page.click("#intervals button[data-interval='1000']")
+    page.wait_for_function(f"window.polyfan.channel() === '1000Ms.{other}'")
+    wait_until_live(page)
+    wait_for_candles(page)
+    assert page.get_attribute("#intervals button[aria-checked='true']", "data-interval") == "1000"
+    bars = assert_chart_matches_api(page, bridge_url)
+    assert all(b["s"] % 1000 == 0 for b in bars)
+    assert f"sym={other}" in page.url and "interval=1000" in page.url
+
+    # Live bars of the new channel keep arriving, and none of the old channel's.
+    live_before = page.evaluate("window.polyfan.stats().liveBars")
+    page.wait_for_function(f"window.polyfan.stats().liveBars > {live_before}", timeout=5000)
+    assert_chart_matches_api(page, bridge_url)
+
+
+def test_scrolling_back_loads_older_bars(open_page: OpenPage, bridge_url: str) -> None:
+    symbol = get_json(f"{bridge_url}/api/symbols")[0]["sym"]
+    poll(
+        lambda: len(api_bars(bridge_url, f"100Ms.{symbol}")) >= 60,
+        timeout=30,
+        what="60 bars of history",
+    )
+    # Small history pages (?limit=20) so that a few seconds of bars make several pages.
+    page, _ = open_page(f"{bridge_url}/?sym={symbol}&interval=100&limit=20")
+    wait_until_live(page)
+    wait_for_candles(page, count=20)
+    first = page_bars(page)[0]["s"]
+    box = box_of(page, "#chart")
+    y = box["y"] + box["height"] * 0.4
+    for _ in range(4):  # drag the chart to the right: older bars come into view
+        page.mouse.move(box["x"] + box["width"] * 0.2, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.9, y, steps=8)
+        page.mouse.up()
+    page.wait_for_function(f"window.polyfan.bars()[0].s < {first}", timeout=5000)
+    assert_chart_matches_api(page, bridge_url, min_bars=40)
+
+
+def test_chart_reconnects_after_a_bridge_restart_and_fills_the_gap(
+    open_page: OpenPage, pipeline: Pipeline
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    bridge = pipeline.start_bridge(port)
+    try:
+        page, console = open_page(f"{base}/?interval=250")
+        wait_until_live(page)
+        wait_for_candles(page, count=4, timeout=10)
+        last_before = page_bars(page)[-1]["s"]
+
+        console.allow = REFUSED
+        assert bridge.stop() == 0
+        page.wait_for_function("window.polyfan.connection() === 'reconnecting'", timeout=5000)
+        # Let the market move on for at least 8 bars of 250 ms while no bridge is serving.
+        poll(
+            lambda: time.time() * 1000 > last_before + 10 * 250,
+            timeout=10,
+            what="the outage to span 8 bars",
+        )
+        bridge = pipeline.start_bridge(port)
+        wait_until_live(page, timeout=15)
+        console.allow = None
+        page.wait_for_function(
+            f"window.polyfan.bars().at(-1).s > {last_before + 10 * 250}", timeout=5000
+        )
+        stored = assert_chart_matches_api(page, base, min_bars=12)
+        gap = [b["s"] for b in stored if last_before < b["s"] <= last_before + 10 * 250]
+        assert gap, "no bar was published while the bridge was down"
+        assert console.allowed, "the outage was not seen by the browser"
+    finally:
+        bridge.stop()
+
+
+def test_page_fits_a_phone_screen(open_page: OpenPage, bridge_url: str) -> None:
+    page, _ = open_page(f"{bridge_url}/", viewport=PHONE, is_mobile=True, has_touch=True)
+    wait_until_live(page)
+    wait_for_candles(page)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], "the page scrolls sideways"
+    chart = box_of(page, "#chart")
+    assert chart["height"] >= PHONE["height"] * 0.5
+    for selector in ("#symbol", "#conn", "#intervals button:last-child", "#stats"):
+        box = box_of(page, selector)
+        assert box["x"] >= 0, selector
+        assert box["x"] + box["width"] <= PHONE["width"] and box["y"] >= 0, selector
+        assert box["y"] + box["height"] <= PHONE["height"], selector
+    page.tap("#intervals button[data-interval='100']")
+    page.wait_for_function("window.polyfan.channel().startsWith('100Ms.')")
+    wait_for_candles(page)
+    assert_chart_matches_api(page, bridge_url)
+
+
+def test_screenshot_of_the_page_for_the_readme(open_page: OpenPage, bridge_url: str) -> None:
+    page, _ = open_page(f"{bridge_url}/?interval=250")
+    wait_until_live(page)
+    wait_for_candles(page, count=40, timeout=15)
+    bars = page_bars(page)
+    point = page.evaluate(f"window.polyfan.pointOf({bars[-12]['s']})")
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_function("document.getElementById('legend').dataset.hovered === 'true'")
+    page.wait_for_function("Number(document.getElementById('stat-rate').textContent) > 0")
+    path = ROOT / "docs" / "screenshot.png"
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000

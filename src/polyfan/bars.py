@@ -11,7 +11,8 @@ Semantics are CONTRACT.md section 3. Choices the contract leaves open:
 - A late trade is counted once per interval it is late for (a trade late for the 100 ms and
   250 ms bars but on time for the 1 min bar counts 2). Trades that qualify for nothing (e.g.
   code 15 alone) are never applied and never counted late.
-- ``unknown_conditions`` counts trades that carry at least one unknown code, once per trade.
+- ``unknown_conditions`` counts trades that carry at least one unknown code, once per trade
+  (whether or not another code stops the trade from qualifying for anything).
 - An outage window is ``[clock at UPSTREAM down, wall time at UPSTREAM up]``; a bar whose
   ``[s, e)`` overlaps it (``s <= hi and e > lo``) gets ``BAR_FLAG_OUTAGE``. While the upstream is
   down the window is open-ended.

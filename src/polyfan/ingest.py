@@ -92,6 +92,10 @@ class FrameDecoder:
             self._add_topic(wire.trade_topic(symbol)[:-1], sid)
         return sid
 
+    def known_symbol_id(self, symbol: str) -> int | None:
+        """The id of ``symbol`` if a trade topic of it has been registered, else None."""
+        return self._symbol_ids.get(symbol)
+
     def move_clock(self, clock: int, wall: int) -> None:
         """Move the feed clock forward (never back), as a CLOCK record would."""
         if not self.state[kernels.D_HAS_CLOCK] or clock >= self.state[kernels.D_CLOCK]:

@@ -127,6 +127,8 @@ def apply_trades(
     for i in range(i0, n):
         flags = trade_flags(nc[i], codes, i, rules)
         if flags & (HL | OC | VOL) == 0:
+            if flags & UNKNOWN:
+                counters[C_UNKNOWN] += 1
             continue
         ti = t[i]
         pi = p[i]

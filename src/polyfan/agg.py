@@ -1,0 +1,181 @@
+"""``polyfan agg``: the shell that moves bytes between ZeroMQ and :class:`Aggregator`.
+
+A synchronous poll loop over two sockets:
+
+- a SUB connected to every ``--sub`` (the proxy), subscribed to ``T.<SYM>\\0`` per listed symbol
+  (or ``T.`` for ``*``) and the control topic. Everything waiting is drained (up to
+  ``BATCH_FRAMES``) and handed to the core in one call.
+- an XPUB bound on ``--pub`` (XPUB_VERBOSE), on which bars, the relayed control messages and the
+  announce go out, and subscriptions and history requests come in.
+
+The poll timeout is short so SIGINT/SIGTERM stop the loop within 2 s; both exit with status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import numpy as np
+import zmq
+
+from polyfan import wire
+from polyfan.aggregator import Aggregator
+from polyfan.bars import Bars
+from polyfan.config import AggConfig, format_duration_ms
+from polyfan.errors import ConfigError
+from polyfan.ingest import FrameDecoder
+from polyfan.metrics import MetricsServer, Registry
+
+log = logging.getLogger("polyfan.agg")
+
+BATCH_FRAMES = 4096  # frames drained into one batch at most
+RCVHWM = 2_000_000  # messages queued from the proxy before ZeroMQ drops (counted as gaps)
+SNDHWM = 1_000_000  # messages queued per subscriber before ZeroMQ drops (seen as gaps there)
+POLL_MS = 50
+ANNOUNCE_EVERY_S = 1.0
+THROUGHPUT_EVERY_S = 10.0
+TRIM_EVERY_S = 0.1
+
+
+def warm_up(config: AggConfig) -> None:
+    """Run every kernel once on a tiny batch, so the first real batch does not compile."""
+    trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    trade["p"], trade["s"] = 1.0, 1.0
+    clock = np.array([(10**9, 0)], dtype=wire.CLOCK_DTYPE)
+    frames = [
+        wire.encode(wire.trade_topic("WARM"), wire.Kind.TRADES, 1, 1, 1, trade.tobytes()),
+        wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, 1, 1, clock.tobytes()),
+    ]
+    decoder = FrameDecoder()
+    batch = decoder.decode(frames)
+    rules = np.zeros(256, dtype=np.uint8)
+    bars = Bars(config.intervals_ms, config.grace_ms, rules, pool_size=1)
+    bars.add_trades(batch.trades, batch.symbols, batch.clocks)
+    bars.closed_bars(10**9)
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def run(config: AggConfig) -> int:
+    registry = Registry()
+    core = Aggregator(config, registry)
+    warm_up(config)
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    pub = context.socket(zmq.XPUB)
+    metrics: MetricsServer | None = None
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, RCVHWM)
+        sub.setsockopt(zmq.RCVBUF, 8 << 20)
+        sub.setsockopt(zmq.SUBSCRIBE, wire.CONTROL_TOPIC)
+        if config.symbols is None:
+            sub.setsockopt(zmq.SUBSCRIBE, b"T.")
+        else:
+            for symbol in config.symbols:
+                sub.setsockopt(zmq.SUBSCRIBE, wire.trade_topic(symbol))
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, SNDHWM)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        try:
+            pub.bind(config.pub)
+            for endpoint in config.sub:
+                sub.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"agg: cannot use {exc}") from exc
+        metrics_note = ""
+        if config.metrics is not None:
+            metrics = MetricsServer(registry, *config.metrics)
+            metrics.start()
+            metrics_note = f", metrics http://{config.metrics[0]}:{metrics.port}/metrics"
+        log.info(
+            "ready: agg session %016x, sub %s, pub %s, intervals %s, grace %s, symbols %s%s",
+            core.session,
+            ",".join(config.sub),
+            config.pub,
+            " ".join(format_duration_ms(i) for i in config.intervals_ms),
+            format_duration_ms(config.grace_ms),
+            "*" if config.symbols is None else ",".join(config.symbols),
+            metrics_note,
+        )
+        _loop(core, sub, pub, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if metrics is not None:
+            metrics.close()
+        sub.close(0)
+        pub.close(0)
+        context.term()
+    log.info("stopped")
+    return 0
+
+
+def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop: _Stop) -> None:
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    poller.register(pub, zmq.POLLIN)
+    recv_sub = sub.recv
+    send = pub.send
+    noblock = zmq.NOBLOCK
+    again = zmq.Again
+    now = time.monotonic()
+    next_announce = now
+    next_trim = now + TRIM_EVERY_S
+    next_report = now + THROUGHPUT_EVERY_S
+    trades_at_report = 0.0
+    bars_at_report = 0.0
+    while not stop.requested:
+        events = dict(poller.poll(POLL_MS))
+        if sub in events:
+            frames: list[bytes] = []
+            append = frames.append
+            for _ in range(BATCH_FRAMES):
+                try:
+                    append(recv_sub(noblock))
+                except again:
+                    break
+            for message in core.frames_received(frames):
+                send(message)
+        if pub in events:
+            for _ in range(1000):
+                try:
+                    frame = pub.recv(noblock)
+                except again:
+                    break
+                reply = core.upstream_received(frame)
+                if reply is not None:
+                    send(reply)
+        now = time.monotonic()
+        if now >= next_announce:
+            send(core.announce())
+            next_announce = now + ANNOUNCE_EVERY_S
+        if now >= next_trim:
+            core.tick()
+            next_trim = now + TRIM_EVERY_S
+        if now >= next_report:
+            elapsed = THROUGHPUT_EVERY_S + (now - next_report)
+            trades = core.trades_total.value
+            bars = core.bars_total.value
+            log.info(
+                "%.0f trades/s, %.0f bars/s, %d open bars, %d symbols, %d late, %d gaps",
+                (trades - trades_at_report) / elapsed,
+                (bars - bars_at_report) / elapsed,
+                core.bars.open_bars,
+                len(core.decoder.symbol_names),
+                core.late_total.value,
+                core.gaps_total.value,
+            )
+            trades_at_report, bars_at_report = trades, bars
+            next_report = now + THROUGHPUT_EVERY_S

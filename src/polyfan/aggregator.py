@@ -1,0 +1,297 @@
+"""The agg's core: received frames in, messages to publish out; requests in, replies out.
+
+No sockets here: :mod:`polyfan.agg` moves bytes between ZeroMQ and this class. One call per
+received batch (``frames_received``) decodes every frame with one kernel call, applies every
+trade to every interval with one more, closes the bars the feed clock has passed, stores them in
+the history and returns the messages to publish: the bars (one message per topic, oldest first),
+then the relayed UPSTREAM and CLOCK control messages under this agg's own session and sequence
+numbers. ``upstream_received`` answers what arrives on the XPUB: subscriptions (an announce when
+someone subscribes to the control topic) and history / symbols requests (docs/architecture.md,
+"Requests to an agg, exactly").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from polyfan import conditions, wire
+from polyfan.bars import Bars
+from polyfan.config import SYMBOL_RE, AggConfig
+from polyfan.errors import WireError
+from polyfan.history import History
+from polyfan.ingest import FrameDecoder
+from polyfan.metrics import Registry
+
+log = logging.getLogger("polyfan.agg")
+
+_CHANNEL_RE = re.compile(r"(\d+)Ms\.(.+)")
+_REPLY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_U64_MAX = 2**64 - 1
+SUBSCRIBE = 1
+UNSUBSCRIBE = 0
+
+
+def _optional_int(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+class Aggregator:
+    """Bars for every symbol and interval of one agg, with their history and announce."""
+
+    def __init__(
+        self,
+        config: AggConfig,
+        registry: Registry | None = None,
+        *,
+        session: int | None = None,
+        jit: bool = True,
+    ) -> None:
+        self.config = config
+        self.session = session if session is not None else int.from_bytes(os.urandom(8), "little")
+        self.intervals = tuple(config.intervals_ms)
+        self.decoder = FrameDecoder(config.symbols, jit=jit)
+        self.bars = Bars(
+            self.intervals,
+            config.grace_ms,
+            conditions.load_rules(config.conditions, config.conditions_file),
+            jit=jit,
+        )
+        self.history = History(config.history_ms)
+        self.sequencer = wire.Sequencer(self.session)
+        self._topics: dict[int, bytes] = {}
+        self._relayed_clock: tuple[int, int] | None = None
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        registry = registry or Registry()
+        self.registry = registry
+        self.trades_total = registry.counter(
+            "polyfan_agg_trades_total", "Trades received from the proxy."
+        )
+        self.late_total = registry.counter(
+            "polyfan_agg_late_trades_total",
+            "Trades whose bar had already closed, once per interval they were late for.",
+        )
+        self.gaps_total = registry.counter(
+            "polyfan_agg_gaps_total", "Messages lost between proxy and agg (sequence gaps)."
+        )
+        self.bars_total = registry.counter("polyfan_agg_bars_total", "Bars published.")
+        self.unknown_total = registry.counter(
+            "polyfan_agg_unknown_conditions_total",
+            "Trades carrying a condition code not in the table.",
+        )
+        self.bad_total = registry.counter(
+            "polyfan_agg_bad_messages_total", "Received messages that did not decode."
+        )
+        self.requests_total = registry.counter(
+            "polyfan_agg_requests_total", "History and symbols requests answered."
+        )
+        self.bad_requests_total = registry.counter(
+            "polyfan_agg_bad_requests_total", "Requests that were malformed or not served."
+        )
+        self.open_bars_gauge = registry.gauge("polyfan_agg_open_bars", "Bars open now.")
+        self.symbols_gauge = registry.gauge("polyfan_agg_symbols", "Symbols seen.")
+        self.history_gauge = registry.gauge("polyfan_agg_history_series", "Series with history.")
+        registry.on_collect(self._collect)
+
+    def _collect(self) -> None:
+        self.open_bars_gauge.value = self.bars.open_bars
+        self.symbols_gauge.value = len(self.decoder.symbol_names)
+        self.history_gauge.value = len(self.history)
+
+    # --- trades in, bars out ------------------------------------------------------------
+
+    def frames_received(self, frames: Sequence[bytes]) -> list[bytes]:
+        """Handle one batch of frames from the proxy; return the messages to publish."""
+        decoder = self.decoder
+        bad_before = decoder.bad_messages
+        gaps_before = decoder.gaps
+        batch = decoder.decode(frames)
+        self.trades_total.value += len(batch.trades)
+        late_before = self.bars.late_trades
+        self.bars.add_trades(batch.trades, batch.symbols, batch.clocks)
+        self._count(bad_before, gaps_before, late_before)
+        relayed = [self._upstream_frame(frame) for frame in batch.specials]
+        messages = self.bars_closed()
+        messages.extend(m for m in relayed if m is not None)
+        clock = decoder.clock
+        if clock is not None and self._relayed_clock != (clock, decoder.clock_wall):
+            self._relayed_clock = (clock, decoder.clock_wall)
+            record = np.array([self._relayed_clock], dtype=wire.CLOCK_DTYPE)
+            messages.append(self._encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, record.tobytes()))
+        return messages
+
+    def _count(self, bad_before: int, gaps_before: int, late_before: int) -> None:
+        decoder = self.decoder
+        self.unknown_total.value = self.bars.unknown_conditions
+        if decoder.bad_messages != bad_before:
+            self.bad_total.value = decoder.bad_messages
+            log.warning("%d messages did not decode", decoder.bad_messages - bad_before)
+        if decoder.gaps != gaps_before:
+            self.gaps_total.value = decoder.gaps
+            log.warning("%d messages from the proxy lost in transit", decoder.gaps - gaps_before)
+        if self.bars.late_trades != late_before:
+            self.late_total.value = self.bars.late_trades
+            if self.debug:
+                log.debug("%d late trades not applied", self.bars.late_trades - late_before)
+
+    def _upstream_frame(self, frame: bytes) -> bytes | None:
+        """An UPSTREAM down/up from the proxy: mark the outage, relay it."""
+        try:
+            message = wire.decode(frame)
+        except WireError:
+            return None
+        if message.kind is not wire.Kind.UPSTREAM:
+            return None
+        for state, clock, wall in wire.records(message).tolist():
+            if state == wire.UPSTREAM_DOWN:
+                log.warning("proxy reports the upstream down at feed clock %d", clock)
+                self.bars.upstream_down(clock)
+            else:
+                log.info("proxy reports the upstream up again")
+                self.bars.upstream_up(wall)
+        return self._encode(
+            wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, message.count, bytes(message.payload)
+        )
+
+    def bars_closed(self) -> list[bytes]:
+        """Close what the feed clock has passed; one BARS message per topic, oldest first."""
+        clock = self.decoder.clock
+        if clock is None:
+            return []
+        series, bars = self.bars.closed_bars(clock)
+        if len(series) == 0:
+            return []
+        self.bars_total.value += len(series)
+        starts = np.flatnonzero(np.diff(series)) + 1
+        messages = []
+        for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(series)], strict=True):
+            key = int(series[lo])
+            chunk = bars[lo:hi]
+            self.history.add(key, chunk)
+            messages.append(
+                self._encode(self._topic(key), wire.Kind.BARS, hi - lo, chunk.tobytes())
+            )
+        return messages
+
+    def _topic(self, series: int) -> bytes:
+        topic = self._topics.get(series)
+        if topic is None:
+            symbol, k = divmod(series, len(self.intervals))
+            topic = wire.bar_topic(self.intervals[k], self.decoder.symbol_names[symbol])
+            self._topics[series] = topic
+        return topic
+
+    def _encode(self, topic: bytes, kind: wire.Kind, count: int, payload: bytes) -> bytes:
+        return wire.encode(topic, kind, self.session, self.sequencer.next(topic), count, payload)
+
+    def tick(self) -> None:
+        """Housekeeping between batches: trim the history against the feed clock."""
+        clock = self.decoder.clock
+        if clock is not None:
+            self.history.trim(clock)
+
+    # --- the XPUB side: subscriptions and requests --------------------------------------
+
+    def announce(self) -> bytes:
+        symbols = self.config.symbols
+        value = {
+            "session": self.session,
+            "intervals": list(self.intervals),
+            "symbols": None if symbols is None else list(symbols),
+            "grace": self.config.grace_ms,
+            "history": self.config.history_ms,
+        }
+        return wire.encode_json(
+            wire.CONTROL_TOPIC,
+            wire.Kind.ANNOUNCE,
+            self.session,
+            self.sequencer.next(wire.CONTROL_TOPIC),
+            value,
+        )
+
+    def upstream_received(self, frame: bytes) -> bytes | None:
+        """A frame from the XPUB: a (un)subscription or a request; return what to publish."""
+        if not frame:
+            return None
+        if frame[0] == SUBSCRIBE:
+            return self.announce() if wire.CONTROL_TOPIC.startswith(frame[1:]) else None
+        if frame[0] == UNSUBSCRIBE:
+            return None
+        try:
+            request = wire.decode_request(frame)
+        except WireError as exc:
+            self.bad_requests_total.value += 1
+            log.warning("bad request: %s", exc)
+            return None
+        return self.request_received(request)
+
+    def request_received(self, request: dict[str, Any]) -> bytes | None:
+        reply = request.get("reply")
+        if not isinstance(reply, str) or _REPLY_RE.fullmatch(reply) is None:
+            self.bad_requests_total.value += 1
+            log.warning("request without a usable reply id: %.200r", request)
+            return None
+        topic = wire.reply_topic(reply)
+        request_id = request.get("id")
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            request_id = -1
+        op = request.get("op", "bars")
+        if not 0 <= request_id <= _U64_MAX or op not in ("bars", "symbols"):
+            return self._history_reply(topic, 0, wire.HistoryStatus.BAD_REQUEST)
+        if op == "symbols":
+            self.requests_total.value += 1
+            counts = self.decoder.symbol_trades
+            names = self.decoder.symbol_names
+            order = np.argsort(-counts[: len(names)], kind="stable")
+            symbols = [[names[i], int(counts[i])] for i in order.tolist() if counts[i] > 0]
+            return wire.encode_json(
+                topic,
+                wire.Kind.SYMBOLS,
+                self.session,
+                self.sequencer.next(topic),
+                {"id": request_id, "symbols": symbols},
+            )
+        return self._bars_reply(topic, request_id, request)
+
+    def _bars_reply(self, topic: bytes, request_id: int, request: dict[str, Any]) -> bytes:
+        channel = request.get("channel")
+        match = _CHANNEL_RE.fullmatch(channel) if isinstance(channel, str) else None
+        since, before, limit = (request.get(k) for k in ("since", "before", "limit"))
+        if (
+            match is None
+            or SYMBOL_RE.fullmatch(match.group(2)) is None
+            or not (_optional_int(since) and _optional_int(before) and _optional_int(limit))
+            or (limit is not None and limit < 0)
+        ):
+            return self._history_reply(topic, request_id, wire.HistoryStatus.BAD_REQUEST)
+        interval, symbol = int(match.group(1)), match.group(2)
+        if interval not in self.intervals:
+            return self._history_reply(topic, request_id, wire.HistoryStatus.INTERVAL_NOT_SERVED)
+        if self.config.symbols is not None and symbol not in self.config.symbols:
+            return self._history_reply(topic, request_id, wire.HistoryStatus.SYMBOL_NOT_SERVED)
+        self.requests_total.value += 1
+        symbol_id = self.decoder.known_symbol_id(symbol)
+        if symbol_id is None:
+            bars = np.zeros(0, dtype=wire.BAR_DTYPE)
+        else:
+            series = symbol_id * len(self.intervals) + self.intervals.index(interval)
+            bars = self.history.select(series, since, before, limit)
+        return wire.encode_history(
+            topic, self.session, self.sequencer.next(topic), request_id, wire.HistoryStatus.OK, bars
+        )
+
+    def _history_reply(self, topic: bytes, request_id: int, status: wire.HistoryStatus) -> bytes:
+        self.bad_requests_total.value += 1
+        return wire.encode_history(
+            topic,
+            self.session,
+            self.sequencer.next(topic),
+            request_id,
+            status,
+            np.zeros(0, dtype=wire.BAR_DTYPE),
+        )

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from polyfan.config import SimConfig
+from polyfan.sim import SimServer, read_record
+
+TIMEOUT = 5.0
+
+
+async def server(config: SimConfig) -> SimServer:
+    sim = SimServer(config)
+    await sim.start()
+    return sim
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    sim = await server(SimConfig(listen=("127.0.0.1", 0), symbols=8, rate=4000, seed=1))
+    yield sim
+    await sim.close()
+
+
+async def receive(ws: ClientConnection) -> list[dict[str, Any]]:
+    frame = await asyncio.wait_for(ws.recv(), TIMEOUT)
+    value = orjson.loads(frame)
+    assert isinstance(value, list)
+    return value
+
+
+async def statuses(ws: ClientConnection, count: int) -> list[tuple[str, str]]:
+    seen = []
+    while len(seen) < count:
+        seen += [(e["status"], e["message"]) for e in await receive(ws) if e["ev"] == "status"]
+    return seen
+
+
+async def login(ws: ClientConnection, key: str = "any key") -> None:
+    assert await statuses(ws, 1) == [("connected", "Connected Successfully")]
+    await ws.send(orjson.dumps({"action": "auth", "params": key}).decode())
+    assert await statuses(ws, 1) == [("auth_success", "authenticated")]
+
+
+async def trades(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    while len(seen) < count:
+        seen += [e for e in await receive(ws) if e["ev"] == "T"]
+    return seen
+
+
+async def test_protocol_flow_with_one_success_per_channel_and_only_those_symbols(
+    sim: SimServer,
+) -> None:
+    async with connect(sim.url) as ws:
+        await login(ws)
+        await ws.send('{"action":"subscribe","params":"T.A,T.AAPL, T.BRK.A"}')
+        assert await statuses(ws, 3) == [
+            ("success", "subscribed to: T.A"),
+            ("success", "subscribed to: T.AAPL"),
+            ("success", "subscribed to: T.BRK.A"),
+        ]
+        received = await trades(ws, 200)
+        assert {t["sym"] for t in received} <= {"A", "AAPL", "BRK.A"}
+        assert {t["sym"] for t in received} == {"A", "AAPL", "BRK.A"}
+
+
+async def test_star_subscribes_every_symbol_and_unsubscribe_stops_one(sim: SimServer) -> None:
+    async with connect(sim.url) as ws:
+        await login(ws)
+        await ws.send('{"action":"subscribe","params":"T.*"}')
+        assert await statuses(ws, 1) == [("success", "subscribed to: T.*")]
+        assert {t["sym"] for t in await trades(ws, 2000)} == set(sim.market.symbols)
+        await ws.send('{"action":"unsubscribe","params":"T.*"}')
+        await ws.send('{"action":"subscribe","params":"T.AA"}')
+        seen: list[tuple[str, str]] = []
+        while ("success", "subscribed to: T.AA") not in seen:
+            seen += [(e["status"], e["message"]) for e in await receive(ws) if e["ev"] == "status"]
+        assert ("success", "unsubscribed to: T.*") in seen
+        assert {t["sym"] for t in await trades(ws, 20)} == {"AA"}
+
+
+async def test_a_wrong_key_gets_auth_failed_then_the_connection_closes() -> None:
+    sim = await server(SimConfig(listen=("127.0.0.1", 0), api_key="right"))
+    try:
+        async with connect(sim.url) as ws:
+            assert await statuses(ws, 1) == [("connected", "Connected Successfully")]
+            await ws.send('{"action":"auth","params":"wrong"}')
+            assert await statuses(ws, 1) == [("auth_failed", "authentication failed")]
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+            assert ws.close_code == 1008
+        async with connect(sim.url) as ws:
+            await login(ws, "right")
+    finally:
+        await sim.close()
+
+
+async def test_anything_before_auth_gets_auth_required_and_garbage_an_error(
+    sim: SimServer,
+) -> None:
+    async with connect(sim.url) as ws:
+        await statuses(ws, 1)
+        await ws.send('{"action":"subscribe","params":"T.*"}')
+        assert await statuses(ws, 1) == [("auth_required", "authentication required")]
+        await ws.send("not json")
+        assert (await statuses(ws, 1))[0][0] == "error"
+        await ws.send('{"action":"auth","params":"k"}')
+        await ws.send('{"action":"subscribe","params":"nodot"}')
+        assert await statuses(ws, 2) == [
+            ("auth_success", "authenticated"),
+            ("error", "invalid channel: nodot"),
+        ]
+
+
+async def test_script_frames_are_sent_verbatim_after_subscribe_and_recorded(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "script.txt"
+    lines = ['[{"ev":"T","sym":"A","p":1,"s":1,"t":5}]', "garbage {", "[1,2]"]
+    script.write_text("\n".join(lines) + "\n")
+    record = tmp_path / "record.jsonl"
+    sim = await server(SimConfig(listen=("127.0.0.1", 0), script=script, record=record, symbols=3))
+    try:
+        async with connect(sim.url) as ws:
+            await login(ws)
+            await ws.send('{"action":"subscribe","params":"T.*"}')
+            await statuses(ws, 1)
+            got = [await asyncio.wait_for(ws.recv(), TIMEOUT) for _ in lines]
+            assert got == lines
+            with pytest.raises(TimeoutError):  # nothing else: the script replaces the market
+                await asyncio.wait_for(ws.recv(), 0.3)
+    finally:
+        await sim.close()
+    assert read_record(record) == [(1, line) for line in lines]
+
+
+async def test_drop_clients_aborts_connections_without_a_close_frame(sim: SimServer) -> None:
+    async with connect(sim.url) as ws:
+        await login(ws)
+        assert sim.drop_clients() == 1
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert closed.value.rcvd is None  # abrupt: no close frame

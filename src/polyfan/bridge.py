@@ -68,6 +68,9 @@ from polyfan.protocol import (
 )
 
 log = logging.getLogger("polyfan.bridge")
+# websockets logs every connection and HTTP request at INFO: per-message detail for a server
+# with thousands of clients, so it is shown only when debugging.
+_ws_log = logging.getLogger("polyfan.bridge.ws")
 
 STATIC = Path(__file__).parent / "static"
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
@@ -231,6 +234,8 @@ class Bridge:
         self._server: Server | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
+        if not self.debug and _ws_log.level == logging.NOTSET:
+            _ws_log.setLevel(logging.WARNING)
         self.registry.on_collect(self._collect)
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -268,7 +273,7 @@ class Bridge:
                 write_limit=64 * 1024,
                 close_timeout=CLOSE_TIMEOUT,
                 backlog=4096,
-                logger=logging.getLogger("polyfan.bridge.ws"),
+                logger=_ws_log,
             )
         except OSError as exc:
             await self.stop()

@@ -192,5 +192,5 @@ def run(config: DemoConfig) -> int:
     finally:
         _stop(children)
         shutil.rmtree(tmp, ignore_errors=True)
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for signum_, handler in previous.items():
+            signal.signal(signum_, handler)

@@ -1,0 +1,257 @@
+"""``polyfan bridge`` as a user runs it: a real subprocess from the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+from massive import WebSocketClient
+
+from fake_agg import FakeAgg, bar_rows, expected_event
+from polyfan import wire
+from procs import Proc, free_port
+from wsclient import Client
+
+T0 = 1_781_622_376_000
+
+
+@pytest.fixture
+def agg() -> Iterator[FakeAgg]:
+    with FakeAgg("tcp://127.0.0.1:*") as fake:
+        yield fake
+
+
+def http_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return orjson.loads(response.read())
+
+
+async def test_official_massive_client_connects_authenticates_and_gets_bars_unchanged(
+    agg: FakeAgg,
+) -> None:
+    port = free_port()
+    with Proc("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", "--token", "k3y"):
+        await asyncio.to_thread(_wait_http, port)
+        frames: list[str] = []
+
+        async def processor(message: str | bytes) -> None:
+            frames.append(message if isinstance(message, str) else message.decode())
+
+        client = WebSocketClient(
+            api_key="k3y",
+            feed=f"127.0.0.1:{port}",
+            market="stocks",
+            secure=False,
+            raw=True,
+            subscriptions=["500Ms.TSLA"],
+            max_reconnects=0,
+        )
+        task = asyncio.create_task(client.connect(processor))
+        try:
+            await asyncio.to_thread(agg.wait_subscribed, b"500Ms.TSLA\x00", 15)
+            rows = bar_rows(500, T0, 20)
+            for i in range(0, 20, 5):
+                agg.publish(500, "TSLA", rows[i : i + 5])
+            expected = [expected_event("TSLA", 500, r) for r in rows]
+            deadline = time.monotonic() + 15
+            while sum(f.count('"ev":"MB"') for f in frames) < 20:
+                assert time.monotonic() < deadline, frames
+                await asyncio.sleep(0.01)
+        finally:
+            await client.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        events = [e for f in frames for e in orjson.loads(f)]
+        assert events[0] == {
+            "ev": "status",
+            "status": "success",
+            "message": "subscribed to: 500Ms.TSLA",
+        }
+        assert [e for e in events if e["ev"] == "MB"] == expected
+        for frame in frames:  # byte for byte the canonical compact encoding
+            assert frame == orjson.dumps(orjson.loads(frame)).decode()
+
+
+def _wait_http(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_json(port, "/healthz")["aggs_heard"]:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "bridge not healthy"
+        time.sleep(0.05)
+
+
+async def test_sigint_stops_the_bridge_within_2s_with_clients_connected(agg: FakeAgg) -> None:
+    port = free_port()
+    with Proc("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}") as bridge:
+        bridge.wait_for(f"ready: serving ws://127.0.0.1:{port}/")
+        assert "no --token configured" in bridge.output
+        clients = [await Client.open(f"ws://127.0.0.1:{port}/", token="x") for _ in range(5)]
+        for client in clients:
+            await client.send({"action": "subscribe", "params": "100Ms.A"})
+            await client.statuses(1)
+        started = time.monotonic()
+        assert await asyncio.to_thread(bridge.stop) == 0
+        assert time.monotonic() - started < 2.0
+        for client in clients:
+            await client.ws.wait_closed()
+            assert client.ws.close_code == 1001
+
+
+async def test_tokens_come_from_the_environment_too(agg: FakeAgg) -> None:
+    port = free_port()
+    env = {"POLYFAN_TOKENS": "alpha, beta"}
+    with Proc(
+        "bridge",
+        "--sub",
+        agg.endpoint,
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token",
+        "gamma",
+        env=env,
+    ) as bridge:
+        bridge.wait_for("ready:")
+        assert "no --token configured" not in bridge.output
+        for token in ("alpha", "beta", "gamma"):
+            client = await Client.open(f"ws://127.0.0.1:{port}/", token=token)
+            await client.close()
+        client = await Client.open(f"ws://127.0.0.1:{port}/", token=None)
+        await client.send({"action": "auth", "params": "alpha,beta"})
+        assert (await client.next_event())["status"] == "auth_failed"
+        assert "alpha" not in bridge.output
+        assert bridge.stop() == 0
+
+
+def test_a_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with Proc(
+            "bridge", "--sub", "tcp://127.0.0.1:1", "--listen", f"127.0.0.1:{port}"
+        ) as bridge:
+            assert bridge.wait(15) != 0
+            assert f"--listen: cannot listen on 127.0.0.1:{port}" in bridge.output
+            assert "Traceback" not in bridge.output
+
+
+def test_a_bad_sub_endpoint_is_a_usage_error() -> None:
+    with Proc("bridge", "--sub", "localhost:8769") as bridge:
+        assert bridge.wait(15) == 2
+        assert "--sub" in bridge.output
+
+
+# -- the real pipeline ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """ipc:// paths must stay under ~100 bytes; pytest's tmp_path can be longer."""
+    with tempfile.TemporaryDirectory(prefix="pf-") as path:
+        yield Path(path)
+
+
+async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_bars_agrees(
+    short_tmp: Path,
+) -> None:
+    trades, bars = f"ipc://{short_tmp}/trades.sock", f"ipc://{short_tmp}/bars.sock"
+    port = free_port()
+    symbols = "AAPL,MSFT,TSLA"
+    with (
+        Proc(
+            "sim", "--listen", "127.0.0.1:0", "--symbols", symbols, "--rate", "600", "--seed", "7"
+        ) as sim,
+    ):
+        url = sim.wait_for(r"ready: .*?(ws://\S+)").group(1)
+        with (
+            Proc(
+                "proxy", "--upstream", url, "--pub", trades, env={"MASSIVE_API_KEY": "demo"}
+            ) as proxy,
+            Proc(
+                "agg", "--sub", trades, "--pub", bars, "--interval", "100ms", "--interval", "1s"
+            ) as agg,
+            Proc("bridge", "--sub", bars, "--listen", f"127.0.0.1:{port}") as bridge,
+        ):
+            for proc in (proxy, agg, bridge):
+                proc.wait_for("ready:", timeout=60)
+            await asyncio.to_thread(_wait_http, port, 30)
+
+            # An independent subscriber on the agg's PUB socket, the reference.
+            context = zmq.Context()
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"100Ms.")
+            sub.connect(bars)
+            reference: list[dict[str, Any]] = []
+            client = await Client.open(f"ws://127.0.0.1:{port}/", token="x")
+            await client.send({"action": "subscribe", "params": "100Ms.*"})
+            assert (await client.next_event())["message"] == "subscribed to: 100Ms.*"
+
+            received: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline:
+                while sub.poll(0):
+                    message = wire.decode(sub.recv())
+                    interval, _, symbol = message.topic.partition("Ms.")
+                    reference.extend(
+                        expected_event(symbol, int(interval), row) for row in wire.records(message)
+                    )
+                with contextlib.suppress(TimeoutError):
+                    received.append(await client.next_event(timeout=0.05))
+            await asyncio.sleep(0.3)
+            while sub.poll(0):
+                message = wire.decode(sub.recv())
+                interval, _, symbol = message.topic.partition("Ms.")
+                reference.extend(
+                    expected_event(symbol, int(interval), row) for row in wire.records(message)
+                )
+            received.extend(client.pending())
+            sub.close()
+            context.term()
+
+            assert len(received) > 30, "too few bars flowed to compare"
+            assert all(e["ev"] == "MB" for e in received)
+            # Both started at slightly different moments: compare where both were listening.
+            start = max(min(e["s"] for e in received), min(e["s"] for e in reference))
+            end = min(max(e["s"] for e in received), max(e["s"] for e in reference))
+
+            def window(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                return sorted(
+                    (e for e in events if start <= e["s"] <= end),
+                    key=lambda e: (e["sym"], e["s"]),
+                )
+
+            assert len(window(received)) > 20
+            assert window(received) == window(reference)
+            for symbol in symbols.split(","):
+                history = await asyncio.to_thread(
+                    http_json, port, f"/api/bars?channel=100Ms.{symbol}&limit=10000"
+                )
+                mine = [e for e in window(received) if e["sym"] == symbol]
+                assert [e for e in history if start <= e["s"] <= end] == mine
+            metrics = await asyncio.to_thread(
+                lambda: (
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+                    .read()
+                    .decode()
+                )
+            )
+            assert "\npolyfan_bridge_gaps_total 0\n" in metrics
+            await client.close()
+            for proc in (bridge, agg, proxy):
+                assert proc.stop() == 0
+        assert sim.stop() == 0

@@ -98,10 +98,10 @@ class FrameDecoder:
 
     def move_clock(self, clock: int, wall: int) -> None:
         """Move the feed clock forward (never back), as a CLOCK record would."""
-        if not self.state[kernels.D_HAS_CLOCK] or clock >= self.state[kernels.D_CLOCK]:
+        if not self.state[kernels.D_HAS_CLOCK] or clock > self.state[kernels.D_CLOCK]:
             self.state[kernels.D_CLOCK] = clock
-            self.state[kernels.D_CLOCK_WALL] = wall
-            self.state[kernels.D_HAS_CLOCK] = 1
+        self.state[kernels.D_CLOCK_WALL] = wall
+        self.state[kernels.D_HAS_CLOCK] = 1
 
     # --- the topic table ----------------------------------------------------------------
 

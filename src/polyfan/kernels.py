@@ -375,7 +375,7 @@ TOPIC_WIDTH = 128  # longest topic the table stores; longer ones are bad message
 
 # decoder state entries
 D_CLOCK = 0  # the largest feed clock seen (monotonic)
-D_CLOCK_WALL = 1  # wall time of the CLOCK record that last moved or repeated it
+D_CLOCK_WALL = 1  # wall time of the last CLOCK record received
 D_HAS_CLOCK = 2
 D_TRADES = 3  # trades written to the outputs
 D_SPECIALS = 4  # frames handed back to Python (UPSTREAM, ANNOUNCE ... on the control topic)
@@ -523,10 +523,10 @@ def decode_frames(
         elif sym == TOPIC_CONTROL and kind == KIND_CLOCK:
             for r in range(count):
                 clock = _i64(buf, payload + r * CLOCK_SIZE)
-                if clock >= state[D_CLOCK] or not state[D_HAS_CLOCK]:
+                if clock > state[D_CLOCK] or not state[D_HAS_CLOCK]:
                     state[D_CLOCK] = clock
-                    state[D_CLOCK_WALL] = _i64(buf, payload + r * CLOCK_SIZE + 8)
-                    state[D_HAS_CLOCK] = 1
+                state[D_CLOCK_WALL] = _i64(buf, payload + r * CLOCK_SIZE + 8)
+                state[D_HAS_CLOCK] = 1
         elif sym == TOPIC_CONTROL:
             specials[state[D_SPECIALS]] = f
             state[D_SPECIALS] += 1

@@ -1,0 +1,597 @@
+"""``polyfan agg`` as a user runs it: real processes from the CLI, real ZeroMQ sockets.
+
+Two feeds: the whole sim -> proxy -> agg path (the test taps the proxy with its own SUB, which
+receives exactly the message sequence the agg receives, and computes the reference from it), and
+a publisher in the test that speaks the wire exactly as the proxy does, for the cases the test
+must steer (sequence gaps, session changes, outages, an agg restart at a chosen moment).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from polyfan import wire
+from procs import Proc, endpoint, free_port
+from reference import Bar, Clock, Trade, Trades, reference_bars
+
+INTERVALS = (100, 250, 1_000)
+GRACE = 250
+SYMBOLS = (
+    "A", "AA", "AAPL", "AAP", "BRK.A", "BRK.B", "BRK", "T", "TSLA", "TSL", "MSFT", "MS",
+    "NVDA", "NV", "GOOG", "GOOGL", "F", "FB", "META", "AMD", "AMDX", "SPY", "QQQ", "IBM",
+)  # fmt: skip
+TRANSPORTS = ["ipc", "tcp"]
+
+
+class Context:
+    """A ZeroMQ context that keeps its sockets until the test ends, then closes them all."""
+
+    def __init__(self) -> None:
+        self.ctx: Context = zmq.Context()
+        self.sockets: list[zmq.Socket[bytes]] = []
+
+    def socket(self, kind: int) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def context() -> Iterator[Context]:
+    ctx = Context()
+    yield ctx
+    ctx.close()
+
+
+class Subscriber:
+    """A SUB socket whose every receive is bounded by a deadline."""
+
+    def __init__(self, ctx: Context, address: str, *prefixes: bytes) -> None:
+        self.sock = ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        for prefix in prefixes:
+            self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        self.sock.connect(address)
+
+    def receive(self, timeout: float) -> wire.Message | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return wire.decode(self.sock.recv())
+
+
+class AggOutput:
+    """Everything an agg publishes, collected from a SUB subscribed to all of it."""
+
+    def __init__(self, ctx: Context, address: str) -> None:
+        self.sub = Subscriber(ctx, address, b"")
+        self.bars: dict[tuple[str, int], list[Bar]] = {}
+        self.by_session: dict[int, dict[tuple[str, int], list[Bar]]] = {}
+        self.seqs: dict[str, list[tuple[int, int]]] = {}
+        self.clock: int | None = None
+        self.clock_walls: set[int] = set()
+        self.announces: list[dict[str, object]] = []
+        self.upstream: list[tuple[int, int, int]] = []
+
+    def pump(self, timeout: float = 0.05) -> bool:
+        message = self.sub.receive(timeout)
+        if message is None:
+            return False
+        self.seqs.setdefault(message.topic, []).append((message.session, message.seq))
+        if message.kind is wire.Kind.BARS:
+            interval_text, symbol = message.topic.split(".", 1)
+            key = (symbol, int(interval_text.removesuffix("Ms")))
+            bars = [to_bar(r) for r in wire.records(message)]
+            self.bars.setdefault(key, []).extend(bars)
+            self.by_session.setdefault(message.session, {}).setdefault(key, []).extend(bars)
+        elif message.kind is wire.Kind.CLOCK:
+            for clock, wall in wire.records(message).tolist():
+                self.clock = clock
+                self.clock_walls.add(wall)
+        elif message.kind is wire.Kind.ANNOUNCE:
+            self.announces.append(wire.decode_json(message))
+        elif message.kind is wire.Kind.UPSTREAM:
+            self.upstream.extend(tuple(r) for r in wire.records(message).tolist())
+        return True
+
+    def pump_until(self, condition: object, timeout: float = 20.0, what: str = "") -> None:
+        assert callable(condition)
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+            self.pump()
+
+
+def to_bar(record: np.void) -> Bar:
+    vw = float(record["vw"])
+    return Bar(
+        int(record["s"]),
+        float(record["o"]),
+        float(record["h"]),
+        float(record["l"]),
+        float(record["c"]),
+        float(record["v"]),
+        None if math.isnan(vw) else vw,
+        int(record["n"]),
+        int(record["flags"]),
+    )
+
+
+def assert_exact(
+    published: dict[tuple[str, int], list[Bar]], expected: dict[tuple[str, int], list[Bar]]
+) -> None:
+    """Same bars, each once. v and vw to 1e-12 relative: the agg sums in arrival order, the
+    reference with fsum in time order. Everything else exactly."""
+    assert sorted(published) == sorted(expected)
+    for key, bars in expected.items():
+        got = published[key]
+        assert [b.s for b in got] == [b.s for b in bars], key
+        for mine, ref in zip(got, bars, strict=True):
+            assert (mine.o, mine.h, mine.l, mine.c, mine.n, mine.flags) == (
+                ref.o, ref.h, ref.l, ref.c, ref.n, ref.flags,
+            ), (key, mine, ref)  # fmt: skip
+            assert mine.v == pytest.approx(ref.v, rel=1e-12), key
+            assert (mine.vw is None) == (ref.vw is None), key
+            if ref.vw is not None:
+                assert mine.vw == pytest.approx(ref.vw, rel=1e-12), key
+
+
+def assert_contiguous_sequences(seqs: dict[str, list[tuple[int, int]]]) -> None:
+    for topic, numbers in seqs.items():
+        if topic.endswith(tuple(f".{s}" for s in SYMBOLS)):
+            assert len({session for session, _ in numbers}) == 1, topic
+            assert [seq for _, seq in numbers] == list(range(1, len(numbers) + 1)), topic
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def agg_args(sub: str, pub: str, metrics_port: int, *extra: str) -> list[str]:
+    args = ["agg", "--sub", sub, "--pub", pub, "--grace", f"{GRACE}ms"]
+    for interval in INTERVALS:
+        args += ["--interval", f"{interval}ms"]
+    return [*args, "--metrics", f"127.0.0.1:{metrics_port}", *extra]
+
+
+# --- the whole path: sim -> proxy -> agg ---------------------------------------------------
+
+
+def script_frames(rng: random.Random, count: int, base: int) -> tuple[list[str], int]:
+    """Polygon frames of ``count`` trades over SYMBOLS, skewed, with disorder, late prints,
+    odd lots, fractional ``ds`` sizes and condition combinations (unknown codes included)."""
+    weights = [1 / (rank + 1) for rank in range(len(SYMBOLS))]
+    prices = {symbol: 10 + 5 * i for i, symbol in enumerate(SYMBOLS)}
+    codes_menu: list[list[int]] = [
+        [],
+        [],
+        [],
+        [],
+        [37],
+        [12],
+        [14],
+        [12, 37],
+        [14, 41],
+        [99],
+        [15],
+        [32],
+        [2],
+    ]
+    frames, sent, step = [], 0, 0
+    while sent < count:
+        size = min(rng.randint(1, 40), count - sent)
+        events = []
+        for _ in range(size):
+            symbol = rng.choices(SYMBOLS, weights)[0]
+            prices[symbol] = round(max(1.0, prices[symbol] + rng.choice([-0.01, 0, 0.01, 0.02])), 2)
+            t = base + step * 6 - rng.randint(0, 200)
+            if rng.random() < 0.02:
+                t -= rng.randint(500, 3_000)  # a late print
+            event: dict[str, object] = {
+                "ev": "T",
+                "sym": symbol,
+                "p": prices[symbol],
+                "t": t,
+                "x": 4,
+                "q": sent,
+                "z": 3,
+                "i": str(sent),
+            }
+            if rng.random() < 0.1:
+                event["s"] = 0
+                event["ds"] = rng.choice(["0.5", "1.25", "0.001"])
+            else:
+                event["s"] = rng.choice([1, 7, 50, 100, 100, 200, 1_000])
+            codes = rng.choice(codes_menu)
+            if codes:
+                event["c"] = codes
+            events.append(event)
+            sent += 1
+        frames.append(json.dumps(events))
+        step += 1
+    return frames, base + step * 6
+
+
+def tap_events(message: wire.Message) -> list[Clock | Trades]:
+    if message.kind is wire.Kind.CLOCK:
+        return [Clock(clock) for clock, _ in wire.records(message).tolist()]
+    if message.kind is wire.Kind.TRADES:
+        records = wire.records(message)
+        trades = tuple(
+            Trade(
+                int(r["t"]), float(r["p"]), float(r["s"]), tuple(int(c) for c in r["c"][: r["nc"]])
+            )
+            for r in records
+        )
+        return [Trades(message.topic.removeprefix("T."), trades)]
+    return []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
+    transport: str, tmp_path: Path, context: Context
+) -> None:
+    rng = random.Random(20261127)
+    count = 10_500
+    frames, last_t = script_frames(rng, count, int(time.time() * 1000))
+    script = tmp_path / "script.txt"
+    script.write_text("\n".join(frames) + "\n")
+    sim_port = free_port()
+    proxy_pub = endpoint(transport, tmp_path, "proxy")
+    agg_pub = endpoint(transport, tmp_path, "agg")
+    agg_metrics = free_port()
+    env = {"MASSIVE_API_KEY": "test-key-123456"}
+    # The proxy starts first and retries the sim's port, so the agg and the tap are both
+    # subscribed before the first trade is published.
+    with (
+        Proc(
+            "proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub, env=env
+        ) as proxy,
+        Proc(*agg_args(proxy_pub, agg_pub, agg_metrics)) as agg,
+    ):
+        proxy.wait_for("ready:")
+        agg.wait_for("ready:")
+        tap = Subscriber(context, proxy_pub, b"T.", wire.CONTROL_TOPIC)
+        output = AggOutput(context, agg_pub)
+        output.pump_until(
+            lambda: output.announces and output.clock is not None,
+            what="agg relaying the proxy clock",
+        )
+        events: list[Clock | Trades] = []
+        while not any(isinstance(e, Clock) for e in events):
+            message = tap.receive(5)
+            assert message is not None, "the tap sees no clock from the proxy"
+            events.extend(tap_events(message))
+        with Proc("sim", "--listen", f"127.0.0.1:{sim_port}", "--script", str(script)) as sim:
+            sim.wait_for("ready:")
+            done_at = last_t + max(INTERVALS) + GRACE
+            tap_clock = 0
+            deadline = time.monotonic() + 60
+            while tap_clock < done_at:
+                assert time.monotonic() < deadline, "the proxy clock never ran past the script"
+                message = tap.receive(5)
+                assert message is not None
+                new = tap_events(message)
+                events.extend(new)
+                tap_clock = max([tap_clock] + [e.clock for e in new if isinstance(e, Clock)])
+                while output.pump(0):
+                    pass
+            output.pump_until(
+                lambda: (output.clock or 0) >= done_at, what="agg clock past the script"
+            )
+            assert sim.stop() == 0
+        received = sum(len(e.trades) for e in events if isinstance(e, Trades))
+        assert received == count
+        expected = reference_bars(events, INTERVALS, GRACE)
+        assert expected.late > 0 and expected.unknown > 0  # the stream exercises both
+        assert_exact(output.bars, expected.bars)
+        assert_contiguous_sequences(output.seqs)
+        assert sum(len(b) for b in output.bars.values()) > 1_000
+        values = metrics(agg_metrics)
+        assert values["polyfan_agg_trades_total"] == count
+        assert values["polyfan_agg_late_trades_total"] == expected.late
+        assert values["polyfan_agg_unknown_conditions_total"] == expected.unknown
+        assert values["polyfan_agg_gaps_total"] == 0
+        assert values["polyfan_agg_bars_total"] == sum(len(b) for b in expected.bars.values())
+        # killing and restarting the proxy is a new session, not a loss
+        assert proxy.stop() == 0
+        before = output.clock
+        with Proc(
+            "proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub, env=env
+        ) as again:
+            again.wait_for("ready:")
+            walls = len(output.clock_walls)
+            output.pump_until(
+                lambda: len(output.clock_walls) > walls + 3, what="clock from the new proxy"
+            )
+            assert (output.clock or 0) >= (before or 0)  # the new proxy's clock is 0
+            assert metrics(agg_metrics)["polyfan_agg_gaps_total"] == 0
+            assert again.stop() == 0
+        assert agg.stop() == 0
+
+
+# --- a publisher in the test, speaking the wire as the proxy does --------------------------
+
+
+class FakeProxy:
+    def __init__(self, ctx: Context, address: str, session: int) -> None:
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 0)
+        self.pub.bind(address)
+        self.session = session
+        self.sequencer = wire.Sequencer(session)
+        self.wall = session * 1_000_000  # probe walls never repeat across fake proxies
+
+    def send(self, topic: bytes, kind: wire.Kind, records: np.ndarray, skip: int = 0) -> None:
+        seq = self.sequencer.next(topic)
+        for _ in range(skip):
+            seq = self.sequencer.next(topic)
+        self.pub.send(wire.encode(topic, kind, self.session, seq, len(records), records.tobytes()))
+
+    def trades(self, symbol: str, trades: tuple[Trade, ...], skip: int = 0) -> None:
+        records = np.zeros(len(trades), dtype=wire.TRADE_DTYPE)
+        for i, trade in enumerate(trades):
+            records[i]["t"], records[i]["p"], records[i]["s"] = trade.t, trade.p, trade.size
+            records[i]["nc"] = len(trade.codes)
+            records[i]["c"][: len(trade.codes)] = trade.codes
+        self.send(wire.trade_topic(symbol), wire.Kind.TRADES, records, skip)
+
+    def clock(self, clock: int) -> None:
+        self.wall += 1
+        self.send(
+            wire.CONTROL_TOPIC, wire.Kind.CLOCK, np.array([(clock, self.wall)], wire.CLOCK_DTYPE)
+        )
+
+    def upstream(self, state: int, clock: int, wall: int) -> None:
+        self.send(
+            wire.CONTROL_TOPIC,
+            wire.Kind.UPSTREAM,
+            np.array([(state, clock, wall)], wire.UPSTREAM_DTYPE),
+        )
+
+    def publish(self, events: list[Clock | Trades]) -> None:
+        for event in events:
+            if isinstance(event, Clock):
+                self.clock(event.clock)
+            else:
+                self.trades(event.symbol, event.trades)
+
+    def probe(self, output: AggOutput, clock: int) -> None:
+        """Publish CLOCK until the agg relays it: its SUB is connected and subscribed."""
+        deadline = time.monotonic() + 20
+        self.clock(clock)
+        while self.wall not in output.clock_walls:
+            assert time.monotonic() < deadline, "the agg never relayed the probe clock"
+            self.clock(clock)
+            end = time.monotonic() + 0.02
+            while time.monotonic() < end:
+                output.pump(0.005)
+
+    def close(self) -> None:
+        self.pub.close(0)
+
+
+def random_events(rng: random.Random, start: int, end: int, trades: int) -> list[Clock | Trades]:
+    """Trades with t in [start, end), disorder within the grace, clocks as the proxy sends them."""
+    events: list[Clock | Trades] = []
+    clock = start
+    step = (end - start) / trades
+    for i in range(trades):
+        t = min(end - 1, max(start, int(start + i * step) - rng.randint(0, GRACE // 2)))
+        codes = rng.choice([(), (), (), (37,), (12,), (14,), (99,)])
+        size = rng.choice([1.0, 100.0, 0.5])
+        events.append(
+            Trades(rng.choice(SYMBOLS), (Trade(t, round(rng.uniform(10, 11), 2), size, codes),))
+        )
+        if t > clock:
+            clock = t
+            events.append(Clock(clock))
+    return events
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_gaps_count_losses_but_not_a_new_session(
+    transport: str, tmp_path: Path, context: Context
+) -> None:
+    proxy_pub, agg_pub, port = (
+        endpoint(transport, tmp_path, "p"),
+        endpoint(transport, tmp_path, "a"),
+        free_port(),
+    )
+    fake = FakeProxy(context, proxy_pub, session=1)
+    with Proc(*agg_args(proxy_pub, agg_pub, port)) as agg:
+        agg.wait_for("ready:")
+        output = AggOutput(context, agg_pub)
+        output.pump_until(lambda: output.announces, what="announce")
+        fake.probe(output, 0)
+        fake.trades("AAPL", (Trade(1_000, 1.0, 1),))
+        fake.trades("AAPL", (Trade(1_010, 1.0, 1),), skip=2)  # two messages lost
+        fake.probe(output, 1_010)
+        assert metrics(port)["polyfan_agg_gaps_total"] == 2
+        fake.close()
+        fake = FakeProxy(context, proxy_pub, session=2)  # a proxy restart: seq starts over
+        fake.probe(output, 1_020)
+        fake.trades("AAPL", (Trade(1_030, 1.0, 1),))
+        fake.probe(output, 5_000)
+        values = metrics(port)
+        assert values["polyfan_agg_gaps_total"] == 2
+        assert values["polyfan_agg_trades_total"] == 3
+        assert [b.s for b in output.bars[("AAPL", 1_000)]] == [1_000]
+        assert agg.stop() == 0
+    fake.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_restarting_the_agg_mid_stream_recovers(
+    transport: str, tmp_path: Path, context: Context
+) -> None:
+    rng = random.Random(7)
+    proxy_pub, agg_pub, port = (
+        endpoint(transport, tmp_path, "p"),
+        endpoint(transport, tmp_path, "a"),
+        free_port(),
+    )
+    fake = FakeProxy(context, proxy_pub, session=11)
+    first = random_events(rng, 100_000, 110_000, 2_000)
+    second = random_events(rng, 120_000, 130_000, 3_000)
+    with Proc(*agg_args(proxy_pub, agg_pub, port)) as agg:
+        agg.wait_for("ready:")
+        output = AggOutput(context, agg_pub)
+        output.pump_until(lambda: output.announces, what="announce")
+        fake.probe(output, 0)
+        fake.publish(first)
+        output.pump_until(lambda: (output.clock or 0) >= 110_000 - 2_000, what="first half")
+        assert agg.stop() == 0
+    first_session = output.announces[-1]["session"]
+    announces = len(output.announces)
+    with Proc(*agg_args(proxy_pub, agg_pub, port)) as agg:
+        agg.wait_for("ready:")
+        output.pump_until(
+            lambda: output.announces[-1]["session"] != first_session, what="the new agg's announce"
+        )
+        second_session = output.announces[-1]["session"]
+        fake.probe(output, 0)
+        fake.publish(second)
+        fake.clock(140_000)
+        output.pump_until(lambda: (output.clock or 0) >= 140_000, what="second half")
+        assert agg.stop() == 0
+    fake.close()
+    assert output.by_session[first_session]  # the first agg published bars before it stopped
+    assert len(output.announces) > announces
+    assert isinstance(second_session, int)
+    expected = reference_bars([*second, Clock(140_000)], INTERVALS, GRACE)
+    assert_exact(output.by_session[second_session], expected.bars)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_outages_mark_bars_and_are_relayed_and_history_is_served(
+    transport: str, tmp_path: Path, context: Context
+) -> None:
+    proxy_pub, agg_pub, port = (
+        endpoint(transport, tmp_path, "p"),
+        endpoint(transport, tmp_path, "a"),
+        free_port(),
+    )
+    fake = FakeProxy(context, proxy_pub, session=5)
+    with Proc(*agg_args(proxy_pub, agg_pub, port, "--symbols", "AAPL,A,BRK.A")) as agg:
+        agg.wait_for("ready:")
+        output = AggOutput(context, agg_pub)
+        output.pump_until(lambda: output.announces, what="announce")
+        assert output.announces[0]["intervals"] == list(INTERVALS)
+        assert output.announces[0]["symbols"] == ["AAPL", "A", "BRK.A"]
+        fake.probe(output, 0)
+        fake.trades("AAPL", (Trade(10_050, 5.0, 10), Trade(10_950, 6.0, 10)))
+        fake.trades("AAPLX", (Trade(10_960, 9.0, 10),))  # not subscribed: filtered at the publisher
+        fake.clock(10_960)
+        fake.upstream(wire.UPSTREAM_DOWN, 10_960, 50_000)
+        fake.upstream(wire.UPSTREAM_UP, 10_960, 12_030)
+        fake.trades("AAPL", (Trade(12_000, 7.0, 10), Trade(12_400, 8.0, 10)))
+        fake.trades("A", (Trade(12_000, 1.5, 3, (37,)),))
+        fake.probe(output, 20_000)
+        assert output.upstream == [
+            (wire.UPSTREAM_DOWN, 10_960, 50_000),
+            (wire.UPSTREAM_UP, 10_960, 12_030),
+        ]
+        flags = {
+            (k[1], b.s): b.flags for k, bars in output.bars.items() if k[0] == "AAPL" for b in bars
+        }
+        assert flags == {
+            (100, 10_000): 0,
+            (100, 10_900): wire.BAR_FLAG_OUTAGE,
+            (100, 12_000): wire.BAR_FLAG_OUTAGE,
+            (100, 12_400): 0,
+            (250, 10_000): 0,
+            (250, 10_750): wire.BAR_FLAG_OUTAGE,
+            (250, 12_000): wire.BAR_FLAG_OUTAGE,
+            (250, 12_250): 0,
+            (1_000, 10_000): wire.BAR_FLAG_OUTAGE,
+            (1_000, 12_000): wire.BAR_FLAG_OUTAGE,
+        }
+        assert not any(symbol == "AAPLX" for symbol, _ in output.bars)
+
+        # history and symbols requests, from an XSUB as the bridge sends them
+        xsub = context.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.LINGER, 0)
+        xsub.connect(agg_pub)
+        xsub.send(b"\x01" + wire.reply_topic("abc123"))
+        xsub.send(b"\x01" + wire.CONTROL_TOPIC)
+        assert xsub.poll(5_000), "no announce on the XSUB"
+
+        def ask(request: dict[str, object]) -> wire.Message:
+            xsub.send(wire.encode_request({"reply": "abc123", **request}))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if xsub.poll(100):
+                    message = wire.decode(xsub.recv())
+                    if message.topic == "_rep.abc123":
+                        return message
+            raise AssertionError(f"no reply to {request}")
+
+        reply = ask(
+            {
+                "id": 1,
+                "op": "bars",
+                "channel": "100Ms.AAPL",
+                "since": 10_900,
+                "before": None,
+                "limit": 600,
+            }
+        )
+        request_id, status, bars = wire.records_from_history(reply)
+        assert (request_id, status) == (1, wire.HistoryStatus.OK)
+        assert [to_bar(b) for b in bars] == output.bars[("AAPL", 100)][1:]
+        request_id, status, bars = wire.records_from_history(
+            ask({"id": 2, "channel": "1000Ms.AAPL", "limit": 1})
+        )
+        assert (request_id, status, bars["s"].tolist()) == (2, wire.HistoryStatus.OK, [12_000])
+        statuses = {
+            channel: wire.records_from_history(ask({"id": 3, "channel": channel}))[1]
+            for channel in ("500Ms.AAPL", "100Ms.TSLA", "100Ms.*", "nonsense", "100Ms.BRK.A")
+        }
+        assert statuses == {
+            "500Ms.AAPL": wire.HistoryStatus.INTERVAL_NOT_SERVED,
+            "100Ms.TSLA": wire.HistoryStatus.SYMBOL_NOT_SERVED,
+            "100Ms.*": wire.HistoryStatus.BAD_REQUEST,
+            "nonsense": wire.HistoryStatus.BAD_REQUEST,
+            "100Ms.BRK.A": wire.HistoryStatus.OK,
+        }
+        symbols = wire.decode_json(ask({"id": 4, "op": "symbols"}))
+        assert symbols == {"id": 4, "symbols": [["AAPL", 4], ["A", 1]]}
+        xsub.close(0)
+        assert agg.stop() == 0
+    fake.close()
+
+
+def test_agg_stops_on_sigterm_with_status_zero(tmp_path: Path) -> None:
+    with Proc(
+        *agg_args(endpoint("ipc", tmp_path, "p"), endpoint("ipc", tmp_path, "a"), free_port())
+    ) as agg:
+        agg.wait_for("ready:")
+        started = time.monotonic()
+        agg.popen.terminate()
+        assert agg.wait(5) == 0
+        assert time.monotonic() - started < 2

@@ -1,0 +1,300 @@
+"""Bridge fan-out benchmark: bars/s delivered, delay percentiles, bridge CPU per 1,000 clients.
+
+    .venv/bin/python bench/bench_bridge.py                      # 1,000 and 5,000 clients
+    .venv/bin/python bench/bench_bridge.py --clients 5000 --seconds 20
+
+A scripted aggregator (a real ZeroMQ XPUB in this process, speaking the agg protocol with
+polyfan.wire) publishes one bar on each of 5 channels of ``500Ms`` every ``--period`` seconds
+(0.5 s: the real cadence). Each bar's ``vw`` field carries its publish wall time, so a client
+computes the delay from the agg publishing a bar to the client having parsed it. The bridge is
+a real ``polyfan bridge`` subprocess; the clients are asyncio websockets clients spread over
+``--procs`` processes, each subscribed to all 5 channels. The bridge's CPU comes from
+/proc/<pid>/stat over the measured window.
+
+On a 2-core machine the client processes share the CPU with the bridge, so the delays include
+some client-side queueing: they are an upper bound on the bridge's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import resource
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.synchronize import Event as EventType
+from typing import Any
+
+import numpy as np
+import orjson
+import zmq
+
+from polyfan import wire
+
+CHANNELS = [f"500Ms.B{i}" for i in range(5)]
+INTERVAL = 500
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the scripted aggregator -------------------------------------------------------------------
+
+
+class Agg(threading.Thread):
+    def __init__(self, endpoint: str, period: float) -> None:
+        super().__init__(daemon=True)
+        self.period = period
+        self.session = secrets.randbits(63)
+        self.seq = wire.Sequencer(self.session)
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.XPUB)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.publishing = threading.Event()
+        self.stopping = threading.Event()
+        self.published = 0
+
+    def announce(self) -> None:
+        body = {
+            "session": self.session,
+            "intervals": [INTERVAL],
+            "symbols": None,
+            "grace": 250,
+            "history": 3_600_000,
+        }
+        self.socket.send(
+            wire.encode_json(
+                wire.CONTROL_TOPIC,
+                wire.Kind.ANNOUNCE,
+                self.session,
+                self.seq.next(wire.CONTROL_TOPIC),
+                body,
+            )
+        )
+
+    def run(self) -> None:
+        next_announce = 0.0
+        next_bar = time.monotonic()
+        s = int(time.time() * 1000) // INTERVAL * INTERVAL
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_announce:
+                self.announce()
+                next_announce = now + 1.0
+            while self.socket.poll(0):
+                message = self.socket.recv()
+                if message == b"\x01" + wire.CONTROL_TOPIC:
+                    self.announce()
+            if self.publishing.is_set() and now >= next_bar:
+                next_bar += self.period
+                s += INTERVAL
+                for channel in CHANNELS:
+                    symbol = channel.split(".", 1)[1]
+                    row = np.zeros(1, dtype=wire.BAR_DTYPE)
+                    row["s"], row["o"], row["h"], row["l"], row["c"] = s, 10.0, 10.5, 9.5, 10.25
+                    row["v"], row["n"] = 100, 3
+                    row["vw"] = time.time()  # publish wall time, read by the clients
+                    topic = wire.bar_topic(INTERVAL, symbol)
+                    self.socket.send(
+                        wire.encode(
+                            topic,
+                            wire.Kind.BARS,
+                            self.session,
+                            self.seq.next(topic),
+                            1,
+                            row.tobytes(),
+                        )
+                    )
+                    self.published += 1
+            time.sleep(0.001)
+        self.socket.close(0)
+        self.context.term()
+
+
+# -- client processes ----------------------------------------------------------------------------
+
+
+def client_process(
+    port: int, count: int, ready: Any, go: EventType, done: EventType, out: Any
+) -> None:
+    raise_fd_limit()
+    from websockets.asyncio.client import connect
+
+    async def main() -> None:
+        received: list[tuple[float, float]] = []  # (arrival, delay)
+        subscribe = orjson.dumps({"action": "subscribe", "params": ",".join(CHANNELS)}).decode()
+        sockets = []
+
+        async def one() -> None:
+            ws = await connect(
+                f"ws://127.0.0.1:{port}/",
+                compression=None,
+                max_size=None,
+                open_timeout=120,
+                ping_interval=None,
+            )
+            sockets.append(ws)
+            await ws.recv()
+            await ws.send('{"action":"auth","params":"bench"}')
+            await ws.recv()
+            await ws.send(subscribe)
+            statuses = 0
+            while statuses < len(CHANNELS):
+                statuses += len(orjson.loads(await ws.recv()))
+            async for frame in ws:
+                now = time.time()
+                for event in orjson.loads(frame):
+                    received.append((now, now - event["vw"]))
+
+        tasks = []
+        for start in range(0, count, 100):
+            batch = [asyncio.create_task(one()) for _ in range(min(100, count - start))]
+            tasks += batch
+            while len(sockets) < len(tasks):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        ready.put(count)
+        while not done.is_set():
+            await asyncio.sleep(0.05)
+        out.put(np.array(received, dtype=np.float64).reshape(-1, 2))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    agg = Agg(endpoint, period)
+    agg.start()
+    env = {**os.environ, "POLYFAN_LOG": "warning"}
+    # BENCH_PROFILE=/tmp/bridge.prof runs the bridge under cProfile (for finding hot spots).
+    profile = (
+        ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+        if "BENCH_PROFILE" in os.environ
+        else []
+    )
+    bridge = subprocess.Popen(
+        [
+            sys.executable,
+            *profile,
+            "-m",
+            "polyfan",
+            "bridge",
+            "--sub",
+            endpoint,
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        env=env,
+        preexec_fn=raise_fd_limit,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "bridge did not start"
+                time.sleep(0.05)
+        time.sleep(1.0)  # let the bridge hear the announce
+        ready, out = ctx.Queue(), ctx.Queue()
+        go, done = ctx.Event(), ctx.Event()
+        shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+        workers = [
+            ctx.Process(target=client_process, args=(port, n, ready, go, done, out))
+            for n in shares
+            if n
+        ]
+        for worker in workers:
+            worker.start()
+        connected = sum(ready.get(timeout=300) for _ in workers)
+        assert connected == clients
+        agg.publishing.set()
+        time.sleep(1.0)  # warm up
+        cpu0, wall0 = cpu_seconds(bridge.pid), time.time()
+        time.sleep(seconds)
+        cpu1, wall1 = cpu_seconds(bridge.pid), time.time()
+        time.sleep(1.0)
+        agg.publishing.clear()
+        time.sleep(0.5)
+        done.set()
+        results = [out.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join(30)
+        data = np.concatenate(results)
+        in_window = data[(data[:, 0] >= wall0) & (data[:, 0] < wall1)]
+        delays_ms = in_window[:, 1] * 1000
+        cpu = (cpu1 - cpu0) / (wall1 - wall0)
+        return {
+            "clients": clients,
+            "bars_per_s": len(in_window) / (wall1 - wall0),
+            "p50_ms": float(np.percentile(delays_ms, 50)),
+            "p99_ms": float(np.percentile(delays_ms, 99)),
+            "max_ms": float(delays_ms.max()),
+            "bridge_cpu": cpu,
+            "cpu_per_1000": cpu / (clients / 1000),
+        }
+    finally:
+        bridge.send_signal(2)
+        bridge.wait(10)
+        agg.stopping.set()
+        agg.join(5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--clients", type=int, action="append", help="repeatable (default 1000, 5000)"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
+    parser.add_argument("--period", type=float, default=0.5, help="seconds between bar rounds")
+    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    args = parser.parse_args()
+    raise_fd_limit()
+    print(
+        f"bridge fan-out: 5 channels of 500Ms, one bar each every {args.period:g}s, "
+        f"{args.seconds:g}s measured, {os.cpu_count()} cores (shared with the clients)"
+    )
+    print(
+        f"{'clients':>8} {'bars/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'bridge CPU':>10} {'CPU/1000 cl':>11}"
+    )
+    for clients in args.clients or [1000, 5000]:
+        r = measure(clients, args.seconds, args.period, args.procs)
+        print(
+            f"{r['clients']:>8} {r['bars_per_s']:>10.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['max_ms']:>8.1f} {r['bridge_cpu']:>9.1%} {r['cpu_per_1000']:>10.1%}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

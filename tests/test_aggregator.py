@@ -1,0 +1,141 @@
+"""The agg's core without sockets: frames in, messages out; requests in, replies out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polyfan import wire
+from polyfan.aggregator import Aggregator
+from polyfan.config import AggConfig
+
+
+def trades_frame(symbol: str, seq: int, *ts: int, price: float = 1.0) -> bytes:
+    records = np.zeros(len(ts), dtype=wire.TRADE_DTYPE)
+    records["t"], records["p"], records["s"] = ts, price, 1.0
+    return wire.encode(
+        wire.trade_topic(symbol), wire.Kind.TRADES, 1, seq, len(ts), records.tobytes()
+    )
+
+
+def clock_frame(seq: int, clock: int) -> bytes:
+    record = np.array([(clock, 10_000 + seq)], dtype=wire.CLOCK_DTYPE)
+    return wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, seq, 1, record.tobytes())
+
+
+@pytest.fixture
+def core() -> Aggregator:
+    config = AggConfig(intervals_ms=(100, 1_000), grace_ms=0, symbols=("A", "AAPL"))
+    return Aggregator(config, session=42)
+
+
+def test_bars_go_out_one_message_per_topic_oldest_first_then_the_clock(core: Aggregator) -> None:
+    messages = [
+        wire.decode(m)
+        for m in core.frames_received(
+            [
+                trades_frame("AAPL", 1, 1_050, 1_150, 1_250),
+                trades_frame("A", 1, 1_000),
+                clock_frame(1, 5_000),
+            ]
+        )
+    ]
+    assert [(m.topic, m.kind, m.seq, m.count) for m in messages] == [
+        ("100Ms.A", wire.Kind.BARS, 1, 1),
+        ("1000Ms.A", wire.Kind.BARS, 1, 1),
+        ("100Ms.AAPL", wire.Kind.BARS, 1, 3),
+        ("1000Ms.AAPL", wire.Kind.BARS, 1, 1),
+        ("_ctl", wire.Kind.CLOCK, 1, 1),
+    ]
+    assert wire.records(messages[2])["s"].tolist() == [1_000, 1_100, 1_200]
+    assert {m.session for m in messages} == {42}
+    assert core.bars_total.value == 6
+    assert core.history.select(core.bars.series_id(1, 100))["s"].tolist() == [1_000, 1_100, 1_200]
+
+
+def test_a_control_subscription_gets_an_announce(core: Aggregator) -> None:
+    for prefix in (b"", b"_", wire.CONTROL_TOPIC):
+        reply = core.upstream_received(b"\x01" + prefix)
+        assert reply is not None
+        message = wire.decode(reply)
+        assert message.kind is wire.Kind.ANNOUNCE
+        assert wire.decode_json(message) == {
+            "session": 42,
+            "intervals": [100, 1_000],
+            "symbols": ["A", "AAPL"],
+            "grace": 0,
+            "history": 3_600_000,
+        }
+    assert core.upstream_received(b"\x01100Ms.AAPL\x00") is None
+    assert core.upstream_received(b"\x00_ctl\x00") is None
+
+
+def history(
+    core: Aggregator, request: dict[str, object]
+) -> tuple[int, wire.HistoryStatus, list[int]]:
+    reply = core.upstream_received(wire.encode_request({"reply": "r1", **request}))
+    assert reply is not None
+    message = wire.decode(reply)
+    assert message.topic == "_rep.r1"
+    request_id, status, bars = wire.records_from_history(message)
+    return request_id, status, bars["s"].tolist()
+
+
+def test_history_requests_filter_and_report_what_is_not_served(core: Aggregator) -> None:
+    core.frames_received(
+        [trades_frame("AAPL", 1, 1_050, 1_150, 1_250, 1_350), clock_frame(1, 5_000)]
+    )
+    ok = wire.HistoryStatus.OK
+    assert history(core, {"id": 1, "channel": "100Ms.AAPL"}) == (
+        1,
+        ok,
+        [1_000, 1_100, 1_200, 1_300],
+    )
+    assert history(core, {"id": 2, "channel": "100Ms.AAPL", "since": 1_100, "before": 1_300}) == (
+        2, ok, [1_100, 1_200],
+    )  # fmt: skip
+    assert history(core, {"id": 3, "channel": "100Ms.AAPL", "limit": 2}) == (3, ok, [1_200, 1_300])
+    assert history(core, {"id": 4, "channel": "100Ms.A"}) == (4, ok, [])
+    assert (
+        history(core, {"id": 5, "channel": "250Ms.AAPL"})[1]
+        is wire.HistoryStatus.INTERVAL_NOT_SERVED
+    )
+    assert (
+        history(core, {"id": 6, "channel": "100Ms.TSLA"})[1] is wire.HistoryStatus.SYMBOL_NOT_SERVED
+    )
+    for bad in (
+        {"id": 7, "channel": "100Ms.*"},
+        {"id": 7, "channel": "100ms.AAPL"},
+        {"id": 7, "channel": 5},
+        {"id": 7, "channel": "100Ms.AAPL", "limit": -1},
+        {"id": 7, "channel": "100Ms.AAPL", "since": "x"},
+        {"id": 7, "op": "drop tables"},
+    ):
+        assert history(core, bad)[1] is wire.HistoryStatus.BAD_REQUEST, bad
+    assert core.requests_total.value == 4
+    assert core.bad_requests_total.value == 8
+
+
+def test_symbols_request_lists_traded_symbols_most_active_first(core: Aggregator) -> None:
+    core.frames_received([trades_frame("A", 1, 1_000), trades_frame("AAPL", 1, 1_000, 1_001)])
+    reply = core.upstream_received(wire.encode_request({"id": 9, "reply": "me", "op": "symbols"}))
+    assert reply is not None
+    message = wire.decode(reply)
+    assert (message.topic, message.kind) == ("_rep.me", wire.Kind.SYMBOLS)
+    assert wire.decode_json(message) == {"id": 9, "symbols": [["AAPL", 2], ["A", 1]]}
+
+
+def test_requests_without_a_reply_address_are_counted_and_dropped(core: Aggregator) -> None:
+    assert core.upstream_received(wire.encode_request({"id": 1, "channel": "100Ms.A"})) is None
+    assert core.upstream_received(wire.encode_request({"reply": "a b", "id": 1})) is None
+    assert core.upstream_received(b"\x02not json") is None
+    assert core.bad_requests_total.value == 3
+
+
+def test_upstream_messages_are_relayed_under_the_agg_session(core: Aggregator) -> None:
+    record = np.array([(wire.UPSTREAM_DOWN, 2_000, 9_999)], dtype=wire.UPSTREAM_DTYPE)
+    frame = wire.encode(wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, 77, 3, 1, record.tobytes())
+    (relayed,) = (wire.decode(m) for m in core.frames_received([frame]))
+    assert (relayed.kind, relayed.session, relayed.seq) == (wire.Kind.UPSTREAM, 42, 1)
+    assert wire.records(relayed).tolist() == record.tolist()
+    assert core.bars.is_down()

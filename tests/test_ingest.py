@@ -1,0 +1,151 @@
+"""The compiled frame decoder agrees with ``wire.decode`` and ``wire.GapCounter`` frame for frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polyfan import wire
+from polyfan.errors import WireError
+from polyfan.ingest import FrameDecoder
+
+JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
+TOPICS = ["T.A", "T.AA", "T.AAPL", "T.BRK.A", "T.TSLA", "_ctl", "100Ms.A", "_rep.x"]
+RECORD = {
+    wire.Kind.TRADES: wire.TRADE_DTYPE,
+    wire.Kind.BARS: wire.BAR_DTYPE,
+    wire.Kind.CLOCK: wire.CLOCK_DTYPE,
+    wire.Kind.UPSTREAM: wire.UPSTREAM_DTYPE,
+}
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    topic = draw(st.sampled_from(TOPICS)).encode() + wire.TERMINATOR
+    kind = draw(st.sampled_from(list(wire.Kind)))
+    count = draw(st.integers(0, 3))
+    dtype = RECORD.get(kind)
+    if dtype is None:
+        payload = b'{"x": 1}'
+    else:
+        records = np.zeros(count, dtype=dtype)
+        first = dtype.names[0] if dtype.names else None
+        if first is not None:
+            records[first] = draw(st.lists(st.integers(-5, 10**13), min_size=count, max_size=count))
+        payload = records.tobytes()
+    frame = wire.encode(
+        topic, kind, draw(st.sampled_from([1, 2**64 - 1])), draw(st.integers(0, 6)), count, payload
+    )
+    damage = draw(st.sampled_from(["none"] * 6 + ["cut", "version", "kind", "no-topic"]))
+    if damage == "cut":
+        frame = frame[: draw(st.integers(0, len(frame) - 1))]
+    elif damage == "version":
+        frame = frame.replace(wire.TERMINATOR + b"\x01", wire.TERMINATOR + b"\x07", 1)
+    elif damage == "kind":
+        at = frame.index(wire.TERMINATOR) + 2
+        frame = frame[:at] + b"\x63" + frame[at + 1 :]
+    elif damage == "no-topic":
+        frame = frame[: frame.index(wire.TERMINATOR)]
+    return frame
+
+
+def expected_from_wire(batches: list[list[bytes]], accept: set[str] | None) -> dict[str, object]:
+    gaps = wire.GapCounter()
+    bad = ignored = 0
+    clock: int | None = None
+    trades: list[tuple[int, str, int | None]] = []
+    specials: list[bytes] = []
+    for batch in batches:
+        for frame in batch:
+            try:
+                message = wire.decode(frame)
+            except WireError:
+                bad += 1
+                continue
+            gaps.observe(message.topic, message.session, message.seq)
+            symbol = message.topic.removeprefix("T.")
+            if message.topic == wire.CONTROL:
+                if message.kind is wire.Kind.CLOCK:
+                    for value, _ in wire.records(message).tolist():
+                        clock = value if clock is None else max(clock, value)
+                else:
+                    specials.append(frame)
+            elif (
+                message.topic.startswith("T.")
+                and message.kind is wire.Kind.TRADES
+                and (accept is None or symbol in accept)
+            ):
+                trades.extend((t, symbol, clock) for t in wire.records(message)["t"].tolist())
+            else:
+                ignored += 1
+    return {
+        "gaps": gaps.lost,
+        "bad": bad,
+        "ignored": ignored,
+        "clock": clock,
+        "trades": trades,
+        "specials": specials,
+    }
+
+
+@pytest.mark.parametrize("jit", JIT)
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(st.lists(frames(), max_size=12), min_size=1, max_size=5),
+    accept=st.none() | st.just({"A", "BRK.A"}),
+)
+def test_decoder_agrees_with_the_wire_codec(
+    jit: bool, batches: list[list[bytes]], accept: set[str] | None
+) -> None:
+    decoder = FrameDecoder(None if accept is None else sorted(accept), jit=jit)
+    trades: list[tuple[int, str, int | None]] = []
+    specials: list[bytes] = []
+    for frames_ in batches:
+        batch = decoder.decode(frames_)
+        clocks = [None if c == np.iinfo(np.int64).min else c for c in batch.clocks.tolist()]
+        names = [decoder.symbol_names[i] for i in batch.symbols.tolist()]
+        trades.extend(zip(batch.trades["t"].tolist(), names, clocks, strict=True))
+        specials.extend(batch.specials)
+    got = {
+        "gaps": decoder.gaps,
+        "bad": decoder.bad_messages,
+        "ignored": decoder.ignored_messages,
+        "clock": decoder.clock,
+        "trades": trades,
+        "specials": specials,
+    }
+    assert got == expected_from_wire(batches, accept)
+
+
+def test_many_topics_grow_the_table_and_stay_distinct() -> None:
+    decoder = FrameDecoder()
+    names = [f"S{i}" for i in range(3_000)] + ["A", "AA", "AAPL", "BRK.A", "BRK"]
+    trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    batch = decoder.decode(
+        [
+            wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 1, 1, 1, trade.tobytes())
+            for name in names
+        ]
+    )
+    assert [decoder.symbol_names[i] for i in batch.symbols.tolist()] == names
+    assert decoder.symbol_trades[: len(names)].tolist() == [1] * len(names)
+    assert decoder.known_symbol_id("AAPL") == names.index("AAPL")
+    assert decoder.known_symbol_id("NOPE") is None
+
+
+def test_clock_never_moves_back_and_trades_carry_the_clock_at_their_arrival() -> None:
+    decoder = FrameDecoder()
+    trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+
+    def clock(value: int, seq: int) -> bytes:
+        record = np.array([(value, seq)], dtype=wire.CLOCK_DTYPE)
+        return wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 9, seq, 1, record.tobytes())
+
+    def trades(seq: int) -> bytes:
+        return wire.encode(wire.trade_topic("T"), wire.Kind.TRADES, 9, seq, 1, trade.tobytes())
+
+    batch = decoder.decode([trades(1), clock(500, 1), trades(2), clock(100, 2), trades(3)])
+    assert batch.clocks.tolist() == [np.iinfo(np.int64).min, 500, 500]
+    assert (decoder.clock, decoder.clock_wall) == (500, 2)

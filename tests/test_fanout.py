@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polyfan.fanout import Backlog, Batch, Fanout, chunked, frames_for
+from polyfan.fanout import Arrival, Backlog, Fanout, chunked
 from polyfan.protocol import Channel
 
 TSLA = Channel(500, "TSLA")
@@ -20,6 +20,16 @@ def bars(*starts: int, sym: str = "TSLA") -> list[tuple[int, bytes]]:
 
 def parts(*starts: int, sym: str = "TSLA") -> list[bytes]:
     return [p for _, p in bars(*starts, sym=sym)]
+
+
+def per_client(fan: Fanout, *arrivals: Arrival) -> dict[int, list[bytes]]:
+    """What each client gets from one pass; each client must appear at most once."""
+    out: dict[int, list[bytes]] = {}
+    for bars_, clients in fan.deliveries(list(arrivals)):
+        for client in clients:
+            assert client not in out, f"client {client} got two frames in one pass"
+            out[client] = bars_
+    return out
 
 
 def test_first_client_and_last_client_of_a_channel_are_reported() -> None:
@@ -44,20 +54,48 @@ def test_removing_a_client_returns_the_channels_it_was_last_on() -> None:
     assert fan.channels_of(1) == set()
 
 
-def test_route_sends_to_exact_and_star_clients_once_each() -> None:
+def test_one_pass_gives_exact_and_star_clients_each_bar_once_in_one_frame() -> None:
     fan = Fanout()
     fan.subscribe(1, TSLA)
     fan.subscribe(2, EVERY)
     fan.subscribe(3, TSLA)
     fan.subscribe(3, EVERY)
     fan.subscribe(4, AAPL)
-    batch: Batch = {}
-    assert fan.route(500, "TSLA", bars(0, 500), batch) == 3
-    assert batch == {1: parts(0, 500), 2: parts(0, 500), 3: parts(0, 500)}
-    assert fan.route(1000, "TSLA", bars(0), batch) == 0
-    fan.route(500, "AAPL", bars(0, sym="AAPL"), batch)
-    assert batch[4] == parts(0, sym="AAPL")
-    assert batch[3] == parts(0, 500) + parts(0, sym="AAPL")
+    fan.subscribe(5, Channel(1000, "TSLA"))
+    got = per_client(
+        fan,
+        (500, "TSLA", bars(0, 500)),
+        (1000, "MSFT", bars(0, sym="MSFT")),  # nobody
+        (500, "AAPL", bars(0, sym="AAPL")),
+    )
+    assert got == {
+        1: parts(0, 500),
+        2: parts(0, 500) + parts(0, sym="AAPL"),
+        3: parts(0, 500) + parts(0, sym="AAPL"),
+        4: parts(0, sym="AAPL"),
+    }
+
+
+def test_clients_with_the_same_channels_share_one_delivery() -> None:
+    fan = Fanout()
+    for client in range(100):
+        fan.subscribe(client, TSLA)
+        fan.subscribe(client, AAPL)
+    fan.subscribe(100, TSLA)
+    deliveries = fan.deliveries([(500, "TSLA", bars(0)), (500, "AAPL", bars(0, sym="AAPL"))])
+    assert sorted((len(c), b) for b, c in deliveries) == [
+        (1, parts(0)),
+        (100, parts(0) + parts(0, sym="AAPL")),
+    ]
+    fan.unsubscribe(100, TSLA)
+    assert fan.deliveries([(500, "TSLA", bars(0))]) == [(parts(0), set(range(100)))]
+
+
+def test_a_pass_with_no_subscribed_bars_delivers_nothing() -> None:
+    fan = Fanout()
+    fan.subscribe(1, AAPL)
+    assert fan.deliveries([(500, "TSLA", bars(0))]) == []
+    assert fan.deliveries([]) == []
 
 
 def test_since_holds_live_bars_until_history_then_merges_without_repeats() -> None:
@@ -65,29 +103,36 @@ def test_since_holds_live_bars_until_history_then_merges_without_repeats() -> No
     fan.subscribe(1, TSLA)
     fan.subscribe(2, TSLA, since=True)
     assert fan.is_pending(2, TSLA)
-    batch: Batch = {}
-    fan.route(500, "TSLA", bars(1000, 1500), batch)
-    fan.route(500, "TSLA", bars(2000), batch)
-    assert batch == {1: parts(1000, 1500, 2000)}  # client 2 holds them
+    assert per_client(fan, (500, "TSLA", bars(1000, 1500))) == {1: parts(1000, 1500)}
+    assert per_client(fan, (500, "TSLA", bars(2000))) == {1: parts(2000)}  # client 2 holds them
     merged = fan.complete_history(2, TSLA, bars(0, 500, 1000, 1500))
     assert merged == parts(0, 500, 1000, 1500, 2000)
     assert not fan.is_pending(2, TSLA)
-    batch = {}
-    fan.route(500, "TSLA", bars(2500), batch)
-    assert batch == {1: parts(2500), 2: parts(2500)}
+    assert per_client(fan, (500, "TSLA", bars(2500))) == {1: parts(2500), 2: parts(2500)}
+
+
+def test_a_pending_client_still_gets_its_other_channels_in_the_same_pass() -> None:
+    fan = Fanout()
+    fan.subscribe(1, TSLA, since=True)
+    fan.subscribe(1, AAPL)
+    fan.subscribe(2, TSLA)
+    fan.subscribe(2, AAPL)
+    got = per_client(fan, (500, "TSLA", bars(0)), (500, "AAPL", bars(0, sym="AAPL")))
+    assert got == {1: parts(0, sym="AAPL"), 2: parts(0) + parts(0, sym="AAPL")}
+    assert fan.complete_history(1, TSLA, []) == parts(0)
 
 
 def test_since_with_empty_history_releases_every_held_bar() -> None:
     fan = Fanout()
     fan.subscribe(1, TSLA, since=True)
-    fan.route(500, "TSLA", bars(0, 500), {})
+    assert per_client(fan, (500, "TSLA", bars(0, 500))) == {}
     assert fan.complete_history(1, TSLA, []) == parts(0, 500)
 
 
 def test_history_for_a_client_that_left_the_channel_is_dropped() -> None:
     fan = Fanout()
     fan.subscribe(1, TSLA, since=True)
-    fan.route(500, "TSLA", bars(0), {})
+    per_client(fan, (500, "TSLA", bars(0)))
     fan.unsubscribe(1, TSLA)
     assert fan.complete_history(1, TSLA, bars(0)) == []
 
@@ -108,22 +153,13 @@ def test_seam_has_no_gap_and_no_repeat_for_any_interleaving(
     since = since_index * 500
     snapshot = [s for s in published[: before + overlap] if s >= since]
     held = published[before:]  # live bars start arriving at the subscription
-    batch: Batch = {}
-    fan.route(500, "TSLA", bars(*held), batch)
-    assert batch == {}
+    assert per_client(fan, (500, "TSLA", bars(*held))) == {}
     got = [orjson.loads(p)["s"] for p in fan.complete_history(7, TSLA, bars(*snapshot))]
     assert got == sorted(set(got))  # in order, nothing repeated
     wanted = {s for s in published if s >= since} | set(published[before + overlap :])
     assert wanted <= set(got)  # nothing missing
     unasked = {s for s in published[:before] if s < since}
     assert not unasked & set(got)  # nothing from before since that was not live
-
-
-def test_frames_are_built_once_per_distinct_bar_list() -> None:
-    a, b = parts(0), parts(500)
-    frames = frames_for({1: a, 2: list(a), 3: a + b})
-    assert frames[1] is frames[2]
-    assert orjson.loads(frames[3]) == [{"sym": "TSLA", "s": 0}, {"sym": "TSLA", "s": 500}]
 
 
 def test_history_is_chunked_into_frames() -> None:

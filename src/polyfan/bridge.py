@@ -39,13 +39,13 @@ import zmq.asyncio
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from polyfan import wire
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
-from polyfan.fanout import Backlog, Batch, Fanout, frames_for
+from polyfan.fanout import Arrival, Backlog, Fanout
 from polyfan.metrics import Registry
 from polyfan.protocol import (
     CLOSE_TOO_BIG,
@@ -345,19 +345,19 @@ class Bridge:
         yield so the writers run, repeat."""
         while True:
             await agg.socket.poll()
-            batch: Batch = {}
+            arrivals: list[Arrival] = []
             bars = 0
             while bars < DRAIN_MAX_BARS:
                 try:
                     frame = agg.sync.recv(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
-                bars += self._received(agg, frame, batch)
-            if batch:
-                self._deliver(batch)
+                bars += self._received(agg, frame, arrivals)
+            if arrivals:
+                self._deliver(arrivals)
             await asyncio.sleep(0)
 
-    def _received(self, agg: Agg, frame: bytes, batch: Batch) -> int:
+    def _received(self, agg: Agg, frame: bytes, arrivals: list[Arrival]) -> int:
         """Handle one message; return how many bars it carried."""
         try:
             message = wire.decode(frame)
@@ -369,7 +369,7 @@ class Bridge:
         agg.heard_at = time.monotonic()
         kind = message.kind
         if kind is wire.Kind.BARS:
-            self._bars_received(agg, message, batch)
+            self._bars_received(agg, message, arrivals)
             return message.count
         if kind is wire.Kind.ANNOUNCE:
             self._announced(agg, message)
@@ -380,7 +380,7 @@ class Bridge:
             agg.upstream_up = state == wire.UPSTREAM_UP
         return 0
 
-    def _bars_received(self, agg: Agg, message: wire.Message, batch: Batch) -> None:
+    def _bars_received(self, agg: Agg, message: wire.Message, arrivals: list[Arrival]) -> None:
         parsed = parse_bar_topic(message.topic)
         if parsed is None:
             self.counters.wire_errors.inc()
@@ -392,8 +392,8 @@ class Bridge:
         rows = wire.records(message).tolist()
         self.counters.bars_received.inc(len(rows))
         parts = encode_bars(interval, symbol, rows)
-        self.fanout.route(
-            interval, symbol, [(row[0], part) for row, part in zip(rows, parts, strict=True)], batch
+        arrivals.append(
+            (interval, symbol, [(row[0], part) for row, part in zip(rows, parts, strict=True)])
         )
 
     def _announced(self, agg: Agg, message: wire.Message) -> None:
@@ -475,11 +475,15 @@ class Bridge:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def _deliver(self, batch: Batch) -> None:
-        for client_id, frame in frames_for(batch).items():
-            client = self.clients.get(client_id)
-            if client is not None:
-                self._push(client, frame, len(batch[client_id]))
+    def _deliver(self, arrivals: list[Arrival]) -> None:
+        clients = self.clients
+        for parts, receivers in self.fanout.deliveries(arrivals):
+            frame = join_events(parts)
+            bars = len(parts)
+            for client_id in receivers:
+                client = clients.get(client_id)
+                if client is not None:
+                    self._push(client, frame, bars)
 
     def _push(self, client: Client, frame: bytes, bars: int) -> None:
         """Send ``frame`` now if the client keeps up, else queue it (or cut the client off).

@@ -2,11 +2,12 @@
 
 Pure: no asyncio, websockets or zmq; clients are plain integer ids.
 
-- :class:`Fanout` keeps the subscription table (channel → clients, client → channels). Its
-  answers tell the shell when a channel gained its first client (subscribe the ZeroMQ topic) or
-  lost its last (unsubscribe it). :meth:`Fanout.route` takes one topic's encoded bars and adds
-  them to a per-client batch; :func:`frames_for` turns a batch into one frame per client,
-  building identical frames once.
+- :class:`Fanout` keeps the subscription table (channel → clients, client → channels) and
+  groups clients by their exact set of channels. Its answers tell the shell when a channel
+  gained its first client (subscribe the ZeroMQ topic) or lost its last (unsubscribe it).
+  :meth:`Fanout.deliveries` takes one pass's encoded bars and returns ``(bars, clients)``
+  pairs: each client in at most one pair, so it gets one frame per pass, and the frame of a
+  group of clients with the same channels is built once, not once per client.
 - A client that subscribes with ``since`` is *pending* on that channel: its live bars are held
   (:meth:`Fanout.route`) until the history reply arrives; :meth:`Fanout.complete_history`
   returns history then the held live bars, dropping any live bar whose start ``s`` the history
@@ -19,11 +20,12 @@ Pure: no asyncio, websockets or zmq; clients are plain integer ids.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 
 from polyfan.protocol import Channel, join_events
 
-Batch = dict[int, list[bytes]]
+Arrival = tuple[int, str, Sequence[tuple[int, bytes]]]  # interval, symbol, [(s, encoded bar)]
+Delivery = tuple[list[bytes], Collection[int]]  # encoded bars, the clients that get them
 
 
 class Fanout:
@@ -33,6 +35,22 @@ class Fanout:
         self._clients: dict[Channel, set[int]] = {}
         self._channels: dict[int, set[Channel]] = {}
         self._pending: dict[Channel, dict[int, list[tuple[int, bytes]]]] = {}
+        self._groups: dict[frozenset[Channel], set[int]] = {}
+        self._group_of: dict[int, frozenset[Channel]] = {}
+
+    def _regroup(self, client: int) -> None:
+        """Move ``client`` to the group of its current channel set."""
+        old = self._group_of.pop(client, None)
+        if old is not None:
+            members = self._groups[old]
+            members.discard(client)
+            if not members:
+                del self._groups[old]
+        channels = self._channels.get(client)
+        if channels:
+            key = frozenset(channels)
+            self._group_of[client] = key
+            self._groups.setdefault(key, set()).add(client)
 
     def subscribe(self, client: int, channel: Channel, *, since: bool = False) -> bool:
         """Add ``client`` to ``channel``; True if it is the channel's first client.
@@ -42,8 +60,10 @@ class Fanout:
         """
         clients = self._clients.setdefault(channel, set())
         first = not clients
-        clients.add(client)
-        self._channels.setdefault(client, set()).add(channel)
+        if client not in clients:
+            clients.add(client)
+            self._channels.setdefault(client, set()).add(channel)
+            self._regroup(client)
         if since:
             self._pending.setdefault(channel, {}).setdefault(client, [])
         return first
@@ -58,6 +78,7 @@ class Fanout:
         if clients is None or client not in clients:
             return False
         clients.discard(client)
+        self._regroup(client)
         if clients:
             return False
         del self._clients[channel]
@@ -86,38 +107,41 @@ class Fanout:
     def is_pending(self, client: int, channel: Channel) -> bool:
         return client in self._pending.get(channel, {})
 
-    def route(
-        self, interval: int, symbol: str, bars: Sequence[tuple[int, bytes]], batch: Batch
-    ) -> int:
-        """Add one topic's bars ``(s, encoded)`` to every receiving client's list in ``batch``.
+    def deliveries(self, arrivals: Sequence[Arrival]) -> list[Delivery]:
+        """One pass's bars, per topic in arrival order, as ``(bars, clients)`` pairs.
 
-        A client on both ``500Ms.TSLA`` and ``500Ms.*`` gets each bar once. Returns how many
-        clients received them (pending clients hold them instead).
+        A client on both ``500Ms.TSLA`` and ``500Ms.*`` gets each bar once; a client pending
+        on a channel (``since``) has that channel's bars held for it instead.
         """
-        exact = self._clients.get(Channel(interval, symbol))
-        every = self._clients.get(Channel(interval, None))
-        if exact and every:
-            clients: Iterable[int] = exact | every
-        elif exact:
-            clients = exact
-        elif every:
-            clients = every
-        else:
-            return 0
-        pending = self._pending.get(Channel(interval, symbol))
-        parts = [part for _, part in bars]
-        delivered = 0
-        for client in clients:
-            if pending is not None and client in pending:
-                pending[client].extend(bars)
+        exact = [Channel(interval, symbol) for interval, symbol, _ in arrivals]
+        every = [Channel(interval, None) for interval, _, _ in arrivals]
+        touched = {c for c in (*exact, *every) if c in self._clients}
+        if not touched:
+            return []
+        pending = {c: self._pending[c] for c in exact if c in self._pending}
+        waiting = {client for held in pending.values() for client in held}
+        out: list[Delivery] = []
+        for key, members in self._groups.items():
+            if key.isdisjoint(touched):
                 continue
-            existing = batch.get(client)
-            if existing is None:
-                batch[client] = list(parts)
-            else:
-                existing.extend(parts)
-            delivered += 1
-        return delivered
+            wanted = [i for i in range(len(arrivals)) if exact[i] in key or every[i] in key]
+            parts = [part for i in wanted for _, part in arrivals[i][2]]
+            special = members & waiting if waiting else None
+            if not special:
+                out.append((parts, members))
+                continue
+            out.append((parts, members - special))
+            for client in special:
+                mine: list[bytes] = []
+                for i in wanted:
+                    held = pending.get(exact[i])
+                    if held is not None and client in held:
+                        held[client].extend(arrivals[i][2])
+                    else:
+                        mine.extend(part for _, part in arrivals[i][2])
+                if mine:
+                    out.append((mine, (client,)))
+        return out
 
     def complete_history(
         self, client: int, channel: Channel, history: Sequence[tuple[int, bytes]]
@@ -142,19 +166,6 @@ class Fanout:
         if not pending:
             del self._pending[channel]
         return held
-
-
-def frames_for(batch: Batch) -> dict[int, bytes]:
-    """One frame per client; clients with the same bars share one ``bytes`` object."""
-    built: dict[tuple[bytes, ...], bytes] = {}
-    frames: dict[int, bytes] = {}
-    for client, parts in batch.items():
-        key = tuple(parts)
-        frame = built.get(key)
-        if frame is None:
-            frame = built[key] = join_events(parts)
-        frames[client] = frame
-    return frames
 
 
 def chunked(parts: Sequence[bytes], size: int) -> list[bytes]:

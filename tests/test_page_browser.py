@@ -61,11 +61,17 @@ class Pipeline:
     """sim, proxy and agg over ipc; bridges are started on top with ``start_bridge``."""
 
     bars_endpoint: str
-    procs: list[Proc] = field(default_factory=list)
+    run_dir: Path
 
     def start_bridge(self, port: int) -> Proc:
+        """A bridge on ``port``, once it serves and has heard the agg (symbols are known)."""
         bridge = Proc("bridge", "--sub", self.bars_endpoint, "--listen", f"127.0.0.1:{port}")
         bridge.wait_for(r"ready:", timeout=30)
+        poll(
+            lambda: get_json(f"http://127.0.0.1:{port}/api/symbols"),
+            timeout=10,
+            what="the bridge to hear the agg's symbols",
+        )
         return bridge
 
 
@@ -93,10 +99,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         procs[-1].wait_for(r"ready:")
         procs.append(Proc("agg", "--sub", trades, "--pub", bars))
         procs[-1].wait_for(r"ready:", timeout=60)  # numba compiles on a cold cache
-        yield Pipeline(bars_endpoint=bars, procs=procs)
+        yield Pipeline(bars_endpoint=bars, run_dir=run_dir)
     finally:
         for proc in reversed(procs):
             proc.stop()
+            # Kept with pytest's temporary directories, for a post-mortem of a failed run.
+            (run_dir / f"{proc.args[0]}.log").write_text(proc.output)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +114,9 @@ def bridge_url(pipeline: Pipeline) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        assert bridge.stop() == 0
+        status = bridge.stop()
+        (pipeline.run_dir / "bridge.log").write_text(bridge.output)
+        assert status == 0
 
 
 def get_json(url: str) -> Any:

@@ -274,7 +274,7 @@ function renderLegend() {
     l: b.l.toFixed(state.precision),
     c: b.c.toFixed(state.precision),
     v: formatVolume(b.v),
-    vw: b.vw === null || b.vw === undefined ? "—" : String(b.vw),
+    vw: b.vw === null || b.vw === undefined ? "—" : b.vw.toFixed(Math.max(state.precision, 4)),
     n: String(b.n),
     change: "",
   };

@@ -11,14 +11,16 @@ a real ``polyfan bridge`` subprocess; the clients are asyncio websockets clients
 ``--procs`` processes, each subscribed to all 5 channels. The bridge's CPU comes from
 /proc/<pid>/stat over the measured window.
 
-On a 2-core machine the client processes share the CPU with the bridge, so the delays include
-some client-side queueing: they are an upper bound on the bridge's own.
+The clients are lean (a hand-written frame parser on asyncio's Protocol), but on a 2-core
+machine they still share the CPU with the bridge, so the delays include some client-side
+queueing: they are an upper bound on the bridge's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import multiprocessing as mp
 import os
 import resource
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 import zmq
+from websockets.frames import Frame, Opcode
 
 from polyfan import wire
 
@@ -136,52 +139,104 @@ class Agg(threading.Thread):
 # -- client processes ----------------------------------------------------------------------------
 
 
-def client_process(
-    port: int, count: int, ready: Any, go: EventType, done: EventType, out: Any
-) -> None:
+class LeanClient(asyncio.Protocol):
+    """A minimal WebSocket client on asyncio's Protocol, so that the clients cost little CPU.
+
+    It does the upgrade by hand, sends masked frames built by websockets' ``Frame``, answers
+    pings, and parses server frames (unmasked) itself: a few microseconds per frame, where a
+    full client library costs tens, which on a 2-core machine would be measured as delay.
+    """
+
+    def __init__(self, received: list[tuple[float, float]], subscribed: list[int]) -> None:
+        self.received = received
+        self.subscribed = subscribed
+        self.buffer = bytearray()
+        self.upgraded = False
+        self.statuses = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            (
+                "GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+
+    def send(self, opcode: Opcode, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(Frame(opcode, data).serialize(mask=True, extensions=[]))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            assert self.buffer.startswith(b"HTTP/1.1 101"), bytes(self.buffer[:200])
+            del self.buffer[: end + 4]
+            self.upgraded = True
+            self.send(Opcode.TEXT, b'{"action":"auth","params":"bench"}')
+            subscribe = {"action": "subscribe", "params": ",".join(CHANNELS)}
+            self.send(Opcode.TEXT, orjson.dumps(subscribe))
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            opcode, length, start = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, start = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, start = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < start + length:
+                return
+            payload = bytes(buffer[start : start + length])
+            del buffer[: start + length]
+            if opcode == Opcode.PING:
+                self.send(Opcode.PONG, payload)
+            elif opcode == Opcode.TEXT:
+                for event in orjson.loads(payload):
+                    if event["ev"] == "MB":
+                        self.received.append((now, now - event["vw"]))
+                    elif event.get("message", "").startswith("subscribed to"):
+                        self.statuses += 1
+                        if self.statuses == len(CHANNELS):
+                            self.subscribed.append(1)
+
+
+def client_process(port: int, count: int, ready: Any, done: EventType, out: Any) -> None:
     raise_fd_limit()
-    from websockets.asyncio.client import connect
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         received: list[tuple[float, float]] = []  # (arrival, delay)
-        subscribe = orjson.dumps({"action": "subscribe", "params": ",".join(CHANNELS)}).decode()
-        sockets = []
-
-        async def one() -> None:
-            ws = await connect(
-                f"ws://127.0.0.1:{port}/",
-                compression=None,
-                max_size=None,
-                open_timeout=120,
-                ping_interval=None,
+        subscribed: list[int] = []
+        transports = []
+        for start in range(0, count, 100):  # in waves, to stay under the listen backlog
+            wave = min(100, count - start)
+            opened = await asyncio.gather(
+                *(
+                    loop.create_connection(
+                        lambda: LeanClient(received, subscribed), "127.0.0.1", port
+                    )
+                    for _ in range(wave)
+                )
             )
-            sockets.append(ws)
-            await ws.recv()
-            await ws.send('{"action":"auth","params":"bench"}')
-            await ws.recv()
-            await ws.send(subscribe)
-            statuses = 0
-            while statuses < len(CHANNELS):
-                statuses += len(orjson.loads(await ws.recv()))
-            async for frame in ws:
-                now = time.time()
-                for event in orjson.loads(frame):
-                    received.append((now, now - event["vw"]))
-
-        tasks = []
-        for start in range(0, count, 100):
-            batch = [asyncio.create_task(one()) for _ in range(min(100, count - start))]
-            tasks += batch
-            while len(sockets) < len(tasks):
+            transports += [transport for transport, _ in opened]
+            while len(subscribed) < len(transports):
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)
         ready.put(count)
         while not done.is_set():
             await asyncio.sleep(0.05)
         out.put(np.array(received, dtype=np.float64).reshape(-1, 2))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for transport in transports:
+            transport.close()
 
     asyncio.run(main())
 
@@ -225,10 +280,10 @@ def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str
                 time.sleep(0.05)
         time.sleep(1.0)  # let the bridge hear the announce
         ready, out = ctx.Queue(), ctx.Queue()
-        go, done = ctx.Event(), ctx.Event()
+        done = ctx.Event()
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         workers = [
-            ctx.Process(target=client_process, args=(port, n, ready, go, done, out))
+            ctx.Process(target=client_process, args=(port, n, ready, done, out))
             for n in shares
             if n
         ]

@@ -39,6 +39,7 @@ import zmq.asyncio
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -212,6 +213,24 @@ class Client:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     close_after: tuple[int, str] | None = None  # close once the backlog is written
     cut_off: bool = False
+
+    def keeps_up(self) -> bool:
+        """True when a frame may be written straight to the socket.
+
+        Only while nothing is queued (so frames stay in order), the connection is open and
+        its write buffer holds under ``DIRECT_WRITE_BELOW`` (so a slow client's bytes pile up
+        in its bounded backlog, not in the transport). The write itself is what websockets'
+        ``broadcast`` does, with the frame serialized once for every client: the server
+        never masks and no extension is negotiated (compression is off).
+        """
+        ws = self.ws
+        return (
+            not self.backlog
+            and self.close_after is None
+            and not self.cut_off
+            and ws.protocol.state is State.OPEN
+            and ws.transport.get_write_buffer_size() < DIRECT_WRITE_BELOW
+        )
 
 
 class Bridge:
@@ -476,36 +495,39 @@ class Bridge:
     # -- clients -------------------------------------------------------------------------------
 
     def _deliver(self, arrivals: list[Arrival]) -> None:
+        """One pass: each group's bars become one JSON frame, framed once for the wire, and
+        written to every client of the group that keeps up (queued for the others)."""
         clients = self.clients
+        frames = bars_sent = 0
         for parts, receivers in self.fanout.deliveries(arrivals):
             frame = join_events(parts)
+            wire_frame = _text_frame(frame)
             bars = len(parts)
             for client_id in receivers:
                 client = clients.get(client_id)
-                if client is not None:
-                    self._push(client, frame, bars)
+                if client is None:
+                    continue
+                if client.keeps_up():
+                    client.ws.transport.write(wire_frame)
+                    frames += 1
+                    bars_sent += bars
+                else:
+                    self._queue(client, frame, bars)
+        self.counters.frames_sent.inc(frames)
+        self.counters.bars_sent.inc(bars_sent)
 
     def _push(self, client: Client, frame: bytes, bars: int) -> None:
-        """Send ``frame`` now if the client keeps up, else queue it (or cut the client off).
-
-        The direct write is websockets' own ``broadcast`` step (``protocol.send_text`` then
-        ``send_data``): no task switch per client. It is taken only while nothing is queued
-        and the socket's write buffer is under ``DIRECT_WRITE_BELOW``, so frames stay in
-        order and a slow client's bytes pile up in its bounded backlog, not in the transport.
-        """
-        if client.cut_off:
-            return
-        ws = client.ws
-        if (
-            not client.backlog
-            and client.close_after is None
-            and ws.protocol.state is State.OPEN
-            and ws.transport.get_write_buffer_size() < DIRECT_WRITE_BELOW
-        ):
-            ws.protocol.send_text(frame)
-            ws.send_data()
+        """Send ``frame`` now if the client keeps up, else queue it."""
+        if client.keeps_up():
+            client.ws.transport.write(_text_frame(frame))
             self.counters.frames_sent.inc()
             self.counters.bars_sent.inc(bars)
+        else:
+            self._queue(client, frame, bars)
+
+    def _queue(self, client: Client, frame: bytes, bars: int) -> None:
+        """Queue ``frame`` in the client's bounded backlog, or cut the client off (1013)."""
+        if client.cut_off:
             return
         if client.backlog.push(frame, bars):
             client.wake.set()
@@ -541,6 +563,7 @@ class Bridge:
 
     async def _serve_client(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
+        assert not ws.protocol.extensions, "frames are serialized once: no extension may apply"
         client = Client(
             next(self._ids),
             ws,
@@ -758,6 +781,11 @@ class Bridge:
         "/healthz": _healthz,
         "/metrics": _metrics,
     }
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked WebSocket text frame, as a server sends it with no extensions."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
 
 
 def _response(status: int, body: bytes, content_type: str) -> Response:

@@ -1,0 +1,112 @@
+"""``polyfan tap`` as a user runs it, against a PUB socket in the test."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import zmq
+
+from polyfan import wire
+from procs import Proc, endpoint
+
+SESSION = 0x9F3A_0000_0000_0001
+
+
+@pytest.fixture
+def xpub(tmp_path: Path) -> Iterator[tuple[zmq.Socket[Any], str]]:
+    context: zmq.Context[Any] = zmq.Context()
+    socket = context.socket(zmq.XPUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    address = endpoint("ipc", tmp_path, "tap")
+    socket.bind(address)
+    yield socket, address
+    socket.close(0)
+    context.term()
+
+
+def wait_for_subscriptions(socket: zmq.Socket[Any], count: int, timeout: float = 10.0) -> None:
+    """No slow-joiner sleep: the XPUB sees each of the tap's subscriptions arrive."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while seen < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"saw {seen} of {count} subscriptions"
+        if socket.poll(int(remaining * 1000)) and socket.recv()[:1] == b"\x01":
+            seen += 1
+
+
+def json_lines(output: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_tap_decodes_every_kind_and_filters_by_prefix(xpub: tuple[zmq.Socket[Any], str]) -> None:
+    socket, address = xpub
+    trades = np.zeros(2, wire.TRADE_DTYPE)
+    trades["t"] = [1_000, 1_001]
+    trades["p"] = [10.5, 10.25]
+    trades["s"] = [100, 0.5]
+    trades["nc"] = [0, 2]
+    trades["c"][1, :2] = [14, 37]
+    trades["x"] = [4, 12]
+    bars = np.zeros(1, wire.BAR_DTYPE)
+    bars[0] = (1_000, 10.5, 10.5, 10.25, 10.25, 100.5, math.nan, 2, wire.BAR_FLAG_CARRIED)
+    clock = np.array([(1_500, 1_501)], wire.CLOCK_DTYPE)
+    upstream = np.array([(wire.UPSTREAM_DOWN, 1_500, 1_502)], wire.UPSTREAM_DTYPE)
+    messages = [
+        wire.encode(wire.trade_topic("AAPL"), wire.Kind.TRADES, SESSION, 1, 2, trades.tobytes()),
+        wire.encode(wire.trade_topic("A"), wire.Kind.TRADES, SESSION, 1, 2, trades.tobytes()),
+        wire.encode(wire.bar_topic(500, "A"), wire.Kind.BARS, SESSION, 1, 1, bars.tobytes()),
+        wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, SESSION, 1, 1, clock.tobytes()),
+        wire.encode(wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, SESSION, 2, 1, upstream.tobytes()),
+        wire.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, SESSION, 3, {"grace": 250}),
+        wire.encode_history(wire.reply_topic("ab"), SESSION, 1, 17, wire.HistoryStatus.OK, bars),
+        wire.encode(wire.trade_topic("A"), wire.Kind.TRADES, SESSION, 4, 2, trades.tobytes()),
+    ]
+    with Proc("tap", address, "T.A", "500Ms.A", "_ctl", "_rep.", "--count", "7") as tap:
+        wait_for_subscriptions(socket, 4)
+        for message in messages:
+            socket.send(message)
+        assert tap.wait() == 0, tap.output
+    lines = json_lines(tap.output)
+    header = {"session": f"{SESSION:016x}"}
+    expected_trades = [
+        {"t": 1000, "p": 10.5, "s": 100.0, "c": [], "x": 4, "z": 0, "q": 0, "trfi": 0, "trft": 0},
+        {"t": 1001, "p": 10.25, "s": 0.5, "c": [14, 37], "x": 12, "z": 0, "q": 0, "trfi": 0, "trft": 0},
+    ]  # fmt: skip
+    bar = {
+        "ev": "MB", "o": 10.5, "h": 10.5, "l": 10.25, "c": 10.25, "v": 100.5, "vw": None,
+        "n": 2, "s": 1000, "flags": wire.BAR_FLAG_CARRIED,
+    }  # fmt: skip
+    assert lines == [
+        {"topic": "T.A", "kind": "trades", **header, "seq": 1, "sym": "A", "trades": expected_trades},
+        {"topic": "500Ms.A", "kind": "bars", **header, "seq": 1,
+         "bars": [{**bar, "sym": "A", "interval": 500, "e": 1500}]},
+        {"topic": "_ctl", "kind": "clock", **header, "seq": 1, "clock": 1500, "wall": 1501},
+        {"topic": "_ctl", "kind": "upstream", **header, "seq": 2, "state": "down", "clock": 1500,
+         "wall": 1502},
+        {"topic": "_ctl", "kind": "announce", **header, "seq": 3, "value": {"grace": 250}},
+        {"topic": "_rep.ab", "kind": "history", **header, "seq": 1, "id": 17, "status": "OK",
+         "bars": [bar]},
+        {"topic": "T.A", "kind": "trades", **header, "seq": 4, "sym": "A", "trades": expected_trades},
+    ]  # fmt: skip
+    assert "gap on T.A: 2 messages lost before seq 4" in tap.output
+
+
+def test_tap_with_no_prefix_receives_everything_and_stops_on_ctrl_c(
+    xpub: tuple[zmq.Socket[Any], str],
+) -> None:
+    socket, address = xpub
+    with Proc("tap", address) as tap:
+        tap.wait_for("ready:")
+        wait_for_subscriptions(socket, 1)
+        socket.send(wire.encode_json(wire.reply_topic("x"), wire.Kind.SYMBOLS, 1, 1, {"id": 1}))
+        tap.wait_for('"kind":"symbols"')
+        assert tap.stop() == 0
+    assert json_lines(tap.output)[0]["value"] == {"id": 1}

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
@@ -53,6 +54,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.split()[0]: float(line.split()[1]) for line in lines if line and line[0] != "#"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -293,9 +300,19 @@ def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str
         assert connected == clients
         agg.publishing.set()
         time.sleep(1.0)  # warm up
+        metrics0 = metrics(port)
         cpu0, wall0 = cpu_seconds(bridge.pid), time.time()
         time.sleep(seconds)
         cpu1, wall1 = cpu_seconds(bridge.pid), time.time()
+        metrics1 = metrics(port)
+        passes = (
+            metrics1["polyfan_bridge_delivery_passes_total"]
+            - metrics0["polyfan_bridge_delivery_passes_total"]
+        )
+        pass_seconds = (
+            metrics1["polyfan_bridge_delivery_seconds_total"]
+            - metrics0["polyfan_bridge_delivery_seconds_total"]
+        )
         time.sleep(1.0)
         agg.publishing.clear()
         time.sleep(0.5)
@@ -315,6 +332,7 @@ def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str
             "max_ms": float(delays_ms.max()),
             "bridge_cpu": cpu,
             "cpu_per_1000": cpu / (clients / 1000),
+            "pass_ms": 1000 * pass_seconds / max(passes, 1),
         }
     finally:
         bridge.send_signal(2)
@@ -341,13 +359,14 @@ def main() -> None:
     )
     print(
         f"{'clients':>8} {'bars/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-        f"{'bridge CPU':>10} {'CPU/1000 cl':>11}"
+        f"{'bridge CPU':>10} {'CPU/1000 cl':>11} {'pass ms':>8}"
     )
     for clients in args.clients or [1000, 5000]:
         r = measure(clients, args.seconds, args.period, args.procs)
         print(
             f"{r['clients']:>8} {r['bars_per_s']:>10.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-            f"{r['max_ms']:>8.1f} {r['bridge_cpu']:>9.1%} {r['cpu_per_1000']:>10.1%}",
+            f"{r['max_ms']:>8.1f} {r['bridge_cpu']:>9.1%} {r['cpu_per_1000']:>10.1%} "
+            f"{r['pass_ms']:>8.1f}",
             flush=True,
         )
 

@@ -81,7 +81,9 @@ DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
-CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
+CLOSE_TIMEOUT = 1.0
+SEND_THREADS = int(os.environ.get("POLYFAN_SEND_THREADS", "2"))
+PARALLEL_FROM = 64  # clients in one pass before the sender threads are used  # websockets' closing handshake; keeps shutdown under 2 s
 
 _PLACEHOLDER = b"""<!doctype html><meta charset="utf-8"><title>polyfan</title>
 <h1>polyfan bridge</h1><p>The chart page assets are not built. The bridge serves the
@@ -146,6 +148,13 @@ class Counters:
         )
         self.connections = registry.counter(
             "polyfan_bridge_connections_total", "WebSocket connections accepted."
+        )
+        self.passes = registry.counter(
+            "polyfan_bridge_delivery_passes_total", "Fan-out passes that delivered bars."
+        )
+        self.pass_seconds = registry.counter(
+            "polyfan_bridge_delivery_seconds_total",
+            "Wall time spent in fan-out passes (from the first bar read to the last write).",
         )
         self.http_requests = registry.counter(
             "polyfan_bridge_http_requests_total", "HTTP requests answered."
@@ -364,6 +373,7 @@ class Bridge:
         yield so the writers run, repeat."""
         while True:
             await agg.socket.poll()
+            started = time.perf_counter()
             arrivals: list[Arrival] = []
             bars = 0
             while bars < DRAIN_MAX_BARS:
@@ -374,6 +384,8 @@ class Bridge:
                 bars += self._received(agg, frame, arrivals)
             if arrivals:
                 self._deliver(arrivals)
+                self.counters.passes.inc()
+                self.counters.pass_seconds.inc(time.perf_counter() - started)
             await asyncio.sleep(0)
 
     def _received(self, agg: Agg, frame: bytes, arrivals: list[Arrival]) -> int:

@@ -81,9 +81,7 @@ DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
-CLOSE_TIMEOUT = 1.0
-SEND_THREADS = int(os.environ.get("POLYFAN_SEND_THREADS", "2"))
-PARALLEL_FROM = 64  # clients in one pass before the sender threads are used  # websockets' closing handshake; keeps shutdown under 2 s
+CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
 
 _PLACEHOLDER = b"""<!doctype html><meta charset="utf-8"><title>polyfan</title>
 <h1>polyfan bridge</h1><p>The chart page assets are not built. The bridge serves the

@@ -21,6 +21,7 @@ from polyfan import wire
 from polyfan.bridge import Bridge
 from polyfan.config import BridgeConfig
 from polyfan.protocol import Limits
+from procs import free_port
 from wsclient import Client, eventually
 
 T0 = 1_781_622_376_000 // 1000 * 1000
@@ -515,3 +516,28 @@ async def test_websocket_client_library_connects_on_stocks_path(bridge: Bridge) 
     async with connect(url(bridge, "/stocks")) as ws:
         frame = await asyncio.wait_for(ws.recv(), 5)
         assert orjson.loads(frame)[0]["status"] == "connected"
+
+
+async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_gap() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = FakeAgg(endpoint)
+    bridge = Bridge(BridgeConfig(sub=(endpoint,), listen=("127.0.0.1", 0)))
+    await bridge.start()
+    try:
+        await eventually(lambda: bridge.catalog.intervals)
+        client = await Client.open(url(bridge), token="x")
+        await subscribed(client, first, "500Ms.RS")
+        rows = bar_rows(500, T0, 6)
+        first.publish(500, "RS", rows[:3])
+        assert await client.bars(3) == [expected_event("RS", 500, r) for r in rows[:3]]
+        first.close()
+        with FakeAgg(endpoint) as second:  # a new session on the same address
+            # ZeroMQ replays the bridge's subscriptions to the new publisher by itself.
+            await asyncio.to_thread(second.wait_subscribed, b"500Ms.RS\x00", 10)
+            await eventually(lambda: bridge.aggs[0].status()["session"] == second.session)
+            second.publish(500, "RS", rows[3:])
+            assert await client.bars(3) == [expected_event("RS", 500, r) for r in rows[3:]]
+            assert counter(bridge, "polyfan_bridge_gaps_total") == 0
+        await client.close()
+    finally:
+        await bridge.stop()

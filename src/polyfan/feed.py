@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import enum
 import math
-import operator
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import msgspec
 import numpy as np
@@ -68,19 +67,6 @@ class Status(msgspec.Struct, tag_field="ev", tag="status", gc=False):
 _FRAME = msgspec.json.Decoder(list[Trade | Status])
 _ANY = msgspec.json.Decoder()
 
-# The fixed-width columns of a trade, pulled out of the structs in one C-level pass.
-_COLUMNS = operator.attrgetter("t", "p", "q", "trft", "trfi", "x", "z")
-_COLUMNS_DTYPE = np.dtype(
-    [
-        ("t", "<i8"),
-        ("p", "<f8"),
-        ("q", "<i8"),
-        ("trft", "<i8"),
-        ("trfi", "<u2"),
-        ("x", "<u2"),
-        ("z", "u1"),
-    ]
-)
 _NO_CONDITIONS: list[int] = []
 
 # Which trade field a msgspec validation error is about, and the reason it is counted under.
@@ -148,21 +134,45 @@ class TradeDecoder:
         """Decode frames received in this order; ``now_ms`` is the wall clock (Unix ms)."""
         stats = self.stats
         stats.frames += len(frames)
-        trades: list[Trade] = []
-        statuses: list[Status] = []
         problems: list[Problem] = []
-        for frame in frames:
-            try:
-                events = _FRAME.decode(frame)
-            except msgspec.DecodeError:
-                events = self._decode_slowly(frame, problems)
-            stats.events += len(events)
-            for event in events:
-                if type(event) is Trade:
-                    trades.append(event)
-                else:
-                    statuses.append(event)  # type: ignore[arg-type]
+        together = self._decode_together(frames)
+        if together is not None:
+            events, has_status = together
+        else:  # some frame is not a clean array of trades and statuses: frame by frame
+            events, has_status = [], True
+            for frame in frames:
+                try:
+                    events += _FRAME.decode(frame)
+                except msgspec.DecodeError:
+                    events += self._decode_slowly(frame, problems)
+        stats.events += len(events)
+        statuses = [e for e in events if type(e) is Status] if has_status else []
+        trades = cast(
+            "list[Trade]", [e for e in events if type(e) is Trade] if statuses else events
+        )
         return Decoded(self._records(trades, now_ms, problems), statuses, problems)
+
+    @staticmethod
+    def _decode_together(
+        frames: Sequence[bytes | str],
+    ) -> tuple[list[Trade | Status], bool] | None:
+        """The fast path: every frame's elements spliced into one array, one typed decode.
+
+        Returns the events and whether any could be a status, or None when some frame is not
+        a clean array of trades and statuses (the caller then goes frame by frame).
+        """
+        parts = []
+        has_status = False
+        for frame in frames:
+            data = (frame.encode() if isinstance(frame, str) else frame).strip()
+            if len(data) < 3 or data[0] != 0x5B or data[-1] != 0x5D:  # [ ... ]
+                return None
+            parts.append(data[1:-1])
+            has_status = has_status or b"status" in data
+        try:
+            return _FRAME.decode(b"[" + b",".join(parts) + b"]"), has_status
+        except msgspec.DecodeError:
+            return None
 
     def _decode_slowly(self, frame: bytes | str, problems: list[Problem]) -> list[Trade | Status]:
         """Element by element, after the typed decode refused the frame."""
@@ -210,9 +220,13 @@ class TradeDecoder:
         if n == 0:
             return TradeBatch.empty()
         records = np.zeros(n, wire.TRADE_DTYPE)
-        columns = np.fromiter(map(_COLUMNS, trades), _COLUMNS_DTYPE, n)
-        for name in _COLUMNS_DTYPE.names or ():
-            records[name] = columns[name]
+        records["t"] = np.array([t.t for t in trades], np.int64)
+        records["p"] = np.array([t.p for t in trades], np.float64)
+        records["q"] = np.array([t.q for t in trades], np.int64)
+        records["trft"] = np.array([t.trft for t in trades], np.int64)
+        records["trfi"] = np.array([t.trfi for t in trades], np.uint16)
+        records["x"] = np.array([t.x for t in trades], np.uint16)
+        records["z"] = np.array([t.z for t in trades], np.uint8)
         records["s"] = self._sizes(trades)
         conditions = [t.c or _NO_CONDITIONS for t in trades]
         counts = np.fromiter(map(len, conditions), np.int64, n)
@@ -246,11 +260,12 @@ class TradeDecoder:
             return TradeBatch.empty()
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
-        starts = np.flatnonzero(np.diff(sorted_ids)) + 1
+        grouped = records[order]
+        starts = (np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1).tolist()
         topics = self._topics
         return TradeBatch(
-            topics=[topics[i] for i in sorted_ids[np.r_[0, starts]].tolist()],
-            records=[records[group] for group in np.split(order, starts)],
+            topics=[topics[i] for i in sorted_ids[[0, *starts]].tolist()],
+            records=[grouped[a:b] for a, b in zip([0, *starts], [*starts, count], strict=True)],
             count=count,
             max_t=int(records["t"].max()),
         )
@@ -259,7 +274,7 @@ class TradeDecoder:
     def _sizes(trades: list[Trade]) -> np.ndarray:
         """``ds`` when present, else ``s``; NaN (rejected as ``size``) when neither parses."""
         try:
-            return np.array([t.s if t.ds is None else t.ds for t in trades], dtype=np.float64)
+            return np.array([t.s if t.ds is None else float(t.ds) for t in trades], np.float64)
         except (TypeError, ValueError):
             return np.array([_size(t) for t in trades], dtype=np.float64)
 

@@ -1,0 +1,270 @@
+"""Proxy throughput: pre-encoded Polygon frames through a real ``polyfan proxy`` to a SUB.
+
+    .venv/bin/python bench/bench_proxy.py [--trades 3000000] [--symbols 500]
+
+1. Parse-only ceilings of the same frames, in this process: ``orjson.loads``, msgspec's typed
+   decode, and the proxy's whole decode (``feed.TradeDecoder``: parse, validate, records,
+   group by symbol).
+2. ZeroMQ single frame vs multipart for trade-sized messages (PUB -> SUB over ipc).
+3. End to end: a local WebSocket server (a child process) sends the frames as fast as the proxy
+   reads them; ``polyfan proxy`` runs as a real subprocess; a SUB here counts the trades
+   published. Prints trades/s from the first trade received to the last.
+
+The machine has 2 cores shared by the server, the proxy and the SUB: figures are a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import orjson
+import zmq
+
+from polyfan import feed, wire
+from polyfan.market import Market
+
+FRAME_EVENTS = 100
+
+
+def make_frames(count: int, symbols: int) -> list[bytes]:
+    market = Market(symbols, seed=1)
+    now = int(time.time() * 1000)
+    trades = market.trades(count * FRAME_EVENTS, now)
+    return [orjson.dumps(trades[i : i + FRAME_EVENTS]) for i in range(0, len(trades), FRAME_EVENTS)]
+
+
+def best_rate(run: object, trades: int, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - start)
+    return trades / best
+
+
+def parse_ceilings(frames: list[bytes]) -> None:
+    trades = len(frames) * FRAME_EVENTS
+    typed = msgspec.json.Decoder(list[feed.Trade | feed.Status])
+    now = int(time.time() * 1000)
+
+    def with_orjson() -> None:
+        for f in frames:
+            orjson.loads(f)
+
+    def with_msgspec() -> None:
+        for f in frames:
+            typed.decode(f)
+
+    def proxy_decode_per_frame() -> None:
+        decoder = feed.TradeDecoder()
+        for f in frames:
+            decoder.decode([f], now)
+
+    def proxy_decode_batched() -> None:
+        decoder = feed.TradeDecoder()
+        for i in range(0, len(frames), 50):
+            decoder.decode(frames[i : i + 50], now)
+
+    print(f"parse only, {len(frames)} frames of {FRAME_EVENTS} trades ({trades:,} trades):")
+    for name, run in (
+        ("orjson.loads", with_orjson),
+        ("msgspec typed decode list[Trade|Status]", with_msgspec),
+        ("feed.TradeDecoder, one frame per call", proxy_decode_per_frame),
+        ("feed.TradeDecoder, 50 frames per call", proxy_decode_batched),
+    ):
+        print(f"  {name:45s} {best_rate(run, trades) / 1e6:6.2f} M trades/s")
+
+
+def zmq_frames(count: int = 300_000) -> None:
+    """Single frame ``topic\\0 header payload`` vs multipart ``[topic\\0, header payload]``."""
+    records = bytes(wire.TRADE_DTYPE.itemsize * 3)  # a typical message: 3 trades
+    topic = wire.trade_topic("AAPL")
+    header = wire.HEADER.pack(wire.VERSION, wire.Kind.TRADES, 0, 3, 1, 1)
+    print(
+        f"ZeroMQ PUB->SUB over ipc, {count:,} messages of {len(topic) + 24 + len(records)} bytes:"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for multipart in (False, True):
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            pub = context.socket(zmq.PUB)
+            pub.setsockopt(zmq.SNDHWM, 0)
+            pub.setsockopt(zmq.LINGER, 0)
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.RCVHWM, 0)
+            sub.setsockopt(zmq.LINGER, 0)
+            address = f"ipc://{tmp}/z{int(multipart)}"
+            pub.bind(address)
+            sub.connect(address)
+            sub.setsockopt(zmq.SUBSCRIBE, b"T.")
+            while True:  # no slow-joiner sleep: probe until seen
+                pub.send(topic + header)
+                if sub.poll(10):
+                    sub.recv_multipart()
+                    break
+            while sub.poll(50):
+                sub.recv_multipart()
+            done = threading.Event()
+
+            def receive(sub: zmq.Socket[bytes] = sub) -> None:
+                for _ in range(count):
+                    sub.recv_multipart(copy=True)
+                done.set()
+
+            thread = threading.Thread(target=receive)
+            thread.start()
+            start = time.perf_counter()
+            if multipart:
+                for _ in range(count):
+                    pub.send(topic, zmq.SNDMORE)
+                    pub.send(header + records)
+            else:
+                for _ in range(count):
+                    pub.send(b"".join((topic, header, records)))
+            sent = time.perf_counter() - start
+            thread.join()
+            total = time.perf_counter() - start
+            name = "multipart [topic, header+payload]" if multipart else "single frame"
+            print(
+                f"  {name:35s} send {count / sent / 1e3:7.0f} k msg/s, "
+                f"end to end {count / total / 1e3:7.0f} k msg/s"
+            )
+            sub.close(0)
+            pub.close(0)
+            context.term()
+
+
+async def serve_frames(port: int, path: Path, repeat: int) -> None:
+    """The child process: a minimal Polygon server that sends the frames as fast as read."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    frames = path.read_bytes().split(b"\n")
+    done = asyncio.Event()
+
+    async def handle(ws: ServerConnection) -> None:
+        await ws.send(feed.status_frame("connected", "Connected Successfully").decode())
+        await ws.recv()
+        await ws.send(feed.status_frame("auth_success", "authenticated").decode())
+        await ws.recv()
+        await ws.send(feed.status_frame("success", "subscribed to: T.*").decode())
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        for _ in range(repeat):
+            for frame in frames:
+                await ws.send(frame, text=True)
+        await ws.wait_closed()
+        done.set()
+
+    async with serve(handle, "127.0.0.1", port, compression=None, max_size=None):
+        print("serving", flush=True)
+        await done.wait()
+
+
+def end_to_end(frames: list[bytes], repeat: int) -> None:
+    total = len(frames) * FRAME_EVENTS * repeat
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frames"
+        path.write_bytes(b"\n".join(frames))
+        with socket_port() as port:
+            pass
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(port), str(path), str(repeat)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdin is not None
+        assert server.stdout is not None
+        server.stdout.readline()
+        address = f"ipc://{tmp}/proxy"
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(address)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        env = dict(os.environ, MASSIVE_API_KEY="bench", POLYFAN_LOG="warning")
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "polyfan", "proxy", "--upstream", f"ws://127.0.0.1:{port}",
+             "--pub", address],
+            env=env,
+        )  # fmt: skip
+        while not sub.poll(100) or wire.decode(sub.recv()).kind is not wire.Kind.CLOCK:
+            pass  # the SUB has joined once the proxy's clock arrives: then the frames may flow
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        count_at = struct.Struct("<I").unpack_from
+        received = 0
+        first = last = 0.0
+        messages = 0
+        lost = wire.GapCounter()
+        try:
+            while received < total:
+                if not sub.poll(20_000):
+                    print(f"  timed out at {received:,} of {total:,} trades")
+                    break
+                frame = sub.recv()
+                end = frame.index(0)
+                if frame[end + 2] != wire.Kind.TRADES:
+                    continue
+                if not received:
+                    first = time.perf_counter()
+                received += count_at(frame, end + 5)[0]
+                messages += 1
+                session, seq = struct.unpack_from("<QQ", frame, end + 9)
+                lost.observe(frame[:end].decode(), session, seq)
+            last = time.perf_counter()
+        finally:
+            proxy.terminate()
+            proxy.wait()
+            server.kill()
+            server.wait()
+            sub.close(0)
+            context.term()
+        elapsed = last - first
+        print(
+            f"end to end through `polyfan proxy` (subprocess, ipc PUB): {received:,} trades in "
+            f"{messages:,} messages, {elapsed:.2f} s: {received / elapsed / 1e6:.2f} M trades/s "
+            f"({received / messages:.0f} trades/message, {lost.lost} messages lost)"
+        )
+
+
+class socket_port:
+    def __enter__(self) -> int:
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        return int(self._socket.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._socket.close()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        asyncio.run(serve_frames(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trades", type=int, default=3_000_000, help="trades end to end")
+    parser.add_argument("--symbols", type=int, default=500)
+    parser.add_argument("--skip-zmq", action="store_true")
+    args = parser.parse_args()
+    frames = make_frames(2_000, args.symbols)
+    print(f"machine: {os.cpu_count()} cores; {args.symbols} symbols; Zipf-skewed activity")
+    parse_ceilings(frames)
+    if not args.skip_zmq:
+        zmq_frames()
+    end_to_end(frames, max(1, args.trades // (len(frames) * FRAME_EVENTS)))
+
+
+if __name__ == "__main__":
+    main()

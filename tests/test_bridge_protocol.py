@@ -541,3 +541,28 @@ async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_
         await client.close()
     finally:
         await bridge.stop()
+
+
+async def test_page_assets_are_served_with_their_content_types(bridge: Bridge) -> None:
+    from polyfan import bridge as module
+
+    for name, ctype in (
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("style.css", "text/css; charset=utf-8"),
+    ):
+        if not (module.STATIC / name).is_file():
+            pytest.skip("page assets not in the tree")
+        status, got, body = await get(bridge, f"/static/{name}")
+        assert (status, got) == (200, ctype)
+        assert body == (module.STATIC / name).read_bytes()
+
+
+async def test_without_built_assets_the_index_is_a_placeholder_that_says_so(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "STATIC", tmp_path)
+    status, ctype, body = await get(bridge, "/")
+    assert (status, ctype) == (200, "text/html; charset=utf-8")
+    assert b"assets are not built" in body

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyfan import wire
 from polyfan.history import History
+
+JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
 
 
 def bars(starts: list[int]) -> np.ndarray:
@@ -17,6 +20,8 @@ def bars(starts: list[int]) -> np.ndarray:
     return records
 
 
+@pytest.mark.parametrize("jit", JIT)
+@settings(deadline=None)
 @given(
     chunks=st.lists(st.integers(1, 20), min_size=1, max_size=30),
     since=st.none() | st.integers(-50, 3_000),
@@ -24,9 +29,9 @@ def bars(starts: list[int]) -> np.ndarray:
     limit=st.none() | st.integers(0, 50),
 )
 def test_select_matches_a_plain_filter(
-    chunks: list[int], since: int | None, before: int | None, limit: int | None
+    jit: bool, chunks: list[int], since: int | None, before: int | None, limit: int | None
 ) -> None:
-    history = History(keep_ms=10**9)
+    history = History(keep_ms=10**9, rows=8, jit=jit)
     starts: list[int] = []
     for size in chunks:
         new = list(range(len(starts) * 10, (len(starts) + size) * 10, 10))
@@ -63,20 +68,55 @@ def test_memory_follows_the_bars_made_not_the_retention() -> None:
     for series in range(1_000):
         history.add(series, bars([series]))  # one bar each: a quiet symbol
     assert history.bar_count == 1_000
-    assert history.nbytes <= 1_000 * 4 * wire.BAR_DTYPE.itemsize
+    # a region of 4 bars each, the arena at most twice that, 32 bytes of index per series
+    assert history.nbytes <= 2 * 1_000 * 4 * wire.BAR_DTYPE.itemsize + 1_000 * 32
     busy = History(keep_ms=3_600_000)
     for s in range(10_000):
         busy.add(0, bars([s]))
-    assert busy.nbytes <= 2 * 10_000 * wire.BAR_DTYPE.itemsize
+    assert busy.bar_count == 10_000
+    assert busy.nbytes <= 4 * 10_000 * wire.BAR_DTYPE.itemsize
 
 
 def test_a_trimmed_series_reuses_its_storage_instead_of_growing() -> None:
-    history = History(keep_ms=100, sweep=0)
+    history = History(keep_ms=100, sweep=0, rows=64)
     for s in range(0, 100_000, 10):
         history.add(0, bars([s]))
         history.trim(clock=s)
-    assert history.nbytes <= 64 * wire.BAR_DTYPE.itemsize
+    assert history.nbytes == History(keep_ms=100, sweep=0, rows=64).nbytes + 64 * 32
     held = history.select(0)["s"].tolist()
     # at least the last 100 ms (cutoff 99_890); trimming on append may lag one bar behind
     assert held[-11:] == list(range(99_890, 100_000, 10))
     assert len(held) <= 12
+
+
+@pytest.mark.parametrize("jit", JIT)
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 6), st.integers(0, 40)), min_size=1, max_size=80
+    ),
+    keep=st.sampled_from([50, 200, 10**9]),
+)
+def test_many_series_with_trimming_match_a_plain_model(
+    jit: bool, steps: list[tuple[int, int, int]], keep: int
+) -> None:
+    """Appends to several series, clock moves and sweeps, against lists filtered by age."""
+    history = History(keep_ms=keep, sweep=2, rows=8, jit=jit)
+    model: dict[int, list[int]] = {}
+    next_start = dict.fromkeys(range(6), 0)
+    clock = 0
+    for series, count, advance in steps:
+        starts = [next_start[series] + 10 * i for i in range(count)]
+        next_start[series] += 10 * count
+        history.add(series, bars(starts))
+        model.setdefault(series, []).extend(starts)
+        clock += advance
+        history.trim(clock)
+    for series in range(6):
+        held = history.select(series)["s"].tolist()
+        everything = model.get(series, [])
+        # at least the last keep_ms (no trimming ahead of the clock), never a bar made up
+        assert held == everything[len(everything) - len(held) :]
+        assert [s for s in everything if s >= clock - keep] == [
+            s for s in held if s >= clock - keep
+        ]

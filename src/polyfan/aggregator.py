@@ -12,15 +12,16 @@ someone subscribes to the control topic) and history / symbols requests (docs/ar
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from polyfan import conditions, wire
+from polyfan import conditions, kernels, wire
 from polyfan.bars import Bars
 from polyfan.config import SYMBOL_RE, AggConfig
 from polyfan.errors import WireError
@@ -33,6 +34,8 @@ log = logging.getLogger("polyfan.agg")
 _CHANNEL_RE = re.compile(r"(\d+)Ms\.(.+)")
 _REPLY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _U64_MAX = 2**64 - 1
+BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
+BAR_SIZE = wire.BAR_DTYPE.itemsize
 SUBSCRIBE = 1
 UNSUBSCRIBE = 0
 
@@ -62,9 +65,15 @@ class Aggregator:
             conditions.load_rules(config.conditions, config.conditions_file),
             jit=jit,
         )
-        self.history = History(config.history_ms)
+        self.history = History(config.history_ms, jit=jit)
         self.sequencer = wire.Sequencer(self.session)
-        self._topics: dict[int, bytes] = {}
+        self._encode_bars: Callable[..., Any] = (
+            kernels.encode_bars if jit else kernels.encode_bars.py_func
+        )
+        self._bar_topics_for = 0  # symbols whose bar topics are in the table
+        self._bar_topic_bytes = np.zeros((0, BAR_TOPIC_WIDTH), dtype=np.uint8)
+        self._bar_topic_len = np.zeros(0, dtype=np.int64)
+        self._bar_seqs = np.zeros(0, dtype=np.int64)  # last sequence number per bar topic
         self._relayed_clock: tuple[int, int] | None = None
         self.debug = log.isEnabledFor(logging.DEBUG)
         registry = registry or Registry()
@@ -164,27 +173,54 @@ class Aggregator:
         if clock is None:
             return []
         series, bars = self.bars.closed_bars(clock)
-        if len(series) == 0:
+        count = len(series)
+        if count == 0:
             return []
-        self.bars_total.value += len(series)
-        starts = np.flatnonzero(np.diff(series)) + 1
-        messages = []
-        for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(series)], strict=True):
-            key = int(series[lo])
-            chunk = bars[lo:hi]
-            self.history.add(key, chunk)
-            messages.append(
-                self._encode(self._topic(key), wire.Kind.BARS, hi - lo, chunk.tobytes())
-            )
-        return messages
+        self.bars_total.value += count
+        self.history.add_closed(series, bars)
+        self._ensure_bar_topics()
+        out = np.empty(count * (BAR_TOPIC_WIDTH + 1 + wire.HEADER.size + BAR_SIZE), np.uint8)
+        offsets = np.empty(count + 1, dtype=np.int64)
+        messages = self._encode_bars(
+            series,
+            bars.view(np.uint8),
+            self._bar_topic_bytes,
+            self._bar_topic_len,
+            self._bar_seqs,
+            np.uint64(self.session),
+            out,
+            offsets,
+        )
+        bounds = offsets[: messages + 1].tolist()
+        data = out[: bounds[-1]].tobytes()
+        return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
-    def _topic(self, series: int) -> bytes:
-        topic = self._topics.get(series)
-        if topic is None:
-            symbol, k = divmod(series, len(self.intervals))
-            topic = wire.bar_topic(self.intervals[k], self.decoder.symbol_names[symbol])
-            self._topics[series] = topic
-        return topic
+    def _ensure_bar_topics(self) -> None:
+        """Topic bytes (without terminator) and sequence numbers for every series."""
+        names = self.decoder.symbol_names
+        n_int = len(self.intervals)
+        have = self._bar_topics_for
+        if have == len(names):
+            return
+        need = len(names) * n_int
+        if need > len(self._bar_topic_len):
+            size = max(need, 2 * len(self._bar_topic_len))
+            grown = np.zeros((size, BAR_TOPIC_WIDTH), dtype=np.uint8)
+            grown[: len(self._bar_topic_bytes)] = self._bar_topic_bytes
+            self._bar_topic_bytes = grown
+            self._bar_topic_len = np.concatenate(
+                [self._bar_topic_len, np.zeros(size - len(self._bar_topic_len), np.int64)]
+            )
+            self._bar_seqs = np.concatenate(
+                [self._bar_seqs, np.zeros(size - len(self._bar_seqs), np.int64)]
+            )
+        for symbol in range(have, len(names)):
+            for k, interval in enumerate(self.intervals):
+                topic = wire.bar_topic(interval, names[symbol])[:-1][:BAR_TOPIC_WIDTH]
+                row = symbol * n_int + k
+                self._bar_topic_bytes[row, : len(topic)] = np.frombuffer(topic, np.uint8)
+                self._bar_topic_len[row] = len(topic)
+        self._bar_topics_for = len(names)
 
     def _encode(self, topic: bytes, kind: wire.Kind, count: int, payload: bytes) -> bytes:
         return wire.encode(topic, kind, self.session, self.sequencer.next(topic), count, payload)

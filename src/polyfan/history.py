@@ -1,90 +1,127 @@
 """Bars kept per series (one symbol at one interval) for late joiners and history requests.
 
-Memory follows the bars actually made: a series has no storage until its first bar, then one
-BAR_DTYPE array grown by doubling (and compacted in place when its head has been trimmed), so
-a symbol that trades twice an hour holds two bars, not an hour of slots. Bars older than the
-retention (measured on the feed clock) are trimmed when a series is appended to, and a sweep
-visits a bounded number of idle series per call so quiet symbols are trimmed too. Lookups by
-bar start are binary searches: O(log n).
+Memory follows the bars actually made. All series share one arena of BAR records; a series
+has no storage until its first bar, then a region that grows by doubling (moved to the arena's
+top; the old region is garbage until the next compaction) or is compacted in place once its
+head has been trimmed. So a symbol that trades twice an hour holds a region of 4 bars, not an
+hour of slots, and the arena holds at most a small multiple of the bars kept.
+
+Bars older than the retention (measured on the feed clock) are trimmed when their series is
+appended to, and a sweep visits a bounded number of series per ``trim`` so quiet symbols are
+trimmed too. Lookups by bar start are binary searches over a series' contiguous region:
+O(log n). Appending a batch of closed bars is one kernel call (:mod:`polyfan.kernels`).
 """
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from polyfan import wire
+from polyfan import kernels, wire
 
-_FIRST_CAPACITY = 4
-
-
-class _Series:
-    __slots__ = ("bars", "end", "start")
-
-    def __init__(self) -> None:
-        self.bars = np.empty(_FIRST_CAPACITY, dtype=wire.BAR_DTYPE)
-        self.start = 0
-        self.end = 0
-
-    def append(self, bars: np.ndarray) -> None:
-        count = len(bars)
-        if self.end + count > len(self.bars):
-            held = self.end - self.start
-            capacity = len(self.bars)
-            if held + count > capacity * 3 // 4:
-                grown = np.empty(max(2 * capacity, held + count), dtype=wire.BAR_DTYPE)
-                grown[:held] = self.bars[self.start : self.end]
-                self.bars = grown
-            else:
-                self.bars[:held] = self.bars[self.start : self.end]
-            self.start, self.end = 0, held
-        self.bars[self.end : self.end + count] = bars
-        self.end += count
-
-    def trim(self, cutoff: int) -> None:
-        """Drop bars with ``s < cutoff``."""
-        if self.start < self.end and self.bars[self.start]["s"] < cutoff:
-            self.start = self._index(cutoff)
-            if self.start == self.end:
-                self.start = self.end = 0
-
-    def _index(self, s: int) -> int:
-        """Index of the first held bar with start >= ``s``."""
-        return bisect.bisect_left(self.bars["s"], s, self.start, self.end)
-
-    def select(self, since: int | None, before: int | None, limit: int | None) -> np.ndarray:
-        lo = self.start if since is None else self._index(since)
-        hi = self.end if before is None else self._index(before)
-        if limit is not None:
-            lo = max(lo, hi - limit)
-        return self.bars[lo:hi].copy() if hi > lo else _EMPTY
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-
+_INT64_MIN = int(np.iinfo(np.int64).min)
+_WORDS = wire.BAR_DTYPE.itemsize // 8
 _EMPTY = np.zeros(0, dtype=wire.BAR_DTYPE)
 
 
 class History:
     """The last ``keep_ms`` of bars (by bar start, against the feed clock) of every series."""
 
-    def __init__(self, keep_ms: int, *, sweep: int = 256) -> None:
+    def __init__(
+        self, keep_ms: int, *, sweep: int = 512, rows: int = 4096, jit: bool = True
+    ) -> None:
         self.keep_ms = keep_ms
-        self._series: dict[int, _Series] = {}
         self._sweep = sweep
-        self._sweep_keys: list[int] = []
-        self._cutoff: int | None = None
+        self._next_sweep = 0
+        self._cutoff = _INT64_MIN
+        self._append: Callable[..., Any] = (
+            kernels.history_append if jit else kernels.history_append.py_func
+        )
+        self._trim: Callable[..., Any] = (
+            kernels.history_trim if jit else kernels.history_trim.py_func
+        )
+        self._compact: Callable[..., Any] = (
+            kernels.history_compact if jit else kernels.history_compact.py_func
+        )
+        self._off = np.full(0, -1, dtype=np.int64)
+        self._start = np.zeros(0, dtype=np.int64)
+        self._end = np.zeros(0, dtype=np.int64)
+        self._cap = np.zeros(0, dtype=np.int64)
+        self._arena = np.zeros((rows, _WORDS), dtype=np.int64)
+        self._state = np.zeros(kernels.N_HISTORY, dtype=np.int64)
+
+    def _ensure_series(self, count: int) -> None:
+        have = len(self._off)
+        if count <= have:
+            return
+        size = max(count, 2 * have, 64)
+        self._off = np.concatenate([self._off, np.full(size - have, -1, dtype=np.int64)])
+        for name in ("_start", "_end", "_cap"):
+            array = getattr(self, name)
+            setattr(self, name, np.concatenate([array, np.zeros(size - have, dtype=np.int64)]))
+
+    def _make_room(self, rows: int) -> None:
+        """Room for ``rows`` more rows at the top: compact if half is garbage, else grow."""
+        top, garbage = int(self._state[kernels.H_TOP]), int(self._state[kernels.H_GARBAGE])
+        live = top - garbage
+        size = len(self._arena)
+        if garbage >= top // 2 and live + rows <= size // 2:
+            new = np.empty_like(self._arena)
+        else:
+            new = np.empty((max(2 * size, 2 * (live + rows)), _WORDS), dtype=np.int64)
+        self._compact(self._off, self._start, self._end, self._cap, self._arena, new, self._state)
+        self._arena = new
+
+    # --- in -----------------------------------------------------------------------------
+
+    def add_closed(self, series: np.ndarray, bars: np.ndarray) -> None:
+        """Append a batch of closed bars, sorted by series then start (as ``Bars`` returns them)."""
+        if len(series) == 0:
+            return
+        self._ensure_series(int(series.max()) + 1)
+        words = np.ascontiguousarray(bars, dtype=wire.BAR_DTYPE).view(np.int64)
+        words = words.reshape(len(bars), _WORDS)
+        row = 0
+        while True:
+            row = self._append(
+                series,
+                words,
+                row,
+                self._cutoff,
+                self._off,
+                self._start,
+                self._end,
+                self._cap,
+                self._arena,
+                self._state,
+            )
+            if row < 0:
+                return
+            self._make_room(2 * (len(series) - row) + kernels.FIRST_REGION)
 
     def add(self, series: int, bars: np.ndarray) -> None:
         """Append one series' newly closed bars (oldest first, after what it holds)."""
-        store = self._series.get(series)
-        if store is None:
-            store = self._series[series] = _Series()
-        if self._cutoff is not None:
-            store.trim(self._cutoff)
-        store.append(bars)
+        self.add_closed(np.full(len(bars), series, dtype=np.int64), bars)
+
+    def trim(self, clock: int) -> None:
+        """Set the retention cutoff from the feed clock and sweep a few series."""
+        self._cutoff = clock - self.keep_ms
+        if len(self._off) and self._sweep:
+            self._next_sweep = self._trim(
+                self._cutoff,
+                self._next_sweep,
+                self._sweep,
+                self._off,
+                self._start,
+                self._end,
+                self._cap,
+                self._arena,
+                self._state,
+            )
+
+    # --- out ----------------------------------------------------------------------------
 
     def select(
         self,
@@ -94,32 +131,30 @@ class History:
         limit: int | None = None,
     ) -> np.ndarray:
         """Held bars with ``s >= since`` and ``s < before``; the newest ``limit`` of them, oldest first."""
-        store = self._series.get(series)
-        if store is None:
+        if series >= len(self._off) or self._off[series] < 0:
             return _EMPTY
-        return store.select(since, before, limit)
-
-    def trim(self, clock: int) -> None:
-        """Set the retention cutoff from the feed clock and sweep a few series."""
-        self._cutoff = clock - self.keep_ms
-        if not self._sweep_keys:
-            self._sweep_keys = list(self._series)
-        for _ in range(min(self._sweep, len(self._sweep_keys))):
-            key = self._sweep_keys.pop()
-            store = self._series.get(key)
-            if store is not None:
-                store.trim(self._cutoff)
-                if len(store) == 0:
-                    del self._series[key]
+        off = int(self._off[series])
+        lo, hi = off + int(self._start[series]), off + int(self._end[series])
+        if since is not None:
+            lo = kernels.lower_bound(self._arena, lo, hi, since)
+        if before is not None:
+            hi = kernels.lower_bound(self._arena, lo, hi, before)
+        if limit is not None:
+            lo = max(lo, hi - limit)
+        if hi <= lo:
+            return _EMPTY
+        return self._arena[lo:hi].copy().view(wire.BAR_DTYPE).reshape(hi - lo)
 
     @property
     def bar_count(self) -> int:
-        return sum(len(store) for store in self._series.values())
+        held = self._off >= 0
+        return int((self._end[held] - self._start[held]).sum())
 
     @property
     def nbytes(self) -> int:
-        return sum(store.bars.nbytes for store in self._series.values())
+        """Bytes of the arena and the per-series index."""
+        return int(self._arena.nbytes + 4 * self._off.nbytes)
 
     def __len__(self) -> int:
         """Series with bars."""
-        return len(self._series)
+        return int((self._off >= 0).sum())

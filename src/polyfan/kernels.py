@@ -136,15 +136,19 @@ def apply_trades(
         base = sym[i] * n_int
         for k in range(k0 if i == i0 else 0, n_int):
             interval = intervals[k]
-            s = (ti // interval) * interval
+            series = base + k
+            slot = head[series]
+            # Most trades land in their series' newest open bar: no division needed.
+            if slot >= 0 and pool_i[slot, I_S] <= ti < pool_i[slot, I_S] + interval:
+                s = pool_i[slot, I_S]
+            else:
+                s = (ti // interval) * interval
+                while slot >= 0 and pool_i[slot, I_S] != s:
+                    slot = pool_i[slot, I_NEXT]
             close_at = s + interval + grace
             if close_at <= clock:
                 counters[C_LATE] += 1
                 continue
-            series = base + k
-            slot = head[series]
-            while slot >= 0 and pool_i[slot, I_S] != s:
-                slot = pool_i[slot, I_NEXT]
             if slot < 0:
                 top = meta[M_FREE_TOP]
                 if top == 0:
@@ -533,3 +537,217 @@ def decode_frames(
         else:
             state[D_IGNORED] += 1
     return -1
+
+
+# --- bar messages --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _put_u64(out: np.ndarray, at: int, value: np.uint64) -> None:
+    for j in range(8):
+        out[at + j] = np.uint8((value >> np.uint64(8 * j)) & np.uint64(255))
+
+
+@njit(cache=True)
+def encode_bars(
+    series: np.ndarray,
+    raw: np.ndarray,
+    topic_bytes: np.ndarray,
+    topic_len: np.ndarray,
+    seqs: np.ndarray,
+    session: np.uint64,
+    out: np.ndarray,
+    offsets: np.ndarray,
+) -> int:
+    """One BARS message per run of equal ``series`` (bars sorted by series, then start).
+
+    ``raw`` is the bars' bytes (BAR_DTYPE records back to back); message i is
+    ``out[offsets[i]:offsets[i + 1]]``. ``seqs[series]`` is the topic's last sequence number.
+    ``out`` needs ``runs * (TOPIC_WIDTH + 1 + HEADER_SIZE) + len(raw)`` bytes. Returns the
+    number of messages.
+    """
+    m = series.shape[0]
+    pos = 0
+    messages = 0
+    j = 0
+    while j < m:
+        key = series[j]
+        k = j + 1
+        while k < m and series[k] == key:
+            k += 1
+        offsets[messages] = pos
+        length = topic_len[key]
+        out[pos : pos + length] = topic_bytes[key, :length]
+        pos += length
+        out[pos] = 0
+        out[pos + 1] = WIRE_VERSION
+        out[pos + 2] = KIND_BARS
+        out[pos + 3] = 0
+        out[pos + 4] = 0
+        count = k - j
+        for b in range(4):
+            out[pos + 5 + b] = (count >> (8 * b)) & 255
+        _put_u64(out, pos + 9, session)
+        seqs[key] += 1
+        _put_u64(out, pos + 17, np.uint64(seqs[key]))
+        pos += 1 + HEADER_SIZE
+        out[pos : pos + count * BAR_SIZE] = raw[j * BAR_SIZE : k * BAR_SIZE]
+        pos += count * BAR_SIZE
+        messages += 1
+        j = k
+    offsets[messages] = pos
+    return messages
+
+
+# --- history -------------------------------------------------------------------------------
+#
+# Every series' bars live in one region of a shared arena (``arena[row, 8 words]``, one row per
+# BAR record): ``h_off[series]`` is the region's first row (-1: no bars), ``h_start``/``h_end``
+# the held bars within it, ``h_cap`` its size. A full region is compacted in place when most of
+# it has been trimmed, else moved to a region twice the size at the arena's top (the old one
+# becomes garbage, reclaimed by ``history_compact``). ``h_state`` holds the top and the garbage.
+
+H_TOP = 0
+H_GARBAGE = 1
+N_HISTORY = 2
+FIRST_REGION = 4
+
+
+@njit(cache=True)
+def lower_bound(arena: np.ndarray, lo: int, hi: int, s: int) -> int:
+    """First row in ``[lo, hi)`` whose bar start is ``>= s`` (binary search)."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if arena[mid, 0] < s:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True)
+def _copy_rows(arena: np.ndarray, dst: int, src: int, rows: int) -> None:
+    """Copy ``rows`` rows from ``src`` to ``dst`` word by word, forward (safe for dst < src)."""
+    words = arena.shape[1]
+    for r in range(rows):
+        for w in range(words):
+            arena[dst + r, w] = arena[src + r, w]
+
+
+@njit(cache=True)
+def history_append(
+    series: np.ndarray,
+    words: np.ndarray,
+    start: int,
+    cutoff: int,
+    h_off: np.ndarray,
+    h_start: np.ndarray,
+    h_end: np.ndarray,
+    h_cap: np.ndarray,
+    arena: np.ndarray,
+    h_state: np.ndarray,
+) -> int:
+    """Append bars (sorted by series, then start) from row ``start``, trimming ``s < cutoff``.
+
+    Returns -1 when done, or the row at which the arena ran out of room: grow or compact it
+    and call again from there.
+    """
+    m = series.shape[0]
+    j = start
+    while j < m:
+        key = series[j]
+        k = j + 1
+        while k < m and series[k] == key:
+            k += 1
+        count = k - j
+        off = h_off[key]
+        if off >= 0:
+            h_start[key] = lower_bound(arena, off + h_start[key], off + h_end[key], cutoff) - off
+        live = h_end[key] - h_start[key] if off >= 0 else 0
+        if off < 0 or h_end[key] + count > h_cap[key]:
+            cap = h_cap[key] if off >= 0 else 0
+            if off >= 0 and live + count <= (cap * 3) // 4:
+                _copy_rows(arena, off, off + h_start[key], live)
+            else:
+                size = max(FIRST_REGION, 2 * cap, live + count)
+                top = h_state[H_TOP]
+                if top + size > arena.shape[0]:
+                    return j
+                if off >= 0:
+                    _copy_rows(arena, top, off + h_start[key], live)
+                    h_state[H_GARBAGE] += cap
+                h_off[key] = top
+                h_cap[key] = size
+                h_state[H_TOP] = top + size
+            h_start[key] = 0
+            h_end[key] = live
+        at = h_off[key] + h_end[key]
+        for r in range(count):
+            for w in range(words.shape[1]):
+                arena[at + r, w] = words[j + r, w]
+        h_end[key] += count
+        j = k
+    return -1
+
+
+@njit(cache=True)
+def history_trim(
+    cutoff: int,
+    first: int,
+    count: int,
+    h_off: np.ndarray,
+    h_start: np.ndarray,
+    h_end: np.ndarray,
+    h_cap: np.ndarray,
+    arena: np.ndarray,
+    h_state: np.ndarray,
+) -> int:
+    """Trim ``count`` series from ``first`` (wrapping); free emptied regions. Returns the next."""
+    n = h_off.shape[0]
+    key = first
+    for _ in range(min(count, n)):
+        if key >= n:
+            key = 0
+        off = h_off[key]
+        if off >= 0:
+            h_start[key] = lower_bound(arena, off + h_start[key], off + h_end[key], cutoff) - off
+            if h_start[key] == h_end[key]:
+                h_state[H_GARBAGE] += h_cap[key]
+                h_off[key] = -1
+                h_start[key] = 0
+                h_end[key] = 0
+                h_cap[key] = 0
+        key += 1
+    return key
+
+
+@njit(cache=True)
+def history_compact(
+    h_off: np.ndarray,
+    h_start: np.ndarray,
+    h_end: np.ndarray,
+    h_cap: np.ndarray,
+    old: np.ndarray,
+    new: np.ndarray,
+    h_state: np.ndarray,
+) -> None:
+    """Copy every live region from ``old`` to ``new`` back to back (regions keep room to grow
+    but shrink to twice their bars); the garbage is gone."""
+    top = 0
+    for key in range(h_off.shape[0]):
+        off = h_off[key]
+        if off < 0:
+            continue
+        live = h_end[key] - h_start[key]
+        cap = min(h_cap[key], max(FIRST_REGION, 2 * live))
+        first = off + h_start[key]
+        for r in range(live):
+            for w in range(old.shape[1]):
+                new[top + r, w] = old[first + r, w]
+        h_off[key] = top
+        h_start[key] = 0
+        h_end[key] = live
+        h_cap[key] = cap
+        top += cap
+    h_state[H_TOP] = top
+    h_state[H_GARBAGE] = 0

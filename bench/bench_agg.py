@@ -1,0 +1,437 @@
+"""Figures for ``polyfan agg``: run ``.venv/bin/python bench/bench_agg.py [part ...]``.
+
+Parts (all by default):
+
+- ``kernel``: trades/s through the bar kernels alone (5,000 symbols, 6 intervals), and through
+  the compiled frame decoder, and through the whole core (frames in, bar messages out).
+- ``zmq``: receive-and-aggregate trades/s of a real ``polyfan agg`` process fed pre-encoded
+  wire messages from a PUB as fast as this script can send them (ipc).
+- ``delay``: from the feed clock passing ``e + grace`` (the CLOCK message that passes it leaves
+  this script) to the bar arriving back here, p50/p99/max, at a market-like rate.
+- ``memory``: resident memory of the agg core after an hour of feed time at ~3,000 trades/s over
+  10,000 skewed symbols, with the default 6 intervals and 1 h of history (simulated fast).
+- ``startup``: ``polyfan agg`` start to its ``ready:`` line, numba cache warm.
+
+The machine is shared and has 2 cores: figures are noisy; run each part alone to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from polyfan import conditions, wire
+from polyfan.aggregator import Aggregator
+from polyfan.bars import Bars
+from polyfan.config import AggConfig
+from polyfan.ingest import FrameDecoder
+
+INTERVALS = (100, 250, 500, 1_000, 5_000, 60_000)
+GRACE = 250
+POLYFAN = [sys.executable, "-m", "polyfan"]
+T0 = 1_781_622_000_000
+
+
+def market(count: int, symbols: int, rate: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` trades over ``symbols`` (Zipf-skewed) at ``rate`` trades/s of feed time."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, symbols + 1)
+    sym = rng.choice(symbols, size=count, p=weights / weights.sum()).astype(np.int64)
+    trades = np.zeros(count, dtype=wire.TRADE_DTYPE)
+    trades["t"] = T0 + (np.arange(count) * (1_000.0 / rate)).astype(np.int64)
+    trades["t"] -= rng.integers(0, 50, count)  # disorder within the grace
+    trades["p"] = np.round(10 + (sym % 500) + rng.normal(0, 0.05, count), 2)
+    trades["s"] = rng.choice([1, 10, 100, 100, 200, 500], count)
+    odd = rng.random(count) < 0.15
+    trades["nc"][odd] = 1
+    trades["c"][odd, 0] = 37
+    form_t = rng.random(count) < 0.05
+    trades["nc"][form_t] = 1
+    trades["c"][form_t, 0] = 12
+    return trades, sym
+
+
+def frames_for(
+    trades: np.ndarray, sym: np.ndarray, per_message: int, names: list[str]
+) -> list[bytes]:
+    """Wire messages as the proxy sends them: runs of one symbol's trades, CLOCK after them."""
+    frames: list[bytes] = []
+    seqs: dict[int, int] = {}
+    clock_seq = 0
+    clock = 0
+    i = 0
+    n = len(trades)
+    while i < n:
+        s = int(sym[i])
+        j = i + 1
+        while j < n and j - i < per_message and sym[j] == s:
+            j += 1
+        seqs[s] = seqs.get(s, 0) + 1
+        chunk = trades[i:j]
+        topic = wire.trade_topic(names[s])
+        frames.append(wire.encode(topic, wire.Kind.TRADES, 1, seqs[s], len(chunk), chunk.tobytes()))
+        top = int(chunk["t"].max())
+        if top > clock + 10:
+            clock = top
+            clock_seq += 1
+            record = np.array([(clock, 0)], dtype=wire.CLOCK_DTYPE)
+            frames.append(
+                wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, clock_seq, 1, record.tobytes())
+            )
+        i = j
+    return frames
+
+
+def grouped(trades: np.ndarray, sym: np.ndarray, run: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder so each symbol's trades come in runs of up to ``run`` (as a proxy batch would)."""
+    order = np.lexsort((np.arange(len(sym)), sym, np.arange(len(sym)) // (run * 64)))
+    return trades[order], sym[order]
+
+
+# --- kernel -------------------------------------------------------------------------------
+
+
+def bench_kernel() -> None:
+    count, symbols = 4_000_000, 5_000
+    trades, sym = market(count, symbols, rate=50_000)
+    bars = Bars(INTERVALS, GRACE, conditions.polygon_rules(), pool_size=1 << 16, symbols=symbols)
+    batch = 10_000
+    # warm up (compile or load the cache)
+    warm = Bars(INTERVALS, GRACE, conditions.polygon_rules())
+    warm.add_trades(trades[:10], sym[:10], np.zeros(10, np.int64))
+    warm.closed_bars(T0 + 10**6)
+    started = time.perf_counter()
+    closed = 0
+    clock = np.int64(T0)
+    for lo in range(0, count, batch):
+        chunk = trades[lo : lo + batch]
+        clocks = np.full(len(chunk), clock, dtype=np.int64)
+        bars.add_trades(chunk, sym[lo : lo + batch], clocks)
+        clock = np.int64(chunk["t"].max())
+        closed += len(bars.closed_bars(int(clock))[0])
+    elapsed = time.perf_counter() - started
+    print(
+        f"kernel: {count / elapsed:,.0f} trades/s (apply + close, {symbols:,} symbols, "
+        f"{len(INTERVALS)} intervals, batches of {batch:,}; {closed:,} bars closed, "
+        f"{bars.late_trades} late)"
+    )
+
+    names = [f"S{i}" for i in range(symbols)]
+    for per_message in (1, 4, 16):
+        g_trades, g_sym = grouped(trades[:1_000_000], sym[:1_000_000], per_message)
+        frames = frames_for(g_trades, g_sym, per_message, names)
+        decoder = FrameDecoder()
+        decoder.decode(frames[:100])
+        started = time.perf_counter()
+        received = 0
+        for lo in range(100, len(frames), 4096):
+            received += len(decoder.decode(frames[lo : lo + 4096]).trades)
+        elapsed = time.perf_counter() - started
+        print(
+            f"decoder: {received / elapsed:,.0f} trades/s, {(len(frames) - 100) / elapsed:,.0f} "
+            f"messages/s ({per_message} trades per message at most, batches of 4,096 frames)"
+        )
+        core = Aggregator(AggConfig(intervals_ms=INTERVALS, grace_ms=GRACE))
+        core.frames_received(frames[:100])
+        started = time.perf_counter()
+        sent = 0
+        for lo in range(100, len(frames), 4096):
+            sent += len(core.frames_received(frames[lo : lo + 4096]))
+        elapsed = time.perf_counter() - started
+        print(
+            f"core: {core.trades_total.value / elapsed:,.0f} trades/s frames in -> bar messages out "
+            f"({sent:,} messages, {core.bars_total.value:,.0f} bars; {per_message} per message)"
+        )
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+class Agg:
+    def __init__(self, sub: str, pub: str, metrics_port: int, *extra: str) -> None:
+        args = ["agg", "--sub", sub, "--pub", pub, "--metrics", f"127.0.0.1:{metrics_port}"]
+        for interval in INTERVALS:
+            args += ["--interval", f"{interval}ms"]
+        self.port = metrics_port
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [*POLYFAN, *args, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "POLYFAN_LOG": "info"},
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if "ready:" in line:
+                self.ready_after = time.perf_counter() - self.started
+                break
+        else:
+            raise SystemExit(f"agg did not start: exit {self.proc.wait()}")
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert match is not None, name
+        return float(match.group(1))
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the agg process so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(2)
+        self.proc.wait(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connected_pub(
+    ctx: zmq.Context[zmq.Socket[bytes]], address: str, agg_pub: str
+) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """A PUB the agg subscribes to, and a SUB on the agg, both past the slow joiner."""
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(address)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(agg_pub)
+    wall = 10**15
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline, "agg never relayed the probe"
+        wall += 1
+        record = np.array([(0, wall)], dtype=wire.CLOCK_DTYPE)
+        pub.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, wall, 1, record.tobytes()))
+        if sub.poll(20):
+            message = wire.decode(sub.recv())
+            if message.kind is wire.Kind.CLOCK and wire.records(message)["wall"][0] == wall:
+                return pub, sub
+
+
+def bench_zmq() -> None:
+    count, symbols = 3_000_000, 5_000
+    trades, sym = market(count, symbols, rate=200_000, seed=2)
+    names = [f"S{i}" for i in range(symbols)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for per_message in (4, 16, 64):
+            g_trades, g_sym = grouped(trades, sym, per_message)
+            frames = frames_for(g_trades, g_sym, per_message, names)
+            proxy, agg_pub = f"ipc://{tmp}/p{per_message}", f"ipc://{tmp}/a{per_message}"
+            agg = Agg(proxy, agg_pub, free_port())
+            ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            pub, sub = connected_pub(ctx, proxy, agg_pub)
+            sub.close(0)
+            send = pub.send
+            # Steady state: every symbol seen once (topic tables built) before the clock starts.
+            warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
+            warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0
+            for name in names:
+                send(wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 2, 1, 1, warm.tobytes()))
+            while agg.metric("polyfan_agg_trades_total") < symbols:
+                time.sleep(0.05)
+            cpu = agg.cpu_seconds()
+            started = time.perf_counter()
+            for frame in frames:
+                send(frame)
+            sent_after = time.perf_counter() - started
+            while agg.metric("polyfan_agg_trades_total") < count + symbols:
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            cpu = agg.cpu_seconds() - cpu
+            gaps = agg.metric("polyfan_agg_gaps_total")
+            bars = agg.metric("polyfan_agg_bars_total")
+            print(
+                f"zmq: {count / elapsed:,.0f} trades/s received and aggregated by polyfan agg, "
+                f"wall clock; {count / cpu:,.0f} trades per CPU-second of the agg "
+                f"({per_message} trades/message at most, {len(frames):,} messages, "
+                f"{bars / count:.2f} bars per trade; sender alone {count / sent_after:,.0f} "
+                f"trades/s; gaps {gaps:.0f})"
+            )
+            pub.close(0)
+            ctx.term()
+            agg.stop()
+
+
+# --- delay --------------------------------------------------------------------------------
+
+
+def bench_delay(rate: float = 20_000, symbols: int = 5_000, seconds: float = 10.0) -> None:
+    """Feed time runs with wall time: trades at ``rate``, CLOCK every 10 ms (as the proxy's tick
+    and post-trade clocks would); the delay of a bar is its arrival here minus the send time of
+    the first CLOCK with ``clock >= e + grace``."""
+    count = int(rate * seconds)
+    trades, sym = market(count, symbols, rate=rate, seed=3)
+    names = [f"S{i}" for i in range(symbols)]
+    with tempfile.TemporaryDirectory() as tmp:
+        proxy, agg_pub = f"ipc://{tmp}/p", f"ipc://{tmp}/a"
+        agg = Agg(proxy, agg_pub, free_port())
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        pub, sub = connected_pub(ctx, proxy, agg_pub)
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        clock_sent: list[tuple[int, float]] = []  # (clock, perf_counter at send)
+        delays: list[float] = []
+        seqs: dict[int, int] = {}
+        clock_seq = 0
+        start_wall = time.perf_counter()
+        feed_start = int(trades["t"][0])
+        i = 0
+        end = feed_start + int(seconds * 1000) + 2 * GRACE + max(INTERVALS[:4])
+
+        def receive(timeout_ms: int) -> None:
+            while poller.poll(timeout_ms):
+                now = time.perf_counter()
+                message = wire.decode(sub.recv())
+                if message.kind is not wire.Kind.BARS:
+                    continue
+                interval = int(message.topic.split("Ms.", 1)[0])
+                due = int(wire.records(message)["s"][-1]) + interval + GRACE
+                k = np.searchsorted([c for c, _ in clock_sent], due)
+                if k < len(clock_sent) and interval <= 1_000:
+                    delays.append(now - clock_sent[k][1])
+                timeout_ms = 0
+
+        feed_now = feed_start
+        while feed_now < end:
+            feed_now = feed_start + int((time.perf_counter() - start_wall) * 1000)
+            j = i
+            while j < count and trades["t"][j] <= feed_now:
+                j += 1
+            for k in range(i, j):
+                s = int(sym[k])
+                seqs[s] = seqs.get(s, 0) + 1
+                pub.send(
+                    wire.encode(
+                        wire.trade_topic(names[s]),
+                        wire.Kind.TRADES,
+                        7,
+                        seqs[s],
+                        1,
+                        trades[k : k + 1].tobytes(),
+                    )
+                )
+            i = j
+            clock_seq += 1
+            record = np.array([(feed_now, 0)], dtype=wire.CLOCK_DTYPE)
+            clock_sent.append((feed_now, time.perf_counter()))
+            pub.send(
+                wire.encode(
+                    wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, 10**9 + clock_seq, 1, record.tobytes()
+                )
+            )
+            receive(10)
+        receive(200)
+        ms = sorted(d * 1000 for d in delays)
+        print(
+            f"delay: clock past e+grace -> bar received, p50 {statistics.median(ms):.2f} ms, "
+            f"p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms):,} bar "
+            f"messages (100ms..1s bars; {rate:,.0f} trades/s over {symbols:,} symbols, "
+            f"CLOCK every ~10 ms, ipc)"
+        )
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+        agg.stop()
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_memory(rate: float = 3_000, symbols: int = 10_000, hours: float = 1.0) -> None:
+    """Run in a child so the figure is this workload's alone."""
+    if os.environ.get("BENCH_AGG_CHILD") != "memory":
+        subprocess.run(
+            [sys.executable, __file__, "memory"],
+            env={**os.environ, "BENCH_AGG_CHILD": "memory"},
+            check=True,
+        )
+        return
+    names = [f"S{i}" for i in range(symbols)]
+    core = Aggregator(AggConfig(intervals_ms=INTERVALS, grace_ms=GRACE, history_ms=3_600_000))
+    before = rss_mb()
+    seconds = int(hours * 3600)
+    chunk_s = 60
+    started = time.perf_counter()
+    for minute in range(0, seconds, chunk_s):
+        trades, sym = market(int(rate * chunk_s), symbols, rate=rate, seed=minute)
+        trades["t"] += minute * 1000
+        g_trades, g_sym = grouped(trades, sym, 8)
+        frames = frames_for(g_trades, g_sym, 8, names)
+        for lo in range(0, len(frames), 4096):
+            core.frames_received(frames[lo : lo + 4096])
+        core.tick()
+    record = np.array([(T0 + seconds * 1000 + 120_000, 0)], dtype=wire.CLOCK_DTYPE)
+    core.frames_received(
+        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, 10**9, 1, record.tobytes())]
+    )
+    elapsed = time.perf_counter() - started
+    print(
+        f"memory: {rss_mb():,.0f} MB resident ({rss_mb() - before:,.0f} MB for the agg's state) "
+        f"after {hours:g} h of feed time at {rate:,.0f} trades/s over {symbols:,} symbols, "
+        f"{len(INTERVALS)} intervals: {core.history.bar_count:,} bars held in "
+        f"{core.history.nbytes / 2**20:,.0f} MB of history arrays, {len(core.history):,} series "
+        f"(simulated in {elapsed:.0f} s)"
+    )
+
+
+# --- start-up -----------------------------------------------------------------------------
+
+
+def bench_startup(runs: int = 5) -> None:
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(runs + 1):
+            agg = Agg(f"ipc://{tmp}/p", f"ipc://{tmp}/a{run}", free_port())
+            agg.stop()
+            if run:  # the first run may fill the numba cache
+                times.append(agg.ready_after)
+    print(
+        f"startup: polyfan agg to ready: median {statistics.median(times) * 1000:.0f} ms, "
+        f"max {max(times) * 1000:.0f} ms over {runs} runs (numba cache warm; includes the "
+        f"Python interpreter start)"
+    )
+
+
+PARTS = {
+    "kernel": bench_kernel,
+    "zmq": bench_zmq,
+    "delay": bench_delay,
+    "memory": bench_memory,
+    "startup": bench_startup,
+}
+
+if __name__ == "__main__":
+    for part in sys.argv[1:] or list(PARTS):
+        PARTS[part]()

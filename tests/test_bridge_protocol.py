@@ -566,3 +566,25 @@ async def test_without_built_assets_the_index_is_a_placeholder_that_says_so(
     status, ctype, body = await get(bridge, "/")
     assert (status, ctype) == (200, "text/html; charset=utf-8")
     assert b"assets are not built" in body
+
+
+@pytest.mark.parametrize("channel", ["500Ms.*", "500Ms.QUIET"])
+async def test_bars_published_while_nobody_listened_are_not_counted_as_gaps(
+    bridge: Bridge, agg: FakeAgg, channel: str
+) -> None:
+    client = await Client.open(url(bridge))
+    rows = bar_rows(500, T0, 3)
+    await subscribed(client, agg, channel)
+    agg.publish(500, "QUIET", rows[:1])
+    assert await client.bars(1) == [expected_event("QUIET", 500, rows[0])]
+    await client.send({"action": "unsubscribe", "params": channel})
+    assert (await client.next_event())["status"] == "success"
+    topic = channel.encode().replace(b"*", b"") + (b"" if channel.endswith("*") else b"\x00")
+    await asyncio.to_thread(agg.wait_unsubscribed, topic)
+    agg.publish(500, "QUIET", rows[1:2])  # seq 2 goes nowhere
+    agg.flush()
+    await subscribed(client, agg, channel)
+    agg.publish(500, "QUIET", rows[2:])
+    assert await client.bars(1) == [expected_event("QUIET", 500, rows[2])]
+    assert counter(bridge, "polyfan_bridge_gaps_total") == 0
+    await client.close()

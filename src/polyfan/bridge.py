@@ -7,10 +7,12 @@ what). It moves bytes and decides nothing about content:
   ANNOUNCE says which intervals and symbols it serves) and to this bridge's reply topic; bar
   topics are subscribed when a channel gets its first client and unsubscribed when it loses its
   last. History requests go up the same socket (docs/architecture.md, "Requests to an agg").
-- one reader task per aggregator drains every waiting message, encodes each bar once, and hands
-  every client one frame per pass to its bounded :class:`~polyfan.fanout.Backlog`; a per-client
-  writer task sends it. No client is ever awaited by the loop that serves the others; a client
-  whose backlog passes its bound is closed with 1013.
+- one reader task per aggregator drains the waiting messages, encodes each bar once and, per
+  group of clients with the same channels, builds one JSON frame and serializes it once as a
+  WebSocket frame. A client that keeps up gets it written straight to its socket; otherwise it
+  goes into the client's bounded :class:`~polyfan.fanout.Backlog`, drained by the client's
+  writer task. No client is ever awaited by the loop that serves the others; a client whose
+  backlog passes its bound is closed with 1013.
 - HTTP (``/``, ``/static/...``, ``/api/bars``, ``/api/symbols``, ``/api/info``, ``/healthz``,
   ``/metrics``) is answered in websockets' ``process_request``; any WebSocket upgrade on any
   path is the client protocol.
@@ -170,7 +172,8 @@ class Agg:
     announce: dict[str, Any] | None = None
     heard_at: float | None = None  # monotonic time of the last message
     upstream_up: bool | None = None
-    topics: set[bytes] = field(default_factory=set)
+    topics: set[bytes] = field(default_factory=set)  # subscribed ZeroMQ prefixes
+    seen: set[str] = field(default_factory=set)  # bar topics received (for gap counting)
 
     def is_heard(self) -> bool:
         return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
@@ -335,8 +338,13 @@ class Bridge:
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("unexpected error in %s", task.get_coro(), exc_info=task.exception())
 
     async def _report(self) -> None:
         last = self.registry.values()
@@ -379,7 +387,11 @@ class Bridge:
                     frame = agg.sync.recv(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
-                bars += self._received(agg, frame, arrivals)
+                try:
+                    bars += self._received(agg, frame, arrivals)
+                except Exception:  # a bug must not stop the feed for every client
+                    self.counters.wire_errors.inc()
+                    log.exception("unexpected error handling a message from %s", agg.endpoint)
             if arrivals:
                 self._deliver(arrivals)
                 self.counters.passes.inc()
@@ -414,6 +426,7 @@ class Bridge:
         if parsed is None:
             self.counters.wire_errors.inc()
             return
+        agg.seen.add(message.topic)
         lost = agg.gaps.observe(message.topic, message.session, message.seq)
         if lost:
             log.warning("lost %d bar message(s) on %s from %s", lost, message.topic, agg.endpoint)
@@ -499,8 +512,12 @@ class Bridge:
     def _unroute_channel(self, channel: Channel) -> None:
         for agg in self._channel_aggs.pop(channel, []):
             agg.unsubscribe(channel.topic)
-            if channel.symbol is not None:
-                agg.gaps.forget(channel.name)
+            # Topics no longer received from this agg start afresh if subscribed again:
+            # messages published meanwhile were not lost, just not asked for.
+            for topic in [t for t in agg.seen if (t + "\0").encode().startswith(channel.topic)]:
+                if not any((topic + "\0").encode().startswith(other) for other in agg.topics):
+                    agg.gaps.forget(topic)
+                    agg.seen.discard(topic)
 
     # -- clients -------------------------------------------------------------------------------
 

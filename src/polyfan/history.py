@@ -1,10 +1,11 @@
 """Bars kept per series (one symbol at one interval) for late joiners and history requests.
 
 Memory follows the bars actually made. All series share one arena of BAR records; a series
-has no storage until its first bar, then a region that grows by doubling (moved to the arena's
-top; the old region is garbage until the next compaction) or is compacted in place once its
+has no storage until its first bar, then a region of 4, 8, 16 ... bars that moves to the next
+size when full (the old region goes on a free list for reuse) or is compacted in place once its
 head has been trimmed. So a symbol that trades twice an hour holds a region of 4 bars, not an
-hour of slots, and the arena holds at most a small multiple of the bars kept.
+hour of slots. The arena grows by ``ndarray.resize`` (realloc: large blocks are remapped, not
+copied); nothing is ever compacted globally, so no call stalls the loop.
 
 Bars older than the retention (measured on the feed clock) are trimmed when their series is
 appended to, and a sweep visits a bounded number of series per ``trim`` so quiet symbols are
@@ -42,13 +43,11 @@ class History:
         self._trim: Callable[..., Any] = (
             kernels.history_trim if jit else kernels.history_trim.py_func
         )
-        self._compact: Callable[..., Any] = (
-            kernels.history_compact if jit else kernels.history_compact.py_func
-        )
         self._off = np.full(0, -1, dtype=np.int64)
         self._start = np.zeros(0, dtype=np.int64)
         self._end = np.zeros(0, dtype=np.int64)
         self._cap = np.zeros(0, dtype=np.int64)
+        self._free = np.full(kernels.N_CLASSES, -1, dtype=np.int64)
         self._arena = np.zeros((rows, _WORDS), dtype=np.int64)
         self._state = np.zeros(kernels.N_HISTORY, dtype=np.int64)
 
@@ -63,16 +62,10 @@ class History:
             setattr(self, name, np.concatenate([array, np.zeros(size - have, dtype=np.int64)]))
 
     def _make_room(self, rows: int) -> None:
-        """Room for ``rows`` more rows at the top: compact if half is garbage, else grow."""
-        top, garbage = int(self._state[kernels.H_TOP]), int(self._state[kernels.H_GARBAGE])
-        live = top - garbage
+        """At least ``rows`` more rows above the top: grow the arena by half or more."""
         size = len(self._arena)
-        if garbage >= top // 2 and live + rows <= size // 2:
-            new = np.empty_like(self._arena)
-        else:
-            new = np.empty((max(2 * size, 2 * (live + rows)), _WORDS), dtype=np.int64)
-        self._compact(self._off, self._start, self._end, self._cap, self._arena, new, self._state)
-        self._arena = new
+        grown = max(size + size // 2, int(self._state[kernels.H_TOP]) + rows)
+        self._arena.resize((grown, _WORDS), refcheck=False)
 
     # --- in -----------------------------------------------------------------------------
 
@@ -94,12 +87,13 @@ class History:
                 self._start,
                 self._end,
                 self._cap,
+                self._free,
                 self._arena,
                 self._state,
             )
             if row < 0:
                 return
-            self._make_room(2 * (len(series) - row) + kernels.FIRST_REGION)
+            self._make_room(4 * (len(series) - row) + 2 * int(self._cap.max()))
 
     def add(self, series: int, bars: np.ndarray) -> None:
         """Append one series' newly closed bars (oldest first, after what it holds)."""
@@ -117,6 +111,7 @@ class History:
                 self._start,
                 self._end,
                 self._cap,
+                self._free,
                 self._arena,
                 self._state,
             )
@@ -154,6 +149,11 @@ class History:
     def nbytes(self) -> int:
         """Bytes of the arena and the per-series index."""
         return int(self._arena.nbytes + 4 * self._off.nbytes)
+
+    @property
+    def free_rows(self) -> int:
+        """Arena rows on the free lists, waiting for reuse."""
+        return int(self._state[kernels.H_FREE_ROWS])
 
     def __len__(self) -> int:
         """Series with bars."""

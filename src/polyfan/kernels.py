@@ -603,14 +603,18 @@ def encode_bars(
 #
 # Every series' bars live in one region of a shared arena (``arena[row, 8 words]``, one row per
 # BAR record): ``h_off[series]`` is the region's first row (-1: no bars), ``h_start``/``h_end``
-# the held bars within it, ``h_cap`` its size. A full region is compacted in place when most of
-# it has been trimmed, else moved to a region twice the size at the arena's top (the old one
-# becomes garbage, reclaimed by ``history_compact``). ``h_state`` holds the top and the garbage.
+# the held bars within it, ``h_cap`` its size (4, 8, 16 ... rows: size class c holds
+# ``FIRST_REGION << c`` rows). A full region is compacted in place when most of it has been
+# trimmed, else its bars move to a region of the next class. Freed regions go on a free list per
+# class, linked through their first word (``h_free[c]`` is the head), and are reused before the
+# arena's top moves: nothing is ever compacted globally, so no call copies more than one
+# series' bars. ``h_state`` holds the top and the rows on free lists.
 
 H_TOP = 0
-H_GARBAGE = 1
+H_FREE_ROWS = 1
 N_HISTORY = 2
 FIRST_REGION = 4
+N_CLASSES = 48
 
 
 @njit(cache=True)
@@ -635,6 +639,24 @@ def _copy_rows(arena: np.ndarray, dst: int, src: int, rows: int) -> None:
 
 
 @njit(cache=True)
+def _size_class(rows: int) -> int:
+    c = 0
+    while (FIRST_REGION << c) < rows:
+        c += 1
+    return c
+
+
+@njit(cache=True)
+def _free_region(
+    arena: np.ndarray, off: int, cap: int, h_free: np.ndarray, h_state: np.ndarray
+) -> None:
+    c = _size_class(cap)
+    arena[off, 0] = h_free[c]
+    h_free[c] = off
+    h_state[H_FREE_ROWS] += cap
+
+
+@njit(cache=True)
 def history_append(
     series: np.ndarray,
     words: np.ndarray,
@@ -644,13 +666,14 @@ def history_append(
     h_start: np.ndarray,
     h_end: np.ndarray,
     h_cap: np.ndarray,
+    h_free: np.ndarray,
     arena: np.ndarray,
     h_state: np.ndarray,
 ) -> int:
     """Append bars (sorted by series, then start) from row ``start``, trimming ``s < cutoff``.
 
-    Returns -1 when done, or the row at which the arena ran out of room: grow or compact it
-    and call again from there.
+    Returns -1 when done, or the row at which the arena ran out of room: grow it and call
+    again from there.
     """
     m = series.shape[0]
     j = start
@@ -669,16 +692,22 @@ def history_append(
             if off >= 0 and live + count <= (cap * 3) // 4:
                 _copy_rows(arena, off, off + h_start[key], live)
             else:
-                size = max(FIRST_REGION, 2 * cap, live + count)
-                top = h_state[H_TOP]
-                if top + size > arena.shape[0]:
-                    return j
+                c = _size_class(max(2 * cap, live + count))
+                size = FIRST_REGION << c
+                new = h_free[c]
+                if new >= 0:
+                    h_free[c] = arena[new, 0]
+                    h_state[H_FREE_ROWS] -= size
+                else:
+                    new = h_state[H_TOP]
+                    if new + size > arena.shape[0]:
+                        return j
+                    h_state[H_TOP] = new + size
                 if off >= 0:
-                    _copy_rows(arena, top, off + h_start[key], live)
-                    h_state[H_GARBAGE] += cap
-                h_off[key] = top
+                    _copy_rows(arena, new, off + h_start[key], live)
+                    _free_region(arena, off, cap, h_free, h_state)
+                h_off[key] = new
                 h_cap[key] = size
-                h_state[H_TOP] = top + size
             h_start[key] = 0
             h_end[key] = live
         at = h_off[key] + h_end[key]
@@ -699,6 +728,7 @@ def history_trim(
     h_start: np.ndarray,
     h_end: np.ndarray,
     h_cap: np.ndarray,
+    h_free: np.ndarray,
     arena: np.ndarray,
     h_state: np.ndarray,
 ) -> int:
@@ -712,42 +742,10 @@ def history_trim(
         if off >= 0:
             h_start[key] = lower_bound(arena, off + h_start[key], off + h_end[key], cutoff) - off
             if h_start[key] == h_end[key]:
-                h_state[H_GARBAGE] += h_cap[key]
+                _free_region(arena, off, h_cap[key], h_free, h_state)
                 h_off[key] = -1
                 h_start[key] = 0
                 h_end[key] = 0
                 h_cap[key] = 0
         key += 1
     return key
-
-
-@njit(cache=True)
-def history_compact(
-    h_off: np.ndarray,
-    h_start: np.ndarray,
-    h_end: np.ndarray,
-    h_cap: np.ndarray,
-    old: np.ndarray,
-    new: np.ndarray,
-    h_state: np.ndarray,
-) -> None:
-    """Copy every live region from ``old`` to ``new`` back to back (regions keep room to grow
-    but shrink to twice their bars); the garbage is gone."""
-    top = 0
-    for key in range(h_off.shape[0]):
-        off = h_off[key]
-        if off < 0:
-            continue
-        live = h_end[key] - h_start[key]
-        cap = min(h_cap[key], max(FIRST_REGION, 2 * live))
-        first = off + h_start[key]
-        for r in range(live):
-            for w in range(old.shape[1]):
-                new[top + r, w] = old[first + r, w]
-        h_off[key] = top
-        h_start[key] = 0
-        h_end[key] = live
-        h_cap[key] = cap
-        top += cap
-    h_state[H_TOP] = top
-    h_state[H_GARBAGE] = 0

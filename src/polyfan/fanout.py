@@ -9,7 +9,7 @@ Pure: no asyncio, websockets or zmq; clients are plain integer ids.
   pairs: each client in at most one pair, so it gets one frame per pass, and the frame of a
   group of clients with the same channels is built once, not once per client.
 - A client that subscribes with ``since`` is *pending* on that channel: its live bars are held
-  (:meth:`Fanout.route`) until the history reply arrives; :meth:`Fanout.complete_history`
+  (:meth:`Fanout.deliveries` leaves them out) until the history reply arrives; :meth:`Fanout.complete_history`
   returns history then the held live bars, dropping any live bar whose start ``s`` the history
   already covered. The topic is subscribed before history is requested, so the two overlap and
   nothing is missing or repeated at the seam.
@@ -109,6 +109,8 @@ class Fanout:
 
     def deliveries(self, arrivals: Sequence[Arrival]) -> list[Delivery]:
         """One pass's bars, per topic in arrival order, as ``(bars, clients)`` pairs.
+
+        The client collections may be the table's own sets: use them before the table changes.
 
         A client on both ``500Ms.TSLA`` and ``500Ms.*`` gets each bar once; a client pending
         on a channel (``since``) has that channel's bars held for it instead.

@@ -9,9 +9,9 @@ Pure: no asyncio, websockets or zmq; clients are plain integer ids.
   pairs: each client in at most one pair, so it gets one frame per pass, and the frame of a
   group of clients with the same channels is built once, not once per client.
 - A client that subscribes with ``since`` is *pending* on that channel: its live bars are held
-  (:meth:`Fanout.deliveries` leaves them out) until the history reply arrives; :meth:`Fanout.complete_history`
-  returns history then the held live bars, dropping any live bar whose start ``s`` the history
-  already covered. The topic is subscribed before history is requested, so the two overlap and
+  (:meth:`Fanout.deliveries` leaves them out) until the history reply arrives;
+  :meth:`Fanout.complete_history` returns history then the held live bars, dropping any live
+  bar whose start ``s`` the history already covered. The topic is subscribed before history is requested, so the two overlap and
   nothing is missing or repeated at the seam.
 - :class:`Backlog` is one client's bounded queue of unsent frames; :meth:`Backlog.push` says no
   when the bound would be passed, and the shell then closes the client with 1013.

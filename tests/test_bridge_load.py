@@ -88,7 +88,9 @@ async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets
         good = await Client.open(f"ws://127.0.0.1:{bridge.port}/")
         await good.send({"action": "subscribe", "params": "100Ms.FLOOD"})
         assert (await good.next_event())["message"] == "subscribed to: 100Ms.FLOOD"
-        await eventually(lambda: len(bridge.fanout.channels_of(1)) == 1, what="slow subscribed")
+        await eventually(
+            lambda: len(bridge.fanout.channels_of(bridge.clients[1])) == 1, what="slow subscribed"
+        )
         await asyncio.to_thread(agg.wait_subscribed, b"100Ms.FLOOD\x00")
 
         rows = bar_rows(100, T0, 60_000)

@@ -22,7 +22,7 @@ def parts(*starts: int, sym: str = "TSLA") -> list[bytes]:
     return [p for _, p in bars(*starts, sym=sym)]
 
 
-def per_client(fan: Fanout, *arrivals: Arrival) -> dict[int, list[bytes]]:
+def per_client(fan: Fanout[int], *arrivals: Arrival) -> dict[int, list[bytes]]:
     """What each client gets from one pass; each client must appear at most once."""
     out: dict[int, list[bytes]] = {}
     for bars_, clients in fan.deliveries(list(arrivals)):
@@ -33,7 +33,7 @@ def per_client(fan: Fanout, *arrivals: Arrival) -> dict[int, list[bytes]]:
 
 
 def test_first_client_and_last_client_of_a_channel_are_reported() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     assert fan.subscribe(1, TSLA) is True
     assert fan.subscribe(2, TSLA) is False
     assert fan.subscribe(1, TSLA) is False  # idempotent
@@ -45,7 +45,7 @@ def test_first_client_and_last_client_of_a_channel_are_reported() -> None:
 
 
 def test_removing_a_client_returns_the_channels_it_was_last_on() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA)
     fan.subscribe(1, AAPL)
     fan.subscribe(2, AAPL)
@@ -55,7 +55,7 @@ def test_removing_a_client_returns_the_channels_it_was_last_on() -> None:
 
 
 def test_one_pass_gives_exact_and_star_clients_each_bar_once_in_one_frame() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA)
     fan.subscribe(2, EVERY)
     fan.subscribe(3, TSLA)
@@ -77,7 +77,7 @@ def test_one_pass_gives_exact_and_star_clients_each_bar_once_in_one_frame() -> N
 
 
 def test_clients_with_the_same_channels_share_one_delivery() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     for client in range(100):
         fan.subscribe(client, TSLA)
         fan.subscribe(client, AAPL)
@@ -92,14 +92,14 @@ def test_clients_with_the_same_channels_share_one_delivery() -> None:
 
 
 def test_a_pass_with_no_subscribed_bars_delivers_nothing() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, AAPL)
     assert fan.deliveries([(500, "TSLA", bars(0))]) == []
     assert fan.deliveries([]) == []
 
 
 def test_since_holds_live_bars_until_history_then_merges_without_repeats() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA)
     fan.subscribe(2, TSLA, since=True)
     assert fan.is_pending(2, TSLA)
@@ -112,7 +112,7 @@ def test_since_holds_live_bars_until_history_then_merges_without_repeats() -> No
 
 
 def test_a_pending_client_still_gets_its_other_channels_in_the_same_pass() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA, since=True)
     fan.subscribe(1, AAPL)
     fan.subscribe(2, TSLA)
@@ -123,14 +123,14 @@ def test_a_pending_client_still_gets_its_other_channels_in_the_same_pass() -> No
 
 
 def test_since_with_empty_history_releases_every_held_bar() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA, since=True)
     assert per_client(fan, (500, "TSLA", bars(0, 500))) == {}
     assert fan.complete_history(1, TSLA, []) == parts(0, 500)
 
 
 def test_history_for_a_client_that_left_the_channel_is_dropped() -> None:
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA, since=True)
     per_client(fan, (500, "TSLA", bars(0)))
     fan.unsubscribe(1, TSLA)
@@ -147,7 +147,7 @@ def test_seam_has_no_gap_and_no_repeat_for_any_interleaving(
     before: int, overlap: int, after: int, since_index: int
 ) -> None:
     """The agg stores then publishes; the bridge subscribes, then asks: any split works."""
-    fan = Fanout()
+    fan: Fanout[int] = Fanout()
     fan.subscribe(7, TSLA, since=True)
     published = [i * 500 for i in range(before + overlap + after)]
     since = since_index * 500

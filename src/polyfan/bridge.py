@@ -224,6 +224,10 @@ class Client:
     close_after: tuple[int, str] | None = None  # close once the backlog is written
     cut_off: bool = False
 
+    def __post_init__(self) -> None:
+        self.protocol = self.ws.protocol  # fixed for the connection's life; read per frame
+        self.transport = self.ws.transport
+
     def keeps_up(self) -> bool:
         """True when a frame may be written straight to the socket.
 
@@ -233,13 +237,12 @@ class Client:
         ``broadcast`` does, with the frame serialized once for every client: the server
         never masks and no extension is negotiated (compression is off).
         """
-        ws = self.ws
         return (
-            not self.backlog
+            not self.backlog.bytes
             and self.close_after is None
             and not self.cut_off
-            and ws.protocol.state is State.OPEN
-            and ws.transport.get_write_buffer_size() < DIRECT_WRITE_BELOW
+            and self.protocol.state is State.OPEN
+            and self.transport.get_write_buffer_size() < DIRECT_WRITE_BELOW
         )
 
 
@@ -252,7 +255,7 @@ class Bridge:
         self.registry = Registry()
         self.counters = Counters(self.registry)
         self.catalog = Catalog()
-        self.fanout = Fanout()
+        self.fanout: Fanout[Client] = Fanout()
         self.clients: dict[int, Client] = {}
         self.aggs: list[Agg] = []
         self.reply_id = secrets.token_hex(8)
@@ -524,18 +527,14 @@ class Bridge:
     def _deliver(self, arrivals: list[Arrival]) -> None:
         """One pass: each group's bars become one JSON frame, framed once for the wire, and
         written to every client of the group that keeps up (queued for the others)."""
-        clients = self.clients
         frames = bars_sent = 0
         for parts, receivers in self.fanout.deliveries(arrivals):
             frame = join_events(parts)
             wire_frame = _text_frame(frame)
             bars = len(parts)
-            for client_id in receivers:
-                client = clients.get(client_id)
-                if client is None:
-                    continue
+            for client in receivers:
                 if client.keeps_up():
-                    client.ws.transport.write(wire_frame)
+                    client.transport.write(wire_frame)
                     frames += 1
                     bars_sent += bars
                 else:
@@ -546,7 +545,7 @@ class Bridge:
     def _push(self, client: Client, frame: bytes, bars: int) -> None:
         """Send ``frame`` now if the client keeps up, else queue it."""
         if client.keeps_up():
-            client.ws.transport.write(_text_frame(frame))
+            client.transport.write(_text_frame(frame))
             self.counters.frames_sent.inc()
             self.counters.bars_sent.inc(bars)
         else:
@@ -612,7 +611,7 @@ class Bridge:
                     if isinstance(command, Subscribe):
                         self._open(client, command)
                     elif isinstance(command, Unsubscribe) and self.fanout.unsubscribe(
-                        client.id, command.channel
+                        client, command.channel
                     ):
                         self._unroute_channel(command.channel)
                 if outcome.close is not None:
@@ -631,7 +630,7 @@ class Bridge:
                         await asyncio.shield(writer)
             writer.cancel()
             del self.clients[client.id]
-            for channel in self.fanout.remove_client(client.id):
+            for channel in self.fanout.remove_client(client):
                 self._unroute_channel(channel)
             self.counters.bars_dropped.inc(client.backlog.clear())
             log.info(
@@ -644,7 +643,7 @@ class Bridge:
     def _open(self, client: Client, command: Subscribe) -> None:
         channel = command.channel
         since = command.since is not None
-        if self.fanout.subscribe(client.id, channel, since=since):
+        if self.fanout.subscribe(client, channel, since=since):
             self._route_channel(channel)
         if command.since is not None:
             self._spawn(self._send_history(client, channel, command.since))
@@ -687,7 +686,7 @@ class Bridge:
                 problem = f"{channel.name}: history reply did not decode; live bars follow"
         if problem is not None and client.id in self.clients:
             self._push(client, encode_events([error(problem)]), 0)
-        parts = self.fanout.complete_history(client.id, channel, history)
+        parts = self.fanout.complete_history(client, channel, history)
         if client.id not in self.clients:
             return
         for start in range(0, len(parts), HISTORY_FRAME_BARS):

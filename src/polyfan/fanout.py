@@ -1,6 +1,7 @@
 """The bridge's fan-out core: who gets which bar, the ``since`` seam, and per-client backlogs.
 
-Pure: no asyncio, websockets or zmq; clients are plain integer ids.
+Pure: no asyncio, websockets or zmq; a client is any hashable value (the shell's connection
+object, or an integer in the tests).
 
 - :class:`Fanout` keeps the subscription table (channel → clients, client → channels) and
   groups clients by their exact set of channels. Its answers tell the shell when a channel
@@ -20,25 +21,26 @@ Pure: no asyncio, websockets or zmq; clients are plain integer ids.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
+from typing import Generic, TypeVar
 
 from polyfan.protocol import Channel, join_events
 
 Arrival = tuple[int, str, Sequence[tuple[int, bytes]]]  # interval, symbol, [(s, encoded bar)]
-Delivery = tuple[list[bytes], Collection[int]]  # encoded bars, the clients that get them
+C = TypeVar("C", bound=Hashable)
 
 
-class Fanout:
+class Fanout(Generic[C]):
     """Subscription table and ``since`` seams for every client of one bridge."""
 
     def __init__(self) -> None:
-        self._clients: dict[Channel, set[int]] = {}
-        self._channels: dict[int, set[Channel]] = {}
-        self._pending: dict[Channel, dict[int, list[tuple[int, bytes]]]] = {}
-        self._groups: dict[frozenset[Channel], set[int]] = {}
-        self._group_of: dict[int, frozenset[Channel]] = {}
+        self._clients: dict[Channel, set[C]] = {}
+        self._channels: dict[C, set[Channel]] = {}
+        self._pending: dict[Channel, dict[C, list[tuple[int, bytes]]]] = {}
+        self._groups: dict[frozenset[Channel], set[C]] = {}
+        self._group_of: dict[C, frozenset[Channel]] = {}
 
-    def _regroup(self, client: int) -> None:
+    def _regroup(self, client: C) -> None:
         """Move ``client`` to the group of its current channel set."""
         old = self._group_of.pop(client, None)
         if old is not None:
@@ -52,7 +54,7 @@ class Fanout:
             self._group_of[client] = key
             self._groups.setdefault(key, set()).add(client)
 
-    def subscribe(self, client: int, channel: Channel, *, since: bool = False) -> bool:
+    def subscribe(self, client: C, channel: Channel, *, since: bool = False) -> bool:
         """Add ``client`` to ``channel``; True if it is the channel's first client.
 
         With ``since``, the client's live bars on the channel are held until
@@ -68,7 +70,7 @@ class Fanout:
             self._pending.setdefault(channel, {}).setdefault(client, [])
         return first
 
-    def unsubscribe(self, client: int, channel: Channel) -> bool:
+    def unsubscribe(self, client: C, channel: Channel) -> bool:
         """Remove ``client`` from ``channel``; True if it was the channel's last client."""
         self._drop_pending(client, channel)
         channels = self._channels.get(client)
@@ -84,7 +86,7 @@ class Fanout:
         del self._clients[channel]
         return True
 
-    def remove_client(self, client: int) -> list[Channel]:
+    def remove_client(self, client: C) -> list[Channel]:
         """Forget a client; return the channels it was the last client of."""
         emptied = [
             channel
@@ -101,13 +103,13 @@ class Fanout:
         """Every channel with at least one client."""
         return sorted(self._clients)
 
-    def channels_of(self, client: int) -> set[Channel]:
+    def channels_of(self, client: C) -> set[Channel]:
         return set(self._channels.get(client, ()))
 
-    def is_pending(self, client: int, channel: Channel) -> bool:
+    def is_pending(self, client: C, channel: Channel) -> bool:
         return client in self._pending.get(channel, {})
 
-    def deliveries(self, arrivals: Sequence[Arrival]) -> list[Delivery]:
+    def deliveries(self, arrivals: Sequence[Arrival]) -> list[tuple[list[bytes], Collection[C]]]:
         """One pass's bars, per topic in arrival order, as ``(bars, clients)`` pairs.
 
         The client collections may be the table's own sets: use them before the table changes.
@@ -122,7 +124,7 @@ class Fanout:
             return []
         pending = {c: self._pending[c] for c in exact if c in self._pending}
         waiting = {client for held in pending.values() for client in held}
-        out: list[Delivery] = []
+        out: list[tuple[list[bytes], Collection[C]]] = []
         for key, members in self._groups.items():
             if key.isdisjoint(touched):
                 continue
@@ -146,7 +148,7 @@ class Fanout:
         return out
 
     def complete_history(
-        self, client: int, channel: Channel, history: Sequence[tuple[int, bytes]]
+        self, client: C, channel: Channel, history: Sequence[tuple[int, bytes]]
     ) -> list[bytes]:
         """End a ``since`` seam: the history bars, then the held live bars it did not cover.
 
@@ -160,7 +162,7 @@ class Fanout:
         parts.extend(part for s, part in held if last is None or s > last)
         return parts
 
-    def _drop_pending(self, client: int, channel: Channel) -> list[tuple[int, bytes]]:
+    def _drop_pending(self, client: C, channel: Channel) -> list[tuple[int, bytes]]:
         pending = self._pending.get(channel)
         if pending is None:
             return []

@@ -79,6 +79,7 @@ _ws_log = logging.getLogger("polyfan.bridge.ws")
 STATIC = Path(__file__).parent / "static"
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
+READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see Bridge._read)
 DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
@@ -381,7 +382,11 @@ class Bridge:
         """Drain what is waiting (up to DRAIN_MAX_BARS bars), deliver one frame per client,
         yield so the writers run, repeat."""
         while True:
-            await agg.socket.poll()
+            # With a timeout: the ZeroMQ FD is edge-triggered, and a sync send on the same socket
+            # (Agg.send: subscriptions, history requests) can consume the edge a waiting poll
+            # needs, which left replies and bars unread until the next edge (history requests
+            # timing out with 504 and "no reply" under the chart page's browser tests).
+            await agg.socket.poll(timeout=READ_POLL_MS)
             started = time.perf_counter()
             arrivals: list[Arrival] = []
             bars = 0

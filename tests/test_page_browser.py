@@ -30,6 +30,7 @@ from playwright.sync_api import (
     ViewportSize,
     sync_playwright,
 )
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from procs import Proc, free_port
 
@@ -114,6 +115,8 @@ def bridge_url(pipeline: Pipeline) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            (pipeline.run_dir / "bridge.metrics").write_bytes(r.read())
         status = bridge.stop()
         (pipeline.run_dir / "bridge.log").write_text(bridge.output)
         assert status == 0
@@ -215,9 +218,16 @@ def wait_for_candles(page: Page, count: int = 1, timeout: float = 5.0) -> None:
 
 
 def wait_until_live(page: Page, timeout: float = 10.0) -> None:
-    page.wait_for_function(
-        "window.polyfan && window.polyfan.connection() === 'live'", timeout=timeout * 1000
-    )
+    try:
+        page.wait_for_function(
+            "window.polyfan && window.polyfan.connection() === 'live'", timeout=timeout * 1000
+        )
+    except PlaywrightTimeoutError:
+        seen = page.evaluate(
+            "window.polyfan && [window.polyfan.connection(), window.polyfan.lastClose(),"
+            " window.polyfan.message()]"
+        )
+        raise AssertionError(f"the page is not live within {timeout}s: {seen}") from None
 
 
 def assert_chart_matches_api(page: Page, base: str, *, min_bars: int = 1) -> list[dict[str, Any]]:
@@ -406,24 +416,30 @@ def test_switching_symbol_and_interval_shows_the_new_channel(
 def test_scrolling_back_loads_older_bars(open_page: OpenPage, bridge_url: str) -> None:
     symbol = get_json(f"{bridge_url}/api/symbols")[0]["sym"]
     poll(
-        lambda: len(api_bars(bridge_url, f"100Ms.{symbol}")) >= 60,
+        lambda: len(api_bars(bridge_url, f"100Ms.{symbol}")) >= 200,
         timeout=30,
-        what="60 bars of history",
+        what="200 bars of history",
     )
-    # Small history pages (?limit=20) so that a few seconds of bars make several pages.
-    page, _ = open_page(f"{bridge_url}/?sym={symbol}&interval=100&limit=20")
+    # Pages of 20 bars (?limit=20) on a narrow chart (about 60 bars wide): the page first pages
+    # back until the chart is full, then only when the user drags it to older times.
+    page, _ = open_page(
+        f"{bridge_url}/?sym={symbol}&interval=100&limit=20", viewport={"width": 480, "height": 700}
+    )
     wait_until_live(page)
-    wait_for_candles(page, count=20)
+    page.wait_for_function("window.polyfan.bars().length >= 60")
+    page.wait_for_function("!window.polyfan.stats().olderLoading")
+    assert_chart_matches_api(page, bridge_url, min_bars=60)
     first = page_bars(page)[0]["s"]
     box = box_of(page, "#chart")
     y = box["y"] + box["height"] * 0.4
-    for _ in range(4):  # drag the chart to the right: older bars come into view
-        page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    for _ in range(3):  # drag the chart to the right: older bars come into view
+        page.mouse.move(box["x"] + box["width"] * 0.1, y)
         page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.9, y, steps=8)
+        page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=8)
         page.mouse.up()
     page.wait_for_function(f"window.polyfan.bars()[0].s < {first}", timeout=5000)
-    assert_chart_matches_api(page, bridge_url, min_bars=40)
+    page.wait_for_function("!window.polyfan.stats().olderLoading")
+    assert_chart_matches_api(page, bridge_url, min_bars=100)
 
 
 def test_chart_reconnects_after_a_bridge_restart_and_fills_the_gap(

@@ -113,6 +113,7 @@ const state = {
   historyLoaded: false, // the current channel's history request has finished
   everLive: false,
   authFailed: false,
+  lastClose: null, // {code, reason} of the last close of the socket
 };
 
 const channel = () => `${state.interval}Ms.${state.symbol}`;
@@ -383,7 +384,8 @@ chart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
 const feed = {
   socket: null,
   attempt: 0,
-  subscribed: null, // channel the server confirmed or we asked for on this socket
+  authSent: false, // auth went out on this socket (after the server's "connected")
+  subscribed: null, // channel we asked for on this socket
   timer: null,
 };
 
@@ -400,8 +402,7 @@ function send(message) {
 }
 
 function subscribeCurrent() {
-  if (!state.historyLoaded || feed.subscribed === channel()) return;
-  if (!feed.socket || feed.socket.readyState !== WebSocket.OPEN) return;
+  if (!state.historyLoaded || !feed.authSent || feed.subscribed === channel()) return;
   const message = { action: "subscribe", params: channel() };
   // Everything from the last bar held on (inclusive: the seam is deduplicated by s), or, before
   // any bar is held, the same window the history request covers.
@@ -416,6 +417,7 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const socket = new WebSocket(`${scheme}//${location.host}/stocks`);
   feed.socket = socket;
+  feed.authSent = false;
   feed.subscribed = null;
   setConnection(feed.attempt === 0 && !state.everLive ? "connecting" : "reconnecting");
   socket.onmessage = (event) => {
@@ -437,10 +439,13 @@ function connect() {
     }
     if (bars.length) onBars(bars);
   };
-  socket.onclose = () => {
+  socket.onclose = (event) => {
     if (socket !== feed.socket) return;
     feed.socket = null;
+    feed.authSent = false;
     if (state.authFailed) return;
+    state.lastClose = { code: event.code, reason: event.reason };
+    if (event.code !== 1006) showMessage(`connection closed: ${event.code} ${event.reason}`.trim());
     setConnection("reconnecting");
     feed.timer = setTimeout(connect, backoffDelay(feed.attempt++));
   };
@@ -450,6 +455,7 @@ function onStatus(ev) {
   switch (ev.status) {
     case "connected":
       send({ action: "auth", params: state.token });
+      feed.authSent = true; // the server takes auth and subscribe back to back, in order
       subscribeCurrent();
       break;
     case "auth_success":
@@ -628,10 +634,13 @@ globalThis.polyfan = {
     const box = chartBox.getBoundingClientRect();
     return { x: box.left + x, y: box.top + (y ?? 20) };
   },
+  lastClose: () => state.lastClose ?? null,
+  message: () => $("message").textContent,
   stats: () => ({
     liveBars: state.liveBarCount,
     lastDelayMs: state.lastDelayMs,
     olderExhausted: state.olderExhausted,
+    olderLoading: state.olderLoading,
   }),
 };
 

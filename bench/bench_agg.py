@@ -402,7 +402,7 @@ def bench_memory(rate: float = 3_000, symbols: int = 10_000, hours: float = 1.0)
         core.tick()
     record = np.array([(T0 + seconds * 1000 + 120_000, 0)], dtype=wire.CLOCK_DTYPE)
     core.frames_received(
-        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, 10**9, 1, record.tobytes())]
+        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 1, 1, record.tobytes())]
     )
     elapsed = time.perf_counter() - started
     print(
@@ -410,7 +410,8 @@ def bench_memory(rate: float = 3_000, symbols: int = 10_000, hours: float = 1.0)
         f"after {hours:g} h of feed time at {rate:,.0f} trades/s over {symbols:,} symbols, "
         f"{len(INTERVALS)} intervals: {core.history.bar_count:,} bars held in "
         f"{core.history.nbytes / 2**20:,.0f} MB of history arrays, {len(core.history):,} series "
-        f"(simulated in {elapsed:.0f} s)"
+        f"(simulated in {elapsed:.0f} s); arena rows allocated/top/free "
+        f"{'/'.join(f'{r:,}' for r in core.history.rows)}; {core.bars.open_bars:,} open bars"
     )
 
 

@@ -1,7 +1,7 @@
 """Bars kept per series (one symbol at one interval) for late joiners and history requests.
 
 Memory follows the bars actually made. All series share one arena of BAR records; a series
-has no storage until its first bar, then a region of 4, 8, 16 ... bars that moves to the next
+has no storage until its first bar, then a region of 4, 6, 9, 13 ... bars that moves to the next
 size when full (the old region goes on a free list for reuse) or is compacted in place once its
 head has been trimmed. So a symbol that trades twice an hour holds a region of 4 bars, not an
 hour of slots. The arena grows by ``ndarray.resize`` (realloc: large blocks are remapped, not
@@ -149,6 +149,11 @@ class History:
     def nbytes(self) -> int:
         """Bytes of the arena and the per-series index."""
         return int(self._arena.nbytes + 4 * self._off.nbytes)
+
+    @property
+    def rows(self) -> tuple[int, int, int]:
+        """Arena rows: allocated, below the top (in regions or free lists), on free lists."""
+        return len(self._arena), int(self._state[kernels.H_TOP]), self.free_rows
 
     @property
     def free_rows(self) -> int:

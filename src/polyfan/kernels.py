@@ -603,8 +603,8 @@ def encode_bars(
 #
 # Every series' bars live in one region of a shared arena (``arena[row, 8 words]``, one row per
 # BAR record): ``h_off[series]`` is the region's first row (-1: no bars), ``h_start``/``h_end``
-# the held bars within it, ``h_cap`` its size (4, 8, 16 ... rows: size class c holds
-# ``FIRST_REGION << c`` rows). A full region is compacted in place when most of it has been
+# the held bars within it, ``h_cap`` its size (4, 6, 9, 13 ... rows: each size class 1.5 times
+# the one before). A full region is compacted in place when most of it has been
 # trimmed, else its bars move to a region of the next class. Freed regions go on a free list per
 # class, linked through their first word (``h_free[c]`` is the head), and are reused before the
 # arena's top moves: nothing is ever compacted globally, so no call copies more than one
@@ -614,7 +614,7 @@ H_TOP = 0
 H_FREE_ROWS = 1
 N_HISTORY = 2
 FIRST_REGION = 4
-N_CLASSES = 48
+N_CLASSES = 64  # 4 * 1.5**63 rows: far beyond any arena
 
 
 @njit(cache=True)
@@ -640,10 +640,21 @@ def _copy_rows(arena: np.ndarray, dst: int, src: int, rows: int) -> None:
 
 @njit(cache=True)
 def _size_class(rows: int) -> int:
+    """The smallest class whose regions hold ``rows``: sizes 4, 6, 9, 13, 19 ... (x1.5)."""
     c = 0
-    while (FIRST_REGION << c) < rows:
+    size = FIRST_REGION
+    while size < rows:
+        size += size >> 1
         c += 1
     return c
+
+
+@njit(cache=True)
+def _class_size(c: int) -> int:
+    size = FIRST_REGION
+    for _ in range(c):
+        size += size >> 1
+    return size
 
 
 @njit(cache=True)
@@ -692,10 +703,15 @@ def history_append(
             if off >= 0 and live + count <= (cap * 3) // 4:
                 _copy_rows(arena, off, off + h_start[key], live)
             else:
-                c = _size_class(max(2 * cap, live + count))
-                size = FIRST_REGION << c
+                c = _size_class(max(cap + (cap >> 1), live + count))
+                size = _class_size(c)
                 new = h_free[c]
-                if new >= 0:
+                if off >= 0 and off + cap == h_state[H_TOP] and off + size <= arena.shape[0]:
+                    # The region is the arena's last: extend it where it is.
+                    h_state[H_TOP] = off + size
+                    h_cap[key] = size
+                    _copy_rows(arena, off, off + h_start[key], live)
+                elif new >= 0:
                     h_free[c] = arena[new, 0]
                     h_state[H_FREE_ROWS] -= size
                 else:
@@ -703,11 +719,12 @@ def history_append(
                     if new + size > arena.shape[0]:
                         return j
                     h_state[H_TOP] = new + size
-                if off >= 0:
-                    _copy_rows(arena, new, off + h_start[key], live)
-                    _free_region(arena, off, cap, h_free, h_state)
-                h_off[key] = new
-                h_cap[key] = size
+                if h_cap[key] != size:
+                    if off >= 0:
+                        _copy_rows(arena, new, off + h_start[key], live)
+                        _free_region(arena, off, cap, h_free, h_state)
+                    h_off[key] = new
+                    h_cap[key] = size
             h_start[key] = 0
             h_end[key] = live
         at = h_off[key] + h_end[key]

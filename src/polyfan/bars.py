@@ -56,8 +56,8 @@ class Bars:
         self.head = np.full(n_series, -1, dtype=np.int64)
         self.prev_close = np.zeros(n_series, dtype=np.float64)
         self.has_prev = np.zeros(n_series, dtype=np.uint8)
-        self.pool_i = np.full((pool_size, kernels.N_INT), -1, dtype=np.int64)
-        self.pool_f = np.zeros((pool_size, kernels.N_FLOAT), dtype=np.float64)
+        self.pool_i = np.full((pool_size, kernels.SLOT_WORDS), -1, dtype=np.int64)
+        self.pool_f = self.pool_i.view(np.float64)  # the same rows, read as floats
         self.free = np.arange(pool_size - 1, -1, -1, dtype=np.int64)
         self.meta = np.zeros(kernels.N_META, dtype=np.int64)
         self.meta[kernels.M_FREE_TOP] = pool_size
@@ -102,7 +102,7 @@ class Bars:
     def _grow_pool(self) -> None:
         size = len(self.pool_i)
         self.pool_i = np.concatenate([self.pool_i, np.full_like(self.pool_i, -1)])
-        self.pool_f = np.concatenate([self.pool_f, np.zeros_like(self.pool_f)])
+        self.pool_f = self.pool_i.view(np.float64)
         top = int(self.meta[kernels.M_FREE_TOP])
         self.free = np.concatenate(
             [np.arange(2 * size - 1, size - 1, -1, dtype=np.int64), self.free[:top]]

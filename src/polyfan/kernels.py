@@ -7,7 +7,8 @@ knows array layouts, described below. Every kernel is also correct through its `
 (the tests run both).
 
 Open bars live in a slot pool shared by every series (series = symbol id * intervals + k):
-``pool_i[slot, I_*]`` holds the integer fields and ``pool_f[slot, F_*]`` the floats. A series
+``pool_i[slot, I_*]`` holds the integer fields and ``pool_f[slot, F_*]`` the floats (two views
+of one array: a slot is one row). A series
 keeps its open bars on a singly linked list (``head[series]``, ``pool_i[slot, I_NEXT]``), so a
 series can have any number of open bars at once (a trade stamped minutes ahead of the clock
 after an upstream reconnect simply opens one more). When the free list is empty the trade kernel
@@ -37,7 +38,8 @@ FLAG_CARRIED = 2  # wire.BAR_FLAG_CARRIED
 INT64_MAX = np.iinfo(np.int64).max
 INT64_MIN = np.iinfo(np.int64).min
 
-# pool_i columns
+# Slot columns. ``pool_i`` and ``pool_f`` are int64 and float64 views of ONE array, so a slot is
+# one 192-byte row: the fields every trade touches first, the fallbacks after them.
 I_S = 0  # bar start; slot is free when I_SERIES < 0
 I_SERIES = 1
 I_NEXT = 2  # next open slot of the same series, -1 at the end
@@ -46,26 +48,26 @@ I_NHL = 4
 I_NOC = 5
 I_OCF_T = 6  # t of the first O/C trade
 I_OCL_T = 7
-I_HLF_T = 8
-I_HLL_T = 9
-I_ANF_T = 10  # t of the first trade that qualifies for anything
-I_ANL_T = 11
-N_INT = 12
-
-# pool_f columns
-F_OCF = 0  # price of the first O/C trade
-F_OCL = 1
-F_HLF = 2
-F_HLL = 3
-F_HI = 4
-F_LO = 5
-F_ANF = 6
-F_ANL = 7
-F_ANHI = 8
-F_ANLO = 9
-F_V = 10
-F_PV = 11  # sum of price * size over volume trades
-N_FLOAT = 12
+F_OCF = 8  # price of the first O/C trade
+F_OCL = 9
+F_HI = 10
+F_LO = 11
+F_V = 12
+F_PV = 13  # sum of price * size over volume trades
+# Fallbacks, kept only from the trades that can matter for them: first/last H/L price from
+# H/L trades that are not O/C (used when the bar has no O/C trade), first/last/max/min from
+# trades that are not H/L (used when the bar has no H/L trade and no previous close).
+I_HLF_T = 14
+I_HLL_T = 15
+I_ANF_T = 16
+I_ANL_T = 17
+F_HLF = 18
+F_HLL = 19
+F_ANF = 20
+F_ANL = 21
+F_ANHI = 22
+F_ANLO = 23
+SLOT_WORDS = 24
 
 # meta entries
 M_FREE_TOP = 0
@@ -204,31 +206,9 @@ def _apply_one(
     size: float,
 ) -> None:
     pool_i[slot, I_N] += 1
-    if t < pool_i[slot, I_ANF_T]:
-        pool_i[slot, I_ANF_T] = t
-        pool_f[slot, F_ANF] = p
-    if t >= pool_i[slot, I_ANL_T]:
-        pool_i[slot, I_ANL_T] = t
-        pool_f[slot, F_ANL] = p
-    if p > pool_f[slot, F_ANHI]:
-        pool_f[slot, F_ANHI] = p
-    if p < pool_f[slot, F_ANLO]:
-        pool_f[slot, F_ANLO] = p
     if flags & VOL:
         pool_f[slot, F_V] += size
         pool_f[slot, F_PV] += p * size
-    if flags & HL:
-        pool_i[slot, I_NHL] += 1
-        if p > pool_f[slot, F_HI]:
-            pool_f[slot, F_HI] = p
-        if p < pool_f[slot, F_LO]:
-            pool_f[slot, F_LO] = p
-        if t < pool_i[slot, I_HLF_T]:
-            pool_i[slot, I_HLF_T] = t
-            pool_f[slot, F_HLF] = p
-        if t >= pool_i[slot, I_HLL_T]:
-            pool_i[slot, I_HLL_T] = t
-            pool_f[slot, F_HLL] = p
     if flags & OC:
         pool_i[slot, I_NOC] += 1
         if t < pool_i[slot, I_OCF_T]:
@@ -237,6 +217,30 @@ def _apply_one(
         if t >= pool_i[slot, I_OCL_T]:
             pool_i[slot, I_OCL_T] = t
             pool_f[slot, F_OCL] = p
+    if flags & HL:
+        pool_i[slot, I_NHL] += 1
+        if p > pool_f[slot, F_HI]:
+            pool_f[slot, F_HI] = p
+        if p < pool_f[slot, F_LO]:
+            pool_f[slot, F_LO] = p
+        if not flags & OC:
+            if t < pool_i[slot, I_HLF_T]:
+                pool_i[slot, I_HLF_T] = t
+                pool_f[slot, F_HLF] = p
+            if t >= pool_i[slot, I_HLL_T]:
+                pool_i[slot, I_HLL_T] = t
+                pool_f[slot, F_HLL] = p
+    else:
+        if t < pool_i[slot, I_ANF_T]:
+            pool_i[slot, I_ANF_T] = t
+            pool_f[slot, F_ANF] = p
+        if t >= pool_i[slot, I_ANL_T]:
+            pool_i[slot, I_ANL_T] = t
+            pool_f[slot, F_ANL] = p
+        if p > pool_f[slot, F_ANHI]:
+            pool_f[slot, F_ANHI] = p
+        if p < pool_f[slot, F_ANLO]:
+            pool_f[slot, F_ANLO] = p
 
 
 # --- closing -----------------------------------------------------------------------------

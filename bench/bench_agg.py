@@ -235,12 +235,12 @@ def connected_pub(
                 return pub, sub
 
 
-def bench_zmq() -> None:
-    count, symbols = 3_000_000, 5_000
+def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> None:
+    count = 3_000_000
     trades, sym = market(count, symbols, rate=200_000, seed=2)
     names = [f"S{i}" for i in range(symbols)]
     with tempfile.TemporaryDirectory() as tmp:
-        for per_message in (4, 16, 64):
+        for per_message in sizes:
             g_trades, g_sym = grouped(trades, sym, per_message)
             frames = frames_for(g_trades, g_sym, per_message, names)
             proxy, agg_pub = f"ipc://{tmp}/p{per_message}", f"ipc://{tmp}/a{per_message}"
@@ -270,7 +270,7 @@ def bench_zmq() -> None:
             print(
                 f"zmq: {count / elapsed:,.0f} trades/s received and aggregated by polyfan agg, "
                 f"wall clock; {count / cpu:,.0f} trades per CPU-second of the agg "
-                f"({per_message} trades/message at most, {len(frames):,} messages, "
+                f"({symbols:,} symbols, {per_message} trades/message at most, {len(frames):,} messages, "
                 f"{bars / count:.2f} bars per trade; sender alone {count / sent_after:,.0f} "
                 f"trades/s; gaps {gaps:.0f})"
             )
@@ -436,6 +436,7 @@ def bench_startup(runs: int = 5) -> None:
 PARTS = {
     "kernel": bench_kernel,
     "zmq": bench_zmq,
+    "zmq-hot": lambda: bench_zmq(symbols=500, sizes=(16,)),
     "delay": bench_delay,
     "delay-burst": lambda: bench_delay(rate=30_000),
     "memory": bench_memory,

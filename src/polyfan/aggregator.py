@@ -67,9 +67,7 @@ class Aggregator:
         )
         self.history = History(config.history_ms, jit=jit)
         self.sequencer = wire.Sequencer(self.session)
-        self._encode_bars: Callable[..., Any] = (
-            kernels.encode_bars if jit else kernels.encode_bars.py_func
-        )
+        self._encode_bars: Callable[..., Any] = kernels.chosen(kernels.encode_bars, jit)
         self._bar_topics_for = 0  # symbols whose bar topics are in the table
         self._bar_topic_bytes = np.zeros((0, BAR_TOPIC_WIDTH), dtype=np.uint8)
         self._bar_topic_len = np.zeros(0, dtype=np.int64)

@@ -48,10 +48,8 @@ class Bars:
         self.intervals = np.asarray(intervals_ms, dtype=np.int64)
         self.grace = int(grace_ms)
         self.rules = np.ascontiguousarray(rules, dtype=np.uint8)
-        self._apply: Callable[..., Any] = (
-            kernels.apply_trades if jit else kernels.apply_trades.py_func
-        )
-        self._close: Callable[..., Any] = kernels.close_bars if jit else kernels.close_bars.py_func
+        self._apply: Callable[..., Any] = kernels.chosen(kernels.apply_trades, jit)
+        self._close: Callable[..., Any] = kernels.chosen(kernels.close_bars, jit)
         n_series = max(1, symbols) * len(self.intervals)
         self.head = np.full(n_series, -1, dtype=np.int64)
         self.prev_close = np.zeros(n_series, dtype=np.float64)

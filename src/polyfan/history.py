@@ -37,12 +37,8 @@ class History:
         self._sweep = sweep
         self._next_sweep = 0
         self._cutoff = _INT64_MIN
-        self._append: Callable[..., Any] = (
-            kernels.history_append if jit else kernels.history_append.py_func
-        )
-        self._trim: Callable[..., Any] = (
-            kernels.history_trim if jit else kernels.history_trim.py_func
-        )
+        self._append: Callable[..., Any] = kernels.chosen(kernels.history_append, jit)
+        self._trim: Callable[..., Any] = kernels.chosen(kernels.history_trim, jit)
         self._off = np.full(0, -1, dtype=np.int64)
         self._start = np.zeros(0, dtype=np.int64)
         self._end = np.zeros(0, dtype=np.int64)

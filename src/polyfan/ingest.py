@@ -34,9 +34,7 @@ class FrameDecoder:
     """Topic table, sequence state and feed clock for one subscriber."""
 
     def __init__(self, symbols: Sequence[str] | None = None, *, jit: bool = True) -> None:
-        self._decode: Callable[..., Any] = (
-            kernels.decode_frames if jit else kernels.decode_frames.py_func
-        )
+        self._decode: Callable[..., Any] = kernels.chosen(kernels.decode_frames, jit)
         self._accept = None if symbols is None else frozenset(symbols)
         self.symbol_names: list[str] = []
         self._symbol_ids: dict[str, int] = {}

@@ -23,8 +23,19 @@ Trades are applied in arrival order, so "first by (t, arrival)" is "strictly sma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from numba import njit
+
+
+def chosen(kernel: Any, jit: bool) -> Callable[..., Any]:
+    """The compiled kernel, or its plain-Python body (``py_func``; the function itself when
+    numba is disabled with NUMBA_DISABLE_JIT=1)."""
+    function: Callable[..., Any] = kernel if jit else getattr(kernel, "py_func", kernel)
+    return function
+
 
 # Condition bits (same values as polyfan.conditions).
 HL = 1
@@ -397,7 +408,7 @@ N_DECODER = 8
 def topic_hash(data: np.ndarray, start: int, length: int) -> int:
     h = 7
     for j in range(start, start + length):
-        h = (h * 131 + data[j]) % 2147483647
+        h = (h * 131 + int(data[j])) % 2147483647
     return h
 
 

@@ -202,6 +202,8 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
             assert (await client.next_event())["message"] == "subscribed to: 100Ms.*"
 
             received: list[dict[str, Any]] = []
+            late: Client | None = None
+            late_symbol, late_since = "", 0
             deadline = time.monotonic() + 4.0
             while time.monotonic() < deadline:
                 while sub.poll(0):
@@ -212,6 +214,17 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
                     )
                 with contextlib.suppress(TimeoutError):
                     received.append(await client.next_event(timeout=0.05))
+                if late is None and reference and time.monotonic() > deadline - 2.0:
+                    # A client joining while bars flow, asking for what it missed.
+                    late_symbol, late_since = reference[0]["sym"], reference[0]["s"]
+                    late = await Client.open(f"ws://127.0.0.1:{port}/", token="x")
+                    await late.send(
+                        {
+                            "action": "subscribe",
+                            "params": f"100Ms.{late_symbol}",
+                            "since": late_since,
+                        }
+                    )
             await asyncio.sleep(0.3)
             while sub.poll(0):
                 message = wire.decode(sub.recv())
@@ -243,6 +256,19 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
                 )
                 mine = [e for e in window(received) if e["sym"] == symbol]
                 assert [e for e in history if start <= e["s"] <= end] == mine
+            assert late is not None
+            assert (await late.next_event())["message"] == f"subscribed to: 100Ms.{late_symbol}"
+            last = max(e["s"] for e in reference if e["sym"] == late_symbol)
+            late_bars = [await late.next_event()]
+            while late_bars[-1]["s"] < last:
+                late_bars.append(await late.next_event())
+            assert late_bars[0]["s"] == late_since  # history first, from since on
+            expected = sorted(
+                (e for e in reference if e["sym"] == late_symbol and e["s"] >= late_since),
+                key=lambda e: e["s"],
+            )
+            assert late_bars == expected  # then live: nothing missing or repeated at the seam
+            await late.close()
             metrics = await asyncio.to_thread(
                 lambda: (
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)

@@ -31,7 +31,7 @@ from polyfan.protocol import (
 def catalog(
     intervals: tuple[int, ...] = (100, 500, 1000), symbols: list[str] | None = None
 ) -> Catalog:
-    c = Catalog()
+    c: Catalog[str] = Catalog()
     c.update(
         "agg", AggServes(frozenset(intervals), None if symbols is None else frozenset(symbols))
     )

@@ -255,7 +255,7 @@ class Bridge:
         self.limits = limits or Limits()
         self.registry = Registry()
         self.counters = Counters(self.registry)
-        self.catalog = Catalog()
+        self.catalog: Catalog[Agg] = Catalog()
         self.fanout: Fanout[Client] = Fanout()
         self.clients: dict[int, Client] = {}
         self.aggs: list[Agg] = []
@@ -506,7 +506,8 @@ class Bridge:
 
     def _serving_aggs(self, channel: Channel) -> list[Agg]:
         """Every agg for ``N Ms.*``; the first that serves it for one symbol (sharding)."""
-        aggs = [agg for agg in self.aggs if agg in self.catalog.aggs_for(channel)]
+        served = self.catalog.aggs_for(channel)
+        aggs = [agg for agg in self.aggs if agg in served]  # in --sub order
         return aggs if channel.symbol is None else aggs[:1]
 
     def _route_channel(self, channel: Channel) -> None:

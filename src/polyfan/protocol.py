@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -33,6 +33,8 @@ from polyfan.config import SYMBOL_RE
 CLOSE_POLICY_VIOLATION = 1008  # auth_failed
 CLOSE_TOO_BIG = 1009  # a frame over Limits.max_frame_bytes (websockets' max_size)
 CLOSE_TRY_AGAIN_LATER = 1013  # backlog over Limits.backlog_bytes: a slow client
+
+A = TypeVar("A", bound=Hashable)
 
 _CHANNEL_RE = re.compile(r"([1-9][0-9]{0,8})Ms\.(.*)")
 
@@ -113,24 +115,22 @@ class AggServes:
         return channel.symbol is None or self.symbols is None or channel.symbol in self.symbols
 
 
-class Catalog:
-    """What the aggregators serve, keyed by any hashable agg id, and who serves a channel."""
+class Catalog(Generic[A]):
+    """What each aggregator serves (keyed by the shell's aggregator object), and who serves a
+    channel."""
 
     def __init__(self) -> None:
-        self._aggs: dict[object, AggServes] = {}
+        self._aggs: dict[A, AggServes] = {}
 
-    def update(self, agg: object, serves: AggServes) -> None:
+    def update(self, agg: A, serves: AggServes) -> None:
         self._aggs[agg] = serves
-
-    def forget(self, agg: object) -> None:
-        self._aggs.pop(agg, None)
 
     @property
     def intervals(self) -> list[int]:
         return sorted({i for serves in self._aggs.values() for i in serves.intervals})
 
-    def aggs_for(self, channel: Channel) -> list[object]:
-        """The aggs to subscribe to for a channel: every agg that serves it."""
+    def aggs_for(self, channel: Channel) -> list[A]:
+        """Every aggregator that serves the channel, in the order they were first heard."""
         return [agg for agg, serves in self._aggs.items() if serves.serves(channel)]
 
     def why_not_served(self, channel: Channel) -> str | None:
@@ -268,7 +268,7 @@ class Session:
         self.channels: set[Channel] = set()
         self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, now)
 
-    def receive(self, frame: str | bytes, now: float, catalog: Catalog) -> Outcome:
+    def receive(self, frame: str | bytes, now: float, catalog: Catalog[Any]) -> Outcome:
         """Process one client frame (text or binary, JSON object expected)."""
         out = Outcome()
         if not self._bucket.take(now):
@@ -336,7 +336,7 @@ class Session:
             )
         return channels
 
-    def _subscribe(self, request: dict[str, Any], catalog: Catalog, out: Outcome) -> None:
+    def _subscribe(self, request: dict[str, Any], catalog: Catalog[Any], out: Outcome) -> None:
         since = request.get("since")
         if since is not None and (type(since) is not int or since < 0):
             out.reject("subscribe: since must be an integer of Unix milliseconds")

@@ -634,6 +634,13 @@ globalThis.polyfan = {
     const box = chartBox.getBoundingClientRect();
     return { x: box.left + x, y: box.top + (y ?? 20) };
   },
+  /** The outage markers drawn on the chart, as {s, text}. */
+  markers: () => markers.markers().map((m) => ({ s: m.time * state.interval, text: m.text })),
+  /** What the candle of bar s is painted with (the outage colour for outage bars). */
+  candleColor(s) {
+    const d = candles.data().find((c) => c.time === s / state.interval);
+    return d ? (d.color ?? null) : undefined;
+  },
   lastClose: () => state.lastClose ?? null,
   message: () => $("message").textContent,
   stats: () => ({

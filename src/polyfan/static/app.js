@@ -23,6 +23,7 @@ const COLORS = {
 
 const SCROLL_BACK_MARGIN = 40; // bars left of the first one held before older ones are fetched
 const RATE_WINDOW_MS = 5000;
+const MAX_BARS = 20_000; // held per channel; the oldest tenth is dropped past this
 const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
 const BACKOFF_MIN_MS = 250;
 const BACKOFF_MAX_MS = 5000;
@@ -223,35 +224,50 @@ function redraw() {
   $("stat-count").textContent = String(state.bars.length);
 }
 
+const sameBar = (a, b) =>
+  a.o === b.o && a.h === b.h && a.l === b.l && a.c === b.c && a.v === b.v && a.vw === b.vw &&
+  a.n === b.n && Boolean(a.outage) === Boolean(b.outage);
+
 /** Merge bars of the current channel (any order, may overlap what is held). */
 function mergeBars(incoming) {
-  let appendOnly = true;
-  let outageSeen = false;
+  const appended = [];
+  let rewrite = false; // something older than the last bar changed: redraw everything
   for (const b of incoming) {
     const last = lastBar();
-    if (state.index.has(b.s)) {
-      state.bars[state.index.get(b.s)] = b; // a repeat at the seam: the server's copy wins
-      appendOnly = false;
+    const at = state.index.get(b.s);
+    if (at !== undefined) {
+      // A repeat (the seam of a `since` subscription): the server's copy wins.
+      if (!sameBar(state.bars[at], b)) {
+        state.bars[at] = b;
+        if (at === state.bars.length - 1) appended.push(b);
+        else rewrite = true;
+      }
     } else if (!last || b.s > last.s) {
       state.index.set(b.s, state.bars.length);
       state.bars.push(b);
+      appended.push(b);
     } else {
       state.bars.push(b);
-      appendOnly = false;
+      state.bars.sort((x, y) => x.s - y.s);
+      reindex();
+      rewrite = true;
     }
-    outageSeen ||= Boolean(b.outage);
   }
-  if (!appendOnly) {
-    state.bars.sort((a, b) => a.s - b.s);
+  if (state.bars.length > MAX_BARS) {
+    state.bars.splice(0, state.bars.length - MAX_BARS + MAX_BARS / 10);
+    state.olderExhausted = false; // what was dropped can be paged back in
+    rewrite = true;
+  }
+  if (rewrite) {
     redraw();
     return;
   }
-  for (const b of incoming) {
+  for (const b of appended) {
     candles.update(toCandle(b));
     volume.update(toVolume(b));
   }
-  if (outageSeen) markers.setMarkers(outageMarkers());
-  if (state.bars.length && decimalsOf(lastBar().c) > state.precision) applyPrecision();
+  if (appended.some((b) => b.outage)) markers.setMarkers(outageMarkers());
+  if (appended.some((b) => pricePrecision([b]) > state.precision)) applyPrecision();
   if (state.hovered === null) renderLegend();
   $("stat-count").textContent = String(state.bars.length);
 }

@@ -367,6 +367,46 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         agg.stop()
 
 
+def bench_delay_single(rounds: int = 300) -> None:
+    """The path alone: one trade, then a CLOCK past its bar's close; time until the bar is here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        agg = Agg(f"ipc://{tmp}/p", f"ipc://{tmp}/a", free_port())
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        pub, sub = connected_pub(ctx, f"ipc://{tmp}/p", f"ipc://{tmp}/a")
+        trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+        trade["p"], trade["s"] = 1.0, 1.0
+        delays = []
+        clock = T0
+        for i in range(rounds):
+            trade["t"] = clock + 10
+            pub.send(
+                wire.encode(wire.trade_topic("X"), wire.Kind.TRADES, 9, i + 1, 1, trade.tobytes())
+            )
+            clock += 100_000
+            record = np.array([(clock, 0)], dtype=wire.CLOCK_DTYPE)
+            started = time.perf_counter()
+            pub.send(
+                wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 9, i + 1, 1, record.tobytes())
+            )
+            while True:
+                assert sub.poll(5_000), "no bar"
+                if wire.decode(sub.recv()).kind is wire.Kind.BARS:
+                    delays.append((time.perf_counter() - started) * 1000)
+                    break
+            while sub.poll(2):
+                sub.recv()
+        ms = sorted(delays)
+        print(
+            f"delay-single: CLOCK past e+grace sent -> first bar received, p50 "
+            f"{statistics.median(ms):.2f} ms, p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max "
+            f"{ms[-1]:.2f} ms over {rounds} rounds (one open bar per round, ipc)"
+        )
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+        agg.stop()
+
+
 # --- memory -------------------------------------------------------------------------------
 
 
@@ -439,6 +479,7 @@ PARTS = {
     "zmq-hot": lambda: bench_zmq(symbols=500, sizes=(16,)),
     "delay": bench_delay,
     "delay-burst": lambda: bench_delay(rate=30_000),
+    "delay-single": bench_delay_single,
     "memory": bench_memory,
     "startup": bench_startup,
 }

@@ -4,8 +4,9 @@ Memory follows the bars actually made. All series share one arena of BAR records
 has no storage until its first bar, then a region of 4, 6, 9, 13 ... bars that moves to the next
 size when full (the old region goes on a free list for reuse) or is compacted in place once its
 head has been trimmed. So a symbol that trades twice an hour holds a region of 4 bars, not an
-hour of slots. The arena grows by ``ndarray.resize`` (realloc: large blocks are remapped, not
-copied); nothing is ever compacted globally, so no call stalls the loop.
+hour of slots. The arena reserves address space up front (``np.empty``: pages count as
+resident only once a region is written), so it rarely has to grow; nothing is ever compacted
+globally, so no call copies more than one series' bars.
 
 Bars older than the retention (measured on the feed clock) are trimmed when their series is
 appended to, and a sweep visits a bounded number of series per ``trim`` so quiet symbols are
@@ -25,13 +26,14 @@ from polyfan import kernels, wire
 _INT64_MIN = int(np.iinfo(np.int64).min)
 _WORDS = wire.BAR_DTYPE.itemsize // 8
 _EMPTY = np.zeros(0, dtype=wire.BAR_DTYPE)
+RESERVE_ROWS = 1 << 25  # 2 GiB of address space; resident only as regions are written
 
 
 class History:
     """The last ``keep_ms`` of bars (by bar start, against the feed clock) of every series."""
 
     def __init__(
-        self, keep_ms: int, *, sweep: int = 512, rows: int = 4096, jit: bool = True
+        self, keep_ms: int, *, sweep: int = 512, rows: int | None = None, jit: bool = True
     ) -> None:
         self.keep_ms = keep_ms
         self._sweep = sweep
@@ -44,7 +46,7 @@ class History:
         self._end = np.zeros(0, dtype=np.int64)
         self._cap = np.zeros(0, dtype=np.int64)
         self._free = np.full(kernels.N_CLASSES, -1, dtype=np.int64)
-        self._arena = np.zeros((rows, _WORDS), dtype=np.int64)
+        self._arena = _reserve(RESERVE_ROWS if rows is None else rows)
         self._state = np.zeros(kernels.N_HISTORY, dtype=np.int64)
 
     def _ensure_series(self, count: int) -> None:
@@ -58,10 +60,12 @@ class History:
             setattr(self, name, np.concatenate([array, np.zeros(size - have, dtype=np.int64)]))
 
     def _make_room(self, rows: int) -> None:
-        """At least ``rows`` more rows above the top: grow the arena by half or more."""
+        """At least ``rows`` more rows above the top: a bigger arena, the used rows copied."""
+        top = int(self._state[kernels.H_TOP])
         size = len(self._arena)
-        grown = max(size + size // 2, int(self._state[kernels.H_TOP]) + rows)
-        self._arena.resize((grown, _WORDS), refcheck=False)
+        grown = _reserve(max(size + size // 2, top + rows))
+        grown[:top] = self._arena[:top]
+        self._arena = grown
 
     # --- in -----------------------------------------------------------------------------
 
@@ -143,8 +147,8 @@ class History:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arena and the per-series index."""
-        return int(self._arena.nbytes + 4 * self._off.nbytes)
+        """Bytes in use: arena rows below the top (regions and free lists) and the index."""
+        return int(self._state[kernels.H_TOP]) * wire.BAR_DTYPE.itemsize + 4 * self._off.nbytes
 
     @property
     def rows(self) -> tuple[int, int, int]:
@@ -159,3 +163,13 @@ class History:
     def __len__(self) -> int:
         """Series with bars."""
         return int((self._off >= 0).sum())
+
+
+def _reserve(rows: int) -> np.ndarray:
+    """An arena of ``rows`` rows, uninitialised (untouched pages take no memory)."""
+    try:
+        return np.empty((rows, _WORDS), dtype=np.int64)
+    except MemoryError:
+        if rows <= 4096:
+            raise
+        return np.empty((4096, _WORDS), dtype=np.int64)

@@ -298,6 +298,18 @@ def legend(page: Page) -> dict[str, str]:
     return fields
 
 
+def tick_text(ms: int) -> str:
+    """A time-axis label in UTC: the coarsest round unit the instant falls on."""
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    if ms % 1000:
+        return f"{moment:%H:%M:%S}.{ms % 1000:03d}"
+    if moment.second:
+        return f"{moment:%H:%M:%S}"
+    if moment.hour or moment.minute:
+        return f"{moment:%H:%M}"
+    return f"{moment:%b} {moment.day}"
+
+
 def box_of(page: Page, selector: str) -> FloatRect:
     box = page.locator(selector).bounding_box()
     assert box is not None, f"{selector} is not visible"
@@ -400,6 +412,53 @@ def test_legend_shows_the_bar_under_the_crosshair(open_page: OpenPage, bridge_ur
         "document.getElementById('legend').dataset.s === String(window.polyfan.bars().at(-1).s)",
         timeout=2000,
     )
+
+
+def test_time_labels_and_helpers_read_real_time(open_page: OpenPage, bridge_url: str) -> None:
+    """core.js (the page's pure helpers) and the chart's configured formatters, in the page."""
+    page, _ = open_page(f"{bridge_url}/?interval=250")
+    wait_for_candles(page)
+    ms = int(datetime(2026, 11, 27, 14, 3, 12, 300_000, tzinfo=UTC).timestamp() * 1000)
+    results = page.evaluate(
+        """async (ms) => {
+            const core = await import('/static/core.js');
+            const second = ms - 300, minute = second - 12000, midnight = Date.UTC(2026, 10, 27);
+            return {
+                ticks: [ms, second, minute, midnight].map(core.formatTick),
+                labels: [100, 250, 1000, 5000, 60000, 3600000].map(core.intervalLabel),
+                decimals: [12, 12.5, 0.125, 599.02, 1.5e-7].map(core.decimalsOf),
+                precision: [
+                    core.pricePrecision([{o: 1, h: 2, l: 0.5, c: 1.25}]),
+                    core.pricePrecision([{o: 1.123, h: 2, l: 1, c: 1}, {o: 1, h: 1.1234567, l: 1, c: 1}]),
+                ],
+                low: [0, 1, 2, 3, 4, 5, 6].map((n) => core.backoffDelay(n, () => 0)),
+                high: [0, 1, 2, 3, 4, 5, 6].map((n) => core.backoffDelay(n, () => 1)),
+                merged: core.mergeSorted([{s: 3, c: 1}, {s: 1, c: 1}], [{s: 2, c: 2}, {s: 3, c: 2}]),
+                index: [core.chartTime(ms - 300, 250), core.barStart(core.chartTime(ms - 300, 250), 250)],
+            };
+        }""",
+        ms,
+    )
+    assert results["ticks"] == ["14:03:12.300", "14:03:12", "14:03", "Nov 27"]
+    assert results["labels"] == ["100ms", "250ms", "1s", "5s", "1m", "1h"]
+    assert results["decimals"] == [0, 1, 3, 2, 8]
+    assert results["precision"] == [2, 6]
+    assert results["low"] == [125, 250, 500, 1000, 2000, 2500, 2500]
+    assert results["high"] == [250, 500, 1000, 2000, 4000, 5000, 5000]
+    assert results["merged"] == [{"s": 1, "c": 1}, {"s": 2, "c": 2}, {"s": 3, "c": 2}]
+    assert results["index"] == [(ms - 300) // 250, ms - 300]
+    # The chart's own formatters turn the bar index on its time scale back into real time.
+    bar = page_bars(page)[-1]
+    crosshair, tick = page.evaluate(
+        """(s) => {
+            const options = window.polyfan.chart.options();
+            const time = s / 250;
+            return [options.localization.timeFormatter(time), options.timeScale.tickMarkFormatter(time)];
+        }""",
+        bar["s"],
+    )
+    assert crosshair == clock_text(bar["s"], 250).split(" ")[1]
+    assert tick == tick_text(bar["s"])
 
 
 def test_switching_symbol_and_interval_shows_the_new_channel(

@@ -1,11 +1,29 @@
 // polyfan's live chart page: history over HTTP, live bars over the WebSocket protocol of
 // CONTRACT §4, drawn with TradingView's lightweight-charts (served from /static/vendor/).
 //
+// This module is the shell: DOM, fetch, WebSocket and the chart. The pure helpers (time axis
+// mapping, formatting, precision, backoff, merging) live in core.js.
+//
 // Time axis: lightweight-charts counts time in whole seconds, and our bars go down to 100 ms.
 // Each bar is placed at time = s / interval (its index since the epoch), and the formatters
 // turn that back into the real HH:MM:SS.mmm. Because bars are epoch aligned, the library's
 // "new minute / hour" tick weights land on real round times (every 60 / 3600 bars). See
 // docs/page.md.
+
+import {
+  backoffDelay,
+  barStart,
+  chartTime,
+  decimalsOf,
+  formatClock,
+  formatDate,
+  formatTick,
+  formatVolume,
+  intervalLabel,
+  mergeSorted,
+  pricePrecision,
+  sameBar,
+} from "/static/core.js";
 
 const LWC = globalThis.LightweightCharts;
 
@@ -25,73 +43,12 @@ const SCROLL_BACK_MARGIN = 40; // bars left of the first one held before older o
 const RATE_WINDOW_MS = 5000;
 const MAX_BARS = 20_000; // held per channel; the oldest tenth is dropped past this
 const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
-const BACKOFF_MIN_MS = 250;
-const BACKOFF_MAX_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
 // Bars per history request (on load and per scroll-back page); ?limit=N overrides it.
 const HISTORY_LIMIT = Math.min(Math.max(Math.trunc(Number(params.get("limit"))) || 600, 10), 5000);
-
-// ---------------------------------------------------------------- pure helpers
-
-const pad = (n, width = 2) => String(n).padStart(width, "0");
-
-/** "HH:MM:SS.mmm" (ms only when the interval is below a second) in the browser's time zone. */
-function formatClock(ms, withMillis) {
-  const d = new Date(ms);
-  const hms = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
-  return withMillis ? `${hms}.${pad(d.getMilliseconds(), 3)}` : hms;
-}
-
-function formatDate(ms) {
-  const d = new Date(ms);
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
-}
-
-/** A tick label from real time: the coarsest round unit the instant falls on. */
-function formatTick(ms) {
-  const d = new Date(ms);
-  if (d.getMilliseconds() !== 0) return formatClock(ms, true);
-  if (d.getHours() === 0 && d.getMinutes() === 0 && d.getSeconds() === 0) {
-    return d.toLocaleDateString(undefined, { month: "short", day: "numeric" });
-  }
-  if (d.getSeconds() !== 0) return formatClock(ms, false);
-  return `${pad(d.getHours())}:${pad(d.getMinutes())}`;
-}
-
-function intervalLabel(ms) {
-  if (ms % 3_600_000 === 0) return `${ms / 3_600_000}h`;
-  if (ms % 60_000 === 0) return `${ms / 60_000}m`;
-  if (ms % 1000 === 0) return `${ms / 1000}s`;
-  return `${ms}ms`;
-}
-
-function decimalsOf(x) {
-  if (!Number.isFinite(x) || Number.isInteger(x)) return 0;
-  const text = String(x);
-  const exp = text.indexOf("e-");
-  if (exp >= 0) return Number(text.slice(exp + 2));
-  return text.length - text.indexOf(".") - 1;
-}
-
-/** Price precision that shows every stored price exactly: at least 2, at most 6 decimals. */
-function pricePrecision(bars) {
-  let precision = 2;
-  for (let i = Math.max(0, bars.length - 200); i < bars.length; i++) {
-    const b = bars[i];
-    precision = Math.max(precision, decimalsOf(b.o), decimalsOf(b.h), decimalsOf(b.l), decimalsOf(b.c));
-  }
-  return Math.min(precision, 6);
-}
-
-const formatVolume = (v) => v.toLocaleString("en-US", { maximumFractionDigits: 4 });
-
-function backoffDelay(attempt) {
-  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt);
-  return ceiling / 2 + Math.random() * (ceiling / 2);
-}
 
 // ---------------------------------------------------------------- state
 
@@ -144,10 +101,10 @@ const chart = LWC.createChart(chartBox, {
     barSpacing: 8,
     minBarSpacing: 0.5,
     tickMarkMaxCharacterLength: 12,
-    tickMarkFormatter: (time) => formatTick(time * state.interval),
+    tickMarkFormatter: (time) => formatTick(barStart(time, state.interval)),
   },
   localization: {
-    timeFormatter: (time) => formatClock(time * state.interval, state.interval < 1000),
+    timeFormatter: (time) => formatClock(barStart(time, state.interval), state.interval < 1000),
   },
 });
 
@@ -170,7 +127,7 @@ chart.panes()[1].setStretchFactor(1);
 const markers = LWC.createSeriesMarkers(candles, []);
 
 function toCandle(b) {
-  const candle = { time: b.s / state.interval, open: b.o, high: b.h, low: b.l, close: b.c };
+  const candle = { time: chartTime(b.s, state.interval), open: b.o, high: b.h, low: b.l, close: b.c };
   if (b.outage) {
     candle.color = COLORS.outage;
     candle.borderColor = COLORS.outage;
@@ -181,7 +138,7 @@ function toCandle(b) {
 
 function toVolume(b) {
   const color = b.outage ? COLORS.outageVolume : b.c >= b.o ? COLORS.upVolume : COLORS.downVolume;
-  return { time: b.s / state.interval, value: b.v, color };
+  return { time: chartTime(b.s, state.interval), value: b.v, color };
 }
 
 function outageMarkers() {
@@ -189,12 +146,12 @@ function outageMarkers() {
   for (const b of state.bars) {
     if (b.outage) {
       list.push({
-        time: b.s / state.interval,
+        time: chartTime(b.s, state.interval),
         position: "aboveBar",
         shape: "square",
         color: COLORS.outage,
         size: 0.6,
-        text: list.length && list[list.length - 1].time === b.s / state.interval - 1 ? "" : "outage",
+        text: list.length && list[list.length - 1].time === chartTime(b.s, state.interval) - 1 ? "" : "outage",
       });
     }
   }
@@ -223,10 +180,6 @@ function redraw() {
   renderLegend();
   $("stat-count").textContent = String(state.bars.length);
 }
-
-const sameBar = (a, b) =>
-  a.o === b.o && a.h === b.h && a.l === b.l && a.c === b.c && a.v === b.v && a.vw === b.vw &&
-  a.n === b.n && Boolean(a.outage) === Boolean(b.outage);
 
 /** Merge bars of the current channel (any order, may overlap what is held). */
 function mergeBars(incoming) {
@@ -311,7 +264,7 @@ function renderLegend() {
 
 chart.subscribeCrosshairMove((param) => {
   const hovered =
-    param.time === undefined ? null : (state.bars[state.index.get(param.time * state.interval)] ?? null);
+    param.time === undefined ? null : (state.bars[state.index.get(barStart(param.time, state.interval))] ?? null);
   if (hovered !== state.hovered) {
     state.hovered = hovered;
     renderLegend();
@@ -382,13 +335,6 @@ async function loadOlder() {
   } finally {
     if (generation === state.generation) state.olderLoading = false;
   }
-}
-
-function mergeSorted(a, b) {
-  const bySecond = new Map();
-  for (const bar of a) bySecond.set(bar.s, bar);
-  for (const bar of b) bySecond.set(bar.s, bar);
-  return [...bySecond.values()].sort((x, y) => x.s - y.s);
 }
 
 chart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
@@ -629,7 +575,7 @@ globalThis.polyfan = {
   bars() {
     const volumes = new Map(volume.data().map((d) => [d.time, d.value]));
     return candles.data().map((d) => {
-      const s = d.time * state.interval;
+      const s = barStart(d.time, state.interval);
       return {
         s,
         o: d.open,
@@ -643,7 +589,7 @@ globalThis.polyfan = {
   },
   /** Page coordinates of the middle of the candle that starts at s (for crosshair tests). */
   pointOf(s) {
-    const x = chart.timeScale().timeToCoordinate(s / state.interval);
+    const x = chart.timeScale().timeToCoordinate(chartTime(s, state.interval));
     const b = state.bars[state.index.get(s)];
     if (x === null || !b) return null;
     const y = candles.priceToCoordinate((b.o + b.c) / 2);
@@ -651,10 +597,10 @@ globalThis.polyfan = {
     return { x: box.left + x, y: box.top + (y ?? 20) };
   },
   /** The outage markers drawn on the chart, as {s, text}. */
-  markers: () => markers.markers().map((m) => ({ s: m.time * state.interval, text: m.text })),
+  markers: () => markers.markers().map((m) => ({ s: barStart(m.time, state.interval), text: m.text })),
   /** What the candle of bar s is painted with (the outage colour for outage bars). */
   candleColor(s) {
-    const d = candles.data().find((c) => c.time === s / state.interval);
+    const d = candles.data().find((c) => c.time === chartTime(s, state.interval));
     return d ? (d.color ?? null) : undefined;
   },
   lastClose: () => state.lastClose ?? null,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -168,7 +169,7 @@ async def serve_frames(port: int, path: Path, repeat: int) -> None:
         await done.wait()
 
 
-def end_to_end(frames: list[bytes], repeat: int) -> None:
+def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) -> None:
     total = len(frames) * FRAME_EVENTS * repeat
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frames"
@@ -192,11 +193,15 @@ def end_to_end(frames: list[bytes], repeat: int) -> None:
         sub.connect(address)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         env = dict(os.environ, MASSIVE_API_KEY="bench", POLYFAN_LOG="warning")
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "polyfan", "proxy", "--upstream", f"ws://127.0.0.1:{port}",
-             "--pub", address],
-            env=env,
-        )  # fmt: skip
+        args = ["proxy", "--upstream", f"ws://127.0.0.1:{port}", "--pub", address]
+        command = [sys.executable, "-m", "polyfan", *args]
+        if profile is not None:  # cProfile.run dumps the stats when the CLI exits
+            code = (
+                "import cProfile; from polyfan.cli import main; "
+                f"cProfile.run({f'main({args!r})'!r}, {str(profile)!r})"
+            )
+            command = [sys.executable, "-c", code]
+        proxy = subprocess.Popen(command, env=env)
         while not sub.poll(100) or wire.decode(sub.recv()).kind is not wire.Kind.CLOCK:
             pass  # the SUB has joined once the proxy's clock arrives: then the frames may flow
         server.stdin.write("go\n")
@@ -223,7 +228,7 @@ def end_to_end(frames: list[bytes], repeat: int) -> None:
                 lost.observe(frame[:end].decode(), session, seq)
             last = time.perf_counter()
         finally:
-            proxy.terminate()
+            proxy.send_signal(signal.SIGINT)
             proxy.wait()
             server.kill()
             server.wait()
@@ -256,14 +261,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=3_000_000, help="trades end to end")
     parser.add_argument("--symbols", type=int, default=500)
-    parser.add_argument("--skip-zmq", action="store_true")
+    parser.add_argument("--skip-zmq", action="store_true", help="skip the single/multipart test")
+    parser.add_argument("--profile", type=Path, help="cProfile the proxy; write stats here")
     args = parser.parse_args()
     frames = make_frames(2_000, args.symbols)
     print(f"machine: {os.cpu_count()} cores; {args.symbols} symbols; Zipf-skewed activity")
     parse_ceilings(frames)
     if not args.skip_zmq:
         zmq_frames()
-    end_to_end(frames, max(1, args.trades // (len(frames) * FRAME_EVENTS)))
+    end_to_end(frames, max(1, args.trades // (len(frames) * FRAME_EVENTS)), args.profile)
 
 
 if __name__ == "__main__":

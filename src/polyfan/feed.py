@@ -25,14 +25,14 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 import orjson
 from msgspec import Meta
 
-from polyfan import wire
+from polyfan import feedscan, wire
 from polyfan.config import SYMBOL_RE, mask_secret
 from polyfan.errors import AuthenticationError
 
@@ -123,56 +123,83 @@ class Decoded:
 
 
 class TradeDecoder:
-    """Polygon frames in, validated trade records per symbol and the status events out."""
+    """Polygon frames in, validated trade records per symbol and the status events out.
+
+    Each frame goes first through the numba scanner (``feedscan.py``), which reads the
+    vendor's usual trade frames straight into columns; a frame it is not sure about is decoded
+    with msgspec (typed, then element by element), which validates and counts everything.
+    Both paths write into the same columns, so arrival order is kept across them.
+    """
 
     def __init__(self, stats: FeedStats | None = None) -> None:
         self.stats = stats if stats is not None else FeedStats()
+        self.symbols = feedscan.SymbolTable()
         self._symbol_ids: dict[str, int] = {}
         self._topics: list[bytes] = []
+        self._columns = feedscan.Columns(4096)
 
     def decode(self, frames: Sequence[bytes | str], now_ms: int) -> Decoded:
         """Decode frames received in this order; ``now_ms`` is the wall clock (Unix ms)."""
         stats = self.stats
         stats.frames += len(frames)
         problems: list[Problem] = []
-        together = self._decode_together(frames)
-        if together is not None:
-            events, has_status = together
-        else:  # some frame is not a clean array of trades and statuses: frame by frame
-            events, has_status = [], True
-            for frame in frames:
-                try:
-                    events += _FRAME.decode(frame)
-                except msgspec.DecodeError:
-                    events += self._decode_slowly(frame, problems)
-        stats.events += len(events)
-        statuses = [e for e in events if type(e) is Status] if has_status else []
-        trades = cast(
-            "list[Trade]", [e for e in events if type(e) is Trade] if statuses else events
-        )
-        return Decoded(self._records(trades, now_ms, problems), statuses, problems)
-
-    @staticmethod
-    def _decode_together(
-        frames: Sequence[bytes | str],
-    ) -> tuple[list[Trade | Status], bool] | None:
-        """The fast path: every frame's elements spliced into one array, one typed decode.
-
-        Returns the events and whether any could be a status, or None when some frame is not
-        a clean array of trades and statuses (the caller then goes frame by frame).
-        """
-        parts = []
-        has_status = False
+        statuses: list[Status] = []
+        table = self.symbols
+        row = 0
         for frame in frames:
-            data = (frame.encode() if isinstance(frame, str) else frame).strip()
-            if len(data) < 3 or data[0] != 0x5B or data[-1] != 0x5D:  # [ ... ]
-                return None
-            parts.append(data[1:-1])
-            has_status = has_status or b"status" in data
-        try:
-            return _FRAME.decode(b"[" + b",".join(parts) + b"]"), has_status
-        except msgspec.DecodeError:
-            return None
+            data = frame.encode() if isinstance(frame, str) else frame
+            columns = self._reserve(row, len(data) // feedscan.MIN_TRADE_BYTES + 1)
+            scanned = columns.scan(data, row, table)
+            if scanned >= 0:
+                stats.events += scanned - row
+                row = scanned
+                continue
+            try:
+                events = _FRAME.decode(data)
+            except msgspec.DecodeError:
+                events = self._decode_slowly(data, problems)
+            stats.events += len(events)
+            trades = [e for e in events if type(e) is Trade]
+            if len(trades) < len(events):
+                statuses += [e for e in events if type(e) is Status]
+            row = self._fill(trades, row)
+        return Decoded(self._batch(row, now_ms, problems), statuses, problems)
+
+    def _reserve(self, row: int, more: int) -> feedscan.Columns:
+        columns = self._columns
+        capacity = len(columns.t)
+        if row + more > capacity:
+            grown = feedscan.Columns(max(2 * capacity, row + more))
+            for name in ("t", "p", "s", "q", "trft", "trfi", "x", "z", "nc", "c", "ids"):
+                getattr(grown, name)[:row] = getattr(columns, name)[:row]
+            self._columns = columns = grown
+        return columns
+
+    def _fill(self, trades: list[Trade], row: int) -> int:
+        """Write trades decoded by msgspec into the columns from ``row``; the next free row."""
+        n = len(trades)
+        if n == 0:
+            return row
+        columns = self._reserve(row, n)
+        end = row + n
+        columns.t[row:end] = [t.t for t in trades]
+        columns.p[row:end] = [t.p for t in trades]
+        columns.s[row:end] = self._sizes(trades)
+        columns.q[row:end] = [t.q for t in trades]
+        columns.trft[row:end] = [t.trft for t in trades]
+        columns.trfi[row:end] = [t.trfi for t in trades]
+        columns.x[row:end] = [t.x for t in trades]
+        columns.z[row:end] = [t.z for t in trades]
+        columns.c[row:end] = 0
+        conditions = [t.c or _NO_CONDITIONS for t in trades]
+        counts = np.fromiter(map(len, conditions), np.int64, n)
+        columns.nc[row:end] = counts
+        if counts.any():
+            rows = np.repeat(np.arange(row, end), counts)
+            slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+            columns.c[rows, slots] = [code for codes in conditions for code in codes]
+        columns.ids[row:end] = self._ids([t.sym for t in trades])
+        return end
 
     def _decode_slowly(self, frame: bytes | str, problems: list[Problem]) -> list[Trade | Status]:
         """Element by element, after the typed decode refused the frame."""
@@ -215,28 +242,14 @@ class TradeDecoder:
         self.stats.rejected[reason] += count
         self.stats.bad_messages += count
 
-    def _records(self, trades: list[Trade], now_ms: int, problems: list[Problem]) -> TradeBatch:
-        n = len(trades)
+    def _batch(self, n: int, now_ms: int, problems: list[Problem]) -> TradeBatch:
+        """Validate rows ``[0, n)`` of the columns and group the valid ones by symbol."""
         if n == 0:
             return TradeBatch.empty()
-        records = np.zeros(n, wire.TRADE_DTYPE)
-        records["t"] = np.array([t.t for t in trades], np.int64)
-        records["p"] = np.array([t.p for t in trades], np.float64)
-        records["q"] = np.array([t.q for t in trades], np.int64)
-        records["trft"] = np.array([t.trft for t in trades], np.int64)
-        records["trfi"] = np.array([t.trfi for t in trades], np.uint16)
-        records["x"] = np.array([t.x for t in trades], np.uint16)
-        records["z"] = np.array([t.z for t in trades], np.uint8)
-        records["s"] = self._sizes(trades)
-        conditions = [t.c or _NO_CONDITIONS for t in trades]
-        counts = np.fromiter(map(len, conditions), np.int64, n)
-        if counts.any():
-            records["nc"] = counts
-            rows = np.repeat(np.arange(n), counts)
-            slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-            records["c"][rows, slots] = [code for codes in conditions for code in codes]
-
-        ids = self._ids([t.sym for t in trades])
+        columns = self._columns
+        records = columns.records(n)
+        ids = columns.ids[:n].copy()
+        self._learn_symbols()
         valid = np.ones(n, dtype=bool)
         checks = (
             ("symbol", ids >= 0),
@@ -248,8 +261,10 @@ class TradeDecoder:
             if not ok.all():
                 bad = ~ok & valid
                 self._reject(reason, int(bad.sum()))
-                for index in np.flatnonzero(bad)[:3]:
-                    problems.append(Problem(f"invalid trade ({reason}): {_excerpt(trades[index])}"))
+                for index in np.flatnonzero(bad)[:3].tolist():
+                    problems.append(
+                        Problem(f"invalid trade ({reason}): {self._describe(records, ids, index)}")
+                    )
                 valid &= ok
         if not valid.all():
             records = records[valid]
@@ -270,6 +285,12 @@ class TradeDecoder:
             max_t=int(records["t"].max()),
         )
 
+    def _describe(self, records: np.ndarray, ids: np.ndarray, index: int) -> str:
+        sid = int(ids[index])
+        symbol = self.symbols.name(sid) if sid >= 0 else "(invalid)"
+        t, p, s = records["t"][index], records["p"][index], records["s"][index]
+        return f"sym={symbol} t={t} p={p} s={s}"
+
     @staticmethod
     def _sizes(trades: list[Trade]) -> np.ndarray:
         """``ds`` when present, else ``s``; NaN (rejected as ``size``) when neither parses."""
@@ -278,17 +299,24 @@ class TradeDecoder:
         except (TypeError, ValueError):
             return np.array([_size(t) for t in trades], dtype=np.float64)
 
-    def _ids(self, symbols: list[str]) -> np.ndarray:
-        """A small integer per valid symbol (-1 for an invalid one), stable for the process."""
+    def _ids(self, symbols: list[str]) -> list[int]:
+        """The symbol id of each trade decoded by msgspec (-1 for an invalid symbol)."""
         known = self._symbol_ids
         ids = [known.get(s, -1) for s in symbols]
         if -1 in ids:
             for index, symbol in enumerate(symbols):
                 if ids[index] == -1 and SYMBOL_RE.fullmatch(symbol) is not None:
-                    ids[index] = known.setdefault(symbol, len(known))
-                    if len(self._topics) < len(known):
-                        self._topics.append(wire.trade_topic(symbol))
-        return np.array(ids, dtype=np.int64)
+                    ids[index] = self.symbols.intern(symbol.encode())
+            self._learn_symbols()
+        return ids
+
+    def _learn_symbols(self) -> None:
+        """Give every newly interned symbol its topic (the scanner interns as it goes)."""
+        topics = self._topics
+        for sid in range(len(topics), int(self.symbols.count[0])):
+            name = self.symbols.name(sid)
+            self._symbol_ids[name] = sid
+            topics.append(wire.trade_topic(name))
 
 
 def _size(trade: Trade) -> float:

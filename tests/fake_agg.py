@@ -68,7 +68,9 @@ class FakeAgg:
         endpoint: str,
         intervals: Sequence[int] = (100, 250, 500, 1000),
         symbols: Sequence[str] | None = None,
+        announce_every: float = 0.2,
     ) -> None:
+        self.announce_every = announce_every
         self.session = secrets.randbits(63)
         self.intervals = list(intervals)
         self.symbols = None if symbols is None else list(symbols)
@@ -156,7 +158,7 @@ class FakeAgg:
         while not self._stop.is_set():
             if time.monotonic() >= next_announce:
                 self._announce()
-                next_announce = time.monotonic() + 0.2
+                next_announce = time.monotonic() + self.announce_every
             for _ in range(1000):
                 try:
                     kind, value = self._outbox.get_nowait()

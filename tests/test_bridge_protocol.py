@@ -588,3 +588,33 @@ async def test_bars_published_while_nobody_listened_are_not_counted_as_gaps(
     assert await client.bars(1) == [expected_event("QUIET", 500, rows[2])]
     assert counter(bridge, "polyfan_bridge_gaps_total") == 0
     await client.close()
+
+
+async def test_requests_sent_while_the_reader_waits_never_leave_replies_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ZeroMQ FD is edge-triggered: a send on the socket must not eat the edge the reader
+    waits for. With no announce and no bars flowing, a lost edge would leave a reply unread
+    until the request times out; the reader's periodic re-check is switched off here."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "READ_POLL_MS", 60_000)
+    with FakeAgg("tcp://127.0.0.1:*", announce_every=3600) as quiet:
+        rows = bar_rows(1000, T0, 5)
+        quiet.publish(1000, "Q", rows)
+        quiet.flush()
+        bridge = await start_bridge(quiet)
+        try:
+            for _ in range(40):
+                started = asyncio.get_running_loop().time()
+                replies = await asyncio.gather(
+                    *(get(bridge, "/api/bars?channel=1000Ms.Q&limit=5") for _ in range(16))
+                )
+                assert [status for status, _, _ in replies] == [200] * 16
+                assert all(
+                    orjson.loads(body) == [expected_event("Q", 1000, r) for r in rows]
+                    for _, _, body in replies
+                )
+                assert asyncio.get_running_loop().time() - started < 3
+        finally:
+            await bridge.stop()

@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -168,7 +168,7 @@ class Agg:
 
     endpoint: str
     socket: zmq.asyncio.Socket
-    sync: zmq.Socket[bytes]
+    sync: zmq.Socket[bytes]  # the same socket, sync: only the reader drains with it
     gaps: wire.GapCounter = field(default_factory=wire.GapCounter)
     announce: dict[str, Any] | None = None
     heard_at: float | None = None  # monotonic time of the last message
@@ -180,9 +180,15 @@ class Agg:
         return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
 
     def send(self, frame: bytes) -> None:
-        """Subscriptions and requests upstream; an XSUB never blocks, it drops when it must."""
-        with contextlib.suppress(zmq.Again):
-            self.sync.send(frame, zmq.NOBLOCK)
+        """Subscriptions and requests upstream; an XSUB never blocks, it drops when it must.
+
+        Through the asyncio socket, not the sync one: ZeroMQ's FD is edge-triggered and a send
+        processes pending commands, which can consume the edge the reader's ``poll`` waits
+        for; pyzmq's asyncio ``send`` re-checks the socket for its waiting pollers.
+        """
+        sent = cast("asyncio.Future[Any]", self.socket.send(frame, zmq.NOBLOCK))
+        if sent.done() and sent.exception() is not None:  # zmq.Again: dropped, as XSUB does
+            log.debug("upstream message to %s dropped: %s", self.endpoint, sent.exception())
 
     def subscribe(self, topic: bytes) -> None:
         if topic not in self.topics:
@@ -382,10 +388,11 @@ class Bridge:
         """Drain what is waiting (up to DRAIN_MAX_BARS bars), deliver one frame per client,
         yield so the writers run, repeat."""
         while True:
-            # With a timeout: the ZeroMQ FD is edge-triggered, and a sync send on the same socket
-            # (Agg.send: subscriptions, history requests) can consume the edge a waiting poll
-            # needs, which left replies and bars unread until the next edge (history requests
-            # timing out with 504 and "no reply" under the chart page's browser tests).
+            # With a timeout, as a backstop: the ZeroMQ FD is edge-triggered, and a sync send on
+            # the same socket could consume the edge a waiting poll needs, which left replies
+            # and bars unread until the next edge (history 504s under the chart page's browser
+            # tests). Agg.send now goes through the asyncio socket, which re-checks for its
+            # pollers (test_requests_sent_while_the_reader_waits_never_leave_replies_unread).
             await agg.socket.poll(timeout=READ_POLL_MS)
             started = time.perf_counter()
             arrivals: list[Arrival] = []

@@ -108,9 +108,11 @@ class Pipeline:
         with (self.run_dir / f"{name}.log").open("a") as log:
             log.write(proc.output + "\n")
 
-    def start_bridge(self, port: int) -> Proc:
+    def start_bridge(self, port: int, *flags: str) -> Proc:
         """A bridge on ``port``, once it serves and has heard the agg (symbols are known)."""
-        bridge = Proc("bridge", "--sub", self.bars_endpoint, "--listen", f"127.0.0.1:{port}")
+        bridge = Proc(
+            "bridge", "--sub", self.bars_endpoint, "--listen", f"127.0.0.1:{port}", *flags
+        )
         bridge.wait_for(r"ready:", timeout=30)
         poll(
             lambda: get_json(f"http://127.0.0.1:{port}/api/symbols"),
@@ -195,22 +197,23 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-OpenPage = Callable[..., tuple[Page, Console]]
+class Pages:
+    """Pages opened by one test, each in a fresh context with a UTC clock."""
 
+    def __init__(self, browser: Browser) -> None:
+        self.browser = browser
+        self.contexts: list[BrowserContext] = []
+        self.consoles: list[Console] = []
 
-@pytest.fixture
-def open_page(browser: Browser) -> Iterator[OpenPage]:
-    """Open the page in a fresh context (UTC clock); fail the test on any console error."""
-    contexts: list[BrowserContext] = []
-    consoles: list[Console] = []
-
-    def open_(url: str, viewport: ViewportSize = LAPTOP, **options: Any) -> tuple[Page, Console]:
-        context = browser.new_context(viewport=viewport, timezone_id="UTC", **options)
-        contexts.append(context)
+    def __call__(
+        self, url: str, viewport: ViewportSize = LAPTOP, **options: Any
+    ) -> tuple[Page, Console]:
+        context = self.browser.new_context(viewport=viewport, timezone_id="UTC", **options)
+        self.contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(10_000)
         console = Console()
-        consoles.append(console)
+        self.consoles.append(console)
 
         def on_console(message: ConsoleMessage) -> None:
             if message.type == "error":
@@ -221,10 +224,22 @@ def open_page(browser: Browser) -> Iterator[OpenPage]:
         page.goto(url)
         return page, console
 
-    yield open_
-    for context in contexts:
-        context.close()
-    for console in consoles:
+    def close(self) -> None:
+        """Close every page (before its bridge stops: a page would log refused reconnects)."""
+        while self.contexts:
+            self.contexts.pop().close()
+
+
+OpenPage = Pages
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[Pages]:
+    """Open the page; fail the test on any console error or uncaught page error."""
+    pages = Pages(browser)
+    yield pages
+    pages.close()
+    for console in pages.consoles:
         assert console.errors == [], "console errors on the page"
 
 
@@ -555,6 +570,25 @@ def test_chart_reconnects_after_a_bridge_restart_and_fills_the_gap(
         assert gap, "no bar was published while the bridge was down"
         assert console.allowed, "the outage was not seen by the browser"
     finally:
+        open_page.close()
+        bridge.stop()
+
+
+def test_page_authenticates_with_the_token_from_its_url(
+    open_page: OpenPage, pipeline: Pipeline
+) -> None:
+    port = free_port()
+    bridge = pipeline.start_bridge(port, "--token", "s3cret")
+    try:
+        page, _ = open_page(f"http://127.0.0.1:{port}/?token=wrong")
+        page.wait_for_function("window.polyfan.connection() === 'auth failed'")
+        assert "authentication failed" in page.inner_text("#message")
+        assert page.evaluate("window.polyfan.lastClose()") is None  # no reconnect loop
+        page, _ = open_page(f"http://127.0.0.1:{port}/?token=s3cret")
+        wait_until_live(page)
+        wait_for_candles(page)
+    finally:
+        open_page.close()
         bridge.stop()
 
 

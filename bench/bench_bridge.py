@@ -217,8 +217,12 @@ class LeanClient(asyncio.Protocol):
                             self.subscribed.append(1)
 
 
-def client_process(port: int, count: int, ready: Any, done: EventType, out: Any) -> None:
+def client_process(
+    port: int, count: int, ready: Any, done: EventType, out: Any, cpus: set[int] | None
+) -> None:
     raise_fd_limit()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -248,7 +252,18 @@ def client_process(port: int, count: int, ready: Any, done: EventType, out: Any)
     asyncio.run(main())
 
 
-def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str, float]:
+def measure(clients: int, seconds: float, period: float, procs: int, pin: bool) -> dict[str, float]:
+    """One run. With ``pin``, the bridge gets CPU 0 and the clients the other CPUs, so that
+    they do not take turns on the bridge's core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    bridge_cpus = {cpus[0]} if pin and len(cpus) > 1 else None
+    client_cpus = set(cpus[1:]) if bridge_cpus else None
+
+    def start_bridge() -> None:
+        raise_fd_limit()
+        if bridge_cpus:
+            os.sched_setaffinity(0, bridge_cpus)
+
     ctx = mp.get_context("spawn")
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -274,7 +289,7 @@ def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str
             f"127.0.0.1:{port}",
         ],
         env=env,
-        preexec_fn=raise_fd_limit,
+        preexec_fn=start_bridge,
     )
     try:
         deadline = time.monotonic() + 30
@@ -290,7 +305,7 @@ def measure(clients: int, seconds: float, period: float, procs: int) -> dict[str
         done = ctx.Event()
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         workers = [
-            ctx.Process(target=client_process, args=(port, n, ready, done, out))
+            ctx.Process(target=client_process, args=(port, n, ready, done, out, client_cpus))
             for n in shares
             if n
         ]
@@ -351,18 +366,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--period", type=float, default=0.5, help="seconds between bar rounds")
     parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument(
+        "--pin", action="store_true", help="pin the bridge to CPU 0 and the clients to the others"
+    )
     args = parser.parse_args()
     raise_fd_limit()
     print(
         f"bridge fan-out: 5 channels of 500Ms, one bar each every {args.period:g}s, "
-        f"{args.seconds:g}s measured, {os.cpu_count()} cores (shared with the clients)"
+        f"{args.seconds:g}s measured, {os.cpu_count()} cores, "
+        + ("bridge pinned to one, clients to the others" if args.pin else "unpinned")
     )
     print(
         f"{'clients':>8} {'bars/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'bridge CPU':>10} {'CPU/1000 cl':>11} {'pass ms':>8}"
     )
     for clients in args.clients or [1000, 5000]:
-        r = measure(clients, args.seconds, args.period, args.procs)
+        r = measure(clients, args.seconds, args.period, args.procs, args.pin)
         print(
             f"{r['clients']:>8} {r['bars_per_s']:>10.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
             f"{r['max_ms']:>8.1f} {r['bridge_cpu']:>9.1%} {r['cpu_per_1000']:>10.1%} "

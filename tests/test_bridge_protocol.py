@@ -618,3 +618,26 @@ async def test_requests_sent_while_the_reader_waits_never_leave_replies_unread(
                 assert asyncio.get_running_loop().time() - started < 3
         finally:
             await bridge.stop()
+
+
+async def test_a_client_that_never_authenticates_is_closed_after_the_auth_timeout(
+    agg: FakeAgg,
+) -> None:
+    bridge = await start_bridge(agg, auth_timeout=0.3)
+    try:
+        idle = await Client.open(url(bridge), token=None)
+        authed = await Client.open(url(bridge))
+        assert await idle.next_event(timeout=5) == {
+            "ev": "status",
+            "status": "auth_timeout",
+            "message": "no successful auth in time; closing",
+        }
+        await idle.ws.wait_closed()
+        assert idle.ws.close_code == 1008
+        await subscribed(authed, agg, "500Ms.STAY")  # well past the timeout: still served
+        rows = bar_rows(500, T0, 1)
+        agg.publish(500, "STAY", rows)
+        assert await authed.bars(1) == [expected_event("STAY", 500, rows[0])]
+        await authed.close()
+    finally:
+        await bridge.stop()

@@ -51,6 +51,8 @@ from polyfan.errors import ConfigError, WireError
 from polyfan.fanout import Arrival, Backlog, Fanout
 from polyfan.metrics import Registry
 from polyfan.protocol import (
+    AUTH_TIMEOUT,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN_LATER,
     CONNECTED,
@@ -614,6 +616,7 @@ class Bridge:
         log.info("client %d joined from %s (%d clients)", client.id, _peer(ws), len(self.clients))
         self._push(client, encode_events([CONNECTED]), 0)
         writer = self._spawn(self._write(client))
+        auth_timer = loop.call_later(self.limits.auth_timeout, self._auth_timed_out, client)
         try:
             async for frame in ws:
                 outcome = client.session.receive(frame, loop.time(), self.catalog)
@@ -634,6 +637,7 @@ class Bridge:
         except ConnectionClosed:
             pass
         finally:
+            auth_timer.cancel()
             close_sent = ws.protocol.close_sent
             if close_sent is not None and close_sent.code == CLOSE_TOO_BIG:
                 self.counters.bad_requests.inc()
@@ -652,6 +656,14 @@ class Bridge:
                 ws.close_code,
                 len(self.clients),
             )
+
+    def _auth_timed_out(self, client: Client) -> None:
+        if client.session.authenticated or client.close_after is not None:
+            return
+        self.counters.bad_requests.inc()
+        self._push(client, encode_events([AUTH_TIMEOUT]), 0)
+        client.close_after = (CLOSE_POLICY_VIOLATION, "auth timeout")
+        client.wake.set()
 
     def _open(self, client: Client, command: Subscribe) -> None:
         channel = command.channel
@@ -790,6 +802,7 @@ class Bridge:
                     "rate_burst": self.limits.rate_burst,
                     "backlog_bytes": self.limits.backlog_bytes,
                     "since_max_bars": self.limits.since_max_bars,
+                    "auth_timeout": self.limits.auth_timeout,
                     "api_max_limit": self.limits.api_max_limit,
                 },
             },

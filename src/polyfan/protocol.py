@@ -49,6 +49,7 @@ class Limits:
     rate_burst: float = 100.0  # ... with this burst (token bucket)
     backlog_bytes: int = 8 * 1024 * 1024  # unsent bytes per client before close 1013
     since_max_bars: int = 20_000  # bars sent for one `since` request (the most recent)
+    auth_timeout: float = 10.0  # seconds from connect to a successful auth, else close 1008
     api_max_limit: int = 10_000  # /api/bars?limit=
     api_default_limit: int = 600
 
@@ -156,6 +157,7 @@ def error(message: str) -> dict[str, str]:
 CONNECTED = status("connected", "Connected Successfully")
 AUTH_SUCCESS = status("auth_success", "authenticated")
 AUTH_FAILED = status("auth_failed", "authentication failed")
+AUTH_TIMEOUT = status("auth_timeout", "no successful auth in time; closing")
 
 
 def encode_events(events: Sequence[dict[str, Any]]) -> bytes:

@@ -101,11 +101,12 @@ def test_a_pass_with_no_subscribed_bars_delivers_nothing() -> None:
 def test_since_holds_live_bars_until_history_then_merges_without_repeats() -> None:
     fan: Fanout[int] = Fanout()
     fan.subscribe(1, TSLA)
-    fan.subscribe(2, TSLA, since=True)
+    fan.subscribe(2, TSLA)
+    seam = fan.hold(2, TSLA)
     assert fan.is_pending(2, TSLA)
     assert per_client(fan, (500, "TSLA", bars(1000, 1500))) == {1: parts(1000, 1500)}
     assert per_client(fan, (500, "TSLA", bars(2000))) == {1: parts(2000)}  # client 2 holds them
-    merged = fan.complete_history(2, TSLA, bars(0, 500, 1000, 1500))
+    merged = fan.complete_history(2, TSLA, seam, bars(0, 500, 1000, 1500))
     assert merged == parts(0, 500, 1000, 1500, 2000)
     assert not fan.is_pending(2, TSLA)
     assert per_client(fan, (500, "TSLA", bars(2500))) == {1: parts(2500), 2: parts(2500)}
@@ -113,28 +114,31 @@ def test_since_holds_live_bars_until_history_then_merges_without_repeats() -> No
 
 def test_a_pending_client_still_gets_its_other_channels_in_the_same_pass() -> None:
     fan: Fanout[int] = Fanout()
-    fan.subscribe(1, TSLA, since=True)
+    fan.subscribe(1, TSLA)
+    seam = fan.hold(1, TSLA)
     fan.subscribe(1, AAPL)
     fan.subscribe(2, TSLA)
     fan.subscribe(2, AAPL)
     got = per_client(fan, (500, "TSLA", bars(0)), (500, "AAPL", bars(0, sym="AAPL")))
     assert got == {1: parts(0, sym="AAPL"), 2: parts(0) + parts(0, sym="AAPL")}
-    assert fan.complete_history(1, TSLA, []) == parts(0)
+    assert fan.complete_history(1, TSLA, seam, []) == parts(0)
 
 
 def test_since_with_empty_history_releases_every_held_bar() -> None:
     fan: Fanout[int] = Fanout()
-    fan.subscribe(1, TSLA, since=True)
+    fan.subscribe(1, TSLA)
+    seam = fan.hold(1, TSLA)
     assert per_client(fan, (500, "TSLA", bars(0, 500))) == {}
-    assert fan.complete_history(1, TSLA, []) == parts(0, 500)
+    assert fan.complete_history(1, TSLA, seam, []) == parts(0, 500)
 
 
 def test_history_for_a_client_that_left_the_channel_is_dropped() -> None:
     fan: Fanout[int] = Fanout()
-    fan.subscribe(1, TSLA, since=True)
+    fan.subscribe(1, TSLA)
+    seam = fan.hold(1, TSLA)
     per_client(fan, (500, "TSLA", bars(0)))
     fan.unsubscribe(1, TSLA)
-    assert fan.complete_history(1, TSLA, bars(0)) == []
+    assert fan.complete_history(1, TSLA, seam, bars(0)) == []
 
 
 @given(
@@ -148,13 +152,14 @@ def test_seam_has_no_gap_and_no_repeat_for_any_interleaving(
 ) -> None:
     """The agg stores then publishes; the bridge subscribes, then asks: any split works."""
     fan: Fanout[int] = Fanout()
-    fan.subscribe(7, TSLA, since=True)
+    fan.subscribe(7, TSLA)
+    seam = fan.hold(7, TSLA)
     published = [i * 500 for i in range(before + overlap + after)]
     since = since_index * 500
     snapshot = [s for s in published[: before + overlap] if s >= since]
     held = published[before:]  # live bars start arriving at the subscription
     assert per_client(fan, (500, "TSLA", bars(*held))) == {}
-    got = [orjson.loads(p)["s"] for p in fan.complete_history(7, TSLA, bars(*snapshot))]
+    got = [orjson.loads(p)["s"] for p in fan.complete_history(7, TSLA, seam, bars(*snapshot))]
     assert got == sorted(set(got))  # in order, nothing repeated
     wanted = {s for s in published if s >= since} | set(published[before + overlap :])
     assert wanted <= set(got)  # nothing missing
@@ -205,3 +210,28 @@ def test_backlog_pops_every_event_in_order(frames: list[list[int]], merge: int) 
         bars += item[1]
     assert out == [e for events in frames for e in events]
     assert bars == len(out)
+
+
+def test_a_seam_cancelled_by_unsubscribe_ignores_its_late_history() -> None:
+    fan: Fanout[int] = Fanout()
+    fan.subscribe(1, TSLA)
+    old = fan.hold(1, TSLA)
+    fan.unsubscribe(1, TSLA)
+    fan.subscribe(1, TSLA)  # subscribed again, without since: live from now on
+    assert per_client(fan, (500, "TSLA", bars(1000))) == {1: parts(1000)}
+    assert fan.complete_history(1, TSLA, old, bars(0, 500, 1000)) == []
+    assert per_client(fan, (500, "TSLA", bars(1500))) == {1: parts(1500)}
+
+
+def test_two_since_requests_each_get_history_and_no_live_bar_is_lost() -> None:
+    fan: Fanout[int] = Fanout()
+    fan.subscribe(1, TSLA)
+    first = fan.hold(1, TSLA)
+    second = fan.hold(1, TSLA)
+    assert per_client(fan, (500, "TSLA", bars(1000, 1500))) == {}
+    assert fan.complete_history(1, TSLA, first, bars(500, 1000)) == parts(500, 1000)
+    assert per_client(fan, (500, "TSLA", bars(2000))) == {}  # still held for the second
+    assert fan.complete_history(1, TSLA, second, bars(0, 500, 1000, 1500)) == parts(
+        0, 500, 1000, 1500, 2000
+    )
+    assert per_client(fan, (500, "TSLA", bars(2500))) == {1: parts(2500)}

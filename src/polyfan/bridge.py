@@ -48,7 +48,7 @@ from websockets.protocol import State
 from polyfan import wire
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
-from polyfan.fanout import Arrival, Backlog, Fanout
+from polyfan.fanout import Arrival, Backlog, Fanout, Seam
 from polyfan.metrics import Registry
 from polyfan.protocol import (
     AUTH_TIMEOUT,
@@ -667,13 +667,13 @@ class Bridge:
 
     def _open(self, client: Client, command: Subscribe) -> None:
         channel = command.channel
-        since = command.since is not None
-        if self.fanout.subscribe(client, channel, since=since):
+        if self.fanout.subscribe(client, channel):
             self._route_channel(channel)
         if command.since is not None:
-            self._spawn(self._send_history(client, channel, command.since))
+            seam = self.fanout.hold(client, channel)
+            self._spawn(self._send_history(client, channel, seam, command.since))
 
-    async def _send_history(self, client: Client, channel: Channel, since: int) -> None:
+    async def _send_history(self, client: Client, channel: Channel, seam: Seam, since: int) -> None:
         aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
         limit = self.limits.since_max_bars
         history: list[tuple[int, bytes]] = []
@@ -711,7 +711,7 @@ class Bridge:
                 problem = f"{channel.name}: history reply did not decode; live bars follow"
         if problem is not None and client.id in self.clients:
             self._push(client, encode_events([error(problem)]), 0)
-        parts = self.fanout.complete_history(client, channel, history)
+        parts = self.fanout.complete_history(client, channel, seam, history)
         if client.id not in self.clients:
             return
         for start in range(0, len(parts), HISTORY_FRAME_BARS):

@@ -9,10 +9,10 @@ object, or an integer in the tests).
   :meth:`Fanout.deliveries` takes one pass's encoded bars and returns ``(bars, clients)``
   pairs: each client in at most one pair, so it gets one frame per pass, and the frame of a
   group of clients with the same channels is built once, not once per client.
-- A client that subscribes with ``since`` is *pending* on that channel: its live bars are held
-  (:meth:`Fanout.deliveries` leaves them out) until the history reply arrives;
-  :meth:`Fanout.complete_history` returns history then the held live bars, dropping any live
-  bar whose start ``s`` the history already covered. The topic is subscribed before history is requested, so the two overlap and
+- A client that subscribes with ``since`` gets a :class:`Seam` (:meth:`Fanout.hold`): its
+  live bars on that channel are held (:meth:`Fanout.deliveries` leaves them out) until the
+  history reply arrives; :meth:`Fanout.complete_history` returns history then the held live
+  bars, dropping any live bar whose start ``s`` the history already covered. The topic is subscribed before history is requested, so the two overlap and
   nothing is missing or repeated at the seam.
 - :class:`Backlog` is one client's bounded queue of unsent frames; :meth:`Backlog.push` says no
   when the bound would be passed, and the shell then closes the client with 1013.
@@ -36,7 +36,7 @@ class Fanout(Generic[C]):
     def __init__(self) -> None:
         self._clients: dict[Channel, set[C]] = {}
         self._channels: dict[C, set[Channel]] = {}
-        self._pending: dict[Channel, dict[C, list[tuple[int, bytes]]]] = {}
+        self._pending: dict[Channel, dict[C, Seam]] = {}
         self._groups: dict[frozenset[Channel], set[C]] = {}
         self._group_of: dict[C, frozenset[Channel]] = {}
 
@@ -54,21 +54,22 @@ class Fanout(Generic[C]):
             self._group_of[client] = key
             self._groups.setdefault(key, set()).add(client)
 
-    def subscribe(self, client: C, channel: Channel, *, since: bool = False) -> bool:
-        """Add ``client`` to ``channel``; True if it is the channel's first client.
-
-        With ``since``, the client's live bars on the channel are held until
-        :meth:`complete_history`.
-        """
+    def subscribe(self, client: C, channel: Channel) -> bool:
+        """Add ``client`` to ``channel``; True if it is the channel's first client."""
         clients = self._clients.setdefault(channel, set())
         first = not clients
         if client not in clients:
             clients.add(client)
             self._channels.setdefault(client, set()).add(channel)
             self._regroup(client)
-        if since:
-            self._pending.setdefault(channel, {}).setdefault(client, [])
         return first
+
+    def hold(self, client: C, channel: Channel) -> Seam:
+        """Start a ``since`` request: hold the client's live bars on the channel until
+        :meth:`complete_history` is called with the returned seam."""
+        seam = self._pending.setdefault(channel, {}).setdefault(client, Seam())
+        seam.requests += 1
+        return seam
 
     def unsubscribe(self, client: C, channel: Channel) -> bool:
         """Remove ``client`` from ``channel``; True if it was the channel's last client."""
@@ -138,9 +139,9 @@ class Fanout(Generic[C]):
             for client in special:
                 mine: list[bytes] = []
                 for i in wanted:
-                    held = pending.get(exact[i])
-                    if held is not None and client in held:
-                        held[client].extend(arrivals[i][2])
+                    seams = pending.get(exact[i])
+                    if seams is not None and client in seams:
+                        seams[client].held.extend(arrivals[i][2])
                     else:
                         mine.extend(part for _, part in arrivals[i][2])
                 if mine:
@@ -148,28 +149,43 @@ class Fanout(Generic[C]):
         return out
 
     def complete_history(
-        self, client: C, channel: Channel, history: Sequence[tuple[int, bytes]]
+        self, client: C, channel: Channel, seam: Seam, history: Sequence[tuple[int, bytes]]
     ) -> list[bytes]:
-        """End a ``since`` seam: the history bars, then the held live bars it did not cover.
+        """End one ``since`` request: its history bars, then the held live bars it did not cover.
 
-        Returns nothing if the client left the channel meanwhile.
+        Returns nothing if the seam was cancelled meanwhile (the client unsubscribed or left;
+        a later subscription is a new seam). With several ``since`` requests outstanding on a
+        channel, each gets its history, and live bars stay held until the last one is done.
         """
-        held = self._drop_pending(client, channel)
-        if channel not in self._channels.get(client, ()):
+        if self._pending.get(channel, {}).get(client) is not seam:
             return []
+        seam.requests -= 1
         parts = [part for _, part in history]
         last = history[-1][0] if history else None
-        parts.extend(part for s, part in held if last is None or s > last)
+        if seam.requests > 0:  # keep holding for the other request; drop what this covered
+            seam.held = [(s, part) for s, part in seam.held if last is None or s > last]
+            return parts
+        self._drop_pending(client, channel)
+        parts.extend(part for s, part in seam.held if last is None or s > last)
         return parts
 
-    def _drop_pending(self, client: C, channel: Channel) -> list[tuple[int, bytes]]:
+    def _drop_pending(self, client: C, channel: Channel) -> None:
         pending = self._pending.get(channel)
         if pending is None:
-            return []
-        held = pending.pop(client, [])
+            return
+        pending.pop(client, None)
         if not pending:
             del self._pending[channel]
-        return held
+
+
+class Seam:
+    """One client's ``since`` seam on one channel: outstanding requests, held live bars."""
+
+    __slots__ = ("held", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.held: list[tuple[int, bytes]] = []
 
 
 def chunked(parts: Sequence[bytes], size: int) -> list[bytes]:

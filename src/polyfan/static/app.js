@@ -26,6 +26,12 @@ import {
 } from "/static/core.js";
 
 const LWC = globalThis.LightweightCharts;
+if (!LWC) {
+  // Installed without the front-end build step (bin/_bootstrap runs it: npm ci, build-assets).
+  document.getElementById("message").textContent =
+    "the chart library is missing from /static/vendor/: run `npm ci && node bin/build-assets.mjs`";
+  throw new Error("lightweight-charts is not loaded (/static/vendor/ is empty)");
+}
 
 const COLORS = {
   up: "#26a69a",
@@ -41,6 +47,7 @@ const COLORS = {
 
 const SCROLL_BACK_MARGIN = 40; // bars left of the first one held before older ones are fetched
 const RATE_WINDOW_MS = 5000;
+const STALE_MS = 10_000; // a bar that ended longer ago is a replay, not live (for the stats)
 const MAX_BARS = 20_000; // held per channel; the oldest tenth is dropped past this
 const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
 
@@ -448,17 +455,16 @@ function onBars(bars) {
   const now = Date.now();
   const tick = performance.now();
   const last = lastBar();
-  let live = 0;
+  let newest = null;
   for (const b of bars) {
-    if (!last || b.s > last.s) {
-      live += 1;
+    // New bars count as live; the stats leave out the replay of a gap (`since`) by age.
+    if ((!last || b.s > last.s) && now - b.e < STALE_MS) {
+      state.liveBarCount += 1;
       state.liveTimes.push(tick);
+      newest = b;
     }
   }
-  if (live) {
-    state.liveBarCount += live;
-    state.lastDelayMs = now - bars[bars.length - 1].e;
-  }
+  if (newest) state.lastDelayMs = now - newest.e;
   mergeBars(bars);
 }
 
@@ -500,7 +506,7 @@ function buildIntervalPicker() {
   for (const interval of state.intervals) {
     const button = document.createElement("button");
     button.type = "button";
-    button.role = "radio";
+    button.setAttribute("role", "radio");
     button.dataset.interval = String(interval);
     button.textContent = intervalLabel(interval);
     button.addEventListener("click", () => selectChannel(state.symbol, interval));

@@ -11,10 +11,18 @@ writes out what comes back. Three pieces:
   cool-down, or :class:`~polyfan.errors.AuthenticationError`.
 - :class:`FeedClock` is the feed clock of CONTRACT section 3.
 
-Parsing: a typed msgspec decode of the whole frame as ``list[Trade | Status]`` is the fast path
-(about 1.5 times faster than ``orjson.loads``, see bench/bench_proxy.py); a frame it refuses
-(an unknown ``ev``, a malformed trade, not JSON at all) is decoded again generically and handled
-element by element, so one bad event never costs the good ones around it.
+Parsing, fastest first (figures in docs/benchmarks.md, from bench/bench_proxy.py):
+
+1. ``feedscan.py``, a numba scanner, reads the vendor's usual trade frames straight into
+   columns, with symbols interned to small integers;
+2. a frame it is not sure about is decoded by msgspec as ``list[Trade | Status]`` (typed,
+   about 1.5 times faster than ``orjson.loads`` plus dict handling);
+3. a frame msgspec's typed decode refuses (an unknown ``ev``, a malformed trade, not JSON at
+   all) is decoded again generically and handled element by element, so one bad event never
+   costs the good ones around it.
+
+All three write into the same columns in arrival order; validation that needs the wall clock
+(the 5 s future limit) and the grouping by symbol run once per drain, vectorized.
 """
 
 from __future__ import annotations

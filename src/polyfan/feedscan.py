@@ -39,6 +39,11 @@ _POW10 = np.array([10.0**k for k in range(23)])
 BAIL = -1
 
 
+def warm_up() -> None:
+    """Compile the scanner now (about 3 s the first time, then cached) rather than on a trade."""
+    Columns(4).scan(b'[{"ev":"T","sym":"A","p":1.5,"s":1,"t":1,"c":[1]}]', 0, SymbolTable())
+
+
 class SymbolTable:
     """Symbol bytes -> small integer id, in arrays the scanner can use."""
 
@@ -91,7 +96,7 @@ class Columns:
         return records
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _intern(buf, start, end, slots, names, lengths, count):  # type: ignore[no-untyped-def]
     length = end - start
     if length < 1 or length > MAX_SYMBOL:
@@ -125,14 +130,14 @@ def _intern(buf, start, end, slots, names, lengths, count):  # type: ignore[no-u
     return sid
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _skip_ws(buf, i, n):  # type: ignore[no-untyped-def]
     while i < n and (buf[i] == 32 or buf[i] == 10 or buf[i] == 13 or buf[i] == 9):
         i += 1
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
     """A JSON number at ``i``: (ok, is_integer, integer, float, next index)."""
     negative = False
@@ -176,7 +181,7 @@ def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
     return True, False, 0, mantissa / pow10[fraction], i
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _string_end(buf, i, n):  # type: ignore[no-untyped-def]
     """Index of the closing quote of a string whose content starts at ``i``; -1 to bail."""
     while i < n:
@@ -189,7 +194,7 @@ def _string_end(buf, i, n):  # type: ignore[no-untyped-def]
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def scan_frame(  # type: ignore[no-untyped-def]
     buf, row, t_out, p_out, s_out, q_out, trft_out, trfi_out, x_out, z_out, nc_out, c_out,
     id_out, slots, names, lengths, count, symbol_bytes, pow10,

@@ -32,7 +32,7 @@ import zmq
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from polyfan import wire
+from polyfan import feedscan, wire
 from polyfan.backoff import Backoff
 from polyfan.config import ProxyConfig
 from polyfan.errors import ConfigError
@@ -213,6 +213,7 @@ class Proxy:
             except zmq.ZMQError as exc:
                 raise ConfigError(f"--pub: cannot bind {self.config.pub}: {exc}") from exc
             self._pub = pub
+            feedscan.warm_up()
             if self.config.metrics is not None:
                 host, port = self.config.metrics
                 try:

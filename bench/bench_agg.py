@@ -18,6 +18,7 @@ The machine is shared and has 2 cores: figures are noisy; run each part alone to
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import re
 import resource
@@ -157,6 +158,15 @@ def bench_kernel() -> None:
         )
 
 
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` (cumulative buckets)."""
+    total = buckets[-1][1]
+    for bound, count in buckets:
+        if count >= q * total:
+            return bound
+    return math.inf
+
+
 # --- processes ----------------------------------------------------------------------------
 
 
@@ -188,6 +198,13 @@ class Agg:
         match = re.search(rf"^{name} (\S+)$", text, re.M)
         assert match is not None, name
         return float(match.group(1))
+
+    def histogram(self, name: str) -> list[tuple[float, float]]:
+        """``(upper bound, cumulative count)`` of a histogram the agg exposes."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        found = re.findall(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)
+        return [(float(bound), float(count)) for bound, count in found]
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the agg process so far (all its threads)."""
@@ -355,11 +372,14 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
             if k < len(clock_values):
                 delays.append((at - clock_times[k]) * 1000)
         ms = sorted(delays)
+        inside = agg.histogram("polyfan_agg_publish_delay_seconds")
         print(
-            f"delay: clock past e+grace -> bar received, p50 {statistics.median(ms):.2f} ms, "
+            f"delay: clock past e+grace -> bar received here, p50 {statistics.median(ms):.2f} ms, "
             f"p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms):,} bar "
             f"messages ({rate:,.0f} trades/s over {symbols:,} symbols, {len(INTERVALS)} "
-            f"intervals, CLOCK every ~5 ms, ipc)"
+            f"intervals, CLOCK every ~5 ms, ipc); inside the agg (batch in -> last bar sent, "
+            f"its histogram): p50 <= {quantile(inside, 0.5) * 1000:g} ms, p99 <= "
+            f"{quantile(inside, 0.99) * 1000:g} ms over {inside[-1][1]:,.0f} batches"
         )
         pub.close(0)
         sub.close(0)
@@ -405,6 +425,56 @@ def bench_delay_single(rounds: int = 300) -> None:
         sub.close(0)
         ctx.term()
         agg.stop()
+
+
+def bench_delay_core(rate: float = 3_000, symbols: int = 5_000, seconds: int = 60) -> None:
+    """The agg's own work per batch, in-process (no sockets, no scheduler noise): frames of 5 ms
+    of market with a CLOCK at the end, through ``Aggregator.frames_received``; the time of the
+    batches that closed bars is the clock-to-bars-encoded delay minus transport."""
+    trades, sym = market(int(rate * seconds), symbols, rate=rate, seed=3)
+    names = [f"S{i}" for i in range(symbols)]
+    core = Aggregator(AggConfig(intervals_ms=INTERVALS, grace_ms=GRACE))
+    warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    warm["t"] = T0 - 600_000
+    start = int(trades["t"].min())
+    closing = np.array([(start - 1, 0)], dtype=wire.CLOCK_DTYPE)  # the warm-up bars close here
+    core.frames_received(
+        [wire.encode(wire.trade_topic(n), wire.Kind.TRADES, 2, 1, 1, warm.tobytes()) for n in names]
+        + [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 1, 1, closing.tobytes())]
+    )
+    seqs: dict[int, int] = {}
+    i = 0
+    times: list[float] = []
+    sizes: list[int] = []
+    for step, now in enumerate(range(start, start + seconds * 1000, 5)):
+        j = int(np.searchsorted(trades["t"], now, side="right"))
+        frames = []
+        for k in range(i, j):
+            s = int(sym[k])
+            seqs[s] = seqs.get(s, 0) + 1
+            topic = wire.trade_topic(names[s])
+            frames.append(
+                wire.encode(topic, wire.Kind.TRADES, 7, seqs[s], 1, trades[k : k + 1].tobytes())
+            )
+        i = j
+        record = np.array([(now, 0)], dtype=wire.CLOCK_DTYPE)
+        frames.append(
+            wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, step + 1, 1, record.tobytes())
+        )
+        started = time.perf_counter()
+        out = core.frames_received(frames)
+        if len(out) > 1:
+            times.append((time.perf_counter() - started) * 1000)
+            sizes.append(len(out))
+        if step % 20 == 0:
+            core.tick()
+    ms = sorted(times)
+    print(
+        f"delay-core: batch with the closing CLOCK -> its bar messages built, p50 "
+        f"{statistics.median(ms):.3f} ms, p99 {ms[int(len(ms) * 0.99)]:.3f} ms, max {ms[-1]:.3f} "
+        f"ms over {len(ms):,} batches (largest {max(sizes):,} messages; {rate:,.0f} trades/s "
+        f"over {symbols:,} symbols, {len(INTERVALS)} intervals, in-process, no send)"
+    )
 
 
 # --- memory -------------------------------------------------------------------------------
@@ -480,6 +550,7 @@ PARTS = {
     "delay": bench_delay,
     "delay-burst": lambda: bench_delay(rate=30_000),
     "delay-single": bench_delay_single,
+    "delay-core": bench_delay_core,
     "memory": bench_memory,
     "startup": bench_startup,
 }

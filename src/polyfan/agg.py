@@ -13,6 +13,8 @@ The poll timeout is short so SIGINT/SIGTERM stop the loop within 2 s; both exit 
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import logging
 import signal
 import time
@@ -23,10 +25,8 @@ import zmq
 
 from polyfan import wire
 from polyfan.aggregator import Aggregator
-from polyfan.bars import Bars
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
-from polyfan.ingest import FrameDecoder
 from polyfan.metrics import MetricsServer, Registry
 
 log = logging.getLogger("polyfan.agg")
@@ -41,20 +41,43 @@ TRIM_EVERY_S = 0.1
 
 
 def warm_up(config: AggConfig) -> None:
-    """Run every kernel once on a tiny batch, so the first real batch does not compile."""
+    """Run every kernel once through a throwaway core, so no batch waits for numba to load."""
+    core = Aggregator(dataclasses.replace(config, symbols=None), session=1)
     trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
-    trade["p"], trade["s"] = 1.0, 1.0
+    trade["t"], trade["p"], trade["s"] = 1_000, 1.0, 1.0
     clock = np.array([(10**9, 0)], dtype=wire.CLOCK_DTYPE)
-    frames = [
-        wire.encode(wire.trade_topic("WARM"), wire.Kind.TRADES, 1, 1, 1, trade.tobytes()),
-        wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, 1, 1, clock.tobytes()),
-    ]
-    decoder = FrameDecoder()
-    batch = decoder.decode(frames)
-    rules = np.zeros(256, dtype=np.uint8)
-    bars = Bars(config.intervals_ms, config.grace_ms, rules, pool_size=1)
-    bars.add_trades(batch.trades, batch.symbols, batch.clocks)
-    bars.closed_bars(10**9)
+    core.frames_received(
+        [
+            wire.encode(wire.trade_topic("WARM"), wire.Kind.TRADES, 1, 1, 1, trade.tobytes()),
+            wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, 1, 1, clock.tobytes()),
+        ]
+    )
+    core.tick()
+    interval = config.intervals_ms[0]
+    core.request_received({"id": 1, "reply": "warm", "channel": f"{interval}Ms.WARM", "since": 0})
+
+
+class Histogram:
+    """A Prometheus histogram made of registry counters (``_bucket{le=...}``, ``_sum``, ``_count``)."""
+
+    def __init__(self, registry: Registry, name: str, help: str, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.buckets = registry.counter(f"{name}_bucket", help)
+        self.sum = registry.counter(f"{name}_sum", help)
+        self.count = registry.counter(f"{name}_count", help)
+        registry.on_collect(self._collect)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum.value += value
+        self.count.value += 1
+
+    def _collect(self) -> None:
+        total = 0
+        for bound, count in zip((*self.bounds, "+Inf"), self.counts, strict=True):
+            total += count
+            self.buckets.labels[f'le="{bound}"'] = total
 
 
 class _Stop:
@@ -136,9 +159,16 @@ def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop
     next_report = now + THROUGHPUT_EVERY_S
     trades_at_report = 0.0
     bars_at_report = 0.0
+    publish_delay = Histogram(
+        core.registry,
+        "polyfan_agg_publish_delay_seconds",
+        "From the batch that closed bars arriving to its last bar sent.",
+        (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
+    )
     while not stop.requested:
         events = dict(poller.poll(POLL_MS))
         if sub in events:
+            woke = time.perf_counter()
             frames: list[bytes] = []
             append = frames.append
             for _ in range(BATCH_FRAMES):
@@ -146,8 +176,11 @@ def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop
                     append(recv_sub(noblock))
                 except again:
                     break
+            bars_before = core.bars_total.value
             for message in core.frames_received(frames):
                 send(message)
+            if core.bars_total.value != bars_before:
+                publish_delay.observe(time.perf_counter() - woke)
         if pub in events:
             for _ in range(1000):
                 try:

@@ -35,6 +35,7 @@ class FrameDecoder:
 
     def __init__(self, symbols: Sequence[str] | None = None, *, jit: bool = True) -> None:
         self._decode: Callable[..., Any] = kernels.chosen(kernels.decode_frames, jit)
+        self._unknown: Callable[..., Any] = kernels.chosen(kernels.unknown_topics, jit)
         self._accept = None if symbols is None else frozenset(symbols)
         self.symbol_names: list[str] = []
         self._symbol_ids: dict[str, int] = {}
@@ -134,8 +135,22 @@ class FrameDecoder:
         for tid in range(self._topics):
             self._insert(tid)
 
-    def _register(self, frame: bytes) -> None:
-        topic = frame[: frame.index(wire.TERMINATOR)]
+    def _register_new_topics(
+        self, frames: Sequence[bytes], buf: np.ndarray, offsets: np.ndarray, start: int
+    ) -> None:
+        """Register every topic of the batch not yet in the table, from frame ``start`` on."""
+        found = np.empty(len(frames) - start, dtype=np.int64)
+        count = self._unknown(
+            buf, offsets, start, self._slots, self._topic_bytes, self._topic_len, found
+        )
+        seen: set[bytes] = set()
+        for index in found[:count].tolist():
+            topic = frames[index][: frames[index].index(wire.TERMINATOR)]
+            if topic not in seen:
+                seen.add(topic)
+                self._register(topic)
+
+    def _register(self, topic: bytes) -> None:
         symbol = topic[2:].decode(errors="replace") if topic.startswith(b"T.") else None
         if symbol is not None and (self._accept is None or symbol in self._accept):
             self.symbol_id(symbol)
@@ -179,7 +194,7 @@ class FrameDecoder:
             )
             if start < 0:
                 break
-            self._register(frames[start])
+            self._register_new_topics(frames, buf, offsets, start)
         count = int(state[kernels.D_TRADES])
         return Batch(
             trades=out[: count * kernels.TRADE_SIZE].view(wire.TRADE_DTYPE),

@@ -466,6 +466,31 @@ def find_topic(
 
 
 @njit(cache=True)
+def unknown_topics(
+    buf: np.ndarray,
+    offsets: np.ndarray,
+    start: int,
+    slots: np.ndarray,
+    topic_bytes: np.ndarray,
+    topic_len: np.ndarray,
+    found: np.ndarray,
+) -> int:
+    """Frames from ``start`` whose topic is not in the table (indices into ``found``), so the
+    caller can register a batch's new topics at once. Returns how many were found."""
+    count = 0
+    for f in range(start, offsets.shape[0] - 1):
+        begin = offsets[f]
+        end = min(offsets[f + 1], begin + TOPIC_WIDTH + 1)
+        for j in range(begin, end):
+            if buf[j] == 0:
+                if find_topic(buf, begin, j - begin, slots, topic_bytes, topic_len) < 0:
+                    found[count] = f
+                    count += 1
+                break
+    return count
+
+
+@njit(cache=True)
 def decode_frames(
     buf: np.ndarray,
     offsets: np.ndarray,

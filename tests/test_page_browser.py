@@ -503,6 +503,22 @@ def test_switching_symbol_and_interval_shows_the_new_channel(
     assert all(b["s"] % 1000 == 0 for b in bars)
     assert f"sym={other}" in page.url and "interval=1000" in page.url
 
+    # Keyboard: 1 picks the first interval, "/" focuses the symbol box; a bad symbol is refused.
+    page.keyboard.press("1")
+    first_interval = min(get_json(f"{bridge_url}/api/info")["intervals"])
+    page.wait_for_function(f"window.polyfan.channel() === '{first_interval}Ms.{other}'")
+    wait_for_candles(page)
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "symbol"
+    page.keyboard.type("NOT A SYMBOL")
+    page.keyboard.press("Enter")
+    page.wait_for_function("window.polyfan.message().includes('is not a symbol')")
+    assert page.evaluate("window.polyfan.channel()") == f"{first_interval}Ms.{other}"
+    page.keyboard.press("Escape")
+    page.click("#intervals button[data-interval='1000']")
+    page.wait_for_function(f"window.polyfan.channel() === '1000Ms.{other}'")
+    wait_until_live(page)
+
     # Live bars of the new channel keep arriving, and none of the old channel's.
     live_before = page.evaluate("window.polyfan.stats().liveBars")
     page.wait_for_function(f"window.polyfan.stats().liveBars > {live_before}", timeout=5000)

@@ -549,6 +549,21 @@ $("symbol").addEventListener("focus", () => {
   refreshSymbols();
 });
 
+// Keyboard: "/" focuses the symbol box, 1-9 pick an interval (as listed), Escape leaves the box.
+document.addEventListener("keydown", (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.target instanceof HTMLInputElement) {
+    if (event.key === "Escape") event.target.blur();
+    return;
+  }
+  if (event.key === "/") {
+    event.preventDefault();
+    $("symbol").focus();
+  } else if (/^[1-9]$/.test(event.key) && state.intervals[Number(event.key) - 1] !== undefined) {
+    selectChannel(state.symbol, state.intervals[Number(event.key) - 1]);
+  }
+});
+
 // ---------------------------------------------------------------- start
 
 function pickInterval(intervals, wanted) {

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import msgspec
 import orjson
 import zmq
 
-from polyfan import feed, wire
+from polyfan import feed, feedscan, wire
 from polyfan.market import Market
 
 FRAME_EVENTS = 100
@@ -66,6 +67,13 @@ def parse_ceilings(frames: list[bytes]) -> None:
         for f in frames:
             typed.decode(f)
 
+    def with_scanner() -> None:
+        table = feedscan.SymbolTable()
+        columns = feedscan.Columns(trades + 1)
+        row = 0
+        for f in frames:
+            row = columns.scan(f, row, table)
+
     def proxy_decode_per_frame() -> None:
         decoder = feed.TradeDecoder()
         for f in frames:
@@ -73,15 +81,17 @@ def parse_ceilings(frames: list[bytes]) -> None:
 
     def proxy_decode_batched() -> None:
         decoder = feed.TradeDecoder()
-        for i in range(0, len(frames), 50):
-            decoder.decode(frames[i : i + 50], now)
+        for i in range(0, len(frames), 64):
+            decoder.decode(frames[i : i + 64], now)
 
+    feedscan.warm_up()
     print(f"parse only, {len(frames)} frames of {FRAME_EVENTS} trades ({trades:,} trades):")
     for name, run in (
         ("orjson.loads", with_orjson),
         ("msgspec typed decode list[Trade|Status]", with_msgspec),
+        ("feedscan numba scanner alone", with_scanner),
         ("feed.TradeDecoder, one frame per call", proxy_decode_per_frame),
-        ("feed.TradeDecoder, 50 frames per call", proxy_decode_batched),
+        ("feed.TradeDecoder, 64 frames per call", proxy_decode_batched),
     ):
         print(f"  {name:45s} {best_rate(run, trades) / 1e6:6.2f} M trades/s")
 
@@ -114,12 +124,10 @@ def zmq_frames(count: int = 300_000) -> None:
                     break
             while sub.poll(50):
                 sub.recv_multipart()
-            done = threading.Event()
 
             def receive(sub: zmq.Socket[bytes] = sub) -> None:
                 for _ in range(count):
                     sub.recv_multipart(copy=True)
-                done.set()
 
             thread = threading.Thread(target=receive)
             thread.start()
@@ -174,8 +182,7 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frames"
         path.write_bytes(b"\n".join(frames))
-        with socket_port() as port:
-            pass
+        port = free_port()
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(port), str(path), str(repeat)],
             stdin=subprocess.PIPE,
@@ -242,16 +249,10 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
         )
 
 
-class socket_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        return int(self._socket.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        self._socket.close()
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def main() -> None:

@@ -316,6 +316,11 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         assert values["polyfan_agg_unknown_conditions_total"] == expected.unknown
         assert values["polyfan_agg_gaps_total"] == 0
         assert values["polyfan_agg_bars_total"] == sum(len(b) for b in expected.bars.values())
+        assert values["polyfan_agg_publish_delay_seconds_count"] > 0
+        assert (
+            values['polyfan_agg_publish_delay_seconds_bucket{le="+Inf"}']
+            == (values["polyfan_agg_publish_delay_seconds_count"])
+        )
         # killing and restarting the proxy is a new session, not a loss
         assert proxy.stop() == 0
         before = output.clock

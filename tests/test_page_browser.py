@@ -629,14 +629,14 @@ def test_page_fits_a_phone_screen(open_page: OpenPage, bridge_url: str) -> None:
 
 def test_screenshot_of_the_page_for_the_readme(open_page: OpenPage, bridge_url: str) -> None:
     # Before the outage test: its sim restart starts a new random market (a price jump).
-    # The symbol whose 250 ms closes took the most distinct values draws the liveliest candles.
+    # 100 ms bars, of the symbol whose closes took the most distinct values (liveliest candles).
     symbols = [s["sym"] for s in get_json(f"{bridge_url}/api/symbols")]
     symbol = max(
-        symbols, key=lambda sym: len({b["c"] for b in api_bars(bridge_url, f"250Ms.{sym}")})
+        symbols, key=lambda sym: len({b["c"] for b in api_bars(bridge_url, f"100Ms.{sym}")})
     )
-    page, _ = open_page(f"{bridge_url}/?sym={symbol}&interval=250")
+    page, _ = open_page(f"{bridge_url}/?sym={symbol}&interval=100")
     wait_until_live(page)
-    wait_for_candles(page, count=80, timeout=20)
+    wait_for_candles(page, count=160, timeout=20)
     bars = page_bars(page)
     point = page.evaluate(f"window.polyfan.pointOf({bars[-12]['s']})")
     page.mouse.move(point["x"], point["y"])

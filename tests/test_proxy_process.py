@@ -303,3 +303,38 @@ def test_garbage_frames_are_counted_and_every_valid_trade_still_arrives(
     assert values["polyfan_proxy_future_trades_total"] == 1
     assert values["polyfan_proxy_unknown_events_total"] == 1
     assert values["polyfan_proxy_trades_total"] == len(valid)
+
+
+def test_max_connections_cools_down_a_minute_and_ctrl_c_still_stops_at_once(
+    tmp_path: Path, subscriber: Subscribe
+) -> None:
+    now = int(time.time() * 1000)
+    script = tmp_path / "script.txt"
+    script.write_text(
+        orjson.dumps([{"ev": "T", "sym": "AAPL", "p": 1.5, "s": 100, "t": now}]).decode()
+        + "\n"
+        + orjson.dumps(
+            [{"ev": "status", "status": "max_connections", "message": "Maximum number of "
+              "websocket connections exceeded."}]
+        ).decode()
+        + "\n"
+    )  # fmt: skip
+    port, metrics = free_port(), free_port()
+    pub = endpoint("ipc", tmp_path, "proxy")
+    with Proc("sim", "--listen", f"127.0.0.1:{port}", "--script", str(script)) as sim:
+        sim.wait_for("ready:")
+        with start_proxy(f"ws://127.0.0.1:{port}/stocks", pub, metrics) as proxy:
+            sub = subscriber(pub, "_ctl")
+            sub.receive_until(
+                lambda s: any(
+                    wire.records(m)["state"][0] == wire.UPSTREAM_DOWN
+                    for m in s.of_kind(wire.Kind.UPSTREAM)
+                )
+            )
+            match = proxy.wait_for(r"cooling down (\d+) s before reconnecting")
+            assert int(match.group(1)) >= 60
+            assert "ANOTHER PROCESS IS USING THIS API KEY" in proxy.output
+            assert scrape(metrics)['polyfan_proxy_statuses_total{status="max_connections"}'] == 1
+            stop(proxy)  # within 2 s, in the middle of the cool-down
+        stop(sim)
+    assert proxy.output.count("connected to ws://") == 1

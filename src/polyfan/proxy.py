@@ -62,6 +62,7 @@ THROUGHPUT_EVERY_S = 5.0
 PROBLEM_LOG_EVERY_S = 5.0
 GATHER_FRAMES = 256  # a drain takes up to about this many frames (more if already queued)
 MAX_QUEUED_FRAMES = 4096  # beyond this the reader waits: TCP backpressure, never silent loss
+SUBSCRIBE_TIMEOUT_S = 15.0  # connected but not streaming by then: reconnect
 PING_INTERVAL_S = 10.0
 PING_TIMEOUT_S = 20.0
 
@@ -303,7 +304,11 @@ class Proxy:
                 ws, Session(self.config.api_key, self.config.subscribe, self.decoder)
             )
             self._connection = connection
+            deadline = asyncio.get_running_loop().call_later(
+                SUBSCRIBE_TIMEOUT_S, self._check_subscribed, connection
+            )
             reason = await self._read(connection)
+            deadline.cancel()
             self._queue.append((connection, _END))
             self._wake.set()
             action = await connection.finished
@@ -319,6 +324,15 @@ class Proxy:
                 delay = self.backoff.next_delay()
                 log.warning("upstream connection lost (%s); reconnecting in %.1f s", reason, delay)
             await asyncio.sleep(delay)
+
+    def _check_subscribed(self, connection: _Connection) -> None:
+        if not connection.up:
+            log.warning(
+                "upstream did not confirm the subscription within %.0f s (state %s); reconnecting",
+                SUBSCRIBE_TIMEOUT_S,
+                connection.session.state.value,
+            )
+            self._background(connection.ws.close())
 
     async def _read(self, connection: _Connection) -> str:
         """Only read: append every frame to the queue until the connection closes."""

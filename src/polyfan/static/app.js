@@ -582,7 +582,9 @@ async function start() {
   state.intervals = [...info.intervals].sort((a, b) => a - b);
   buildIntervalPicker();
   const symbols = await refreshSymbols();
-  const symbol = (params.get("sym") || symbols[0]?.sym || "AAPL").toUpperCase();
+  const wanted = (params.get("sym") || "").trim().toUpperCase();
+  if (wanted && !SYMBOL_RE.test(wanted)) showMessage(`"${wanted}" is not a symbol`);
+  const symbol = SYMBOL_RE.test(wanted) ? wanted : (symbols[0]?.sym ?? "AAPL");
   const interval = pickInterval(state.intervals, Number(params.get("interval") || 500));
   connect();
   selectChannel(symbol, interval);

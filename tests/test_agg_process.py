@@ -346,7 +346,17 @@ class FakeProxy:
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 0)
-        self.pub.bind(address)
+        # A restarted proxy rebinds the address its predecessor just closed; ZeroMQ releases
+        # a closed listener asynchronously, so retry until it is free.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.pub.bind(address)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.session = session
         self.sequencer = wire.Sequencer(session)
         self.wall = session * 1_000_000  # probe walls never repeat across fake proxies

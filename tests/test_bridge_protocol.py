@@ -4,6 +4,7 @@ real WebSocket and HTTP clients."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -639,5 +640,29 @@ async def test_a_client_that_never_authenticates_is_closed_after_the_auth_timeou
         agg.publish(500, "STAY", rows)
         assert await authed.bars(1) == [expected_event("STAY", 500, rows[0])]
         await authed.close()
+    finally:
+        await bridge.stop()
+
+
+async def test_a_silent_aggregator_is_reported_and_its_return_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "HEARD_WITHIN", 0.5)
+    caplog.set_level(logging.INFO, logger="polyfan.bridge")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = FakeAgg(endpoint)
+    bridge = await start_bridge(first)
+    try:
+        await eventually(lambda: bridge.aggs[0].was_heard is True, timeout=5)
+        first.close()
+        await eventually(lambda: "silent for 0.5s" in caplog.text, timeout=5)
+        status, _, _ = await get(bridge, "/healthz")
+        assert status == 503
+        with FakeAgg(endpoint):
+            await eventually(lambda: "heard again" in caplog.text, timeout=5)
+            status, _, _ = await get(bridge, "/healthz")
+            assert status == 200
     finally:
         await bridge.stop()

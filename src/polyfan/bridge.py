@@ -175,6 +175,7 @@ class Agg:
     announce: dict[str, Any] | None = None
     heard_at: float | None = None  # monotonic time of the last message
     upstream_up: bool | None = None
+    was_heard: bool | None = None  # as last reported by the watcher (None: not yet)
     topics: set[bytes] = field(default_factory=set)  # subscribed ZeroMQ prefixes
     seen: set[str] = field(default_factory=set)  # bar topics received (for gap counting)
 
@@ -322,6 +323,7 @@ class Bridge:
             await self.stop()
             raise ConfigError(f"--listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._spawn(self._report())
+        self._spawn(self._watch_aggs())
         if not self.config.tokens:
             log.warning("no --token configured: any client auth is accepted")
         log.info(
@@ -379,6 +381,30 @@ class Bridge:
                 delta["polyfan_bridge_slow_disconnects_total"],
                 delta["polyfan_bridge_bad_requests_total"],
             )
+
+    async def _watch_aggs(self) -> None:
+        """Say when an aggregator is not heard from, goes silent, or comes back."""
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            for agg in self.aggs:
+                heard = agg.is_heard()
+                if heard == agg.was_heard:
+                    continue
+                if heard:
+                    if agg.was_heard is not None:
+                        log.info("aggregator %s heard again", agg.endpoint)
+                elif agg.was_heard:
+                    log.warning("aggregator %s silent for %gs", agg.endpoint, HEARD_WITHIN)
+                elif time.monotonic() - started < HEARD_WITHIN:
+                    continue  # still starting
+                else:
+                    log.warning(
+                        "nothing heard from aggregator %s in %gs: is it running there?",
+                        agg.endpoint,
+                        HEARD_WITHIN,
+                    )
+                agg.was_heard = heard
 
     def _collect(self) -> None:
         self.counters.clients.value = len(self.clients)

@@ -26,6 +26,7 @@ import email.utils
 import itertools
 import logging
 import mimetypes
+import resource
 import secrets
 import signal
 import time
@@ -919,7 +920,20 @@ async def serve_until_stopped(config: BridgeConfig, limits: Limits | None = None
         await bridge.stop()
 
 
+def raise_open_files_limit() -> int:
+    """Every client is a file descriptor: lift the soft limit to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        log.info("open files limit raised from %d to %d", soft, hard)
+    return max(soft, hard)
+
+
 def run(config: BridgeConfig) -> int:
     """``polyfan bridge``: serve until SIGINT/SIGTERM; exit status 0."""
+    raise_open_files_limit()
     asyncio.run(serve_until_stopped(config))
     return 0

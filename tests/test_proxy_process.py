@@ -338,3 +338,47 @@ def test_max_connections_cools_down_a_minute_and_ctrl_c_still_stops_at_once(
             stop(proxy)  # within 2 s, in the middle of the cool-down
         stop(sim)
     assert proxy.output.count("connected to ws://") == 1
+
+
+def test_feed_clock_follows_wall_time_when_quiet_and_freezes_while_disconnected(
+    tmp_path: Path, subscriber: Subscribe
+) -> None:
+    t = int(time.time() * 1000)
+    script = tmp_path / "script.txt"
+    script.write_text(
+        orjson.dumps([{"ev": "T", "sym": "A", "p": 1.5, "s": 100, "t": t}]).decode() + "\n"
+    )
+    port, metrics = free_port(), free_port()
+    pub = endpoint("ipc", tmp_path, "proxy")
+    with start_proxy(f"ws://127.0.0.1:{port}/stocks", pub, metrics) as proxy:
+        sub = subscriber(pub, "_ctl")
+        sub.receive_until(joined)
+
+        def clocks() -> list[tuple[int, int]]:
+            return [
+                tuple(wire.records(m)[0].tolist())  # type: ignore[misc]
+                for m in sub.of_kind(wire.Kind.CLOCK)
+            ]
+
+        with Proc("sim", "--listen", f"127.0.0.1:{port}", "--script", str(script)) as sim:
+            sim.wait_for("ready:")
+            sub.receive_until(lambda s: any(clock == t for clock, _ in clocks()))
+            # quiet for more than a second: the clock follows the wall clock, 1 s behind
+            sub.receive_until(lambda s: any(clock > t + 300 for clock, _ in clocks()))
+            advancing = [(clock, wall) for clock, wall in clocks() if clock > t]
+            assert all(clock <= wall - 1_000 for clock, wall in advancing)
+            first_clock, first_wall = advancing[0]
+            assert all(c - first_clock == w - first_wall for c, w in advancing)
+            stop(sim)
+        sub.receive_until(lambda s: bool(s.of_kind(wire.Kind.UPSTREAM)[1:]))  # up, then down
+        down = sub.of_kind(wire.Kind.UPSTREAM)[-1]
+        state, frozen, _ = wire.records(down)[0].tolist()
+        assert state == wire.UPSTREAM_DOWN
+        seen = len(sub.messages)
+        sub.receive_until(lambda s: len(s.of_kind(wire.Kind.CLOCK)[seen:]) >= 0 and len(
+            [m for m in s.messages[seen:] if m.kind is wire.Kind.CLOCK]) >= 5)  # fmt: skip
+        after = [
+            wire.records(m)["clock"][0] for m in sub.messages[seen:] if m.kind is wire.Kind.CLOCK
+        ]
+        assert after == [frozen] * len(after)
+        stop(proxy)

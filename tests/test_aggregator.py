@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,13 @@ def test_upstream_messages_are_relayed_under_the_agg_session(core: Aggregator) -
     assert (relayed.kind, relayed.session, relayed.seq) == (wire.Kind.UPSTREAM, 42, 1)
     assert wire.records(relayed).tolist() == record.tolist()
     assert core.bars.is_down()
+
+
+def test_a_continuing_loss_is_one_warning_with_its_count(
+    core: Aggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="polyfan.agg"):
+        core.frames_received([trades_frame("A", 1, 1_000), trades_frame("A", 4, 1_001)])
+        core.frames_received([trades_frame("A", 9, 1_002)])
+    assert [r.getMessage() for r in caplog.records] == ["2 messages from the proxy lost in transit"]
+    assert core.gaps_total.value == 6

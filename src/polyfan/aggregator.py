@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ log = logging.getLogger("polyfan.agg")
 _CHANNEL_RE = re.compile(r"(\d+)Ms\.(.+)")
 _REPLY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _U64_MAX = 2**64 - 1
+WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
 BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
 BAR_SIZE = wire.BAR_DTYPE.itemsize
 SUBSCRIBE = 1
@@ -73,6 +75,7 @@ class Aggregator:
         self._bar_topic_len = np.zeros(0, dtype=np.int64)
         self._bar_seqs = np.zeros(0, dtype=np.int64)  # last sequence number per bar topic
         self._relayed_clock: tuple[int, int] | None = None
+        self._warned: dict[str, tuple[float, int]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         registry = registry or Registry()
         self.registry = registry
@@ -137,14 +140,22 @@ class Aggregator:
         self.unknown_total.value = self.bars.unknown_conditions
         if decoder.bad_messages != bad_before:
             self.bad_total.value = decoder.bad_messages
-            log.warning("%d messages did not decode", decoder.bad_messages - bad_before)
+            self._warn("bad", decoder.bad_messages, "%d messages did not decode")
         if decoder.gaps != gaps_before:
             self.gaps_total.value = decoder.gaps
-            log.warning("%d messages from the proxy lost in transit", decoder.gaps - gaps_before)
+            self._warn("gaps", decoder.gaps, "%d messages from the proxy lost in transit")
         if self.bars.late_trades != late_before:
             self.late_total.value = self.bars.late_trades
             if self.debug:
                 log.debug("%d late trades not applied", self.bars.late_trades - late_before)
+
+    def _warn(self, what: str, total: int, message: str) -> None:
+        """A WARNING with the count since the last one, at most every WARN_EVERY_S seconds."""
+        now = time.monotonic()
+        last_at, last_total = self._warned.get(what, (-WARN_EVERY_S, 0))
+        if now - last_at >= WARN_EVERY_S:
+            log.warning(message, total - last_total)
+            self._warned[what] = (now, total)
 
     def _upstream_frame(self, frame: bytes) -> bytes | None:
         """An UPSTREAM down/up from the proxy: mark the outage, relay it."""

@@ -309,6 +309,13 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         assert expected.late > 0 and expected.unknown > 0  # the stream exercises both
         assert_exact(output.bars, expected.bars)
         assert_contiguous_sequences(output.seqs)
+        # The last bars closed with no further trades: only the proxy's clock running on
+        # (wall time while the feed is quiet) took it past their e + grace.
+        last_t = max(t.t for e in events if isinstance(e, Trades) for t in e.trades)
+        after_last_trade = [
+            b for (_, i), bars in output.bars.items() for b in bars if b.s + i + GRACE > last_t
+        ]
+        assert after_last_trade
         assert sum(len(b) for b in output.bars.values()) > 1_000
         values = metrics(agg_metrics)
         assert values["polyfan_agg_trades_total"] == count

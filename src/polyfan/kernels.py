@@ -1,21 +1,25 @@
-"""The numba kernels behind the agg: decode a batch of frames, apply trades, close bars.
+"""The numba kernels behind the agg, one call per batch each, never one per trade.
+
+- ``decode_frames`` / ``unknown_topics``: a batch of received wire frames to trade columns,
+  sequence gaps and the feed clock (the state is :class:`polyfan.ingest.FrameDecoder`'s).
+- ``apply_trades`` / ``close_bars``: open bars of every series, closed on the feed clock
+  (:class:`polyfan.bars.Bars`).
+- ``encode_bars``: closed bars to one BARS message per topic (:class:`polyfan.aggregator.Aggregator`).
+- ``history_append`` / ``history_trim``: bars kept per series (:class:`polyfan.history.History`).
 
 Module-level ``@njit(cache=True)`` functions over NumPy arrays and scalars only: no Python
-objects, no logging. Each is called once per batch, never per trade. The state they work on is
-owned by :class:`polyfan.bars.Bars` and :class:`polyfan.ingest.FrameDecoder`; this module only
-knows array layouts, described below. Every kernel is also correct through its ``py_func``
-(the tests run both).
+objects, no logging; this module only knows array layouts, described next to each group. Every
+kernel is also correct as plain Python (``chosen(kernel, jit=False)``; the tests run both).
 
 Open bars live in a slot pool shared by every series (series = symbol id * intervals + k):
 ``pool_i[slot, I_*]`` holds the integer fields and ``pool_f[slot, F_*]`` the floats (two views
-of one array: a slot is one row). A series
-keeps its open bars on a singly linked list (``head[series]``, ``pool_i[slot, I_NEXT]``), so a
-series can have any number of open bars at once (a trade stamped minutes ahead of the clock
-after an upstream reconnect simply opens one more). When the free list is empty the trade kernel
-stops and returns where it stopped; the caller grows the pool and calls again from there, so an
-open bar is never overwritten. ``meta`` holds the free-list top, the earliest pending close time
-(so closing costs nothing until the clock reaches it), the pool's high-water mark and the number
-of open bars.
+of one array: a slot is one row). A series keeps its open bars on a singly linked list
+(``head[series]``, ``pool_i[slot, I_NEXT]``), newest first, so it can have any number open at
+once (a trade stamped minutes ahead of the clock after an upstream reconnect simply opens one
+more). When the free list is empty the trade kernel returns where it stopped; the caller grows
+the pool and calls again from there, so an open bar is never overwritten. ``meta`` holds the
+free-list top, the earliest pending close time (so closing costs nothing until the clock
+reaches it), the pool's high-water mark and the number of open bars.
 
 Trades are applied in arrival order, so "first by (t, arrival)" is "strictly smaller t" and
 "last by (t, arrival)" is "t greater or equal".

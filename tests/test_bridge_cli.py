@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import tempfile
 import time
@@ -283,3 +285,79 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
             for proc in (bridge, agg, proxy):
                 assert proc.stop() == 0
         assert sim.stop() == 0
+
+
+# -- several worker processes on one port ------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_workers_share_the_port_and_every_client_gets_every_bar_and_counters_add_up(
+    agg: FakeAgg,
+) -> None:
+    port = free_port()
+    args = ("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", "--workers", "2")
+    with Proc(*args) as bridge:
+        bridge.wait_for("ready: serving .* with 2 workers")
+        assert len(children_of(bridge.popen.pid)) == 2
+        clients = []
+        for _ in range(200):
+            client = await Client.open(f"ws://127.0.0.1:{port}/", token="x")
+            await client.send({"action": "subscribe", "params": "500Ms.W"})
+            clients.append(client)
+        for client in clients:
+            assert (await client.next_event())["message"] == "subscribed to: 500Ms.W"
+        # Both workers subscribed the topic on the agg (each is a whole bridge).
+        await asyncio.to_thread(agg.wait_subscribed, b"500Ms.W\x00")
+        rows = bar_rows(500, T0, 10)
+        agg.publish(500, "W", rows)
+        expected = [expected_event("W", 500, r) for r in rows]
+        for client in clients:
+            assert await client.bars(10) == expected
+
+        def counters_add_up() -> bool:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            values = dict(
+                line.split()
+                for line in text.decode().splitlines()
+                if line and not line.startswith("#")
+            )
+            return (
+                values["polyfan_bridge_clients"] == "200"
+                and values["polyfan_bridge_bars_sent_total"] == "2000"
+                and values["polyfan_bridge_connections_total"] == "200"
+            )
+
+        deadline = time.monotonic() + 5
+        while not await asyncio.to_thread(counters_add_up):
+            assert time.monotonic() < deadline, "summed counters"
+            await asyncio.sleep(0.1)
+        assert (await asyncio.to_thread(http_json, port, "/healthz"))["clients"] == 200
+        started = time.monotonic()
+        assert await asyncio.to_thread(bridge.stop) == 0
+        assert time.monotonic() - started < 2.0
+        for client in clients:
+            await client.ws.wait_closed()
+
+
+def test_a_worker_that_dies_stops_the_bridge_with_status_1(agg: FakeAgg) -> None:
+    port = free_port()
+    args = ("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", "--workers", "2")
+    with Proc(*args) as bridge:
+        bridge.wait_for("ready:")
+        workers = children_of(bridge.popen.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        assert bridge.wait(5) == 1
+        assert "exited with status -9; stopping the other workers" in bridge.output
+        assert (
+            not Path(f"/proc/{workers[1]}").exists()
+            or "Z" in Path(f"/proc/{workers[1]}/stat").read_text().split()[2]
+        )
+
+
+def test_workers_need_a_fixed_port() -> None:
+    with Proc("bridge", "--listen", "127.0.0.1:0", "--workers", "2") as bridge:
+        assert bridge.wait(10) == 2
+        assert "give a port (not 0) with --workers" in bridge.output

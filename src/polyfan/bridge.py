@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -73,6 +73,9 @@ from polyfan.protocol import (
     parse_bar_topic,
     parse_bars_query,
 )
+
+if TYPE_CHECKING:
+    from polyfan.workers import Worker
 
 log = logging.getLogger("polyfan.bridge")
 # websockets logs every connection and HTTP request at INFO: per-message detail for a server
@@ -260,8 +263,11 @@ class Client:
 class Bridge:
     """The running bridge; ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: BridgeConfig, limits: Limits | None = None) -> None:
+    def __init__(
+        self, config: BridgeConfig, limits: Limits | None = None, worker: Worker | None = None
+    ) -> None:
         self.config = config
+        self.worker = worker
         self.limits = limits or Limits()
         self.registry = Registry()
         self.counters = Counters(self.registry)
@@ -319,12 +325,17 @@ class Bridge:
                 close_timeout=CLOSE_TIMEOUT,
                 backlog=4096,
                 logger=_ws_log,
+                reuse_port=self.worker is not None,
             )
         except OSError as exc:
             await self.stop()
             raise ConfigError(f"--listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._spawn(self._report())
         self._spawn(self._watch_aggs())
+        if self.worker is not None:
+            self._spawn(self._share_counters(self.worker))
+            log.info("worker %d of %d serving", self.worker.index + 1, self.worker.count)
+            return  # the supervisor logs ready: once every worker serves
         if not self.config.tokens:
             log.warning("no --token configured: any client auth is accepted")
         log.info(
@@ -406,6 +417,19 @@ class Bridge:
                         HEARD_WITHIN,
                     )
                 agg.was_heard = heard
+
+    async def _share_counters(self, worker: Worker) -> None:
+        while True:
+            worker.table.publish(worker.index, self.registry.values())
+            await asyncio.sleep(0.25)
+
+    def totals(self) -> dict[str, float]:
+        """Counter values for the whole bridge: this process, or the sum over its workers."""
+        values = self.registry.values()
+        if self.worker is None:
+            return values
+        self.worker.table.publish(self.worker.index, values)
+        return self.worker.table.totals()
 
     def _collect(self) -> None:
         self.counters.clients.value = len(self.clients)
@@ -821,7 +845,8 @@ class Bridge:
             {
                 "intervals": self.catalog.intervals,
                 "aggs": [agg.status() for agg in self.aggs],
-                "clients": len(self.clients),
+                "clients": int(self.totals()["polyfan_bridge_clients"]),
+                "workers": 1 if self.worker is None else self.worker.count,
                 "limits": {
                     "max_frame_bytes": self.limits.max_frame_bytes,
                     "max_subscriptions": self.limits.max_subscriptions,
@@ -839,7 +864,7 @@ class Bridge:
         heard = sum(agg.is_heard() for agg in self.aggs)
         body = {
             "status": "ok" if heard else "waiting for an aggregator",
-            "clients": len(self.clients),
+            "clients": int(self.totals()["polyfan_bridge_clients"]),
             "aggs": len(self.aggs),
             "aggs_heard": heard,
             "intervals": self.catalog.intervals,
@@ -847,9 +872,16 @@ class Bridge:
         return _json(200 if heard else 503, body)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Response:
-        return _response(
-            200, self.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
-        )
+        lines = []
+        for name, value in self.totals().items():
+            metric = self.registry.get(name)
+            lines += [
+                f"# HELP {name} {metric.help}",
+                f"# TYPE {name} {metric.kind}",
+                f"{name} {int(value) if float(value).is_integer() else value!r}",
+            ]
+        body = ("\n".join(lines) + "\n").encode()
+        return _response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     _routes: ClassVar[dict[str, Callable[[Bridge, dict[str, list[str]]], Awaitable[Response]]]] = {
         "/": _index,
@@ -906,13 +938,21 @@ def _peer(ws: ServerConnection) -> str:
     return f"{address[0]}:{address[1]}" if address else "?"
 
 
-async def serve_until_stopped(config: BridgeConfig, limits: Limits | None = None) -> None:
-    bridge = Bridge(config, limits)
+async def serve_until_stopped(
+    config: BridgeConfig,
+    limits: Limits | None = None,
+    *,
+    worker: Worker | None = None,
+    ready: Any = None,
+) -> None:
+    bridge = Bridge(config, limits, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await bridge.start()
+    if ready is not None and worker is not None:
+        ready.put(worker.index)
     try:
         await stop.wait()
     finally:
@@ -935,5 +975,9 @@ def raise_open_files_limit() -> int:
 def run(config: BridgeConfig) -> int:
     """``polyfan bridge``: serve until SIGINT/SIGTERM; exit status 0."""
     raise_open_files_limit()
+    if config.workers > 1:
+        from polyfan.workers import run_workers
+
+        return run_workers(config, config.workers)
     asyncio.run(serve_until_stopped(config))
     return 0

@@ -220,7 +220,14 @@ def agg(
     multiple=True,
     help="Accepted client token; repeatable (env POLYFAN_TOKENS, comma-separated).",
 )
-def bridge(sub: tuple[str, ...], listen: str, tokens: tuple[str, ...]) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes sharing the port (SO_REUSEPORT), for many thousands of clients.",
+)
+def bridge(sub: tuple[str, ...], listen: str, tokens: tuple[str, ...], workers: int) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
 
@@ -228,6 +235,7 @@ def bridge(sub: tuple[str, ...], listen: str, tokens: tuple[str, ...]) -> None:
         sub=tuple(_call(cfg.validate_endpoint, s, name="--sub") for s in sub),
         listen=_call(cfg.parse_host_port, listen, name="--listen"),
         tokens=cfg.read_tokens(os.environ, tokens),
+        workers=workers,
     )
     _run(role.run, config)
 

@@ -133,6 +133,7 @@ class BridgeConfig:
     sub: tuple[str, ...] = (DEFAULT_AGG_PUB,)
     listen: tuple[str, int] = ("127.0.0.1", 8768)
     tokens: tuple[str, ...] = field(default=(), repr=False)
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT)
 
 
 @dataclass(frozen=True)

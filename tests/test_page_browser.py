@@ -28,6 +28,7 @@ from playwright.sync_api import (
     FloatRect,
     Page,
     ViewportSize,
+    WebSocket,
     sync_playwright,
 )
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -173,17 +174,33 @@ def poll(condition: Callable[[], object], timeout: float, what: str) -> object:
 
 @dataclass
 class Console:
-    """Console errors and page errors seen by one page, with the ones a test allows."""
+    """What one page did: console errors and page errors (with the ones a test allows), the
+    HTTP requests it made and the WebSocket frames it sent, in order."""
 
     errors: list[str] = field(default_factory=list)
     allowed: list[str] = field(default_factory=list)
     allow: re.Pattern[str] | None = None
+    requests: list[str] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
 
     def record(self, text: str) -> None:
         if self.allow is not None and self.allow.search(text):
             self.allowed.append(text)
         else:
             self.errors.append(text)
+
+    def watch(self, page: Page) -> None:
+        def on_console(message: ConsoleMessage) -> None:
+            if message.type == "error":
+                self.record(f"{message.text} ({message.location.get('url')})")
+
+        def on_websocket(socket: WebSocket) -> None:
+            socket.on("framesent", lambda payload: self.sent.append(str(payload)))
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        page.on("request", lambda request: self.requests.append(request.url))
+        page.on("websocket", on_websocket)
 
 
 @pytest.fixture(scope="module")
@@ -214,13 +231,7 @@ class Pages:
         page.set_default_timeout(10_000)
         console = Console()
         self.consoles.append(console)
-
-        def on_console(message: ConsoleMessage) -> None:
-            if message.type == "error":
-                console.record(f"{message.text} ({message.location.get('url')})")
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda error: console.errors.append(f"page error: {error}"))
+        console.watch(page)
         page.goto(url)
         return page, console
 
@@ -388,10 +399,18 @@ def test_page_defaults_to_the_most_active_symbol_and_suggests_the_others(
     assert checked == channel.split("Ms.")[0]
 
 
-def test_chart_holds_exactly_the_bars_of_api_bars(open_page: OpenPage, bridge_url: str) -> None:
-    page, _ = open_page(f"{bridge_url}/?interval=250")
+def test_chart_loads_history_over_http_then_follows_the_websocket_exactly(
+    open_page: OpenPage, bridge_url: str
+) -> None:
+    page, seen = open_page(f"{bridge_url}/?interval=250")
     wait_until_live(page)
     wait_for_candles(page, count=6, timeout=10)
+    channel = page.evaluate("window.polyfan.channel()")
+    history = [url for url in seen.requests if "/api/bars?" in url]
+    assert history[0] == f"{bridge_url}/api/bars?channel={channel}&limit=600"
+    subscribes = [json.loads(frame) for frame in seen.sent if '"subscribe"' in frame]
+    assert subscribes[0]["params"] == channel
+    assert subscribes[0]["since"] <= page_bars(page)[-1]["s"], "since is past the last bar"
     assert_chart_matches_api(page, bridge_url, min_bars=5)
     # And it keeps matching as live bars arrive over the WebSocket.
     live_before = page.evaluate("window.polyfan.stats().liveBars")
@@ -585,6 +604,9 @@ def test_chart_reconnects_after_a_bridge_restart_and_fills_the_gap(
         gap = [b["s"] for b in stored if last_before < b["s"] <= last_before + 10 * 250]
         assert gap, "no bar was published while the bridge was down"
         assert console.allowed, "the outage was not seen by the browser"
+        # The new socket asked for everything from the last bar it held on.
+        resubscribe = json.loads([f for f in console.sent if '"subscribe"' in f][-1])
+        assert last_before <= resubscribe["since"] < gap[0]
     finally:
         open_page.close()
         bridge.stop()

@@ -617,3 +617,14 @@ def test_agg_stops_on_sigterm_with_status_zero(tmp_path: Path) -> None:
         agg.popen.terminate()
         assert agg.wait(5) == 0
         assert time.monotonic() - started < 2
+
+
+def test_a_taken_pub_address_is_a_clear_error_with_status_2(
+    tmp_path: Path, context: Context
+) -> None:
+    taken = endpoint("tcp", tmp_path, "taken")
+    holder = context.socket(zmq.PUB)
+    holder.bind(taken)
+    with Proc("agg", "--sub", endpoint("ipc", tmp_path, "p"), "--pub", taken) as agg:
+        assert agg.wait(30) == 2
+    assert f"--pub: cannot bind {taken}" in agg.output

@@ -113,13 +113,20 @@ def run(config: AggConfig) -> int:
         pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         try:
             pub.bind(config.pub)
-            for endpoint in config.sub:
-                sub.connect(endpoint)
         except zmq.ZMQError as exc:
-            raise ConfigError(f"agg: cannot use {exc}") from exc
+            raise ConfigError(f"--pub: cannot bind {config.pub}: {exc}") from exc
+        for endpoint in config.sub:
+            try:
+                sub.connect(endpoint)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
         metrics_note = ""
         if config.metrics is not None:
-            metrics = MetricsServer(registry, *config.metrics)
+            host, port = config.metrics
+            try:
+                metrics = MetricsServer(registry, host, port)
+            except OSError as exc:
+                raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {exc}") from exc
             metrics.start()
             metrics_note = f", metrics http://{config.metrics[0]}:{metrics.port}/metrics"
         log.info(

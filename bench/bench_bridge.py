@@ -62,6 +62,13 @@ def metrics(port: int) -> dict[str, float]:
     return {line.split()[0]: float(line.split()[1]) for line in lines if line and line[0] != "#"}
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (the bridge's workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        pids = [pid, *(int(p) for p in children.read().split())]
+    return sum(cpu_seconds(p) for p in pids)
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -252,7 +259,9 @@ def client_process(
     asyncio.run(main())
 
 
-def measure(clients: int, seconds: float, period: float, procs: int, pin: bool) -> dict[str, float]:
+def measure(
+    clients: int, seconds: float, period: float, procs: int, pin: bool, workers: int = 1
+) -> dict[str, float]:
     """One run. With ``pin``, the bridge gets CPU 0 and the clients the other CPUs, so that
     they do not take turns on the bridge's core."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -287,6 +296,8 @@ def measure(clients: int, seconds: float, period: float, procs: int, pin: bool) 
             endpoint,
             "--listen",
             f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
         ],
         env=env,
         preexec_fn=start_bridge,
@@ -316,9 +327,9 @@ def measure(clients: int, seconds: float, period: float, procs: int, pin: bool) 
         agg.publishing.set()
         time.sleep(1.0)  # warm up
         metrics0 = metrics(port)
-        cpu0, wall0 = cpu_seconds(bridge.pid), time.time()
+        cpu0, wall0 = tree_cpu_seconds(bridge.pid), time.time()
         time.sleep(seconds)
-        cpu1, wall1 = cpu_seconds(bridge.pid), time.time()
+        cpu1, wall1 = tree_cpu_seconds(bridge.pid), time.time()
         metrics1 = metrics(port)
         passes = (
             metrics1["polyfan_bridge_delivery_passes_total"]
@@ -366,6 +377,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--period", type=float, default=0.5, help="seconds between bar rounds")
     parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--workers", type=int, default=1, help="bridge worker processes")
     parser.add_argument(
         "--pin", action="store_true", help="pin the bridge to CPU 0 and the clients to the others"
     )
@@ -381,7 +393,7 @@ def main() -> None:
         f"{'bridge CPU':>10} {'CPU/1000 cl':>11} {'pass ms':>8}"
     )
     for clients in args.clients or [1000, 5000]:
-        r = measure(clients, args.seconds, args.period, args.procs, args.pin)
+        r = measure(clients, args.seconds, args.period, args.procs, args.pin, args.workers)
         print(
             f"{r['clients']:>8} {r['bars_per_s']:>10.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
             f"{r['max_ms']:>8.1f} {r['bridge_cpu']:>9.1%} {r['cpu_per_1000']:>10.1%} "

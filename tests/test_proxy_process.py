@@ -321,10 +321,11 @@ def test_max_connections_cools_down_a_minute_and_ctrl_c_still_stops_at_once(
     )  # fmt: skip
     port, metrics = free_port(), free_port()
     pub = endpoint("ipc", tmp_path, "proxy")
-    with Proc("sim", "--listen", f"127.0.0.1:{port}", "--script", str(script)) as sim:
-        sim.wait_for("ready:")
-        with start_proxy(f"ws://127.0.0.1:{port}/stocks", pub, metrics) as proxy:
-            sub = subscriber(pub, "_ctl")
+    with start_proxy(f"ws://127.0.0.1:{port}/stocks", pub, metrics) as proxy:
+        sub = subscriber(pub, "_ctl")
+        sub.receive_until(joined)
+        with Proc("sim", "--listen", f"127.0.0.1:{port}", "--script", str(script)) as sim:
+            sim.wait_for("ready:")
             sub.receive_until(
                 lambda s: any(
                     wire.records(m)["state"][0] == wire.UPSTREAM_DOWN
@@ -336,7 +337,7 @@ def test_max_connections_cools_down_a_minute_and_ctrl_c_still_stops_at_once(
             assert "ANOTHER PROCESS IS USING THIS API KEY" in proxy.output
             assert scrape(metrics)['polyfan_proxy_statuses_total{status="max_connections"}'] == 1
             stop(proxy)  # within 2 s, in the middle of the cool-down
-        stop(sim)
+            stop(sim)
     assert proxy.output.count("connected to ws://") == 1
 
 

@@ -64,6 +64,7 @@ class Pipeline:
 
     run_dir: Path
     sim_port: int = field(default_factory=free_port)
+    proxy_metrics_port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
 
     @property
@@ -82,6 +83,8 @@ class Pipeline:
             f"ws://127.0.0.1:{self.sim_port}",
             "--pub",
             self.trades_endpoint,
+            "--metrics",
+            f"127.0.0.1:{self.proxy_metrics_port}",
             env={"MASSIVE_API_KEY": "page-test-key"},
         )
         self.procs["proxy"].wait_for(r"ready:")
@@ -93,14 +96,24 @@ class Pipeline:
         self.procs["sim"] = sim
         sim.wait_for(r"ready:")
 
+    def proxy_reconnects(self) -> int:
+        url = f"http://127.0.0.1:{self.proxy_metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        match = re.search(r"^polyfan_proxy_reconnects_total (\d+)", text, re.MULTILINE)
+        assert match, "the proxy does not count its reconnects"
+        return int(match.group(1))
+
     def interrupt_upstream(self) -> None:
-        """Stop the sim until the proxy has seen its upstream go, then start it again."""
-        proxy = self.procs["proxy"]
-        seen = len(proxy.lines)
+        """Restart the sim: the proxy loses its upstream, then reconnects to the new one."""
+        reconnects = self.proxy_reconnects()
         self.stop("sim")
-        proxy.wait_for(r"upstream connection lost|cannot connect", start=seen)
         self.start_sim()
-        proxy.wait_for(r"connected to ws://", start=seen, timeout=15)
+        poll(
+            lambda: self.proxy_reconnects() > reconnects,
+            timeout=15,
+            what="the proxy to reconnect upstream",
+        )
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)

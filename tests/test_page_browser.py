@@ -254,9 +254,6 @@ class Pages:
             self.contexts.pop().close()
 
 
-OpenPage = Pages
-
-
 @pytest.fixture
 def open_page(browser: Browser) -> Iterator[Pages]:
     """Open the page; fail the test on any console error or uncaught page error."""
@@ -365,7 +362,7 @@ def clock_text(ms: int, interval: int) -> str:
 # ---------------------------------------------------------------- tests
 
 
-def test_page_draws_live_candles_within_5_seconds(open_page: OpenPage, bridge_url: str) -> None:
+def test_page_draws_live_candles_within_5_seconds(open_page: Pages, bridge_url: str) -> None:
     started = time.monotonic()
     page, _ = open_page(f"{bridge_url}/")
     wait_for_candles(page, timeout=5.0)
@@ -389,7 +386,7 @@ def test_page_draws_live_candles_within_5_seconds(open_page: OpenPage, bridge_ur
 
 
 def test_page_defaults_to_the_most_active_symbol_and_suggests_the_others(
-    open_page: OpenPage, bridge_url: str
+    open_page: Pages, bridge_url: str
 ) -> None:
     page, _ = open_page(f"{bridge_url}/")
     wait_for_candles(page)
@@ -413,7 +410,7 @@ def test_page_defaults_to_the_most_active_symbol_and_suggests_the_others(
 
 
 def test_chart_loads_history_over_http_then_follows_the_websocket_exactly(
-    open_page: OpenPage, bridge_url: str
+    open_page: Pages, bridge_url: str
 ) -> None:
     page, seen = open_page(f"{bridge_url}/?interval=250")
     wait_until_live(page)
@@ -431,7 +428,7 @@ def test_chart_loads_history_over_http_then_follows_the_websocket_exactly(
     assert_chart_matches_api(page, bridge_url, min_bars=9)
 
 
-def test_legend_shows_the_bar_under_the_crosshair(open_page: OpenPage, bridge_url: str) -> None:
+def test_legend_shows_the_bar_under_the_crosshair(open_page: Pages, bridge_url: str) -> None:
     page, _ = open_page(f"{bridge_url}/?interval=250")
     wait_until_live(page)
     wait_for_candles(page, count=8, timeout=10)
@@ -461,7 +458,7 @@ def test_legend_shows_the_bar_under_the_crosshair(open_page: OpenPage, bridge_ur
     )
 
 
-def test_time_labels_and_helpers_read_real_time(open_page: OpenPage, bridge_url: str) -> None:
+def test_time_labels_and_helpers_read_real_time(open_page: Pages, bridge_url: str) -> None:
     """core.js (the page's pure helpers) and the chart's configured formatters, in the page."""
     page, _ = open_page(f"{bridge_url}/?interval=250")
     wait_for_candles(page)
@@ -509,7 +506,7 @@ def test_time_labels_and_helpers_read_real_time(open_page: OpenPage, bridge_url:
 
 
 def test_switching_symbol_and_interval_shows_the_new_channel(
-    open_page: OpenPage, bridge_url: str
+    open_page: Pages, bridge_url: str
 ) -> None:
     page, _ = open_page(f"{bridge_url}/")
     wait_until_live(page)
@@ -557,7 +554,7 @@ def test_switching_symbol_and_interval_shows_the_new_channel(
     assert_chart_matches_api(page, bridge_url)
 
 
-def test_scrolling_back_loads_older_bars(open_page: OpenPage, bridge_url: str) -> None:
+def test_scrolling_back_loads_older_bars(open_page: Pages, bridge_url: str) -> None:
     symbol = get_json(f"{bridge_url}/api/symbols")[0]["sym"]
     poll(
         lambda: len(api_bars(bridge_url, f"100Ms.{symbol}")) >= 200,
@@ -587,7 +584,7 @@ def test_scrolling_back_loads_older_bars(open_page: OpenPage, bridge_url: str) -
 
 
 def test_chart_reconnects_after_a_bridge_restart_and_fills_the_gap(
-    open_page: OpenPage, pipeline: Pipeline
+    open_page: Pages, pipeline: Pipeline
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -624,7 +621,7 @@ def test_chart_reconnects_after_a_bridge_restart_and_fills_the_gap(
 
 
 def test_page_authenticates_with_the_token_from_its_url(
-    open_page: OpenPage, pipeline: Pipeline
+    open_page: Pages, pipeline: Pipeline
 ) -> None:
     port = free_port()
     bridge = pipeline.start_bridge(port, "--token", "s3cret")
@@ -641,7 +638,7 @@ def test_page_authenticates_with_the_token_from_its_url(
         bridge.stop()
 
 
-def test_page_fits_a_phone_screen(open_page: OpenPage, bridge_url: str) -> None:
+def test_page_fits_a_phone_screen(open_page: Pages, bridge_url: str) -> None:
     page, _ = open_page(f"{bridge_url}/", viewport=PHONE, is_mobile=True, has_touch=True)
     wait_until_live(page)
     wait_for_candles(page)
@@ -660,7 +657,7 @@ def test_page_fits_a_phone_screen(open_page: OpenPage, bridge_url: str) -> None:
     assert_chart_matches_api(page, bridge_url)
 
 
-def test_screenshot_of_the_page_for_the_readme(open_page: OpenPage, bridge_url: str) -> None:
+def test_screenshot_of_the_page_for_the_readme(open_page: Pages, bridge_url: str) -> None:
     # Before the outage test: its sim restart starts a new random market (a price jump).
     # 100 ms bars, of the symbol whose closes took the most distinct values (liveliest candles).
     symbols = [s["sym"] for s in get_json(f"{bridge_url}/api/symbols")]
@@ -681,7 +678,7 @@ def test_screenshot_of_the_page_for_the_readme(open_page: OpenPage, bridge_url: 
 
 
 def test_bars_spanning_an_upstream_outage_are_shown_as_outage(
-    open_page: OpenPage, pipeline: Pipeline, bridge_url: str
+    open_page: Pages, pipeline: Pipeline, bridge_url: str
 ) -> None:
     page, _ = open_page(f"{bridge_url}/?interval=1000")
     wait_until_live(page)

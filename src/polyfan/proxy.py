@@ -158,8 +158,10 @@ class Proxy:
         self.m_bad.value = stats.bad_messages
         self.m_future.value = stats.rejected["future"]
         self.m_unknown.value = stats.unknown_events
-        self.m_rejected.labels = {f'reason="{k}"': v for k, v in stats.rejected.items() if v}
-        self.m_statuses.labels = {f'status="{k}"': v for k, v in stats.statuses.items()}
+        # runs on the metrics thread: dict() copies atomically under the GIL, iteration would not
+        rejected, statuses = dict(stats.rejected), dict(stats.statuses)
+        self.m_rejected.labels = {f'reason="{k}"': v for k, v in rejected.items() if v}
+        self.m_statuses.labels = {f'status="{k}"': v for k, v in statuses.items()}
         connection = self._connection
         self.m_connected.value = int(connection is not None and connection.up)
         self.m_clock.value = self.clock.read(wall_ms())
@@ -290,7 +292,7 @@ class Proxy:
                 log.warning(
                     "cannot connect to %s (%s); retrying in %.1f s",
                     self.config.upstream,
-                    exc or type(exc).__name__,
+                    str(exc) or type(exc).__name__,
                     delay,
                 )
                 await asyncio.sleep(delay)

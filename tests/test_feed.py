@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyfan import wire
@@ -241,6 +241,7 @@ trade_events = st.builds(
 )
 
 
+@settings(deadline=None)  # the first example may compile the numba scanner
 @given(st.lists(trade_events, min_size=1, max_size=30))
 def test_valid_trades_survive_decode_and_the_wire_round_trip(events: list[dict[str, Any]]) -> None:
     batch = TradeDecoder().decode([frame(*events)], NOW).trades

@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyfan import feed, feedscan
@@ -106,6 +106,7 @@ def frames(draw: Any) -> tuple[bytes, int]:
     return ("[" + ",".join(events) + "]").encode(), len(events)
 
 
+@settings(deadline=None)  # the first example may compile the numba scanner
 @given(frames())
 def test_scanner_reads_exactly_what_msgspec_reads(case: tuple[bytes, int]) -> None:
     frame, count = case

@@ -291,6 +291,12 @@ def scan_frame(  # type: ignore[no-untyped-def]
                         if buf[i] != 44:
                             return -1
                         i = _skip_ws(buf, i + 1, n)
+            elif length == 2 and k0 == 112 and k1 == 116:  # pt: a number, not published
+                start = i
+                while i < n and (48 <= buf[i] <= 57 or buf[i] == 45 or buf[i] == 46):
+                    i += 1
+                if i == start:
+                    return -1
             elif length == 1 and k0 == 105:  # i: a string, not published
                 if buf[i] != 34:
                     return -1
@@ -326,8 +332,6 @@ def scan_frame(  # type: ignore[no-untyped-def]
                     if integer < 0 or integer > 255:
                         return -1
                     z = integer
-                elif length == 2 and k0 == 112 and k1 == 116:  # pt: not published
-                    pass
                 elif length == 4 and k0 == 116 and k1 == 114 and buf[key + 2] == 102:  # trf.
                     if buf[key + 3] == 105:  # trfi
                         if integer < 0 or integer > 65535:

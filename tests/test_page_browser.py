@@ -638,6 +638,33 @@ def test_page_authenticates_with_the_token_from_its_url(
         bridge.stop()
 
 
+def test_page_waits_for_a_late_aggregator_then_goes_live(
+    open_page: Pages, pipeline: Pipeline, bridge_url: str
+) -> None:
+    late = f"ipc://{pipeline.run_dir / 'late.sock'}"
+    port = free_port()
+    bridge = Proc("bridge", "--sub", late, "--listen", f"127.0.0.1:{port}")
+    agg = None
+    try:
+        bridge.wait_for(r"ready:")
+        symbol = get_json(f"{bridge_url}/api/symbols")[0]["sym"]
+        page, _ = open_page(f"http://127.0.0.1:{port}/?sym={symbol}&interval=250")
+        # No aggregator yet (no intervals announced): the page says so and asks again.
+        page.wait_for_function("window.polyfan.message().includes('waiting for an aggregator')")
+        assert page.evaluate("window.polyfan.connection()") == "connecting"
+        agg = Proc("agg", "--sub", pipeline.trades_endpoint, "--pub", late)
+        agg.wait_for(r"ready:", timeout=60)
+        wait_until_live(page, timeout=15)
+        assert page.evaluate("window.polyfan.channel()") == f"250Ms.{symbol}"
+        wait_for_candles(page, count=2, timeout=10)
+        assert_chart_matches_api(page, f"http://127.0.0.1:{port}")
+    finally:
+        open_page.close()
+        bridge.stop()
+        if agg is not None:
+            agg.stop()
+
+
 def test_page_fits_a_phone_screen(open_page: Pages, bridge_url: str) -> None:
     page, _ = open_page(f"{bridge_url}/", viewport=PHONE, is_mobile=True, has_touch=True)
     wait_until_live(page)

@@ -355,7 +355,9 @@ const feed = {
   attempt: 0,
   authSent: false, // auth went out on this socket (after the server's "connected")
   subscribed: null, // channel we asked for on this socket
-  timer: null,
+  timer: null, // reconnect
+  retry: null, // re-subscribe after the server refused the subscription
+  retries: 0,
 };
 
 function setConnection(status) {
@@ -437,6 +439,7 @@ function onStatus(ev) {
     case "success":
       if (ev.message && ev.message.endsWith(channel())) {
         feed.attempt = 0;
+        feed.retries = 0;
         state.everLive = true;
         state.liveSince ??= performance.now();
         setConnection("live");
@@ -445,6 +448,16 @@ function onStatus(ev) {
       break;
     case "error":
       showMessage(ev.message);
+      // Our subscription was refused (e.g. a restarted bridge that has not heard its
+      // aggregators yet): ask again after a backoff; `since` still covers everything missed.
+      if (feed.subscribed === channel() && ev.message?.startsWith(`${channel()}:`)) {
+        feed.subscribed = null;
+        const socket = feed.socket;
+        clearTimeout(feed.retry);
+        feed.retry = setTimeout(() => {
+          if (socket === feed.socket) subscribeCurrent();
+        }, backoffDelay(feed.retries++));
+      }
       break;
     default:
       break;
@@ -474,6 +487,8 @@ function selectChannel(symbol, interval) {
   if (symbol === state.symbol && interval === state.interval) return;
   if (feed.subscribed) send({ action: "unsubscribe", params: feed.subscribed });
   feed.subscribed = null;
+  clearTimeout(feed.retry);
+  feed.retries = 0;
   state.generation += 1;
   state.symbol = symbol;
   state.interval = interval;
@@ -571,15 +586,23 @@ function pickInterval(intervals, wanted) {
   return intervals.find((i) => i >= 500) ?? intervals[0];
 }
 
-async function start() {
-  let info;
-  try {
-    info = await getJSON("/api/info");
-  } catch (error) {
-    showMessage(`info: ${error.message}`);
-    info = { intervals: [100, 250, 500, 1000, 5000, 60000] };
+/** The intervals the aggregators serve; waits (with backoff) until the bridge has heard one. */
+async function servedIntervals() {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const info = await getJSON("/api/info");
+      if (info.intervals?.length) return [...info.intervals].sort((a, b) => a - b);
+      showMessage("waiting for an aggregator: the bridge has not heard one yet");
+    } catch (error) {
+      showMessage(`info: ${error.message}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, backoffDelay(attempt)));
   }
-  state.intervals = [...info.intervals].sort((a, b) => a - b);
+}
+
+async function start() {
+  state.intervals = await servedIntervals();
+  showMessage("");
   buildIntervalPicker();
   const symbols = await refreshSymbols();
   const wanted = (params.get("sym") || "").trim().toUpperCase();

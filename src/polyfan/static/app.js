@@ -47,6 +47,7 @@ const COLORS = {
 
 const SCROLL_BACK_MARGIN = 40; // bars left of the first one held before older ones are fetched
 const RATE_WINDOW_MS = 5000;
+const SLOW_MS = 1000; // a live bar arriving later than this after its end is shown as slow
 const STALE_MS = 10_000; // a bar that ended longer ago is a replay, not live (for the stats)
 const MAX_BARS = 20_000; // held per channel; the oldest tenth is dropped past this
 const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
@@ -286,6 +287,7 @@ function renderStats() {
   const rate = span >= 1000 ? state.liveTimes.length / (span / 1000) : 0;
   $("stat-rate").textContent = rate.toFixed(1);
   $("stat-delay").textContent = state.lastDelayMs === null ? "—" : `${state.lastDelayMs} ms`;
+  $("stat-delay").classList.toggle("slow", state.lastDelayMs !== null && state.lastDelayMs > SLOW_MS);
 }
 setInterval(renderStats, 500);
 

@@ -383,3 +383,24 @@ def test_feed_clock_follows_wall_time_when_quiet_and_freezes_while_disconnected(
         ]
         assert after == [frozen] * len(after)
         stop(proxy)
+
+
+def test_two_proxies_on_one_key_do_not_evict_each_other_forever(
+    tmp_path: Path, subscriber: Subscribe
+) -> None:
+    port = free_port()
+    upstream = f"ws://127.0.0.1:{port}/stocks"
+    with Proc("sim", "--listen", f"127.0.0.1:{port}", "--symbols", "10", "--rate", "1000") as sim:
+        sim.wait_for("ready:")
+        first_pub, second_pub = (endpoint("ipc", tmp_path, n) for n in ("first", "second"))
+        with start_proxy(upstream, first_pub, free_port()) as first:
+            first.wait_for("subscribed to: T.")
+            with start_proxy(upstream, second_pub, free_port()) as second:
+                sub = subscriber(second_pub, "T.")
+                match = first.wait_for(r"cooling down (\d+) s before reconnecting")
+                assert int(match.group(1)) >= 60
+                sub.receive_until(lambda s: s.trade_count() >= 200)  # the newer one streams on
+                assert "cooling down" not in second.output
+                stop(second)
+            stop(first)
+        stop(sim)

@@ -150,3 +150,23 @@ async def test_drop_clients_aborts_connections_without_a_close_frame(sim: SimSer
             while True:
                 await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert closed.value.rcvd is None  # abrupt: no close frame
+
+
+async def test_a_second_connection_with_the_same_key_evicts_the_first(sim: SimServer) -> None:
+    async with connect(sim.url) as first, connect(sim.url) as second:
+        await login(first, "shared key")
+        await login(second, "shared key")
+        assert await statuses(first, 1) == [
+            ("max_connections", "Maximum number of websocket connections exceeded.")
+        ]
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(first.recv(), TIMEOUT)
+        assert first.close_code == 1008
+        await second.send('{"action":"subscribe","params":"T.*"}')
+        assert await statuses(second, 1) == [("success", "subscribed to: T.*")]
+        async with connect(sim.url) as third:  # another key is another account
+            await login(third, "other key")
+            await third.send('{"action":"subscribe","params":"T.*"}')
+            assert await statuses(third, 1) == [("success", "subscribed to: T.*")]
+        assert len(await trades(second, 10)) >= 10

@@ -3,10 +3,12 @@
 It speaks the protocol of shared/polygon/protocol.md: ``connected`` on open; ``auth`` with the
 ``--api-key`` (any key when none is set) gets ``auth_success``, a wrong key ``auth_failed`` and a
 close; anything else before auth gets ``auth_required``; ``subscribe`` / ``unsubscribe`` take
-``T.*`` or a comma list of ``T.<SYM>`` and answer one ``success`` status per channel; only trades
-of subscribed symbols are sent, in frames of 1 to 100 events, at ``--rate`` trades per second
-over all symbols. A client that falls more than ``MAX_BACKLOG_FRAMES`` frames behind gets
-``slow_consumer`` and is closed, as the real server does.
+``T.*`` or a comma list of ``T.<SYM>`` and answer one ``success`` status per channel. Only
+trades of subscribed symbols are sent, in frames of 1 to 100 events, at ``--rate`` trades per
+second over all symbols. Like the real server, it allows one connection per key: a second
+connection authenticating with the same key gets the older one ``max_connections`` and a close
+(1008); and a client that falls more than ``MAX_BACKLOG_FRAMES`` frames behind gets
+``slow_consumer`` and is closed.
 
 For tests:
 
@@ -55,6 +57,7 @@ class _Client:
         "authenticated",
         "backlog",
         "id",
+        "key",
         "refused",
         "symbols",
         "wake",
@@ -66,15 +69,16 @@ class _Client:
         self.ws = ws
         self.authenticated = False
         self.refused = False
+        self.key: str | None = None
         self.all_symbols = False
         self.symbols: set[str] = set()
-        self.backlog: deque[str | None] = deque()  # None: close (slow consumer)
+        self.backlog: deque[str | tuple[int, str]] = deque()  # a tuple: close(code, reason)
         self.wake = asyncio.Event()
 
     def is_subscribed(self) -> bool:
         return self.all_symbols or bool(self.symbols)
 
-    def queue(self, frame: str | None) -> None:
+    def queue(self, frame: str | tuple[int, str]) -> None:
         self.backlog.append(frame)
         self.wake.set()
 
@@ -173,6 +177,17 @@ class SimServer:
                 client.refused = True
                 return [status("auth_failed", "authentication failed")]
             client.authenticated = True
+            client.key = params
+            for other in self._clients.values():  # one connection per key, like the real one
+                if other is not client and other.key == params:
+                    log.info("client %d: a newer connection uses its key", other.id)
+                    other.key = None
+                    other.queue(
+                        status(
+                            "max_connections", "Maximum number of websocket connections exceeded."
+                        )
+                    )
+                    other.queue((1008, "max connections"))
             return [status("auth_success", "authenticated")]
         if not client.authenticated:
             return [status("auth_required", "authentication required")]
@@ -211,8 +226,8 @@ class SimServer:
             client.wake.clear()
             while backlog:
                 frame = backlog.popleft()
-                if frame is None:
-                    await client.ws.close(1008, "slow consumer")
+                if isinstance(frame, tuple):
+                    await client.ws.close(*frame)
                     return
                 await client.ws.send(frame)
                 if record is not None:
@@ -253,7 +268,7 @@ class SimServer:
                 log.warning("client %d is a slow consumer: disconnecting it", client.id)
                 client.backlog.clear()
                 client.queue(status("slow_consumer", "slow consumer"))
-                client.queue(None)
+                client.queue((1008, "slow consumer"))
                 continue
             for events in frames:
                 if not client.all_symbols:

@@ -125,6 +125,16 @@ def _stop(children: list[Child]) -> None:
             child.popen.stdout.close()
 
 
+def compile_kernels() -> None:
+    """Compile and cache the numba kernels of the proxy and the agg (bin/_bootstrap runs this
+    after installing), so that the first ``polyfan demo`` serves within seconds."""
+    from polyfan import agg, feedscan
+    from polyfan.config import AggConfig
+
+    feedscan.warm_up()
+    agg.warm_up(AggConfig())
+
+
 def run(config: DemoConfig) -> int:
     """Start the pipeline, print the URL, wait for a signal or a child's death."""
     stopping = threading.Event()

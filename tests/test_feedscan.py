@@ -203,3 +203,25 @@ def test_the_symbol_table_interns_many_symbols_without_mixing_them() -> None:
     assert table.name(12_345) == "S12345"
     assert table.intern(b"") == -1
     assert table.intern(b"A" * 33) == -1
+
+
+@pytest.mark.parametrize(
+    ("price", "size"),
+    [
+        ("297.845", '"40.0"'),
+        ("1", '"-0.0"'),
+        ("0.0001", '"0.0125"'),
+        ("12.50", '"100.000"'),
+        ("999999999999999", '"0"'),
+        ("1.0000000000001", '"123456789012345"'),
+        ("0.1", '"0.3"'),
+    ],
+)
+def test_number_spellings_convert_to_the_same_doubles_as_msgspec_and_float(
+    price: str, size: str
+) -> None:
+    frame = f'[{{"ev":"T","sym":"A","p":{price},"ds":{size},"t":1}}]'.encode()
+    rows, columns, _ = scan(frame)
+    assert rows == 1
+    assert columns.p[0].tobytes() == np.float64(float(price)).tobytes()
+    assert columns.s[0].tobytes() == np.float64(float(size.strip('"'))).tobytes()

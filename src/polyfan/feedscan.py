@@ -158,9 +158,13 @@ def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
     if int_digits == 0 or (int_digits > 1 and buf[start] == 48):
         return False, False, 0, 0.0, i  # no digits, or a leading zero
     fraction = 0
+    whole = mantissa
+    zero_fraction = True  # "40.0", as ds usually is: no division needed
     if i < n and buf[i] == 46:  # .
         i += 1
         while i < n and 48 <= buf[i] <= 57:
+            if buf[i] != 48:
+                zero_fraction = False
             if digits > 0 or buf[i] != 48:
                 digits += 1
             mantissa = mantissa * 10 + (buf[i] - 48)
@@ -172,6 +176,9 @@ def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
             return False, False, 0, 0.0, i
     if i < n and (buf[i] == 101 or buf[i] == 69):  # e E: leave to msgspec
         return False, False, 0, 0.0, i
+    if zero_fraction and fraction > 0:
+        value = float(whole)
+        return True, False, 0, -value if negative else value, i  # -0.0 stays -0.0
     if negative:
         mantissa = -mantissa
     if fraction == 0:

@@ -417,7 +417,11 @@ class Proxy:
             if type(event) is Problem:
                 self._log_problem(event)
             elif type(event) is Subscribed:
-                log.info("upstream: %s", event.message)
+                # one line per connection at INFO: a list of thousands of channels gets
+                # thousands of statuses
+                log.log(
+                    logging.INFO if event.first else logging.DEBUG, "upstream: %s", event.message
+                )
                 if event.first:
                     connection.up = True
                     self.clock.subscribed(now)

@@ -146,6 +146,12 @@ class SimServer:
     async def _handle(self, ws: ServerConnection) -> None:
         client = _Client(next(self._ids), ws)
         self._clients[client.id] = client
+        log.info(
+            "client %d connected from %s (%d clients)",
+            client.id,
+            ws.remote_address,
+            len(self._clients),
+        )
         writer = asyncio.create_task(self._write(client))
         try:
             await ws.send(status("connected", "Connected Successfully"))
@@ -159,6 +165,7 @@ class SimServer:
             pass
         finally:
             del self._clients[client.id]
+            log.info("client %d left (%d clients)", client.id, len(self._clients))
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer

@@ -35,6 +35,7 @@ import numpy as np
 import zmq
 
 from polyfan import conditions, wire
+from polyfan.agg import TRIM_EVERY_S
 from polyfan.aggregator import Aggregator
 from polyfan.bars import Bars
 from polyfan.config import AggConfig
@@ -507,9 +508,14 @@ def bench_memory(rate: float = 3_000, symbols: int = 10_000, hours: float = 1.0)
         trades["t"] += minute * 1000
         g_trades, g_sym = grouped(trades, sym, 8)
         frames = frames_for(g_trades, g_sym, 8, names)
-        for lo in range(0, len(frames), 4096):
+        batches = range(0, len(frames), 4096)
+        # The agg ticks every 100 ms of wall time; here feed time runs fast, so tick as often
+        # per simulated second as the real loop would.
+        ticks = round(chunk_s / TRIM_EVERY_S / len(batches))
+        for lo in batches:
             core.frames_received(frames[lo : lo + 4096])
-        core.tick()
+            for _ in range(ticks):
+                core.tick()
     record = np.array([(T0 + seconds * 1000 + 120_000, 0)], dtype=wire.CLOCK_DTYPE)
     core.frames_received(
         [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 1, 1, record.tobytes())]
@@ -519,7 +525,8 @@ def bench_memory(rate: float = 3_000, symbols: int = 10_000, hours: float = 1.0)
         f"memory: {rss_mb():,.0f} MB resident ({rss_mb() - before:,.0f} MB for the agg's state) "
         f"after {hours:g} h of feed time at {rate:,.0f} trades/s over {symbols:,} symbols, "
         f"{len(INTERVALS)} intervals: {core.history.bar_count:,} bars held in "
-        f"{core.history.nbytes / 2**20:,.0f} MB of history arrays, {len(core.history):,} series "
+        f"{core.history.nbytes / 2**20:,.0f} MB of history ({core.history.cold_bytes / 2**20:,.0f} MB "
+        f"of it compressed blocks), {len(core.history):,} series "
         f"(simulated in {elapsed:.0f} s); arena rows allocated/top/free "
         f"{'/'.join(f'{r:,}' for r in core.history.rows)}; {core.bars.open_bars:,} open bars"
     )

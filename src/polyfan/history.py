@@ -16,7 +16,9 @@ O(log n). Appending a batch of closed bars is one kernel call (:mod:`polyfan.ker
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,15 +29,75 @@ _INT64_MIN = int(np.iinfo(np.int64).min)
 _WORDS = wire.BAR_DTYPE.itemsize // 8
 _EMPTY = np.zeros(0, dtype=wire.BAR_DTYPE)
 RESERVE_ROWS = 1 << 25  # 2 GiB of address space; resident only as regions are written
+BLOCK = 16  # bars per compressed block
+_BLOCK_OVERHEAD = 3 * 8 + 33  # three list slots and a bytes object's header
+
+
+class _ColdSeries:
+    """A series' older bars: blocks of ``BLOCK`` bars, each compressed losslessly (bar starts
+    as deltas, bytes transposed so equal bytes of neighbouring bars sit together, zlib)."""
+
+    __slots__ = ("blobs", "first", "last")
+
+    def __init__(self) -> None:
+        self.first: list[int] = []  # bar start of each block's first bar
+        self.last: list[int] = []  # ... and last bar
+        self.blobs: list[bytes] = []
+
+    def append(self, bars: np.ndarray) -> int:
+        packed = bars.copy()
+        packed["s"][1:] = np.diff(bars["s"])
+        shuffled = packed.view(np.uint8).reshape(len(bars), -1).T.tobytes()
+        blob = zlib.compress(shuffled, 1)
+        self.first.append(int(bars["s"][0]))
+        self.last.append(int(bars["s"][-1]))
+        self.blobs.append(blob)
+        return len(blob)
+
+    @staticmethod
+    def unpack(blob: bytes) -> np.ndarray:
+        raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
+        rows = raw.reshape(wire.BAR_DTYPE.itemsize, -1).T.copy()
+        bars = rows.view(wire.BAR_DTYPE).reshape(rows.shape[0])
+        bars["s"] = np.cumsum(bars["s"])
+        return bars
+
+    def newest_first(self, since: int | None, before: int | None) -> Iterator[np.ndarray]:
+        """The bars of the blocks that can hold ``since <= s < before``, newest block first."""
+        lo = 0 if since is None else bisect.bisect_left(self.last, since)
+        hi = len(self.first) if before is None else bisect.bisect_left(self.first, before)
+        for b in range(hi - 1, lo - 1, -1):
+            bars = self.unpack(self.blobs[b])
+            if since is not None and bars["s"][0] < since:
+                bars = bars[bars["s"] >= since]
+            if before is not None and bars["s"][-1] >= before:
+                bars = bars[bars["s"] < before]
+            yield bars
+
+    def trim(self, cutoff: int) -> int:
+        """Drop the blocks whose bars all start before ``cutoff``; return the bytes freed."""
+        drop = bisect.bisect_left(self.last, cutoff)
+        freed = sum(len(blob) for blob in self.blobs[:drop])
+        del self.first[:drop], self.last[:drop], self.blobs[:drop]
+        return freed
 
 
 class History:
     """The last ``keep_ms`` of bars (by bar start, against the feed clock) of every series."""
 
     def __init__(
-        self, keep_ms: int, *, sweep: int = 512, rows: int | None = None, jit: bool = True
+        self,
+        keep_ms: int,
+        *,
+        sweep: int = 512,
+        rows: int | None = None,
+        block: int = BLOCK,
+        jit: bool = True,
     ) -> None:
         self.keep_ms = keep_ms
+        self.block = block
+        self._cold: dict[int, _ColdSeries] = {}
+        self._cold_bytes = 0
         self._sweep = sweep
         self._next_sweep = 0
         self._cutoff = _INT64_MIN
@@ -100,21 +162,48 @@ class History:
         self.add_closed(np.full(len(bars), series, dtype=np.int64), bars)
 
     def trim(self, clock: int) -> None:
-        """Set the retention cutoff from the feed clock and sweep a few series."""
+        """Set the retention cutoff from the feed clock and sweep a few series: trim them, and
+        pack their bars into compressed blocks, all but the newest ``len % block``."""
         self._cutoff = clock - self.keep_ms
-        if len(self._off) and self._sweep:
-            self._next_sweep = self._trim(
-                self._cutoff,
-                self._next_sweep,
-                self._sweep,
-                self._off,
-                self._start,
-                self._end,
-                self._cap,
-                self._free,
-                self._arena,
-                self._state,
-            )
+        if not len(self._off) or not self._sweep:
+            return
+        first = self._next_sweep
+        self._next_sweep = self._trim(
+            self._cutoff,
+            first,
+            self._sweep,
+            self._off,
+            self._start,
+            self._end,
+            self._cap,
+            self._free,
+            self._arena,
+            self._state,
+        )
+        swept = (first + np.arange(min(self._sweep, len(self._off)))) % len(self._off)
+        held = self._end[swept] - self._start[swept]
+        for key in swept[(self._off[swept] >= 0) & (held >= self.block)].tolist():
+            self._freeze(key)
+        if self._cold:
+            for key in swept.tolist():
+                cold = self._cold.get(key)
+                if cold is not None:
+                    self._cold_bytes -= cold.trim(self._cutoff)
+                    if not cold.blobs:
+                        del self._cold[key]
+
+    def _freeze(self, key: int) -> None:
+        """Move the series' oldest hot bars, whole blocks of them, into compressed blocks."""
+        off, start, end = int(self._off[key]), int(self._start[key]), int(self._end[key])
+        blocks = (end - start) // self.block
+        rows = self._arena[off + start : off + start + blocks * self.block]
+        bars = rows.copy().view(wire.BAR_DTYPE).reshape(len(rows))
+        cold = self._cold.get(key)
+        if cold is None:
+            cold = self._cold[key] = _ColdSeries()
+        for b in range(blocks):
+            self._cold_bytes += cold.append(bars[b * self.block : (b + 1) * self.block])
+        self._start[key] = start + blocks * self.block
 
     # --- out ----------------------------------------------------------------------------
 
@@ -125,7 +214,29 @@ class History:
         before: int | None = None,
         limit: int | None = None,
     ) -> np.ndarray:
-        """Held bars with ``s >= since`` and ``s < before``; the newest ``limit`` of them, oldest first."""
+        """Held bars with ``s >= since`` and ``s < before``; the newest ``limit`` of them, oldest first.
+
+        Bars older than the retention cutoff are never returned, trimmed yet or not, so what
+        comes back is always a gap-free run of a series' bars.
+        """
+        if self._cutoff != _INT64_MIN:
+            since = self._cutoff if since is None else max(since, self._cutoff)
+        hot = self._select_hot(series, since, before)
+        cold = self._cold.get(series)
+        if cold is None or (limit is not None and len(hot) >= limit):
+            return hot if limit is None else hot[max(0, len(hot) - limit) :]
+        parts = [hot]
+        wanted = None if limit is None else limit - len(hot)
+        for bars in cold.newest_first(since, before):
+            parts.append(bars)
+            if wanted is not None:
+                wanted -= len(bars)
+                if wanted <= 0:
+                    break
+        found = np.concatenate(parts[::-1]) if len(parts) > 1 else hot
+        return found if limit is None else found[max(0, len(found) - limit) :]
+
+    def _select_hot(self, series: int, since: int | None, before: int | None) -> np.ndarray:
         if series >= len(self._off) or self._off[series] < 0:
             return _EMPTY
         off = int(self._off[series])
@@ -134,8 +245,6 @@ class History:
             lo = kernels.lower_bound(self._arena, lo, hi, since)
         if before is not None:
             hi = kernels.lower_bound(self._arena, lo, hi, before)
-        if limit is not None:
-            lo = max(lo, hi - limit)
         if hi <= lo:
             return _EMPTY
         return self._arena[lo:hi].copy().view(wire.BAR_DTYPE).reshape(hi - lo)
@@ -143,12 +252,21 @@ class History:
     @property
     def bar_count(self) -> int:
         held = self._off >= 0
-        return int((self._end[held] - self._start[held]).sum())
+        hot = int((self._end[held] - self._start[held]).sum())
+        return hot + self.block * sum(len(cold.blobs) for cold in self._cold.values())
 
     @property
     def nbytes(self) -> int:
-        """Bytes in use: arena rows below the top (regions and free lists) and the index."""
-        return int(self._state[kernels.H_TOP]) * wire.BAR_DTYPE.itemsize + 4 * self._off.nbytes
+        """Bytes in use: arena rows below the top (regions and free lists), the index, and the
+        compressed blocks (with an estimate of their Python object overhead)."""
+        hot = int(self._state[kernels.H_TOP]) * wire.BAR_DTYPE.itemsize + 4 * self._off.nbytes
+        blocks = sum(len(cold.blobs) for cold in self._cold.values())
+        return hot + self._cold_bytes + blocks * _BLOCK_OVERHEAD + len(self._cold) * 200
+
+    @property
+    def cold_bytes(self) -> int:
+        """Bytes of compressed blocks."""
+        return self._cold_bytes
 
     @property
     def rows(self) -> tuple[int, int, int]:
@@ -162,7 +280,8 @@ class History:
 
     def __len__(self) -> int:
         """Series with bars."""
-        return int((self._off >= 0).sum())
+        hot = set(np.flatnonzero(self._off >= 0).tolist())
+        return len(hot | set(self._cold))
 
 
 def _reserve(rows: int) -> np.ndarray:

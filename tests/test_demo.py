@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,20 @@ def test_demo_with_its_port_taken_reports_the_bridge_failure() -> None:
             assert demo.wait(90) == 1
             assert "demo: bridge exited with status" in demo.output
             assert "cannot listen" in demo.output
+
+
+def test_demo_on_every_interface_prints_a_url_a_browser_can_open() -> None:
+    port = free_port()
+    with Proc("demo", "--listen", f"0.0.0.0:{port}", "--symbols", "2", "--rate", "50") as demo:
+        demo.wait_for("ready: demo serving", timeout=90)
+        assert f"polyfan demo: open http://127.0.0.1:{port}/" in demo.output
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert http_json(port, "/healthz")["status"] == "ok"
+                break
+            except urllib.error.HTTPError as exc:  # 503 until the agg's announce arrives
+                assert exc.code == 503
+                assert time.monotonic() < deadline, "the demo's bridge never became healthy"
+                time.sleep(0.1)
+        assert demo.stop() == 0

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,24 @@ def _wait_ready(child: Child, stopping: threading.Event) -> str:
     return child.ready_line
 
 
+def _wait_healthy(url: str, stopping: threading.Event, timeout: float = 10.0) -> None:
+    """Wait until the bridge has heard the agg (its /healthz says 200), so the page loads
+    with the intervals it needs; carry on with a warning if that takes too long."""
+    deadline = time.monotonic() + timeout
+    while not stopping.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # 503 until the agg's announce arrives
+        if time.monotonic() > deadline:
+            log.warning("the bridge has not heard the agg after %gs; serving anyway", timeout)
+            return
+        time.sleep(0.05)
+    raise KeyboardInterrupt
+
+
 def _stop(children: list[Child]) -> None:
     for child in reversed(children):  # bridge first, sim last
         if child.is_running():
@@ -123,6 +143,15 @@ def _stop(children: list[Child]) -> None:
             child.reader.join(0.2)
         if child.popen.stdout is not None:
             child.popen.stdout.close()
+
+
+def _browsable(host: str) -> str:
+    """The address to open for a listen host: a wildcard listens on loopback too."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def compile_kernels() -> None:
@@ -183,7 +212,8 @@ def run(config: DemoConfig) -> int:
             child = _start(name, args, env)
             children.append(child)
             _wait_ready(child, stopping)
-        url = f"http://{host}:{port}/"
+        url = f"http://{_browsable(host)}:{port}/"
+        _wait_healthy(url + "healthz", stopping)
         print(f"polyfan demo: open {url}", flush=True)
         log.info("ready: demo serving %s (sim, proxy, agg, bridge over ipc in %s)", url, tmp)
         while not stopping.wait(0.1):

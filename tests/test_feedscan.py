@@ -24,7 +24,8 @@ def scan(
     columns = feedscan.Columns(len(frame) // feedscan.MIN_TRADE_BYTES + 1)
     if not python:
         return columns.scan(frame, 0, table), columns, table
-    rows = feedscan.scan_frame.py_func(
+    # py_func: the same code as plain Python (scan_frame itself is plain with NUMBA_DISABLE_JIT=1)
+    rows = getattr(feedscan.scan_frame, "py_func", feedscan.scan_frame)(
         np.frombuffer(frame, np.uint8), 0, columns.t, columns.p, columns.s, columns.q,
         columns.trft, columns.trfi, columns.x, columns.z, columns.nc, columns.c, columns.ids,
         table.slots, table.names, table.lengths, table.count,

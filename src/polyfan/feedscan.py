@@ -101,11 +101,11 @@ def _intern(buf, start, end, slots, names, lengths, count):  # type: ignore[no-u
     length = end - start
     if length < 1 or length > MAX_SYMBOL:
         return -1
-    h = np.uint64(14695981039346656037)
+    h = 5381  # djb2, kept to 32 bits: no overflow compiled or not (NUMBA_DISABLE_JIT=1)
     for i in range(start, end):
-        h = (h ^ np.uint64(buf[i])) * np.uint64(1099511628211)
-    mask = np.uint64(slots.shape[0] - 1)
-    slot = h & mask
+        h = (h * 33 + int(buf[i])) & 0xFFFFFFFF
+    mask = slots.shape[0] - 1
+    slot = (h ^ (h >> 15)) & mask
     while True:
         sid = slots[slot]
         if sid < 0:
@@ -118,7 +118,7 @@ def _intern(buf, start, end, slots, names, lengths, count):  # type: ignore[no-u
                     break
             if same:
                 return sid
-        slot = (slot + np.uint64(1)) & mask
+        slot = (slot + 1) & mask
     sid = count[0]
     if sid >= names.shape[0]:
         return -1
@@ -150,7 +150,7 @@ def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
     while i < n and 48 <= buf[i] <= 57:
         if digits > 0 or buf[i] != 48:
             digits += 1
-        mantissa = mantissa * 10 + (buf[i] - 48)
+        mantissa = mantissa * 10 + (int(buf[i]) - 48)
         i += 1
         if digits > 18:
             return False, False, 0, 0.0, i
@@ -167,7 +167,7 @@ def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
                 zero_fraction = False
             if digits > 0 or buf[i] != 48:
                 digits += 1
-            mantissa = mantissa * 10 + (buf[i] - 48)
+            mantissa = mantissa * 10 + (int(buf[i]) - 48)
             fraction += 1
             i += 1
             if digits > 15 or fraction > 22:

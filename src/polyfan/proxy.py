@@ -170,11 +170,13 @@ class Proxy:
     # --- publishing ---------------------------------------------------------------------------
 
     def _send(self, frame: bytes) -> None:
-        self._pub.send(frame, zmq.NOBLOCK, copy=len(frame) < 65_536)
+        # counted before sending: a scrape never shows less than a subscriber has received
         self.m_messages.value += 1
         self.m_bytes.value += len(frame)
+        self._pub.send(frame, zmq.NOBLOCK, copy=len(frame) < 65_536)
 
     def publish_trades(self, batch: TradeBatch) -> None:
+        self.m_trades.value += batch.count  # before sending, as in _send
         session, next_seq, send = self.session_id, self.sequencer.next, self._send
         for topic, records in zip(batch.topics, batch.records, strict=True):
             send(
@@ -187,7 +189,6 @@ class Proxy:
                     records.tobytes(),
                 )
             )
-        self.m_trades.value += batch.count
 
     def publish_clock(self, now_ms: int) -> None:
         record = np.array([(self.clock.read(now_ms), now_ms)], wire.CLOCK_DTYPE)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,37 @@ async def test_a_second_connection_with_the_same_key_evicts_the_first(sim: SimSe
             await third.send('{"action":"subscribe","params":"T.*"}')
             assert await statuses(third, 1) == [("success", "subscribed to: T.*")]
         assert len(await trades(second, 10)) >= 10
+
+
+async def test_the_vendors_official_client_works_against_the_sim(sim: SimServer) -> None:
+    """`massive` (formerly polygon-api-client) pointed at the sim, as protocol.md says."""
+    from massive import WebSocketClient
+    from massive.websocket.models import EquityTrade
+
+    client = WebSocketClient(
+        api_key="any key",
+        feed=f"127.0.0.1:{sim.port}",
+        market="stocks",
+        secure=False,
+        subscriptions=["T.A", "T.BRK.A"],
+    )
+    received: list[EquityTrade] = []
+    enough = asyncio.Event()
+
+    async def collect(messages: list[Any]) -> None:
+        received.extend(messages)
+        if len(received) >= 50:
+            enough.set()
+
+    task = asyncio.create_task(client.connect(collect))
+    try:
+        await asyncio.wait_for(enough.wait(), TIMEOUT)
+    finally:
+        await client.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert all(isinstance(m, EquityTrade) for m in received)
+    assert {m.symbol for m in received} <= {"A", "BRK.A"}
+    assert all(m.price and m.price > 0 and m.timestamp and m.sequence_number for m in received)
+    assert any(m.conditions and 37 in m.conditions for m in received)

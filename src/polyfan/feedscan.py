@@ -189,6 +189,26 @@ def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, error_model="numpy")
+def _integer(buf, i, n):  # type: ignore[no-untyped-def]
+    """A JSON integer at ``i`` (at most 18 digits): (ok, value, next index)."""
+    negative = False
+    if i < n and buf[i] == 45:  # -
+        negative = True
+        i += 1
+    start = i
+    value = 0
+    while i < n and 48 <= buf[i] <= 57:
+        value = value * 10 + (int(buf[i]) - 48)
+        i += 1
+    digits = i - start
+    if digits == 0 or digits > 18 or (digits > 1 and buf[start] == 48):
+        return False, 0, i
+    if i < n and (buf[i] == 46 or buf[i] == 101 or buf[i] == 69):  # . e E: not an integer
+        return False, 0, i
+    return True, -value if negative else value, i
+
+
+@njit(cache=True, error_model="numpy")
 def _string_end(buf, i, n):  # type: ignore[no-untyped-def]
     """Index of the closing quote of a string whose content starts at ``i``; -1 to bail."""
     while i < n:
@@ -312,19 +332,22 @@ def scan_frame(  # type: ignore[no-untyped-def]
                     return -1
                 i = end + 1
             else:
-                ok, is_int, integer, value, i = _number(buf, i, n, pow10)
-                if not ok:
-                    return -1
                 if length == 1 and k0 == 112:  # p
-                    if not value > 0:
+                    ok, _, _, value, i = _number(buf, i, n, pow10)
+                    if not ok or not value > 0:
                         return -1
                     price = value
-                elif not is_int:
-                    return -1
-                elif length == 1 and k0 == 115:  # s
-                    if integer < 0 or value != value:
+                    integer = 0
+                else:
+                    ok, integer, i = _integer(buf, i, n)
+                    if not ok:
                         return -1
-                    size_s = value
+                if length == 1 and k0 == 112:  # p
+                    pass
+                elif length == 1 and k0 == 115:  # s
+                    if integer < 0 or integer > 999_999_999_999_999:  # exact as a double
+                        return -1
+                    size_s = float(integer)
                 elif length == 1 and k0 == 116:  # t
                     if integer < 0:
                         return -1

@@ -186,3 +186,18 @@ def test_compressed_blocks_and_hot_bars_answer_like_one_list(
         if limit is not None:
             expected = expected[max(0, len(expected) - limit) :]
         assert history.select(series, since, before, limit)["s"].tolist() == expected
+
+
+def test_packing_yields_to_waiting_work_and_is_bounded_per_call() -> None:
+    history = History(keep_ms=10**9, sweep=64, block=4, pack_budget=3)
+    history.add(0, bars(list(range(0, 400, 10))))  # 40 bars: 10 blocks to pack
+    history.trim(clock=0, busy=lambda: True)
+    assert history.cold_bytes == 0  # something was waiting: nothing packed
+    history.trim(clock=0)
+    packed = history.cold_bytes
+    assert packed > 0
+    assert history.bar_count == 40
+    for _ in range(5):
+        history.trim(clock=0)
+    assert history.cold_bytes > packed  # the rest, a budget's worth per call
+    assert history.select(0)["s"].tolist() == list(range(0, 400, 10))

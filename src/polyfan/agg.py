@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import gc
 import logging
 import signal
 import time
@@ -139,6 +140,10 @@ def run(config: AggConfig) -> int:
             "*" if config.symbols is None else ",".join(config.symbols),
             metrics_note,
         )
+        # Everything made so far (numba's and llvmlite's object graphs above all) lives as
+        # long as the process: keep it out of every garbage collection the loop triggers.
+        gc.collect()
+        gc.freeze()
         _loop(core, sub, pub, stop)
     finally:
         for sig, handler in previous.items():
@@ -160,6 +165,10 @@ def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop
     send = pub.send
     noblock = zmq.NOBLOCK
     again = zmq.Again
+
+    def waiting() -> bool:
+        return bool(sub.poll(0))
+
     now = time.monotonic()
     next_announce = now
     next_trim = now + TRIM_EVERY_S
@@ -202,7 +211,7 @@ def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop
             send(core.announce())
             next_announce = now + ANNOUNCE_EVERY_S
         if now >= next_trim:
-            core.tick()
+            core.tick(waiting)
             next_trim = now + TRIM_EVERY_S
         if now >= next_report:
             elapsed = THROUGHPUT_EVERY_S + (now - next_report)

@@ -234,11 +234,12 @@ class Aggregator:
     def _encode(self, topic: bytes, kind: wire.Kind, count: int, payload: bytes) -> bytes:
         return wire.encode(topic, kind, self.session, self.sequencer.next(topic), count, payload)
 
-    def tick(self) -> None:
-        """Housekeeping between batches: trim the history against the feed clock."""
+    def tick(self, busy: Callable[[], bool] | None = None) -> None:
+        """Housekeeping between batches: trim and pack the history against the feed clock,
+        stopping early when ``busy()`` says messages are waiting."""
         clock = self.decoder.clock
         if clock is not None:
-            self.history.trim(clock)
+            self.history.trim(clock, busy)
 
     # --- the XPUB side: subscriptions and requests --------------------------------------
 

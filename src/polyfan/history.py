@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 import zlib
+from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,33 +32,42 @@ _WORDS = wire.BAR_DTYPE.itemsize // 8
 _EMPTY = np.zeros(0, dtype=wire.BAR_DTYPE)
 RESERVE_ROWS = 1 << 25  # 2 GiB of address space; resident only as regions are written
 BLOCK = 16  # bars per compressed block
-_BLOCK_OVERHEAD = 3 * 8 + 33  # three list slots and a bytes object's header
+_BLOCK_OVERHEAD = 3 * 8  # three array entries per block
 
 
 class _ColdSeries:
     """A series' older bars: blocks of ``BLOCK`` bars, each compressed losslessly (bar starts
-    as deltas, bytes transposed so equal bytes of neighbouring bars sit together, zlib)."""
+    as deltas, bytes transposed so equal bytes of neighbouring bars sit together, zlib).
 
-    __slots__ = ("blobs", "first", "last")
+    Blocks are concatenated in one bytearray with integer arrays beside it, so a series is a
+    handful of objects the garbage collector never has to walk, however many blocks it has.
+    """
+
+    __slots__ = ("data", "ends", "first", "last")
 
     def __init__(self) -> None:
-        self.first: list[int] = []  # bar start of each block's first bar
-        self.last: list[int] = []  # ... and last bar
-        self.blobs: list[bytes] = []
+        self.data = bytearray()
+        self.ends = array("q")  # end offset of each block in data
+        self.first = array("q")  # bar start of each block's first bar
+        self.last = array("q")  # ... and last bar
+
+    def __len__(self) -> int:
+        return len(self.ends)
 
     def append(self, bars: np.ndarray) -> int:
         packed = bars.copy()
         packed["s"][1:] = np.diff(bars["s"])
         shuffled = packed.view(np.uint8).reshape(len(bars), -1).T.tobytes()
         blob = zlib.compress(shuffled, 1)
+        self.data += blob
+        self.ends.append(len(self.data))
         self.first.append(int(bars["s"][0]))
         self.last.append(int(bars["s"][-1]))
-        self.blobs.append(blob)
         return len(blob)
 
-    @staticmethod
-    def unpack(blob: bytes) -> np.ndarray:
-        raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
+    def block(self, b: int) -> np.ndarray:
+        begin = self.ends[b - 1] if b else 0
+        raw = np.frombuffer(zlib.decompress(self.data[begin : self.ends[b]]), dtype=np.uint8)
         rows = raw.reshape(wire.BAR_DTYPE.itemsize, -1).T.copy()
         bars = rows.view(wire.BAR_DTYPE).reshape(rows.shape[0])
         bars["s"] = np.cumsum(bars["s"])
@@ -67,7 +78,7 @@ class _ColdSeries:
         lo = 0 if since is None else bisect.bisect_left(self.last, since)
         hi = len(self.first) if before is None else bisect.bisect_left(self.first, before)
         for b in range(hi - 1, lo - 1, -1):
-            bars = self.unpack(self.blobs[b])
+            bars = self.block(b)
             if since is not None and bars["s"][0] < since:
                 bars = bars[bars["s"] >= since]
             if before is not None and bars["s"][-1] >= before:
@@ -77,8 +88,12 @@ class _ColdSeries:
     def trim(self, cutoff: int) -> int:
         """Drop the blocks whose bars all start before ``cutoff``; return the bytes freed."""
         drop = bisect.bisect_left(self.last, cutoff)
-        freed = sum(len(blob) for blob in self.blobs[:drop])
-        del self.first[:drop], self.last[:drop], self.blobs[:drop]
+        if drop == 0:
+            return 0
+        freed = self.ends[drop - 1]
+        del self.data[:freed]
+        self.ends = array("q", [end - freed for end in self.ends[drop:]])
+        del self.first[:drop], self.last[:drop]
         return freed
 
 
@@ -92,10 +107,14 @@ class History:
         sweep: int = 512,
         rows: int | None = None,
         block: int = BLOCK,
+        pack_budget: int = 96,
         jit: bool = True,
     ) -> None:
         self.keep_ms = keep_ms
         self.block = block
+        self._pack_budget = pack_budget  # blocks compressed per trim call at most
+        self._pending: deque[int] = deque()  # series with whole blocks to pack, oldest first
+        self._pending_set: set[int] = set()
         self._cold: dict[int, _ColdSeries] = {}
         self._cold_bytes = 0
         self._sweep = sweep
@@ -161,9 +180,13 @@ class History:
         """Append one series' newly closed bars (oldest first, after what it holds)."""
         self.add_closed(np.full(len(bars), series, dtype=np.int64), bars)
 
-    def trim(self, clock: int) -> None:
+    def trim(self, clock: int, busy: Callable[[], bool] | None = None) -> None:
         """Set the retention cutoff from the feed clock and sweep a few series: trim them, and
-        pack their bars into compressed blocks, all but the newest ``len % block``."""
+        pack their bars into compressed blocks, all but the newest ``len % block``.
+
+        Packing does at most ``pack_budget`` blocks, and stops early as soon as ``busy()`` says
+        there is other work waiting (the agg passes "a message is waiting on the SUB").
+        """
         self._cutoff = clock - self.keep_ms
         if not len(self._off) or not self._sweep:
             return
@@ -183,19 +206,30 @@ class History:
         swept = (first + np.arange(min(self._sweep, len(self._off)))) % len(self._off)
         held = self._end[swept] - self._start[swept]
         for key in swept[(self._off[swept] >= 0) & (held >= self.block)].tolist():
-            self._freeze(key)
+            if key not in self._pending_set:
+                self._pending_set.add(key)
+                self._pending.append(key)
+        budget = self._pack_budget  # bounded work per call: the rest waits in the queue
+        while budget > 0 and self._pending and not (busy is not None and busy()):
+            key = self._pending[0]
+            if self._off[key] >= 0 and self._end[key] - self._start[key] >= self.block:
+                budget -= self._freeze(key, min(budget, 4))  # then ask busy() again
+                continue
+            self._pending.popleft()
+            self._pending_set.discard(key)
         if self._cold:
             for key in swept.tolist():
                 cold = self._cold.get(key)
                 if cold is not None:
                     self._cold_bytes -= cold.trim(self._cutoff)
-                    if not cold.blobs:
+                    if not len(cold):
                         del self._cold[key]
 
-    def _freeze(self, key: int) -> None:
-        """Move the series' oldest hot bars, whole blocks of them, into compressed blocks."""
+    def _freeze(self, key: int, budget: int) -> int:
+        """Move the series' oldest hot bars, up to ``budget`` whole blocks of them, into
+        compressed blocks; return how many blocks."""
         off, start, end = int(self._off[key]), int(self._start[key]), int(self._end[key])
-        blocks = (end - start) // self.block
+        blocks = min(budget, (end - start) // self.block)
         rows = self._arena[off + start : off + start + blocks * self.block]
         bars = rows.copy().view(wire.BAR_DTYPE).reshape(len(rows))
         cold = self._cold.get(key)
@@ -204,6 +238,7 @@ class History:
         for b in range(blocks):
             self._cold_bytes += cold.append(bars[b * self.block : (b + 1) * self.block])
         self._start[key] = start + blocks * self.block
+        return blocks
 
     # --- out ----------------------------------------------------------------------------
 
@@ -253,15 +288,15 @@ class History:
     def bar_count(self) -> int:
         held = self._off >= 0
         hot = int((self._end[held] - self._start[held]).sum())
-        return hot + self.block * sum(len(cold.blobs) for cold in self._cold.values())
+        return hot + self.block * sum(len(cold) for cold in self._cold.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes in use: arena rows below the top (regions and free lists), the index, and the
         compressed blocks (with an estimate of their Python object overhead)."""
         hot = int(self._state[kernels.H_TOP]) * wire.BAR_DTYPE.itemsize + 4 * self._off.nbytes
-        blocks = sum(len(cold.blobs) for cold in self._cold.values())
-        return hot + self._cold_bytes + blocks * _BLOCK_OVERHEAD + len(self._cold) * 200
+        blocks = sum(len(cold) for cold in self._cold.values())
+        return hot + self._cold_bytes + blocks * _BLOCK_OVERHEAD + len(self._cold) * 400
 
     @property
     def cold_bytes(self) -> int:

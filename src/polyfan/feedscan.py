@@ -56,7 +56,11 @@ class SymbolTable:
     def intern(self, symbol: bytes) -> int:
         """The id of a valid symbol (interning it), or -1 if invalid or the table is full."""
         data = np.frombuffer(symbol, np.uint8)
-        return int(_intern(data, 0, len(data), self.slots, self.names, self.lengths, self.count))
+        return int(
+            _intern(
+                data, 0, len(data), self.slots, self.names, self.lengths, self.count, _SYMBOL_BYTES
+            )
+        )
 
     def name(self, symbol_id: int) -> str:
         return bytes(self.names[symbol_id, : self.lengths[symbol_id]]).decode()
@@ -97,7 +101,12 @@ class Columns:
 
 
 @njit(cache=True, error_model="numpy")
-def _intern(buf, start, end, slots, names, lengths, count):  # type: ignore[no-untyped-def]
+def _intern(buf, start, end, slots, names, lengths, count, symbol_bytes):  # type: ignore[no-untyped-def]
+    """The id of the symbol in ``buf[start:end]``, interning it; -1 if it is not a valid symbol.
+
+    Characters are checked only when a symbol is first seen: a symbol found in the table was
+    valid when it went in.
+    """
     length = end - start
     if length < 1 or length > MAX_SYMBOL:
         return -1
@@ -119,6 +128,9 @@ def _intern(buf, start, end, slots, names, lengths, count):  # type: ignore[no-u
             if same:
                 return sid
         slot = (slot + 1) & mask
+    for i in range(start, end):
+        if not symbol_bytes[buf[i]]:
+            return -1
     sid = count[0]
     if sid >= names.shape[0]:
         return -1
@@ -281,10 +293,7 @@ def scan_frame(  # type: ignore[no-untyped-def]
                 end = _string_end(buf, i + 1, n)
                 if end < 0:
                     return -1
-                for j in range(i + 1, end):
-                    if not symbol_bytes[buf[j]]:
-                        return -1
-                sym_id = _intern(buf, i + 1, end, slots, names, lengths, count)
+                sym_id = _intern(buf, i + 1, end, slots, names, lengths, count, symbol_bytes)
                 if sym_id < 0:
                     return -1
                 i = end + 1

@@ -130,6 +130,10 @@ def run(config: AggConfig) -> int:
                 raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {exc}") from exc
             metrics.start()
             metrics_note = f", metrics http://{config.metrics[0]}:{metrics.port}/metrics"
+        # Everything made so far (numba's and llvmlite's object graphs above all) lives as
+        # long as the process: keep it out of every garbage collection the loop triggers.
+        gc.collect()
+        gc.freeze()
         log.info(
             "ready: agg session %016x, sub %s, pub %s, intervals %s, grace %s, symbols %s%s",
             core.session,
@@ -140,10 +144,6 @@ def run(config: AggConfig) -> int:
             "*" if config.symbols is None else ",".join(config.symbols),
             metrics_note,
         )
-        # Everything made so far (numba's and llvmlite's object graphs above all) lives as
-        # long as the process: keep it out of every garbage collection the loop triggers.
-        gc.collect()
-        gc.freeze()
         _loop(core, sub, pub, stop)
     finally:
         for sig, handler in previous.items():

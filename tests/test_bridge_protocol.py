@@ -224,7 +224,7 @@ async def test_unsubscribed_channel_gets_an_error_while_others_subscribe(
 
 
 async def test_rate_limit_answers_excess_frames_with_an_error(agg: FakeAgg) -> None:
-    bridge = await start_bridge(agg, rate_per_second=1.0, rate_burst=3.0)
+    bridge = await start_bridge(agg, rate_per_second=0.001, rate_burst=3.0)  # ~no refill
     try:
         client = await Client.open(url(bridge))  # the auth frame took one token
         for _ in range(3):
@@ -624,7 +624,7 @@ async def test_requests_sent_while_the_reader_waits_never_leave_replies_unread(
 async def test_a_client_that_never_authenticates_is_closed_after_the_auth_timeout(
     agg: FakeAgg,
 ) -> None:
-    bridge = await start_bridge(agg, auth_timeout=0.3)
+    bridge = await start_bridge(agg, auth_timeout=1.0)
     try:
         idle = await Client.open(url(bridge), token=None)
         authed = await Client.open(url(bridge))

@@ -606,8 +606,7 @@ async def test_requests_sent_while_the_reader_waits_never_leave_replies_unread(
         quiet.flush()
         bridge = await start_bridge(quiet)
         try:
-            for _ in range(40):
-                started = asyncio.get_running_loop().time()
+            for _ in range(40):  # a lost edge shows as a 504 after the 5 s request timeout
                 replies = await asyncio.gather(
                     *(get(bridge, "/api/bars?channel=1000Ms.Q&limit=5") for _ in range(16))
                 )
@@ -616,7 +615,6 @@ async def test_requests_sent_while_the_reader_waits_never_leave_replies_unread(
                     orjson.loads(body) == [expected_event("Q", 1000, r) for r in rows]
                     for _, _, body in replies
                 )
-                assert asyncio.get_running_loop().time() - started < 3
         finally:
             await bridge.stop()
 

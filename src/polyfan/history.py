@@ -1,17 +1,21 @@
 """Bars kept per series (one symbol at one interval) for late joiners and history requests.
 
-Memory follows the bars actually made. All series share one arena of BAR records; a series
-has no storage until its first bar, then a region of 4, 6, 9, 13 ... bars that moves to the next
-size when full (the old region goes on a free list for reuse) or is compacted in place once its
-head has been trimmed. So a symbol that trades twice an hour holds a region of 4 bars, not an
-hour of slots. The arena reserves address space up front (``np.empty``: pages count as
-resident only once a region is written), so it rarely has to grow; nothing is ever compacted
-globally, so no call copies more than one series' bars.
+Memory follows the bars actually made, in two tiers (docs/architecture.md, "Bars"):
 
-Bars older than the retention (measured on the feed clock) are trimmed when their series is
-appended to, and a sweep visits a bounded number of series per ``trim`` so quiet symbols are
-trimmed too. Lookups by bar start are binary searches over a series' contiguous region:
-O(log n). Appending a batch of closed bars is one kernel call (:mod:`polyfan.kernels`).
+- Recent bars: one arena of BAR records shared by all series. A series has no storage until
+  its first bar, then a region of 4, 6, 9, 13 ... rows that moves to the next size when full
+  (the old region goes on a free list for reuse) or is compacted in place once its head has
+  been packed or trimmed. The arena reserves address space up front (``np.empty``: pages
+  count as resident only once written). Appending a batch of closed bars is one kernel call
+  (:mod:`polyfan.kernels`); lookups are binary searches over the region.
+- Older bars: packed 16 at a time into losslessly compressed blocks (``_ColdSeries``), found
+  by bisecting the blocks' first/last bar starts; only the blocks a lookup needs are
+  decompressed.
+
+``trim`` (every 100 ms in the agg) sweeps a bounded number of series: drops what is older
+than the retention (measured on the feed clock) and packs whole blocks of recent bars, a
+bounded number per call and only while nothing else is waiting. Nothing is ever compacted
+globally, so no call copies more than one series' bars.
 """
 
 from __future__ import annotations

@@ -301,6 +301,7 @@ async def test_workers_share_the_port_and_every_client_gets_every_bar_and_counte
     args = ("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", "--workers", "2")
     with Proc(*args) as bridge:
         bridge.wait_for("ready: serving .* with 2 workers")
+        assert bridge.output.count("no --token configured") == 1
         assert len(children_of(bridge.popen.pid)) == 2
         clients = []
         for _ in range(200):

@@ -105,6 +105,8 @@ def run_workers(config: BridgeConfig, workers: int) -> int:
             _check(processes)
             time.sleep(0.02)
         if not stopping:
+            if not config.tokens:
+                log.warning("no --token configured: any client auth is accepted")
             host, port = config.listen
             log.info(
                 "ready: serving ws://%s:%d/ and http://%s:%d/ with %d workers from %d "

@@ -31,7 +31,9 @@ def core() -> Aggregator:
     return Aggregator(config, session=42)
 
 
-def test_bars_go_out_one_message_per_topic_oldest_first_then_the_clock(core: Aggregator) -> None:
+def test_bars_go_out_one_message_per_topic_shortest_interval_first_then_the_clock(
+    core: Aggregator,
+) -> None:
     messages = [
         wire.decode(m)
         for m in core.frames_received(
@@ -43,13 +45,13 @@ def test_bars_go_out_one_message_per_topic_oldest_first_then_the_clock(core: Agg
         )
     ]
     assert [(m.topic, m.kind, m.seq, m.count) for m in messages] == [
-        ("100Ms.A", wire.Kind.BARS, 1, 1),
-        ("1000Ms.A", wire.Kind.BARS, 1, 1),
+        ("100Ms.A", wire.Kind.BARS, 1, 1),  # the shortest interval first
         ("100Ms.AAPL", wire.Kind.BARS, 1, 3),
+        ("1000Ms.A", wire.Kind.BARS, 1, 1),
         ("1000Ms.AAPL", wire.Kind.BARS, 1, 1),
         ("_ctl", wire.Kind.CLOCK, 1, 1),
     ]
-    assert wire.records(messages[2])["s"].tolist() == [1_000, 1_100, 1_200]
+    assert wire.records(messages[1])["s"].tolist() == [1_000, 1_100, 1_200]
     assert {m.session for m in messages} == {42}
     assert core.bars_total.value == 6
     assert core.history.select(core.bars.series_id(1, 100))["s"].tolist() == [1_000, 1_100, 1_200]

@@ -170,7 +170,8 @@ class Bars:
     def closed_bars(self, clock: int) -> tuple[np.ndarray, np.ndarray]:
         """Close every bar with ``e + grace <= clock``: ``(series ids, BAR records)``.
 
-        Sorted by series, then bar start, so one topic's bars come oldest first.
+        Sorted by interval, symbol, then bar start: each topic's bars are adjacent and oldest
+        first, and the shortest interval's bars come first.
         """
         if clock < self.meta[kernels.M_MIN_CLOSE]:
             return _NO_SERIES, _NO_BARS

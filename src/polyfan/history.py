@@ -155,7 +155,8 @@ class History:
     # --- in -----------------------------------------------------------------------------
 
     def add_closed(self, series: np.ndarray, bars: np.ndarray) -> None:
-        """Append a batch of closed bars, sorted by series then start (as ``Bars`` returns them)."""
+        """Append a batch of closed bars, each series' adjacent and oldest first (as ``Bars``
+        returns them)."""
         if len(series) == 0:
             return
         self._ensure_series(int(series.max()) + 1)

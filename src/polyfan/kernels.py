@@ -286,7 +286,8 @@ def close_bars(
     out_n: np.ndarray,
     out_flags: np.ndarray,
 ) -> int:
-    """Close every open bar with ``s + I + grace <= clock``; write them sorted by (series, s).
+    """Close every open bar with ``s + I + grace <= clock``; write them sorted by interval,
+    symbol, then s (so each series' bars are adjacent and oldest first).
 
     The outputs need room for ``meta[M_OPEN]`` bars. Returns how many were written. A bar
     whose [s, s + I) overlaps an outage window [lo, hi] (``s <= hi and s + I > lo``) gets
@@ -312,13 +313,16 @@ def close_bars(
     meta[M_MIN_CLOSE] = next_close
     if m == 0:
         return 0
-    # Order by (series, s): stable sort by s, then stable sort by series.
+    # Order by (interval, symbol, s): the shortest interval's bars go out first (their readers
+    # care most about delay), and each series' bars stay together, oldest first. Stable sort
+    # by s, then by (k, symbol id).
     key = np.empty(m, dtype=np.int64)
     for j in range(m):
         key[j] = pool_i[closing[j], I_S]
     by_s = closing[:m][np.argsort(key, kind="mergesort")]
     for j in range(m):
-        key[j] = pool_i[by_s[j], I_SERIES]
+        series = pool_i[by_s[j], I_SERIES]
+        key[j] = ((series % n_int) << 40) | (series // n_int)
     ordered = by_s[np.argsort(key, kind="mergesort")]
     top = meta[M_FREE_TOP]
     for j in range(m):
@@ -603,7 +607,7 @@ def encode_bars(
     out: np.ndarray,
     offsets: np.ndarray,
 ) -> int:
-    """One BARS message per run of equal ``series`` (bars sorted by series, then start).
+    """One BARS message per run of equal ``series`` (each series' bars adjacent, oldest first).
 
     ``raw`` is the bars' bytes (BAR_DTYPE records back to back); message i is
     ``out[offsets[i]:offsets[i + 1]]``. ``seqs[series]`` is the topic's last sequence number.
@@ -725,7 +729,8 @@ def history_append(
     arena: np.ndarray,
     h_state: np.ndarray,
 ) -> int:
-    """Append bars (sorted by series, then start) from row ``start``, trimming ``s < cutoff``.
+    """Append bars (each series' adjacent, oldest first) from row ``start``, trimming
+    ``s < cutoff``.
 
     Returns -1 when done, or the row at which the arena ran out of room: grow it and call
     again from there.

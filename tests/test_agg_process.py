@@ -159,6 +159,28 @@ def assert_contiguous_sequences(seqs: dict[str, list[tuple[int, int]]]) -> None:
             assert [seq for _, seq in numbers] == list(range(1, len(numbers) + 1)), topic
 
 
+class Requester:
+    """History and symbols requests from an XSUB, as a bridge sends them (docs/architecture.md)."""
+
+    def __init__(self, ctx: Context, address: str, reply: str = "abc123") -> None:
+        self.reply = reply
+        self.xsub = ctx.socket(zmq.XSUB)
+        self.xsub.connect(address)
+        self.xsub.send(b"\x01" + wire.reply_topic(reply))
+        self.xsub.send(b"\x01" + wire.CONTROL_TOPIC)
+        assert self.xsub.poll(5_000), "no announce on the XSUB"
+
+    def ask(self, request: dict[str, object]) -> wire.Message:
+        self.xsub.send(wire.encode_request({"reply": self.reply, **request}))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.xsub.poll(100):
+                message = wire.decode(self.xsub.recv())
+                if message.topic == f"_rep.{self.reply}":
+                    return message
+        raise AssertionError(f"no reply to {request}")
+
+
 def metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -328,6 +350,16 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
             values['polyfan_agg_publish_delay_seconds_bucket{le="+Inf"}']
             == (values["polyfan_agg_publish_delay_seconds_count"])
         )
+        # The history answers with the very bars published, older ones from compressed
+        # blocks (every series with 16 bars or more is packed within a tick or two).
+        assert metrics(agg_metrics)["polyfan_agg_history_packed_bytes"] > 0
+        ask = Requester(context, agg_pub).ask
+        busiest = sorted(output.bars, key=lambda k: -len(output.bars[k]))[:6]
+        for number, (symbol, interval) in enumerate(busiest):
+            reply = ask({"id": number, "channel": f"{interval}Ms.{symbol}"})
+            request_id, status, bars = wire.records_from_history(reply)
+            assert (request_id, status) == (number, wire.HistoryStatus.OK)
+            assert [to_bar(b) for b in bars] == output.bars[(symbol, interval)]
         # killing and restarting the proxy is a new session, not a loss
         assert proxy.stop() == 0
         before = output.clock
@@ -556,22 +588,7 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
         assert not any(symbol == "AAPLX" for symbol, _ in output.bars)
 
         # history and symbols requests, from an XSUB as the bridge sends them
-        xsub = context.socket(zmq.XSUB)
-        xsub.setsockopt(zmq.LINGER, 0)
-        xsub.connect(agg_pub)
-        xsub.send(b"\x01" + wire.reply_topic("abc123"))
-        xsub.send(b"\x01" + wire.CONTROL_TOPIC)
-        assert xsub.poll(5_000), "no announce on the XSUB"
-
-        def ask(request: dict[str, object]) -> wire.Message:
-            xsub.send(wire.encode_request({"reply": "abc123", **request}))
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                if xsub.poll(100):
-                    message = wire.decode(xsub.recv())
-                    if message.topic == "_rep.abc123":
-                        return message
-            raise AssertionError(f"no reply to {request}")
+        ask = Requester(context, agg_pub).ask
 
         reply = ask(
             {
@@ -603,7 +620,6 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
         }
         symbols = wire.decode_json(ask({"id": 4, "op": "symbols"}))
         assert symbols == {"id": 4, "symbols": [["AAPL", 4], ["A", 1]]}
-        xsub.close(0)
         assert agg.stop() == 0
     fake.close()
 

@@ -106,12 +106,16 @@ class Aggregator:
         self.open_bars_gauge = registry.gauge("polyfan_agg_open_bars", "Bars open now.")
         self.symbols_gauge = registry.gauge("polyfan_agg_symbols", "Symbols seen.")
         self.history_gauge = registry.gauge("polyfan_agg_history_series", "Series with history.")
+        self.packed_gauge = registry.gauge(
+            "polyfan_agg_history_packed_bytes", "Bytes of history in compressed blocks."
+        )
         registry.on_collect(self._collect)
 
     def _collect(self) -> None:
         self.open_bars_gauge.value = self.bars.open_bars
         self.symbols_gauge.value = len(self.decoder.symbol_names)
         self.history_gauge.value = len(self.history)
+        self.packed_gauge.value = self.history.cold_bytes
 
     # --- trades in, bars out ------------------------------------------------------------
 

@@ -13,6 +13,10 @@ from polyfan.history import History
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
 
 
+def price(starts: np.ndarray) -> np.ndarray:
+    return np.round(100 + starts * 0.0137, 2)
+
+
 def bars(starts: list[int]) -> np.ndarray:
     records = np.zeros(len(starts), dtype=wire.BAR_DTYPE)
     records["s"] = starts
@@ -159,6 +163,7 @@ def test_compressed_blocks_and_hot_bars_answer_like_one_list(
         next_start[series] += 10 * count
         records = bars(starts)
         records["o"] = np.array(starts, dtype=np.float64) / 7  # values that need all 64 bits
+        records["c"] = price(np.array(starts))  # cent prices: stored as ticks
         records["vw"] = np.nan
         records["n"] = np.array(starts, dtype=np.uint32) % 5
         records["flags"] = 2
@@ -176,6 +181,7 @@ def test_compressed_blocks_and_hot_bars_answer_like_one_list(
             s for s in held["s"].tolist() if s >= clock - keep
         ]
         assert (held["o"] == held["s"] / 7).all()
+        assert (held["c"] == price(held["s"])).all()
         assert np.isnan(held["vw"]).all()
         assert (held["n"] == held["s"] % 5).all() and (held["flags"] == 2).all()
     for series, since, before, limit in queries:

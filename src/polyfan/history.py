@@ -37,11 +37,15 @@ _EMPTY = np.zeros(0, dtype=wire.BAR_DTYPE)
 RESERVE_ROWS = 1 << 25  # 2 GiB of address space; resident only as regions are written
 BLOCK = 16  # bars per compressed block
 _BLOCK_OVERHEAD = 3 * 8  # three array entries per block
+_PRICE_COLUMNS = ("o", "h", "l", "c")  # words 1 to 4 of a BAR record
+_TICKS = 10_000.0  # prices that are whole 1e-4 ticks are stored as integer tick deltas
 
 
 class _ColdSeries:
-    """A series' older bars: blocks of ``BLOCK`` bars, each compressed losslessly (bar starts
-    as deltas, bytes transposed so equal bytes of neighbouring bars sit together, zlib).
+    """A series' older bars: blocks of ``BLOCK`` bars, each compressed losslessly: bar starts
+    as deltas; o/h/l/c as deltas of integer 1e-4 ticks when every price of the block is
+    exactly that (a flag byte says which), else their float bits; the records' bytes
+    transposed so equal bytes of neighbouring bars sit together; zlib.
 
     Blocks are concatenated in one bytearray with integer arrays beside it, so a series is a
     handful of objects the garbage collector never has to walk, however many blocks it has.
@@ -59,10 +63,19 @@ class _ColdSeries:
         return len(self.ends)
 
     def append(self, bars: np.ndarray) -> int:
-        packed = bars.copy()
-        packed["s"][1:] = np.diff(bars["s"])
-        shuffled = packed.view(np.uint8).reshape(len(bars), -1).T.tobytes()
-        blob = zlib.compress(shuffled, 1)
+        words = bars.copy().view(np.int64).reshape(len(bars), _WORDS)
+        words[1:, 0] = np.diff(words[:, 0])  # bar starts as deltas
+        ticks = 0
+        for bit, column in enumerate(_PRICE_COLUMNS):
+            prices = bars[column]
+            scaled = np.round(prices * _TICKS)
+            if (np.abs(scaled) < 2**53).all() and (scaled / _TICKS == prices).all():
+                # Exactly a whole number of 1e-4 ticks: store the ticks, as deltas.
+                ticks |= 1 << bit
+                words[:, 1 + bit] = scaled.astype(np.int64)
+                words[1:, 1 + bit] = np.diff(words[:, 1 + bit])
+        shuffled = words.view(np.uint8).reshape(len(bars), -1).T.tobytes()
+        blob = bytes((ticks,)) + zlib.compress(shuffled, 1)
         self.data += blob
         self.ends.append(len(self.data))
         self.first.append(int(bars["s"][0]))
@@ -71,10 +84,14 @@ class _ColdSeries:
 
     def block(self, b: int) -> np.ndarray:
         begin = self.ends[b - 1] if b else 0
-        raw = np.frombuffer(zlib.decompress(self.data[begin : self.ends[b]]), dtype=np.uint8)
-        rows = raw.reshape(wire.BAR_DTYPE.itemsize, -1).T.copy()
-        bars = rows.view(wire.BAR_DTYPE).reshape(rows.shape[0])
-        bars["s"] = np.cumsum(bars["s"])
+        ticks = self.data[begin]
+        raw = np.frombuffer(zlib.decompress(self.data[begin + 1 : self.ends[b]]), np.uint8)
+        words = raw.reshape(wire.BAR_DTYPE.itemsize, -1).T.copy().view(np.int64)
+        words[:, 0] = np.cumsum(words[:, 0])
+        bars = words.view(wire.BAR_DTYPE).reshape(len(words))
+        for bit, column in enumerate(_PRICE_COLUMNS):
+            if ticks & (1 << bit):
+                bars[column] = np.cumsum(words[:, 1 + bit]) / _TICKS
         return bars
 
     def newest_first(self, since: int | None, before: int | None) -> Iterator[np.ndarray]:

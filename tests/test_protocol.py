@@ -229,6 +229,10 @@ def test_subscribe_with_since_asks_for_history_even_when_already_subscribed() ->
             "subscribe: since must be an integer of Unix milliseconds",
         ),
         (
+            '{"action":"subscribe","params":"500Ms.A","since":9223372036854775808}',
+            "subscribe: since must be an integer of Unix milliseconds",
+        ),
+        (
             '{"action":"subscribe","params":"500Ms.*","since":5}',
             "500Ms.*: since needs one symbol; history is per symbol",
         ),
@@ -352,6 +356,9 @@ def test_bars_query_defaults_and_values() -> None:
     assert parse_bars_query(
         {"channel": ["500Ms.TSLA"], "limit": ["10000"], "before": ["123"]}, limits
     ) == BarsQuery(Channel(500, "TSLA"), 10000, 123)
+    assert parse_bars_query(
+        {"channel": ["500Ms.TSLA"], "before": ["9223372036854775807"]}, limits
+    ) == BarsQuery(Channel(500, "TSLA"), 600, 2**63 - 1)
 
 
 @pytest.mark.parametrize(
@@ -369,7 +376,23 @@ def test_bars_query_defaults_and_values() -> None:
             {"channel": ["500Ms.A"], "limit": ["1e3"]},
             "limit: '1e3' is not an integer from 1 to 10000",
         ),
+        (
+            {"channel": ["500Ms.A"], "limit": ["\u00b2"]},
+            "limit: '\u00b2' is not an integer from 1 to 10000",
+        ),
         ({"channel": ["500Ms.A"], "before": ["soon"]}, "before: 'soon' is not Unix milliseconds"),
+        (
+            {"channel": ["500Ms.A"], "before": ["\u00b2"]},
+            "before: '\u00b2' is not Unix milliseconds",
+        ),
+        (
+            {"channel": ["500Ms.A"], "before": ["9223372036854775808"]},
+            "before: '9223372036854775808' is not Unix milliseconds",
+        ),
+        (
+            {"channel": ["500Ms.A"], "before": ["1" * 5000]},
+            f"before: '{'1' * 5000}' is not Unix milliseconds",
+        ),
         (
             {"channel": ["500Ms.A"], "since": ["1"]},
             "since: unknown parameter; use channel, limit and before",

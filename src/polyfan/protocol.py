@@ -33,6 +33,7 @@ from polyfan.config import SYMBOL_RE
 CLOSE_POLICY_VIOLATION = 1008  # auth_failed
 CLOSE_TOO_BIG = 1009  # a frame over Limits.max_frame_bytes (websockets' max_size)
 CLOSE_TRY_AGAIN_LATER = 1013  # backlog over Limits.backlog_bytes: a slow client
+MAX_MS = 2**63 - 1  # the largest time the wire carries (bar starts are int64 Unix ms)
 
 A = TypeVar("A", bound=Hashable)
 
@@ -340,7 +341,7 @@ class Session:
 
     def _subscribe(self, request: dict[str, Any], catalog: Catalog[Any], out: Outcome) -> None:
         since = request.get("since")
-        if since is not None and (type(since) is not int or since < 0):
+        if since is not None and (type(since) is not int or not 0 <= since <= MAX_MS):
             out.reject("subscribe: since must be an integer of Unix milliseconds")
             return
         for channel in self._channels(request, out):
@@ -421,18 +422,28 @@ def parse_bars_query(query: dict[str, list[str]], limits: Limits) -> BarsQuery:
     limit = limits.api_default_limit
     limit_text = one("limit")
     if limit_text is not None:
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= limits.api_max_limit:
+        value = _milliseconds(limit_text)
+        if value is None or not 1 <= value <= limits.api_max_limit:
             raise ParamError(
                 f"limit: {limit_text!r} is not an integer from 1 to {limits.api_max_limit}"
             )
-        limit = int(limit_text)
+        limit = value
     before = None
     before_text = one("before")
     if before_text is not None:
-        if not before_text.isdigit():
+        before = _milliseconds(before_text)
+        if before is None:
             raise ParamError(f"before: {before_text!r} is not Unix milliseconds")
-        before = int(before_text)
     unknown = sorted(set(query) - {"channel", "limit", "before"})
     if unknown:
         raise ParamError(f"{unknown[0]}: unknown parameter; use channel, limit and before")
     return BarsQuery(channel, limit, before)
+
+
+def _milliseconds(text: str) -> int | None:
+    """ASCII digits whose value fits the wire's int64 times, else None (``str.isdigit`` alone
+    takes ``"²"``, which ``int`` refuses, and a value past int64 cannot go to an agg)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        return None
+    value = int(text)
+    return value if value <= MAX_MS else None

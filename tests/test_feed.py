@@ -354,6 +354,28 @@ def test_edge_values_that_are_valid_are_accepted(fields: dict[str, Any]) -> None
     assert as_tuples(decoded.trades.records[0]) == [expected_record(event)]
 
 
+@pytest.mark.parametrize(
+    ("field", "digits", "reason"),
+    [
+        ("t", b"99999999999999999999", "timestamp"),
+        ("s", b"99999999999999999999", "size"),
+        ("s", b"1" + b"0" * 400, "size"),
+        ("q", b"99999999999999999999", "field"),
+        ("q", b"-99999999999999999999", "field"),
+        ("trft", b"99999999999999999999", "field"),
+    ],
+)
+def test_an_integer_too_large_for_its_column_is_rejected_not_a_crash(
+    field: str, digits: bytes, reason: str
+) -> None:
+    decoder = TradeDecoder()
+    huge = frame(trade(**{field: "HUGE"})).replace(b'"HUGE"', digits)
+    decoded = decoder.decode([frame(trade(t=NOW - 2)), huge, frame(trade(t=NOW - 1))], NOW)
+    assert decoded.trades.records[0]["t"].tolist() == [NOW - 2, NOW - 1]
+    assert +decoder.stats.rejected == {reason: 1}
+    assert decoder.stats.bad_messages == 1
+
+
 def test_a_trade_with_neither_s_nor_ds_is_rejected_as_size() -> None:
     decoder = TradeDecoder()
     event = trade()

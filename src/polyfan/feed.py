@@ -49,6 +49,9 @@ IDLE_MS = 1_000  # the feed clock follows the wall clock after this long without
 
 _U16 = Annotated[int, Meta(ge=0, le=65_535)]
 _U8 = Annotated[int, Meta(ge=0, le=255)]
+# Integers go into i64 columns: a larger one must be rejected here, not overflow the column.
+_I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+_NON_NEGATIVE_I64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
 class Trade(msgspec.Struct, tag_field="ev", tag="T", gc=False, omit_defaults=True):
@@ -56,15 +59,15 @@ class Trade(msgspec.Struct, tag_field="ev", tag="T", gc=False, omit_defaults=Tru
 
     sym: str
     p: Annotated[float, Meta(gt=0)]
-    t: Annotated[int, Meta(ge=0)]
-    s: Annotated[int, Meta(ge=0)] | None = None
+    t: _NON_NEGATIVE_I64
+    s: _NON_NEGATIVE_I64 | None = None
     ds: str | None = None
     c: Annotated[list[_U8], Meta(max_length=wire.MAX_CONDITIONS)] | None = None
     x: _U16 = 0
     z: _U8 = 0
-    q: int = 0
+    q: _I64 = 0
     trfi: _U16 = 0
-    trft: int = 0
+    trft: _I64 = 0
 
 
 class Status(msgspec.Struct, tag_field="ev", tag="status", gc=False):

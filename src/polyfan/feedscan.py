@@ -327,11 +327,9 @@ def scan_frame(  # type: ignore[no-untyped-def]
                         if buf[i] != 44:
                             return -1
                         i = _skip_ws(buf, i + 1, n)
-            elif length == 2 and k0 == 112 and k1 == 116:  # pt: a number, not published
-                start = i
-                while i < n and (48 <= buf[i] <= 57 or buf[i] == 45 or buf[i] == 46):
-                    i += 1
-                if i == start:
+            elif length == 2 and k0 == 112 and k1 == 116:  # pt: an integer, not published
+                ok, _, i = _integer(buf, i, n)
+                if not ok:
                     return -1
             elif length == 1 and k0 == 105:  # i: a string, not published
                 if buf[i] != 34:

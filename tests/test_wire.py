@@ -67,3 +67,14 @@ def test_gap_counter_counts_losses_but_not_restarts_or_late_joins() -> None:
     assert gaps.observe("T.A", 2, 1) == 0  # publisher restarted
     assert gaps.observe("T.B", 2, 1) == 0
     assert gaps.lost == 2
+
+
+@pytest.mark.parametrize("extra", [b"x", b"x" * 64, b"x" * 65])
+def test_a_history_reply_whose_payload_is_not_its_count_of_bars_raises_wire_error(
+    extra: bytes,
+) -> None:
+    bars = np.zeros(1, wire.BAR_DTYPE)
+    frame = wire.encode_history(wire.reply_topic("r"), 1, 1, 7, wire.HistoryStatus.OK, bars)
+    assert wire.records_from_history(wire.decode(frame))[0] == 7
+    with pytest.raises(WireError, match="record count"):
+        wire.records_from_history(wire.decode(frame + extra))

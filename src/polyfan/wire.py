@@ -200,9 +200,10 @@ def records_from_history(message: Message) -> tuple[int, HistoryStatus, np.ndarr
     if message.kind is not Kind.HISTORY or len(message.payload) < HISTORY_HEAD.size:
         raise WireError("not a history reply")
     request_id, status, _ = HISTORY_HEAD.unpack_from(message.payload)
-    bars = np.frombuffer(message.payload[HISTORY_HEAD.size :], dtype=BAR_DTYPE)
-    if len(bars) != message.count:
+    body = message.payload[HISTORY_HEAD.size :]
+    if len(body) != message.count * BAR_DTYPE.itemsize:
         raise WireError("history reply record count does not match its payload")
+    bars = np.frombuffer(body, dtype=BAR_DTYPE)
     try:
         return request_id, HistoryStatus(status), bars
     except ValueError:

@@ -34,6 +34,7 @@ import zmq
 
 from polyfan import feed, feedscan, wire
 from polyfan.market import Market
+from polyfan.sim import status
 
 FRAME_EVENTS = 100
 
@@ -160,11 +161,11 @@ async def serve_frames(port: int, path: Path, repeat: int) -> None:
     done = asyncio.Event()
 
     async def handle(ws: ServerConnection) -> None:
-        await ws.send(feed.status_frame("connected", "Connected Successfully").decode())
+        await ws.send(status("connected", "Connected Successfully"))
         await ws.recv()
-        await ws.send(feed.status_frame("auth_success", "authenticated").decode())
+        await ws.send(status("auth_success", "authenticated"))
         await ws.recv()
-        await ws.send(feed.status_frame("success", "subscribed to: T.*").decode())
+        await ws.send(status("success", "subscribed to: T.*"))
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         for _ in range(repeat):
             for frame in frames:

@@ -33,7 +33,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -97,7 +97,6 @@ class FeedStats:
     """What the decoder and the session have counted; the proxy exports these as metrics."""
 
     frames: int = 0
-    events: int = 0
     trades: int = 0  # accepted trades
     bad_messages: int = 0  # frames, elements and trades skipped as malformed
     rejected: Counter[str] = field(default_factory=Counter)  # trades rejected, by reason
@@ -162,14 +161,12 @@ class TradeDecoder:
             columns = self._reserve(row, len(data) // feedscan.MIN_TRADE_BYTES + 1)
             scanned = columns.scan(data, row, table)
             if scanned >= 0:
-                stats.events += scanned - row
                 row = scanned
                 continue
             try:
                 events = _FRAME.decode(data)
             except msgspec.DecodeError:
                 events = self._decode_slowly(data, problems)
-            stats.events += len(events)
             trades = [e for e in events if type(e) is Trade]
             if len(trades) < len(events):
                 statuses += [e for e in events if type(e) is Status]
@@ -530,13 +527,3 @@ class FeedClock:
         if self._anchor is not None:
             self._anchor = now_ms
         return self._value > before
-
-
-def status_frame(status: str, message: str) -> bytes:
-    """A server status frame as Polygon sends it (the sim and the tests use it)."""
-    return orjson.dumps([{"ev": "status", "status": status, "message": message}])
-
-
-def trade_event(**fields: Any) -> dict[str, Any]:
-    """A ``T`` event dict (tests and the sim build frames with it)."""
-    return {"ev": "T", **fields}

@@ -138,9 +138,6 @@ class SimServer:
             client.ws.transport.abort()
         return len(clients)
 
-    def client_count(self) -> int:
-        return len(self._clients)
-
     # --- one connection ---------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:

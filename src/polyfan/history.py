@@ -43,17 +43,19 @@ _TICKS = 10_000.0  # prices that are whole 1e-4 ticks are stored as integer tick
 
 class _ColdSeries:
     """A series' older bars: blocks of ``BLOCK`` bars, each compressed losslessly: bar starts
-    as deltas; o/h/l/c as deltas of integer 1e-4 ticks when every price of the block is
-    exactly that (a flag byte says which), else their float bits; the records' bytes
-    transposed so equal bytes of neighbouring bars sit together; zlib.
+    as deltas; when every price of the block is a whole number of 1e-4 ticks (a flag byte
+    says so), o as tick deltas from bar to bar and h/l/c as tick offsets from the bar's o;
+    ``vw`` dropped where it equals ``c`` bit for bit (a bitmap says where); the records'
+    bytes transposed so equal bytes of neighbouring bars sit together; zlib.
 
     Blocks are concatenated in one bytearray with integer arrays beside it, so a series is a
     handful of objects the garbage collector never has to walk, however many blocks it has.
     """
 
-    __slots__ = ("data", "ends", "first", "last")
+    __slots__ = ("count", "data", "ends", "first", "last")
 
-    def __init__(self) -> None:
+    def __init__(self, count: int) -> None:
+        self.count = count  # bars per block
         self.data = bytearray()
         self.ends = array("q")  # end offset of each block in data
         self.first = array("q")  # bar start of each block's first bar
@@ -65,17 +67,24 @@ class _ColdSeries:
     def append(self, bars: np.ndarray) -> int:
         words = bars.copy().view(np.int64).reshape(len(bars), _WORDS)
         words[1:, 0] = np.diff(words[:, 0])  # bar starts as deltas
-        ticks = 0
-        for bit, column in enumerate(_PRICE_COLUMNS):
-            prices = bars[column]
-            scaled = np.round(prices * _TICKS)
-            if (np.abs(scaled) < 2**53).all() and (scaled / _TICKS == prices).all():
-                # Exactly a whole number of 1e-4 ticks: store the ticks, as deltas.
-                ticks |= 1 << bit
-                words[:, 1 + bit] = scaled.astype(np.int64)
-                words[1:, 1 + bit] = np.diff(words[:, 1 + bit])
+        scaled = [np.round(bars[column] * _TICKS) for column in _PRICE_COLUMNS]
+        exact = all(
+            (np.abs(x) < 2**53).all() and (x / _TICKS == bars[c]).all()
+            for x, c in zip(scaled, _PRICE_COLUMNS, strict=True)
+        )
+        if exact:
+            # Whole 1e-4 ticks: o as deltas from the previous bar's o, h/l/c as offsets
+            # from the bar's own o (all zero for a one-price bar).
+            o = scaled[0].astype(np.int64)
+            words[:, 1] = o
+            words[1:, 1] = np.diff(o)
+            for k in (1, 2, 3):
+                words[:, 1 + k] = scaled[k].astype(np.int64) - o
+        same = bars["vw"].view(np.int64) == bars["c"].view(np.int64)
+        words[same, 6] = 0  # vw equal to c (bit for bit): kept as one bit
+        flags = bytes((1 if exact else 0,)) + np.packbits(same).tobytes()
         shuffled = words.view(np.uint8).reshape(len(bars), -1).T.tobytes()
-        blob = bytes((ticks,)) + zlib.compress(shuffled, 1)
+        blob = flags + zlib.compress(shuffled, 1)
         self.data += blob
         self.ends.append(len(self.data))
         self.first.append(int(bars["s"][0]))
@@ -84,14 +93,23 @@ class _ColdSeries:
 
     def block(self, b: int) -> np.ndarray:
         begin = self.ends[b - 1] if b else 0
-        ticks = self.data[begin]
-        raw = np.frombuffer(zlib.decompress(self.data[begin + 1 : self.ends[b]]), np.uint8)
+        exact = self.data[begin]
+        same_bytes = (self.count + 7) // 8
+        same = np.unpackbits(
+            np.frombuffer(self.data, np.uint8, same_bytes, begin + 1), count=self.count
+        ).astype(bool)
+        packed = self.data[begin + 1 + same_bytes : self.ends[b]]
+        raw = np.frombuffer(zlib.decompress(packed), np.uint8)
         words = raw.reshape(wire.BAR_DTYPE.itemsize, -1).T.copy().view(np.int64)
         words[:, 0] = np.cumsum(words[:, 0])
         bars = words.view(wire.BAR_DTYPE).reshape(len(words))
-        for bit, column in enumerate(_PRICE_COLUMNS):
-            if ticks & (1 << bit):
-                bars[column] = np.cumsum(words[:, 1 + bit]) / _TICKS
+        if exact:
+            o = np.cumsum(words[:, 1])
+            offsets = words[:, 2:5].copy()
+            bars["o"] = o / _TICKS
+            for k, column in enumerate(_PRICE_COLUMNS[1:]):
+                bars[column] = (o + offsets[:, k]) / _TICKS
+        bars["vw"][same] = bars["c"][same]
         return bars
 
     def newest_first(self, since: int | None, before: int | None) -> Iterator[np.ndarray]:
@@ -256,7 +274,7 @@ class History:
         bars = rows.copy().view(wire.BAR_DTYPE).reshape(len(rows))
         cold = self._cold.get(key)
         if cold is None:
-            cold = self._cold[key] = _ColdSeries()
+            cold = self._cold[key] = _ColdSeries(self.block)
         for b in range(blocks):
             self._cold_bytes += cold.append(bars[b * self.block : (b + 1) * self.block])
         self._start[key] = start + blocks * self.block

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import zmq
 
 from polyfan import wire
 from polyfan.sim import read_record
-from procs import Proc, endpoint, free_port
+from procs import Proc, endpoint, free_port, scrape
 
 KEY = "test-key-0123456789-WXYZ"
 TIMEOUT = 15.0
@@ -105,17 +104,6 @@ def received_trades(sub: Subscriber) -> dict[str, list[wire.Message]]:
     for message in sub.of_kind(wire.Kind.TRADES):
         by_topic.setdefault(message.topic, []).append(message)
     return by_topic
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
 
 
 def start_proxy(upstream: str, pub: str, metrics: int, *extra: str, key: str = KEY) -> Proc:

@@ -75,8 +75,13 @@ class RawClient:
 
 
 async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets_every_bar(
-    agg: FakeAgg,
+    agg: FakeAgg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from polyfan import bridge as module
+
+    # The slow client, which never answers the close, stays in the table until the test has
+    # checked that every bar addressed to it was either sent or counted as dropped.
+    monkeypatch.setattr(module, "CLOSE_TIMEOUT", 60.0)
     limits = Limits(backlog_bytes=1 << 20)
     bridge = Bridge(BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0)), limits)
     await bridge.start()
@@ -103,6 +108,8 @@ async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets
             lambda: bridge.registry.values()["polyfan_bridge_slow_disconnects_total"] == 1,
             what="the slow client cut off",
         )
+        # Every bar the good client got was addressed to the slow one too: it is still there.
+        assert 1 in bridge.clients, "the slow client left before all bars were addressed to it"
         code = await asyncio.to_thread(slow.read_to_end)
         slow.sock.close()
         assert code == 1013
@@ -110,6 +117,17 @@ async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets
         assert elapsed < 30, f"the good client took {elapsed:.1f}s"
         await eventually(lambda: bridge.registry.values()["polyfan_bridge_clients"] == 1)
         assert bridge.registry.values()["polyfan_bridge_bars_dropped_total"] > 0
+
+        def sent_or_dropped() -> float:
+            values = bridge.registry.values()
+            return (
+                values["polyfan_bridge_bars_sent_total"]
+                + values["polyfan_bridge_bars_dropped_total"]
+            )
+
+        # Nothing is dropped silently: each bar went to both clients, and every bar of the slow
+        # one that was not written is counted, those addressed to it after the cut-off included.
+        await eventually(lambda: sent_or_dropped() == 2 * len(rows), what="sent + dropped")
         # What the slow client did get is a prefix of the bars, in order, nothing repeated.
         seen = [
             e["s"]

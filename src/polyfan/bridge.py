@@ -138,7 +138,7 @@ class Counters:
         )
         self.bars_dropped = registry.counter(
             "polyfan_bridge_bars_dropped_total",
-            "Queued bars discarded because their client was cut off or left.",
+            "Bars for a client that were never written: it was cut off, left or was closing.",
         )
         self.gaps = registry.counter(
             "polyfan_bridge_gaps_total",
@@ -619,7 +619,8 @@ class Bridge:
 
     def _queue(self, client: Client, frame: bytes, bars: int) -> None:
         """Queue ``frame`` in the client's bounded backlog, or cut the client off (1013)."""
-        if client.cut_off:
+        if client.cut_off:  # closing: what would have been queued is dropped, and counted
+            self.counters.bars_dropped.inc(bars)
             return
         if client.backlog.push(frame, bars):
             client.wake.set()
@@ -644,7 +645,11 @@ class Bridge:
                 client.wake.clear()
                 while (item := client.backlog.pop()) is not None:
                     frame, bars = item
-                    await ws.send(frame, text=True)
+                    try:
+                        await ws.send(frame, text=True)
+                    except (ConnectionClosed, asyncio.CancelledError):
+                        self.counters.bars_dropped.inc(bars)  # out of the backlog, not sent
+                        raise
                     self.counters.frames_sent.inc()
                     self.counters.bars_sent.inc(bars)
                 if client.close_after is not None:

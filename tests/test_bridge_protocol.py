@@ -666,3 +666,28 @@ async def test_a_silent_aggregator_is_reported_and_its_return_too(
             assert status == 200
     finally:
         await bridge.stop()
+
+
+async def test_api_symbols_does_not_ask_a_silent_aggregator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A silent aggregator would hold every /api/symbols (the page's load) for the 5 s
+    request timeout; only aggregators heard recently are asked."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "HEARD_WITHIN", 0.5)
+    first = FakeAgg(f"tcp://127.0.0.1:{free_port()}")
+    first.set_trades({"AAPL": 3})
+    bridge = await start_bridge(first)
+    try:
+        _, _, body = await get(bridge, "/api/symbols")
+        assert orjson.loads(body) == [{"sym": "AAPL", "trades": 3}]
+        first.close()
+        await eventually(lambda: not bridge.aggs[0].is_heard(), what="the agg to go silent")
+        asked = counter(bridge, "polyfan_bridge_history_requests_total")
+        status, _, body = await get(bridge, "/api/symbols")
+        assert (status, orjson.loads(body)) == (200, [])
+        assert counter(bridge, "polyfan_bridge_history_requests_total") == asked
+        assert counter(bridge, "polyfan_bridge_request_timeouts_total") == 0
+    finally:
+        await bridge.stop()

@@ -828,7 +828,7 @@ class Bridge:
         return _response(200, join_events(parts), "application/json")
 
     async def _api_symbols(self, query: dict[str, list[str]]) -> Response:
-        heard = [agg for agg in self.aggs if agg.announce is not None]
+        heard = [agg for agg in self.aggs if agg.is_heard()]  # a silent one would cost 5 s
         replies = await asyncio.gather(
             *(self._request(agg, {"op": "symbols"}) for agg in heard), return_exceptions=True
         )

@@ -439,7 +439,9 @@ function onStatus(ev) {
       showMessage(`authentication failed: ${ev.message}; add ?token=… to the URL`);
       break;
     case "success":
-      if (ev.message && ev.message.endsWith(channel())) {
+      // Exactly ours: "unsubscribed to: <ours>" (a quick switch back) or "…: 1500Ms.A" for
+      // 500Ms.A would end with the same text.
+      if (ev.message === `subscribed to: ${channel()}`) {
         feed.attempt = 0;
         feed.retries = 0;
         state.everLive = true;

@@ -67,7 +67,12 @@ async def test_demo_serves_the_page_and_live_bars_then_stops_everything_on_ctrl_
         assert (await client.next_event())["message"] == "subscribed to: 100Ms.*"
         bar = (await client.bars(1, timeout=10))[0]
         assert bar["interval"] == 100 and bar["e"] == bar["s"] + 100
+        deadline = time.monotonic() + 10
         history = await asyncio.to_thread(http_json, port, f"/api/bars?channel=1000Ms.{top}")
+        while not history:  # the first 1 s bar closes about 1.25 s after the first trade
+            assert time.monotonic() < deadline, f"no 1s bar of {top} stored"
+            await asyncio.sleep(0.1)
+            history = await asyncio.to_thread(http_json, port, f"/api/bars?channel=1000Ms.{top}")
         assert all(b["sym"] == top and b["interval"] == 1000 for b in history)
 
         started = time.monotonic()

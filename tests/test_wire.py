@@ -44,6 +44,12 @@ def test_exact_topic_prefix_never_matches_a_longer_symbol() -> None:
     assert wire.trade_topic("AAPL").startswith(wire.subscription_prefix("T."))
 
 
+def test_a_star_after_the_dot_subscribes_to_every_symbol_as_polygon_spells_it() -> None:
+    assert wire.subscription_prefix("T.*") == wire.subscription_prefix("T.") == b"T."
+    assert wire.subscription_prefix("500Ms.*") == b"500Ms."
+    assert wire.subscription_prefix("*") == wire.subscription_prefix("") == b""
+
+
 @pytest.mark.parametrize(
     ("frame", "problem"),
     [

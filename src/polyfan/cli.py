@@ -357,7 +357,7 @@ def demo(listen: str, symbols: int, rate: float) -> None:
 def tap(endpoint: str, prefixes: tuple[str, ...], count: int | None) -> None:
     """Print what a polyfan PUB endpoint publishes, one JSON object per line.
 
-    PREFIXES as users type them: T.TSLA, T. or 500Ms.TSLA (default: everything).
+    PREFIXES as users type them: T.TSLA, T. (or T.*), 500Ms.TSLA (default: everything).
     """
     from polyfan import tap as role
 

@@ -8,8 +8,8 @@ One JSON object per message on stdout, every kind of docs/wire.md decoded::
     {"topic": "_ctl", "kind": "clock", ..., "clock": ..., "wall": ...}
 
 ``session`` is the publisher's session id in hex (a u64 does not survive JavaScript's
-numbers). Prefixes are typed as users think of them (``T.TSLA`` exact, ``T.`` every trade,
-``500Ms.TSLA``); with none, everything. Messages lost between the publisher and the tap, as
+numbers). Prefixes are typed as users think of them (``T.TSLA`` exact, ``T.`` or ``T.*`` every
+trade, ``500Ms.TSLA``); with none, everything. Messages lost between the publisher and the tap, as
 the sequence numbers reveal them, are logged as WARNING lines on stderr.
 """
 

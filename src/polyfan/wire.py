@@ -116,9 +116,12 @@ def reply_topic(requester: str) -> bytes:
 def subscription_prefix(text: str) -> bytes:
     """The ZeroMQ prefix for what a user types: ``T.TSLA`` is exact, ``T.`` is a prefix.
 
-    A prefix ending in ``.`` (or empty) matches every topic under it; anything else is one
-    topic and gets its terminator, so ``T.A`` never matches ``T.AAPL``.
+    A prefix ending in ``.`` (or empty) matches every topic under it, and so does one ending in
+    ``.*`` as Polygon and the bridge spell it (``T.*``, ``500Ms.*``; ``*`` alone is everything);
+    anything else is one topic and gets its terminator, so ``T.A`` never matches ``T.AAPL``.
     """
+    if text == "*" or text.endswith(".*"):
+        text = text[:-1]
     if text == "" or text.endswith("."):
         return text.encode()
     return text.encode() + TERMINATOR

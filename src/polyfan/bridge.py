@@ -877,15 +877,7 @@ class Bridge:
         return _json(200 if heard else 503, body)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Response:
-        lines = []
-        for name, value in self.totals().items():
-            metric = self.registry.get(name)
-            lines += [
-                f"# HELP {name} {metric.help}",
-                f"# TYPE {name} {metric.kind}",
-                f"{name} {int(value) if float(value).is_integer() else value!r}",
-            ]
-        body = ("\n".join(lines) + "\n").encode()
+        body = self.registry.render(self.totals()).encode()
         return _response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     _routes: ClassVar[dict[str, Callable[[Bridge, dict[str, list[str]]], Awaitable[Response]]]] = {

@@ -7,7 +7,7 @@ attribute bump on the hot path (``counter.value += n``); rendering happens only 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -57,7 +57,9 @@ class Registry:
             collect()
         return {name: metric.value for name, metric in self._metrics.items()}
 
-    def render(self) -> str:
+    def render(self, values: Mapping[str, float] | None = None) -> str:
+        """Prometheus text; ``values`` (by name) stand in for the metrics' own, as the bridge's
+        workers report the sum over all of them."""
         for collect in self._collectors:
             collect()
         lines: list[str] = []
@@ -68,7 +70,8 @@ class Registry:
                 for label, value in metric.labels.items():
                     lines.append(f"{metric.name}{{{label}}} {_number(value)}")
             else:
-                lines.append(f"{metric.name} {_number(metric.value)}")
+                value = metric.value if values is None else values.get(metric.name, metric.value)
+                lines.append(f"{metric.name} {_number(value)}")
         return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,8 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -762,9 +763,6 @@ class Bridge:
                         )
             except TimeoutError:
                 problem = f"{channel.name}: history request timed out; live bars follow"
-            except WireError:
-                self.counters.wire_errors.inc()
-                problem = f"{channel.name}: history reply did not decode; live bars follow"
         if problem is not None and client.id in self.clients:
             self._push(client, encode_events([error(problem)]), 0)
         parts = self.fanout.complete_history(client, channel, seam, history)
@@ -852,16 +850,7 @@ class Bridge:
                 "aggs": [agg.status() for agg in self.aggs],
                 "clients": int(self.totals()["polyfan_bridge_clients"]),
                 "workers": 1 if self.worker is None else self.worker.count,
-                "limits": {
-                    "max_frame_bytes": self.limits.max_frame_bytes,
-                    "max_subscriptions": self.limits.max_subscriptions,
-                    "rate_per_second": self.limits.rate_per_second,
-                    "rate_burst": self.limits.rate_burst,
-                    "backlog_bytes": self.limits.backlog_bytes,
-                    "since_max_bars": self.limits.since_max_bars,
-                    "auth_timeout": self.limits.auth_timeout,
-                    "api_max_limit": self.limits.api_max_limit,
-                },
+                "limits": asdict(self.limits),
             },
         )
 
@@ -897,8 +886,6 @@ def _text_frame(payload: bytes) -> bytes:
 
 
 def _response(status: int, body: bytes, content_type: str) -> Response:
-    from http import HTTPStatus
-
     headers = Headers(
         [
             ("Date", email.utils.formatdate(usegmt=True)),

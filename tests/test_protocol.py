@@ -102,6 +102,7 @@ def test_bar_topics_parse_back() -> None:
     assert parse_bar_topic("500Ms.BRK.A") == (500, "BRK.A")
     assert parse_bar_topic("_ctl") is None
     assert parse_bar_topic("xMs.A") is None
+    assert parse_bar_topic("\u00b2Ms.A") is None  # a digit to str.isdigit, not to int()
 
 
 # -- auth ----------------------------------------------------------------------------------------

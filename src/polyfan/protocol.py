@@ -99,7 +99,7 @@ def parse_channel(text: str) -> Channel:
 def parse_bar_topic(topic: str) -> tuple[int, str] | None:
     """A bar message's topic ``500Ms.TSLA`` → ``(500, "TSLA")``; None if it is not one."""
     interval, sep, symbol = topic.partition("Ms.")
-    if not sep or not interval.isdigit() or not symbol:
+    if not sep or not (interval.isascii() and interval.isdigit()) or not symbol:
         return None
     return int(interval), symbol
 

@@ -689,3 +689,24 @@ async def test_api_symbols_does_not_ask_a_silent_aggregator(
         assert counter(bridge, "polyfan_bridge_request_timeouts_total") == 0
     finally:
         await bridge.stop()
+
+
+async def test_debug_logging_never_shows_a_clients_token(
+    agg: FakeAgg, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="polyfan")
+    caplog.set_level(logging.DEBUG, logger="polyfan.bridge.ws")  # kept at WARNING otherwise
+    bridge = await start_bridge(agg, tokens=("s3cret-token",))
+    try:
+        client = await Client.open(url(bridge), token="s3cret-token")
+        await subscribed(client, agg, "500Ms.LOG")
+        wrong = await Client.open(url(bridge), token=None)
+        await wrong.send({"action": "auth", "params": "wr0ng-token"})
+        assert (await wrong.next_event())["status"] == "auth_failed"
+        await client.close()
+    finally:
+        await bridge.stop()
+    bridge_lines = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("polyfan"))
+    assert "< CLOSE 1000" in bridge_lines  # websockets' lines about frames are captured
+    assert "s3cret-token" not in bridge_lines
+    assert "wr0ng-token" not in bridge_lines

@@ -82,6 +82,23 @@ log = logging.getLogger("polyfan.bridge")
 # websockets logs every connection and HTTP request at INFO: per-message detail for a server
 # with thousands of clients, so it is shown only when debugging.
 _ws_log = logging.getLogger("polyfan.bridge.ws")
+_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+
+
+def _without_client_data(record: logging.LogRecord) -> bool:
+    """Debugging, websockets logs each frame it receives: a client's auth token with it. Keep
+    its lines about control frames and the connection; drop those that carry client data."""
+    args = record.args
+    return not (
+        record.msg == "< %s"
+        and isinstance(args, tuple)
+        and bool(args)
+        and isinstance(args[0], Frame)
+        and args[0].opcode in _DATA_OPCODES
+    )
+
+
+_ws_log.addFilter(_without_client_data)
 
 STATIC = Path(__file__).parent / "static"
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply

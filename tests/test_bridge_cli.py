@@ -21,7 +21,7 @@ from massive import WebSocketClient
 
 from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan import wire
-from procs import Proc, free_port
+from procs import Proc, free_port, scrape
 from wsclient import Client
 
 T0 = 1_781_622_376_000
@@ -273,14 +273,8 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
             )
             assert late_bars == expected  # then live: nothing missing or repeated at the seam
             await late.close()
-            metrics = await asyncio.to_thread(
-                lambda: (
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
-                    .read()
-                    .decode()
-                )
-            )
-            assert "\npolyfan_bridge_gaps_total 0\n" in metrics
+            metrics = await asyncio.to_thread(scrape, port)
+            assert metrics["polyfan_bridge_gaps_total"] == 0
             await client.close()
             for proc in (bridge, agg, proxy):
                 assert proc.stop() == 0
@@ -319,16 +313,11 @@ async def test_workers_share_the_port_and_every_client_gets_every_bar_and_counte
             assert await client.bars(10) == expected
 
         def counters_add_up() -> bool:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-            values = dict(
-                line.split()
-                for line in text.decode().splitlines()
-                if line and not line.startswith("#")
-            )
+            values = scrape(port)
             return (
-                values["polyfan_bridge_clients"] == "200"
-                and values["polyfan_bridge_bars_sent_total"] == "2000"
-                and values["polyfan_bridge_connections_total"] == "200"
+                values["polyfan_bridge_clients"] == 200
+                and values["polyfan_bridge_bars_sent_total"] == 2000
+                and values["polyfan_bridge_connections_total"] == 200
             )
 
         deadline = time.monotonic() + 5

@@ -6,7 +6,6 @@ import asyncio
 import resource
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import orjson
@@ -20,7 +19,7 @@ from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan.bridge import Bridge
 from polyfan.config import BridgeConfig
 from polyfan.protocol import Limits
-from procs import Proc, free_port
+from procs import Proc, free_port, scrape
 from wsclient import Client, eventually
 
 T0 = 1_781_622_376_000
@@ -142,16 +141,6 @@ async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets
         await bridge.stop()
 
 
-def _metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-
-
 async def test_a_thousand_clients_each_get_exactly_the_bars_of_their_channels(
     agg: FakeAgg,
 ) -> None:
@@ -195,7 +184,7 @@ async def test_a_thousand_clients_each_get_exactly_the_bars_of_their_channels(
                 ]
 
         await asyncio.gather(*(check(c, mine) for c, mine in opened))
-        metrics = await asyncio.to_thread(_metrics, port)
+        metrics = await asyncio.to_thread(scrape, port)
         assert metrics["polyfan_bridge_clients"] == clients_n
         assert metrics["polyfan_bridge_bars_received_total"] == 12 * len(channels)
         assert metrics["polyfan_bridge_bars_sent_total"] == 36 * clients_n

@@ -149,3 +149,15 @@ def test_clock_never_moves_back_and_trades_carry_the_clock_at_their_arrival() ->
     batch = decoder.decode([trades(1), clock(500, 1), trades(2), clock(100, 2), trades(3)])
     assert batch.clocks.tolist() == [np.iinfo(np.int64).min, 500, 500]
     assert (decoder.clock, decoder.clock_wall) == (500, 2)
+
+
+@pytest.mark.parametrize("jit", JIT)
+def test_a_trade_topic_that_is_no_symbol_is_ignored_and_counted(jit: bool) -> None:
+    decoder = FrameDecoder(jit=jit)
+    trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    topics = [b"T.\xff\x00", b"T.\x00", b"T." + b"X" * 40 + b"\x00", wire.trade_topic("OK")]
+    batch = decoder.decode(
+        [wire.encode(topic, wire.Kind.TRADES, 1, 1, 1, trade.tobytes()) for topic in topics]
+    )
+    assert [decoder.symbol_names[i] for i in batch.symbols.tolist()] == ["OK"]
+    assert decoder.ignored_messages == 3

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from polyfan import kernels, wire
+from polyfan.config import SYMBOL_RE
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
 
@@ -151,8 +152,11 @@ class FrameDecoder:
                 self._register(topic)
 
     def _register(self, topic: bytes) -> None:
-        symbol = topic[2:].decode(errors="replace") if topic.startswith(b"T.") else None
-        if symbol is not None and (self._accept is None or symbol in self._accept):
+        # Only a symbol the proxy could have sent: its topic re-encodes to the same bytes (an
+        # undecodable one would never be found in the table: the kernel would hand the same
+        # frame back forever) and its bar topics fit the table.
+        symbol = topic[2:].decode("ascii", errors="replace") if topic.startswith(b"T.") else ""
+        if SYMBOL_RE.fullmatch(symbol) and (self._accept is None or symbol in self._accept):
             self.symbol_id(symbol)
         else:
             self._add_topic(topic, kernels.TOPIC_IGNORED)

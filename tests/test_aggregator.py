@@ -153,3 +153,16 @@ def test_a_continuing_loss_is_one_warning_with_its_count(
         core.frames_received([trades_frame("A", 9, 1_002)])
     assert [r.getMessage() for r in caplog.records] == ["2 messages from the proxy lost in transit"]
     assert core.gaps_total.value == 6
+
+
+def test_messages_the_agg_does_not_use_are_counted(core: Aggregator) -> None:
+    bars = np.zeros(1, dtype=wire.BAR_DTYPE)
+    core.frames_received(
+        [
+            trades_frame("TSLA", 1, 1_000),  # not one of --symbols
+            wire.encode(wire.trade_topic("A"), wire.Kind.BARS, 1, 1, 1, bars.tobytes()),
+            trades_frame("A", 2, 1_000),
+        ]
+    )
+    assert core.ignored_total.value == 2
+    assert core.trades_total.value == 1

@@ -97,6 +97,10 @@ class Aggregator:
         self.bad_total = registry.counter(
             "polyfan_agg_bad_messages_total", "Received messages that did not decode."
         )
+        self.ignored_total = registry.counter(
+            "polyfan_agg_ignored_messages_total",
+            "Received messages on a topic or of a kind the agg does not use.",
+        )
         self.requests_total = registry.counter(
             "polyfan_agg_requests_total", "History and symbols requests answered."
         )
@@ -142,6 +146,7 @@ class Aggregator:
     def _count(self, bad_before: int, gaps_before: int, late_before: int) -> None:
         decoder = self.decoder
         self.unknown_total.value = self.bars.unknown_conditions
+        self.ignored_total.value = decoder.ignored_messages
         if decoder.bad_messages != bad_before:
             self.bad_total.value = decoder.bad_messages
             self._warn("bad", decoder.bad_messages, "%d messages did not decode")

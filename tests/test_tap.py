@@ -110,3 +110,10 @@ def test_tap_with_no_prefix_receives_everything_and_stops_on_ctrl_c(
         tap.wait_for('"kind":"symbols"')
         assert tap.stop() == 0
     assert json_lines(tap.output)[0]["value"] == {"id": 1}
+
+
+def test_an_endpoint_zeromq_refuses_exits_2_with_one_line_and_no_traceback() -> None:
+    with Proc("tap", "tcp://localhost") as tap:  # no port
+        assert tap.wait() == 2
+    assert "cannot connect to tcp://localhost" in tap.output
+    assert "Traceback" not in tap.output

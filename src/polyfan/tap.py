@@ -28,7 +28,7 @@ import zmq
 
 from polyfan import wire
 from polyfan.config import TapConfig
-from polyfan.errors import WireError
+from polyfan.errors import ConfigError, WireError
 
 log = logging.getLogger("polyfan.tap")
 
@@ -121,7 +121,10 @@ def run(config: TapConfig) -> int:
     out = sys.stdout.buffer
     seen = 0
     try:
-        sub.connect(config.endpoint)
+        try:
+            sub.connect(config.endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"ENDPOINT: cannot connect to {config.endpoint}: {exc}") from exc
         prefixes = config.prefixes or ("",)
         for prefix in prefixes:
             sub.setsockopt(zmq.SUBSCRIBE, wire.subscription_prefix(prefix))

@@ -117,3 +117,19 @@ def test_an_endpoint_zeromq_refuses_exits_2_with_one_line_and_no_traceback() -> 
         assert tap.wait() == 2
     assert "cannot connect to tcp://localhost" in tap.output
     assert "Traceback" not in tap.output
+
+
+def test_a_control_message_without_its_record_is_a_warning_not_a_crash(
+    xpub: tuple[zmq.Socket[Any], str],
+) -> None:
+    socket, address = xpub
+    clock = np.array([(1_500, 1_501)], wire.CLOCK_DTYPE)
+    with Proc("tap", address, "_ctl", "--count", "2") as tap:
+        wait_for_subscriptions(socket, 1)
+        socket.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, SESSION, 1, 0, b""))
+        socket.send(
+            wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, SESSION, 2, 1, clock.tobytes())
+        )
+        assert tap.wait() == 0, tap.output
+    assert "undecodable message: CLOCK message carries 0 records, not 1" in tap.output
+    assert [line["clock"] for line in json_lines(tap.output)] == [1_500]

@@ -60,6 +60,13 @@ def _bars(records: Any, symbol: str | None, interval: int | None) -> list[dict[s
     return bars
 
 
+def _only_record(message: wire.Message) -> Any:
+    rows = wire.records(message).tolist()
+    if len(rows) != 1:
+        raise WireError(f"{message.kind.name} message carries {len(rows)} records, not 1")
+    return rows[0]
+
+
 def describe(message: wire.Message) -> dict[str, Any]:
     """A JSON-ready description of one decoded message."""
     kind = message.kind
@@ -92,10 +99,10 @@ def describe(message: wire.Message) -> dict[str, Any]:
         symbol, interval = channel if channel is not None else (None, None)
         out["bars"] = _bars(wire.records(message), symbol, interval)
     elif kind is wire.Kind.CLOCK:
-        clock, wall = wire.records(message).tolist()[0]
+        clock, wall = _only_record(message)
         out.update(clock=clock, wall=wall)
     elif kind is wire.Kind.UPSTREAM:
-        state, clock, wall = wire.records(message).tolist()[0]
+        state, clock, wall = _only_record(message)
         out.update(state="up" if state == wire.UPSTREAM_UP else "down", clock=clock, wall=wall)
     elif kind is wire.Kind.HISTORY:
         request_id, status, bars = wire.records_from_history(message)

@@ -179,6 +179,10 @@ class History:
             array = getattr(self, name)
             setattr(self, name, np.concatenate([array, np.zeros(size - have, dtype=np.int64)]))
 
+    def _regions(self) -> tuple[np.ndarray, ...]:
+        """The arrays the history kernels work on besides the arena (kernels.py, "history")."""
+        return self._off, self._start, self._end, self._cap, self._free, self._state
+
     def _make_room(self, rows: int) -> None:
         """At least ``rows`` more rows above the top: a bigger arena, the used rows copied."""
         top = int(self._state[kernels.H_TOP])
@@ -199,19 +203,7 @@ class History:
         words = words.reshape(len(bars), _WORDS)
         row = 0
         while True:
-            row = self._append(
-                series,
-                words,
-                row,
-                self._cutoff,
-                self._off,
-                self._start,
-                self._end,
-                self._cap,
-                self._free,
-                self._arena,
-                self._state,
-            )
+            row = self._append(series, words, row, self._cutoff, self._regions(), self._arena)
             if row < 0:
                 return
             self._make_room(4 * (len(series) - row) + 2 * int(self._cap.max()))
@@ -232,16 +224,7 @@ class History:
             return
         first = self._next_sweep
         self._next_sweep = self._trim(
-            self._cutoff,
-            first,
-            self._sweep,
-            self._off,
-            self._start,
-            self._end,
-            self._cap,
-            self._free,
-            self._arena,
-            self._state,
+            self._cutoff, first, self._sweep, self._regions(), self._arena
         )
         swept = (first + np.arange(min(self._sweep, len(self._off)))) % len(self._off)
         held = self._end[swept] - self._start[swept]

@@ -656,7 +656,8 @@ def encode_bars(
 # trimmed, else its bars move to a region of the next class. Freed regions go on a free list per
 # class, linked through their first word (``h_free[c]`` is the head), and are reused before the
 # arena's top moves: nothing is ever compacted globally, so no call copies more than one
-# series' bars. ``h_state`` holds the top and the rows on free lists.
+# series' bars. ``h_state`` holds the top and the rows on free lists. The kernels take these
+# int64 arrays as one tuple, ``regions = (h_off, h_start, h_end, h_cap, h_free, h_state)``.
 
 H_TOP = 0
 H_FREE_ROWS = 1
@@ -721,13 +722,8 @@ def history_append(
     words: np.ndarray,
     start: int,
     cutoff: int,
-    h_off: np.ndarray,
-    h_start: np.ndarray,
-    h_end: np.ndarray,
-    h_cap: np.ndarray,
-    h_free: np.ndarray,
+    regions: tuple[np.ndarray, ...],
     arena: np.ndarray,
-    h_state: np.ndarray,
 ) -> int:
     """Append bars (each series' adjacent, oldest first) from row ``start``, trimming
     ``s < cutoff``.
@@ -735,6 +731,7 @@ def history_append(
     Returns -1 when done, or the row at which the arena ran out of room: grow it and call
     again from there.
     """
+    h_off, h_start, h_end, h_cap, h_free, h_state = regions
     m = series.shape[0]
     j = start
     while j < m:
@@ -790,15 +787,11 @@ def history_trim(
     cutoff: int,
     first: int,
     count: int,
-    h_off: np.ndarray,
-    h_start: np.ndarray,
-    h_end: np.ndarray,
-    h_cap: np.ndarray,
-    h_free: np.ndarray,
+    regions: tuple[np.ndarray, ...],
     arena: np.ndarray,
-    h_state: np.ndarray,
 ) -> int:
     """Trim ``count`` series from ``first`` (wrapping); free emptied regions. Returns the next."""
+    h_off, h_start, h_end, h_cap, h_free, h_state = regions
     n = h_off.shape[0]
     key = first
     for _ in range(min(count, n)):

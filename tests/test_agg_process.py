@@ -8,12 +8,12 @@ must steer (sequence gaps, session changes, outages, an agg restart at a chosen 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from polyfan import wire
-from procs import Proc, endpoint, free_port
+from procs import Proc, endpoint, free_port, scrape
 from reference import Bar, Clock, Trade, Trades, reference_bars
 
 INTERVALS = (100, 250, 1_000)
@@ -37,7 +37,7 @@ class Context:
     """A ZeroMQ context that keeps its sockets until the test ends, then closes them all."""
 
     def __init__(self) -> None:
-        self.ctx: Context = zmq.Context()
+        self.ctx = zmq.Context()
         self.sockets: list[zmq.Socket[bytes]] = []
 
     def socket(self, kind: int) -> zmq.Socket[bytes]:
@@ -64,7 +64,6 @@ class Subscriber:
 
     def __init__(self, ctx: Context, address: str, *prefixes: bytes) -> None:
         self.sock = ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         for prefix in prefixes:
             self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
@@ -110,8 +109,9 @@ class AggOutput:
             self.upstream.extend(tuple(r) for r in wire.records(message).tolist())
         return True
 
-    def pump_until(self, condition: object, timeout: float = 20.0, what: str = "") -> None:
-        assert callable(condition)
+    def pump_until(
+        self, condition: Callable[[], object], timeout: float = 20.0, what: str = ""
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
@@ -181,22 +181,28 @@ class Requester:
         raise AssertionError(f"no reply to {request}")
 
 
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
 def agg_args(sub: str, pub: str, metrics_port: int, *extra: str) -> list[str]:
     args = ["agg", "--sub", sub, "--pub", pub, "--grace", f"{GRACE}ms"]
     for interval in INTERVALS:
         args += ["--interval", f"{interval}ms"]
     return [*args, "--metrics", f"127.0.0.1:{metrics_port}", *extra]
+
+
+def agg_endpoints(transport: str, tmp_path: Path) -> tuple[str, str, int]:
+    """Fresh addresses for one test: the proxy's PUB, the agg's PUB, the agg's metrics port."""
+    return endpoint(transport, tmp_path, "p"), endpoint(transport, tmp_path, "a"), free_port()
+
+
+@contextlib.contextmanager
+def serving_agg(
+    ctx: Context, sub: str, pub: str, metrics_port: int, *extra: str
+) -> Iterator[tuple[Proc, AggOutput]]:
+    """``polyfan agg`` ready and announcing, and a subscriber collecting all it publishes."""
+    with Proc(*agg_args(sub, pub, metrics_port, *extra)) as agg:
+        agg.wait_for("ready:")
+        output = AggOutput(ctx, pub)
+        output.pump_until(lambda: output.announces, what="announce")
+        yield agg, output
 
 
 # --- the whole path: sim -> proxy -> agg ---------------------------------------------------
@@ -339,7 +345,7 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         ]
         assert after_last_trade
         assert sum(len(b) for b in output.bars.values()) > 1_000
-        values = metrics(agg_metrics)
+        values = scrape(agg_metrics)
         assert values["polyfan_agg_trades_total"] == count
         assert values["polyfan_agg_late_trades_total"] == expected.late
         assert values["polyfan_agg_unknown_conditions_total"] == expected.unknown
@@ -352,7 +358,7 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         )
         # The history answers with the very bars published, older ones from compressed
         # blocks (every series with 16 bars or more is packed within a tick or two).
-        assert metrics(agg_metrics)["polyfan_agg_history_packed_bytes"] > 0
+        assert scrape(agg_metrics)["polyfan_agg_history_packed_bytes"] > 0
         ask = Requester(context, agg_pub).ask
         busiest = sorted(output.bars, key=lambda k: -len(output.bars[k]))[:6]
         for number, (symbol, interval) in enumerate(busiest):
@@ -372,7 +378,7 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
                 lambda: len(output.clock_walls) > walls + 3, what="clock from the new proxy"
             )
             assert (output.clock or 0) >= (before or 0)  # the new proxy's clock is 0
-            assert metrics(agg_metrics)["polyfan_agg_gaps_total"] == 0
+            assert scrape(agg_metrics)["polyfan_agg_gaps_total"] == 0
             assert again.stop() == 0
         assert agg.stop() == 0
 
@@ -383,7 +389,6 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
 class FakeProxy:
     def __init__(self, ctx: Context, address: str, session: int) -> None:
         self.pub = ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 0)
         # A restarted proxy rebinds the address its predecessor just closed; ZeroMQ releases
         # a closed listener asynchronously, so retry until it is free.
@@ -471,27 +476,20 @@ def random_events(rng: random.Random, start: int, end: int, trades: int) -> list
 def test_gaps_count_losses_but_not_a_new_session(
     transport: str, tmp_path: Path, context: Context
 ) -> None:
-    proxy_pub, agg_pub, port = (
-        endpoint(transport, tmp_path, "p"),
-        endpoint(transport, tmp_path, "a"),
-        free_port(),
-    )
+    proxy_pub, agg_pub, port = agg_endpoints(transport, tmp_path)
     fake = FakeProxy(context, proxy_pub, session=1)
-    with Proc(*agg_args(proxy_pub, agg_pub, port)) as agg:
-        agg.wait_for("ready:")
-        output = AggOutput(context, agg_pub)
-        output.pump_until(lambda: output.announces, what="announce")
+    with serving_agg(context, proxy_pub, agg_pub, port) as (agg, output):
         fake.probe(output, 0)
         fake.trades("AAPL", (Trade(1_000, 1.0, 1),))
         fake.trades("AAPL", (Trade(1_010, 1.0, 1),), skip=2)  # two messages lost
         fake.probe(output, 1_010)
-        assert metrics(port)["polyfan_agg_gaps_total"] == 2
+        assert scrape(port)["polyfan_agg_gaps_total"] == 2
         fake.close()
         fake = FakeProxy(context, proxy_pub, session=2)  # a proxy restart: seq starts over
         fake.probe(output, 1_020)
         fake.trades("AAPL", (Trade(1_030, 1.0, 1),))
         fake.probe(output, 5_000)
-        values = metrics(port)
+        values = scrape(port)
         assert values["polyfan_agg_gaps_total"] == 2
         assert values["polyfan_agg_trades_total"] == 3
         assert [b.s for b in output.bars[("AAPL", 1_000)]] == [1_000]
@@ -504,18 +502,11 @@ def test_restarting_the_agg_mid_stream_recovers(
     transport: str, tmp_path: Path, context: Context
 ) -> None:
     rng = random.Random(7)
-    proxy_pub, agg_pub, port = (
-        endpoint(transport, tmp_path, "p"),
-        endpoint(transport, tmp_path, "a"),
-        free_port(),
-    )
+    proxy_pub, agg_pub, port = agg_endpoints(transport, tmp_path)
     fake = FakeProxy(context, proxy_pub, session=11)
     first = random_events(rng, 100_000, 110_000, 2_000)
     second = random_events(rng, 120_000, 130_000, 3_000)
-    with Proc(*agg_args(proxy_pub, agg_pub, port)) as agg:
-        agg.wait_for("ready:")
-        output = AggOutput(context, agg_pub)
-        output.pump_until(lambda: output.announces, what="announce")
+    with serving_agg(context, proxy_pub, agg_pub, port) as (agg, output):
         fake.probe(output, 0)
         fake.publish(first)
         output.pump_until(lambda: (output.clock or 0) >= 110_000 - 2_000, what="first half")
@@ -545,16 +536,10 @@ def test_restarting_the_agg_mid_stream_recovers(
 def test_outages_mark_bars_and_are_relayed_and_history_is_served(
     transport: str, tmp_path: Path, context: Context
 ) -> None:
-    proxy_pub, agg_pub, port = (
-        endpoint(transport, tmp_path, "p"),
-        endpoint(transport, tmp_path, "a"),
-        free_port(),
-    )
+    proxy_pub, agg_pub, port = agg_endpoints(transport, tmp_path)
     fake = FakeProxy(context, proxy_pub, session=5)
-    with Proc(*agg_args(proxy_pub, agg_pub, port, "--symbols", "AAPL,A,BRK.A")) as agg:
-        agg.wait_for("ready:")
-        output = AggOutput(context, agg_pub)
-        output.pump_until(lambda: output.announces, what="announce")
+    symbols = ("--symbols", "AAPL,A,BRK.A")
+    with serving_agg(context, proxy_pub, agg_pub, port, *symbols) as (agg, output):
         assert output.announces[0]["intervals"] == list(INTERVALS)
         assert output.announces[0]["symbols"] == ["AAPL", "A", "BRK.A"]
         fake.probe(output, 0)

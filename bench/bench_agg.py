@@ -5,9 +5,12 @@ Parts (all by default):
 - ``kernel``: trades/s through the bar kernels alone (5,000 symbols, 6 intervals), and through
   the compiled frame decoder, and through the whole core (frames in, bar messages out).
 - ``zmq``: receive-and-aggregate trades/s of a real ``polyfan agg`` process fed pre-encoded
-  wire messages from a PUB as fast as this script can send them (ipc).
+  wire messages from a PUB as fast as this script can send them (ipc); ``zmq-hot`` the same
+  over 500 symbols.
 - ``delay``: from the feed clock passing ``e + grace`` (the CLOCK message that passes it leaves
-  this script) to the bar arriving back here, p50/p99/max, at a market-like rate.
+  this script) to the bar arriving back here, p50/p99/max, at a market-like rate;
+  ``delay-burst`` at 30,000 trades/s; ``delay-single`` with one open bar at a time;
+  ``delay-core`` the core's own work per closing batch, in-process.
 - ``memory``: resident memory of the agg core after an hour of feed time at ~3,000 trades/s over
   10,000 skewed symbols, with the default 6 intervals and 1 h of history (simulated fast).
 - ``startup``: ``polyfan agg`` start to its ``ready:`` line, numba cache warm.

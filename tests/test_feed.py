@@ -409,6 +409,15 @@ def test_clock_follows_wall_time_beyond_one_quiet_second_while_connected() -> No
     assert clock.read(14_100) == 52_100
 
 
+def test_clock_never_goes_back_when_the_wall_clock_steps_back() -> None:
+    clock = FeedClock()
+    clock.subscribed(0)
+    clock.trades_accepted(50_000, 10_000)
+    assert clock.read(13_000) == 52_000
+    assert clock.read(11_500) == 52_000  # the machine's clock was stepped back 1.5 s
+    assert clock.read(14_000) == 53_000
+
+
 def test_quiet_second_counts_from_the_later_of_last_trade_and_subscription() -> None:
     clock = FeedClock()
     clock.subscribed(0)

@@ -503,11 +503,14 @@ class FeedClock:
         self.idle_ms = idle_ms
         self._value = 0
         self._anchor: int | None = None  # wall time the quiet period started; None: disconnected
+        self._highest = 0  # the largest value read: a wall clock stepping back never lowers it
 
     def read(self, now_ms: int) -> int:
-        if self._anchor is None or self._value == 0:
-            return self._value
-        return self._value + max(0, now_ms - self._anchor - self.idle_ms)
+        value = self._value
+        if self._anchor is not None and value != 0:
+            value += max(0, now_ms - self._anchor - self.idle_ms)
+        self._highest = max(self._highest, value)
+        return self._highest
 
     def subscribed(self, now_ms: int) -> None:
         self._value = self.read(now_ms)

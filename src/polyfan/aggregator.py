@@ -334,7 +334,7 @@ class Aggregator:
         if symbol_id is None:
             bars = np.zeros(0, dtype=wire.BAR_DTYPE)
         else:
-            series = symbol_id * len(self.intervals) + self.intervals.index(interval)
+            series = self.bars.series_id(symbol_id, interval)
             bars = self.history.select(series, since, before, limit)
         return wire.encode_history(
             topic, self.session, self.sequencer.next(topic), request_id, wire.HistoryStatus.OK, bars

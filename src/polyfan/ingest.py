@@ -96,13 +96,6 @@ class FrameDecoder:
         """The id of ``symbol`` if a trade topic of it has been registered, else None."""
         return self._symbol_ids.get(symbol)
 
-    def move_clock(self, clock: int, wall: int) -> None:
-        """Move the feed clock forward (never back), as a CLOCK record would."""
-        if not self.state[kernels.D_HAS_CLOCK] or clock > self.state[kernels.D_CLOCK]:
-            self.state[kernels.D_CLOCK] = clock
-        self.state[kernels.D_CLOCK_WALL] = wall
-        self.state[kernels.D_HAS_CLOCK] = 1
-
     # --- the topic table ----------------------------------------------------------------
 
     def _add_topic(self, topic: bytes, sym: int) -> None:

@@ -17,6 +17,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # conditions.md, consolidated columns: code -> "HOV" letters it allows (H/L, O/C, Vol).
 ALLOWS = {
     1: "HOV", 2: "V", 3: "HOV", 4: "HOV", 5: "HV", 6: "HOV", 7: "V", 8: "HOV", 9: "HOV",
@@ -77,6 +79,22 @@ class Bar:
     vw: float | None
     n: int
     flags: int
+
+
+def bar_from_record(record: np.void) -> Bar:
+    """A published BAR record (one row of ``wire.BAR_DTYPE``) as a :class:`Bar`."""
+    vw = float(record["vw"])
+    return Bar(
+        int(record["s"]),
+        float(record["o"]),
+        float(record["h"]),
+        float(record["l"]),
+        float(record["c"]),
+        float(record["v"]),
+        None if math.isnan(vw) else vw,
+        int(record["n"]),
+        int(record["flags"]),
+    )
 
 
 @dataclass

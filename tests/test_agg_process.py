@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import zmq
 
 from polyfan import wire
 from procs import Proc, endpoint, free_port, scrape
-from reference import Bar, Clock, Trade, Trades, reference_bars
+from reference import Bar, Clock, Trade, Trades, bar_from_record, reference_bars
 
 INTERVALS = (100, 250, 1_000)
 GRACE = 250
@@ -96,7 +95,7 @@ class AggOutput:
         if message.kind is wire.Kind.BARS:
             interval_text, symbol = message.topic.split(".", 1)
             key = (symbol, int(interval_text.removesuffix("Ms")))
-            bars = [to_bar(r) for r in wire.records(message)]
+            bars = [bar_from_record(r) for r in wire.records(message)]
             self.bars.setdefault(key, []).extend(bars)
             self.by_session.setdefault(message.session, {}).setdefault(key, []).extend(bars)
         elif message.kind is wire.Kind.CLOCK:
@@ -116,21 +115,6 @@ class AggOutput:
         while not condition():
             assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
             self.pump()
-
-
-def to_bar(record: np.void) -> Bar:
-    vw = float(record["vw"])
-    return Bar(
-        int(record["s"]),
-        float(record["o"]),
-        float(record["h"]),
-        float(record["l"]),
-        float(record["c"]),
-        float(record["v"]),
-        None if math.isnan(vw) else vw,
-        int(record["n"]),
-        int(record["flags"]),
-    )
 
 
 def assert_exact(
@@ -365,7 +349,7 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
             reply = ask({"id": number, "channel": f"{interval}Ms.{symbol}"})
             request_id, status, bars = wire.records_from_history(reply)
             assert (request_id, status) == (number, wire.HistoryStatus.OK)
-            assert [to_bar(b) for b in bars] == output.bars[(symbol, interval)]
+            assert [bar_from_record(b) for b in bars] == output.bars[(symbol, interval)]
         # killing and restarting the proxy is a new session, not a loss
         assert proxy.stop() == 0
         before = output.clock
@@ -587,7 +571,7 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
         )
         request_id, status, bars = wire.records_from_history(reply)
         assert (request_id, status) == (1, wire.HistoryStatus.OK)
-        assert [to_bar(b) for b in bars] == output.bars[("AAPL", 100)][1:]
+        assert [bar_from_record(b) for b in bars] == output.bars[("AAPL", 100)][1:]
         request_id, status, bars = wire.records_from_history(
             ask({"id": 2, "channel": "1000Ms.AAPL", "limit": 1})
         )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +9,7 @@ from hypothesis import strategies as st
 
 from polyfan import conditions, wire
 from polyfan.bars import Bars
-from reference import Bar, Clock, Result, Trade, Trades, reference_bars
+from reference import Bar, Clock, Result, Trade, Trades, bar_from_record, reference_bars
 
 SYMBOLS = ["A", "AA", "AAPL", "BRK.A"]
 # Known codes of every kind (regular, vol-only, H/L-only, nothing, H/L+O/C-only, Form T,
@@ -76,20 +74,7 @@ class Run:
         n_int = len(self.intervals)
         for key, record in zip(series.tolist(), bars, strict=True):
             name, interval = self.names[key // n_int], self.intervals[key % n_int]
-            vw = None if math.isnan(record["vw"]) else float(record["vw"])
-            self.published.setdefault((name, interval), []).append(
-                Bar(
-                    int(record["s"]),
-                    float(record["o"]),
-                    float(record["h"]),
-                    float(record["l"]),
-                    float(record["c"]),
-                    float(record["v"]),
-                    vw,
-                    int(record["n"]),
-                    int(record["flags"]),
-                )
-            )
+            self.published.setdefault((name, interval), []).append(bar_from_record(record))
 
 
 def assert_same_bars(published: dict[tuple[str, int], list[Bar]], expected: Result) -> None:

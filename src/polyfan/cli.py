@@ -22,14 +22,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("polyfan")
 
 
-def _duration(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+def _parsed(parse: Callable[..., Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback running one of :mod:`polyfan.config`'s parsers on an option's value
+    (each value of a repeatable option); its :class:`ConfigError` becomes a usage error."""
+
     def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         if value is None:
             return None
+        name = (
+            param.opts[0]
+            if param.opts and param.opts[0].startswith("-")
+            else param.human_readable_name
+        )
         try:
             if isinstance(value, tuple):
-                return tuple(cfg.parse_duration_ms(v, name=name) for v in value)
-            return cfg.parse_duration_ms(value, name=name)
+                return tuple(parse(v, name=name) for v in value)
+            return parse(value, name=name)
         except ConfigError as exc:
             raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 
@@ -41,6 +49,26 @@ def _call(converter: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return converter(*args, **kwargs)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _sub_option(default: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        "--sub",
+        multiple=True,
+        default=(default,),
+        show_default=True,
+        callback=_parsed(cfg.validate_endpoint),
+        help=f"{what} PUB endpoint to connect to; repeatable.",
+    )
+
+
+_metrics_option = click.option(
+    "--metrics",
+    default=None,
+    metavar="HOST:PORT",
+    callback=_parsed(cfg.parse_host_port),
+    help="Serve Prometheus counters here.",
+)
 
 
 def _run(run: Callable[[Any], int], config: Any) -> None:
@@ -93,13 +121,19 @@ def main(log_level: str | None) -> None:
 )
 @click.option("--subscribe", default="T.*", show_default=True, help="Upstream subscribe params.")
 @click.option(
-    "--pub", default=cfg.DEFAULT_PROXY_PUB, show_default=True, help="ZeroMQ PUB endpoint to bind."
+    "--pub",
+    callback=_parsed(cfg.validate_endpoint),
+    default=cfg.DEFAULT_PROXY_PUB,
+    show_default=True,
+    help="ZeroMQ PUB endpoint to bind.",
 )
-@click.option(
-    "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus counters here."
-)
+@_metrics_option
 def proxy(
-    upstream: str, api_key_file: Path | None, subscribe: str, pub: str, metrics: str | None
+    upstream: str,
+    api_key_file: Path | None,
+    subscribe: str,
+    pub: str,
+    metrics: tuple[str, int] | None,
 ) -> None:
     """Hold the one upstream connection and republish every trade on ZeroMQ."""
     from polyfan import proxy as role
@@ -108,41 +142,42 @@ def proxy(
         api_key=_call(cfg.read_api_key, os.environ, api_key_file),
         upstream=upstream,
         subscribe=subscribe,
-        pub=_call(cfg.validate_endpoint, pub, name="--pub"),
-        metrics=_call(cfg.parse_host_port, metrics, name="--metrics") if metrics else None,
+        pub=pub,
+        metrics=metrics,
     )
     _run(role.run, config)
 
 
 @main.command()
-@click.option(
-    "--sub",
-    multiple=True,
-    default=(cfg.DEFAULT_PROXY_PUB,),
-    show_default=True,
-    help="Proxy PUB endpoint to connect to; repeatable.",
-)
+@_sub_option(cfg.DEFAULT_PROXY_PUB, "Proxy")
 @click.option(
     "--pub",
+    callback=_parsed(cfg.validate_endpoint),
     default=cfg.DEFAULT_AGG_PUB,
     show_default=True,
     help="ZeroMQ endpoint to bind for bars.",
 )
-@click.option("--symbols", default="*", show_default=True, help="* for every symbol, or TSLA,AAPL.")
+@click.option(
+    "--symbols",
+    default="*",
+    show_default=True,
+    callback=_parsed(cfg.parse_symbols),
+    help="* for every symbol, or TSLA,AAPL.",
+)
 @click.option(
     "--interval",
     "intervals",
     multiple=True,
     default=cfg.DEFAULT_INTERVALS,
     show_default=True,
-    callback=_duration("--interval"),
+    callback=_parsed(cfg.parse_duration_ms),
     help="Bar interval (100ms to 1m); repeatable.",
 )
 @click.option(
     "--grace",
     default="250ms",
     show_default=True,
-    callback=_duration("--grace"),
+    callback=_parsed(cfg.parse_duration_ms),
     help="How long a bar waits for late trades.",
 )
 @click.option(
@@ -161,22 +196,20 @@ def proxy(
     "--history",
     default="1h",
     show_default=True,
-    callback=_duration("--history"),
+    callback=_parsed(cfg.parse_duration_ms),
     help="Bars kept per symbol and interval for late joiners.",
 )
-@click.option(
-    "--metrics", default=None, metavar="HOST:PORT", help="Serve Prometheus counters here."
-)
+@_metrics_option
 def agg(
     sub: tuple[str, ...],
     pub: str,
-    symbols: str,
+    symbols: tuple[str, ...] | None,
     intervals: tuple[int, ...],
     grace: int,
     conditions: str,
     conditions_file: Path | None,
     history: int,
-    metrics: str | None,
+    metrics: tuple[str, int] | None,
 ) -> None:
     """Build exact OHLCV bars from the proxy's trades and publish them."""
     from polyfan import agg as role
@@ -187,29 +220,24 @@ def agg(
                 f"{interval}ms is outside 100ms to 1m", param_hint="--interval"
             )
     config = cfg.AggConfig(
-        sub=tuple(_call(cfg.validate_endpoint, s, name="--sub") for s in sub),
-        pub=_call(cfg.validate_endpoint, pub, name="--pub"),
-        symbols=_call(cfg.parse_symbols, symbols),
+        sub=sub,
+        pub=pub,
+        symbols=symbols,
         intervals_ms=tuple(sorted(set(intervals))),
         grace_ms=grace,
         conditions=conditions,
         conditions_file=conditions_file,
         history_ms=history,
-        metrics=_call(cfg.parse_host_port, metrics, name="--metrics") if metrics else None,
+        metrics=metrics,
     )
     _run(role.run, config)
 
 
 @main.command()
-@click.option(
-    "--sub",
-    multiple=True,
-    default=(cfg.DEFAULT_AGG_PUB,),
-    show_default=True,
-    help="Aggregator PUB endpoint to connect to; repeatable.",
-)
+@_sub_option(cfg.DEFAULT_AGG_PUB, "Aggregator")
 @click.option(
     "--listen",
+    callback=_parsed(cfg.parse_host_port),
     default=cfg.DEFAULT_BRIDGE_LISTEN,
     show_default=True,
     help="HOST:PORT for WebSocket and HTTP.",
@@ -227,37 +255,47 @@ def agg(
     show_default=True,
     help="Processes sharing the port (SO_REUSEPORT), for many thousands of clients.",
 )
-def bridge(sub: tuple[str, ...], listen: str, tokens: tuple[str, ...], workers: int) -> None:
+def bridge(
+    sub: tuple[str, ...], listen: tuple[str, int], tokens: tuple[str, ...], workers: int
+) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
 
     config = cfg.BridgeConfig(
-        sub=tuple(_call(cfg.validate_endpoint, s, name="--sub") for s in sub),
-        listen=_call(cfg.parse_host_port, listen, name="--listen"),
+        sub=sub,
+        listen=listen,
         tokens=cfg.read_tokens(os.environ, tokens),
         workers=workers,
     )
     _run(role.run, config)
 
 
-def _sim_symbols(text: str) -> int | tuple[str, ...]:
+def _sim_symbols(text: str, *, name: str = "--symbols") -> int | tuple[str, ...]:
     if text.strip().isdigit():
         count = int(text)
         if count < 1:
-            raise ConfigError("--symbols: need at least one symbol")
+            raise ConfigError(f"{name}: need at least one symbol")
         return count
-    symbols = cfg.parse_symbols(text)
+    symbols = cfg.parse_symbols(text, name=name)
     if symbols is None:
-        raise ConfigError("--symbols: give a count or a list, not *")
+        raise ConfigError(f"{name}: give a count or a list, not *")
     return symbols
 
 
 @main.command()
 @click.option(
-    "--listen", default=cfg.DEFAULT_SIM_LISTEN, show_default=True, help="HOST:PORT to serve on."
+    "--listen",
+    callback=_parsed(cfg.parse_host_port),
+    default=cfg.DEFAULT_SIM_LISTEN,
+    show_default=True,
+    help="HOST:PORT to serve on.",
 )
 @click.option(
-    "--symbols", default="50", show_default=True, help="How many tickers, or a list: A,AA,AAPL."
+    "--symbols",
+    default="50",
+    show_default=True,
+    callback=_parsed(_sim_symbols),
+    help="How many tickers, or a list: A,AA,AAPL.",
 )
 @click.option(
     "--rate",
@@ -287,8 +325,8 @@ def _sim_symbols(text: str) -> int | tuple[str, ...]:
     help="Write every frame sent as JSON lines {client, frame} (tests).",
 )
 def sim(
-    listen: str,
-    symbols: str,
+    listen: tuple[str, int],
+    symbols: int | tuple[str, ...],
     rate: float,
     seed: int | None,
     api_key: str | None,
@@ -303,8 +341,8 @@ def sim(
     from polyfan import sim as role
 
     config = cfg.SimConfig(
-        listen=_call(cfg.parse_host_port, listen, name="--listen"),
-        symbols=_call(_sim_symbols, symbols),
+        listen=listen,
+        symbols=symbols,
         rate=rate,
         seed=seed,
         api_key=api_key,
@@ -318,6 +356,7 @@ def sim(
 @main.command()
 @click.option(
     "--listen",
+    callback=_parsed(cfg.parse_host_port),
     default=cfg.DEFAULT_BRIDGE_LISTEN,
     show_default=True,
     help="HOST:PORT for the chart page.",
@@ -336,12 +375,12 @@ def sim(
     show_default=True,
     help="Simulated trades per second.",
 )
-def demo(listen: str, symbols: int, rate: float) -> None:
+def demo(listen: tuple[str, int], symbols: int, rate: float) -> None:
     """Run sim, proxy, agg and bridge over ipc on this machine; no API key needed."""
     from polyfan import demo as role
 
     config = cfg.DemoConfig(
-        listen=_call(cfg.parse_host_port, listen, name="--listen"),
+        listen=listen,
         symbols=symbols,
         rate=rate,
     )
@@ -349,7 +388,7 @@ def demo(listen: str, symbols: int, rate: float) -> None:
 
 
 @main.command()
-@click.argument("endpoint")
+@click.argument("endpoint", callback=_parsed(cfg.validate_endpoint))
 @click.argument("prefixes", nargs=-1)
 @click.option(
     "--count", type=click.IntRange(min=1), default=None, help="Exit after this many messages."
@@ -362,7 +401,7 @@ def tap(endpoint: str, prefixes: tuple[str, ...], count: int | None) -> None:
     from polyfan import tap as role
 
     config = cfg.TapConfig(
-        endpoint=_call(cfg.validate_endpoint, endpoint, name="ENDPOINT"),
+        endpoint=endpoint,
         prefixes=prefixes,
         count=count,
     )

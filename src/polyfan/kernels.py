@@ -211,6 +211,27 @@ def _open_slot(
 
 
 @njit(cache=True)
+def _first_last(
+    pool_i: np.ndarray,
+    pool_f: np.ndarray,
+    slot: int,
+    t: int,
+    p: float,
+    first_t: int,
+    last_t: int,
+    first_p: int,
+    last_p: int,
+) -> None:
+    """Keep the first and the last price by (t, arrival) in the given columns."""
+    if t < pool_i[slot, first_t]:
+        pool_i[slot, first_t] = t
+        pool_f[slot, first_p] = p
+    if t >= pool_i[slot, last_t]:
+        pool_i[slot, last_t] = t
+        pool_f[slot, last_p] = p
+
+
+@njit(cache=True)
 def _apply_one(
     pool_i: np.ndarray,
     pool_f: np.ndarray,
@@ -226,12 +247,7 @@ def _apply_one(
         pool_f[slot, F_PV] += p * size
     if flags & OC:
         pool_i[slot, I_NOC] += 1
-        if t < pool_i[slot, I_OCF_T]:
-            pool_i[slot, I_OCF_T] = t
-            pool_f[slot, F_OCF] = p
-        if t >= pool_i[slot, I_OCL_T]:
-            pool_i[slot, I_OCL_T] = t
-            pool_f[slot, F_OCL] = p
+        _first_last(pool_i, pool_f, slot, t, p, I_OCF_T, I_OCL_T, F_OCF, F_OCL)
     if flags & HL:
         pool_i[slot, I_NHL] += 1
         if p > pool_f[slot, F_HI]:
@@ -239,19 +255,9 @@ def _apply_one(
         if p < pool_f[slot, F_LO]:
             pool_f[slot, F_LO] = p
         if not flags & OC:
-            if t < pool_i[slot, I_HLF_T]:
-                pool_i[slot, I_HLF_T] = t
-                pool_f[slot, F_HLF] = p
-            if t >= pool_i[slot, I_HLL_T]:
-                pool_i[slot, I_HLL_T] = t
-                pool_f[slot, F_HLL] = p
+            _first_last(pool_i, pool_f, slot, t, p, I_HLF_T, I_HLL_T, F_HLF, F_HLL)
     else:
-        if t < pool_i[slot, I_ANF_T]:
-            pool_i[slot, I_ANF_T] = t
-            pool_f[slot, F_ANF] = p
-        if t >= pool_i[slot, I_ANL_T]:
-            pool_i[slot, I_ANL_T] = t
-            pool_f[slot, F_ANL] = p
+        _first_last(pool_i, pool_f, slot, t, p, I_ANF_T, I_ANL_T, F_ANF, F_ANL)
         if p > pool_f[slot, F_ANHI]:
             pool_f[slot, F_ANHI] = p
         if p < pool_f[slot, F_ANLO]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -36,11 +38,31 @@ def varied(starts: np.ndarray) -> np.ndarray:
     return records
 
 
-def bars(starts: list[int]) -> np.ndarray:
+def bars(starts: list[int] | np.ndarray) -> np.ndarray:
     records = np.zeros(len(starts), dtype=wire.BAR_DTYPE)
     records["s"] = starts
     records["c"] = np.arange(len(starts), dtype=np.float64)
     return records
+
+
+def feed(
+    history: History,
+    steps: list[tuple[int, int, int]],
+    records: Callable[[np.ndarray], np.ndarray] = bars,
+) -> tuple[dict[int, list[int]], int]:
+    """For each ``(series, count, advance)``: append the series' next ``count`` bars (starts
+    10 apart), move the clock on by ``advance`` and trim. Returns the starts appended per
+    series and the final clock."""
+    made: dict[int, list[int]] = {}
+    clock = 0
+    for series, count, advance in steps:
+        done = made.setdefault(series, [])
+        starts = list(range(10 * len(done), 10 * (len(done) + count), 10))
+        history.add(series, records(np.array(starts, dtype=np.int64)))
+        done.extend(starts)
+        clock += advance
+        history.trim(clock)
+    return made, clock
 
 
 @pytest.mark.parametrize("jit", JIT)
@@ -128,16 +150,7 @@ def test_many_series_with_trimming_match_a_plain_model(
 ) -> None:
     """Appends to several series, clock moves and sweeps, against lists filtered by age."""
     history = History(keep_ms=keep, sweep=2, rows=8, jit=jit)
-    model: dict[int, list[int]] = {}
-    next_start = dict.fromkeys(range(6), 0)
-    clock = 0
-    for series, count, advance in steps:
-        starts = [next_start[series] + 10 * i for i in range(count)]
-        next_start[series] += 10 * count
-        history.add(series, bars(starts))
-        model.setdefault(series, []).extend(starts)
-        clock += advance
-        history.trim(clock)
+    model, clock = feed(history, steps)
     for series in range(6):
         held = history.select(series)["s"].tolist()
         everything = model.get(series, [])
@@ -175,16 +188,7 @@ def test_compressed_blocks_and_hot_bars_answer_like_one_list(
     the block codec; every answer still equals a plain filter of what is held, every field
     bit for bit."""
     history = History(keep_ms=keep, sweep=64, rows=8, block=3, jit=jit)
-    made: dict[int, list[int]] = {}
-    next_start = dict.fromkeys(range(4), 0)
-    clock = 0
-    for series, count, advance in steps:
-        starts = [next_start[series] + 10 * i for i in range(count)]
-        next_start[series] += 10 * count
-        history.add(series, varied(np.array(starts, dtype=np.int64)))
-        made.setdefault(series, []).extend(starts)
-        clock += advance
-        history.trim(clock)
+    made, clock = feed(history, steps, varied)
     if keep == 10**9 and max(map(len, made.values()), default=0) >= 3:
         assert history.cold_bytes > 0  # nothing trimmed: a series with a whole block was packed
     for series in range(4):

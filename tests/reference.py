@@ -4,17 +4,21 @@ Plain Python: sort the trades of each bar by (t, arrival order) and read the ans
 shares no code with polyfan (not even the condition table): the rules are re-stated below from
 conditions.md, so a transcription error in either place shows up as a disagreement.
 
-Input is the stream as the agg receives it: a list of events in arrival order, each either
-``Clock(value)`` (a CLOCK record: the feed clock, which the agg keeps monotonic) or
-``Trades(symbol, [Trade, ...])`` (one trade message). A trade is late for an interval when its
-bar's ``e + grace`` is at or below the clock at its arrival; late trades are not applied and are
-counted once per interval. Bars close once the clock reaches ``e + grace``.
+Input is the stream as the agg receives it: a list of events in arrival order, each
+``Clock(value)`` (a CLOCK record: the feed clock, which the agg keeps monotonic),
+``Trades(symbol, [Trade, ...])`` (one trade message) or ``Upstream(down, clock, wall)`` (an
+UPSTREAM record). A trade is late for an interval when its bar's ``e + grace`` is at or below the
+clock at its arrival; late trades are not applied and are counted once per interval. Bars close
+once the clock reaches ``e + grace``. An outage runs from the clock of an UPSTREAM down to the
+wall time of the next UPSTREAM up (on to the end while none comes); a bar whose ``[s, e)``
+overlaps one is flagged.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +73,13 @@ class Trades:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    down: bool
+    clock: int
+    wall: int
+
+
+@dataclass(frozen=True)
 class Bar:
     s: int
     o: float
@@ -110,19 +121,27 @@ CARRIED = 2
 
 
 def reference_bars(
-    events: list[Clock | Trades],
+    events: Sequence[Clock | Trades | Upstream],
     intervals: tuple[int, ...],
     grace: int,
     rule_set: str = "polygon",
-    outages: tuple[tuple[int, int], ...] = (),
 ) -> Result:
     result = Result()
     clock: int | None = None
     arrival = 0
     buckets: dict[tuple[str, int, int], list[tuple[int, int, Trade, str]]] = defaultdict(list)
+    outages: list[tuple[int, float]] = []
+    down_at: int | None = None
     for event in events:
         if isinstance(event, Clock):
             clock = event.clock if clock is None else max(clock, event.clock)
+            continue
+        if isinstance(event, Upstream):
+            if event.down and down_at is None:
+                down_at = event.clock
+            elif not event.down and down_at is not None:
+                outages.append((down_at, event.wall))
+                down_at = None
             continue
         for trade in event.trades:
             arrival += 1
@@ -137,6 +156,8 @@ def reference_bars(
                     continue
                 buckets[(event.symbol, interval, s)].append((trade.t, arrival, trade, letters))
     result.clock = clock
+    if down_at is not None:
+        outages.append((down_at, math.inf))
     series: dict[tuple[str, int], list[int]] = defaultdict(list)
     for symbol, interval, s in buckets:
         if clock is not None and s + interval + grace <= clock:
@@ -158,7 +179,7 @@ def _bar(
     interval: int,
     ordered: list[tuple[int, int, Trade, str]],
     previous_close: float | None,
-    outages: tuple[tuple[int, int], ...],
+    outages: list[tuple[int, float]],
 ) -> Bar:
     prices = [trade.p for _, _, trade, _ in ordered]
     hl = [trade.p for _, _, trade, letters in ordered if "H" in letters]

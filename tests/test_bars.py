@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from polyfan import conditions, wire
 from polyfan.bars import Bars
-from reference import Bar, Clock, Result, Trade, Trades, bar_from_record, reference_bars
+from reference import Bar, Clock, Result, Trade, Trades, Upstream, bar_from_record, reference_bars
 
 SYMBOLS = ["A", "AA", "AAPL", "BRK.A"]
 # Known codes of every kind (regular, vol-only, H/L-only, nothing, H/L+O/C-only, Form T,
@@ -46,11 +46,17 @@ class Run:
             self.names.append(symbol)
         return self.names.index(symbol)
 
-    def batch(self, events: list[Clock | Trades]) -> None:
+    def batch(self, events: list[Clock | Trades | Upstream]) -> None:
         rows = []
         for event in events:
             if isinstance(event, Clock):
                 self.clock = event.clock if self.clock is None else max(self.clock, event.clock)
+                continue
+            if isinstance(event, Upstream):
+                if event.down:
+                    self.bars.upstream_down(event.clock)
+                else:
+                    self.bars.upstream_up(event.wall)
                 continue
             sid = self.symbol_id(event.symbol)
             arrival_clock = INT64_MIN if self.clock is None else self.clock
@@ -112,6 +118,8 @@ trade_parts = st.tuples(
 )
 event_parts = st.one_of(
     st.tuples(st.just("clock"), st.integers(-5, 25)),
+    st.tuples(st.just("down")),
+    st.tuples(st.just("up"), st.integers(0, 40)),  # wall time at up, after the clock at down
     st.tuples(
         st.just("trades"), st.sampled_from(SYMBOLS), st.lists(trade_parts, min_size=1, max_size=6)
     ),
@@ -119,15 +127,21 @@ event_parts = st.one_of(
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> tuple[list[list[Clock | Trades]], int]:
-    """Batches of events as the agg receives them, and the final clock."""
+def streams(draw: st.DrawFn) -> list[list[Clock | Trades | Upstream]]:
+    """Batches of events as the agg receives them."""
     clock = draw(st.sampled_from([0, 1_781_622_376_000]))
+    high = clock  # the proxy's clock (the largest sent): UPSTREAM records carry it
     grain = draw(st.sampled_from([1, 10, 50]))  # coarse grains land on bar edges and closes
-    batches: list[list[Clock | Trades]] = [[]]
+    batches: list[list[Clock | Trades | Upstream]] = [[]]
     for kind, *rest in draw(st.lists(event_parts, max_size=60)):
         if kind == "clock":
             clock += rest[0] * grain
+            high = max(high, clock)
             batches[-1].append(Clock(clock))
+        elif kind == "down":
+            batches[-1].append(Upstream(True, high, 0))
+        elif kind == "up":
+            batches[-1].append(Upstream(False, high, high + rest[0] * grain))
         else:
             symbol, parts = rest
             trades = tuple(
@@ -140,7 +154,7 @@ def streams(draw: st.DrawFn) -> tuple[list[list[Clock | Trades]], int]:
     if draw(st.booleans()):
         clock += 120_000  # the clock runs on: everything closes
         batches.append([Clock(clock)])
-    return batches, clock
+    return batches
 
 
 intervals_st = st.lists(
@@ -151,7 +165,7 @@ intervals_st = st.lists(
 @pytest.mark.parametrize("jit", JIT)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    stream=streams(),
+    batches=streams(),
     intervals=intervals_st,
     grace=st.sampled_from([0, 50, 250]),
     rule_set=st.sampled_from(["polygon", "polygon", "all"]),
@@ -159,13 +173,12 @@ intervals_st = st.lists(
 )
 def test_kernels_agree_with_the_reference_on_random_streams(
     jit: bool,
-    stream: tuple[list[list[Clock | Trades]], int],
+    batches: list[list[Clock | Trades | Upstream]],
     intervals: tuple[int, ...],
     grace: int,
     rule_set: str,
     pool_size: int,
 ) -> None:
-    batches, _ = stream
     run = Run(intervals, grace, rule_set=rule_set, jit=jit, pool_size=pool_size)
     for batch in batches:
         run.batch(batch)
@@ -312,6 +325,18 @@ def test_bars_overlapping_an_outage_window_are_flagged(jit: bool) -> None:
         (1_000, 10_000): wire.BAR_FLAG_OUTAGE,
         (1_000, 12_000): wire.BAR_FLAG_OUTAGE,
     }
+
+
+@pytest.mark.parametrize("jit", JIT)
+def test_an_outage_that_ended_still_flags_a_longer_bar_open_across_it(jit: bool) -> None:
+    run = Run((100, 1_000), 0, jit=jit)
+    run.batch([Trades("A", (Trade(10_050, 1.0, 1),)), Clock(10_100)])
+    run.batch([Upstream(True, 10_100, 0), Upstream(False, 10_100, 10_150)])
+    # a 100 ms bar closes well after the outage ended; the 1 s bar is still open across it
+    run.batch([Trades("A", (Trade(10_300, 1.0, 1),)), Clock(10_400)])
+    run.batch([Clock(11_000)])
+    flags = {(i, b.s): b.flags for (_, i), bars in run.published.items() for b in bars}
+    assert flags == {(100, 10_000): 0, (100, 10_300): 0, (1_000, 10_000): wire.BAR_FLAG_OUTAGE}
 
 
 @pytest.mark.parametrize("jit", JIT)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyfan import wire
+from polyfan import conditions, kernels, wire
 from polyfan.errors import WireError
 from polyfan.ingest import FrameDecoder
 
@@ -161,3 +161,27 @@ def test_a_trade_topic_that_is_no_symbol_is_ignored_and_counted(jit: bool) -> No
     )
     assert [decoder.symbol_names[i] for i in batch.symbols.tolist()] == ["OK"]
     assert decoder.ignored_messages == 3
+
+
+def test_the_kernels_copies_of_the_wire_constants_agree_with_wire() -> None:
+    # numba's cache keys on kernels.py alone, so the kernels keep literal copies: check them.
+    assert (wire.HEADER.size, wire.VERSION) == (kernels.HEADER_SIZE, kernels.WIRE_VERSION)
+    assert (
+        wire.TRADE_DTYPE.itemsize,
+        wire.BAR_DTYPE.itemsize,
+        wire.CLOCK_DTYPE.itemsize,
+        wire.UPSTREAM_DTYPE.itemsize,
+    ) == (kernels.TRADE_SIZE, kernels.BAR_SIZE, kernels.CLOCK_SIZE, kernels.UPSTREAM_SIZE)
+    kinds = (kernels.KIND_TRADES, kernels.KIND_BARS, kernels.KIND_CLOCK, kernels.KIND_UPSTREAM)
+    assert kinds == (wire.Kind.TRADES, wire.Kind.BARS, wire.Kind.CLOCK, wire.Kind.UPSTREAM)
+    assert max(wire.Kind) == kernels.MAX_KIND
+    assert (kernels.FLAG_OUTAGE, kernels.FLAG_CARRIED) == (
+        wire.BAR_FLAG_OUTAGE,
+        wire.BAR_FLAG_CARRIED,
+    )
+    assert (kernels.HL, kernels.OC, kernels.VOL, kernels.UNKNOWN) == (
+        conditions.HL,
+        conditions.OC,
+        conditions.VOL,
+        conditions.UNKNOWN,
+    )

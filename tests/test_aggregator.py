@@ -166,3 +166,16 @@ def test_messages_the_agg_does_not_use_are_counted(core: Aggregator) -> None:
     )
     assert core.ignored_total.value == 2
     assert core.trades_total.value == 1
+
+
+def test_a_bound_beyond_int64_is_a_bad_request_not_a_crash(core: Aggregator) -> None:
+    core.frames_received([trades_frame("AAPL", 1, 1_050), clock_frame(1, 5_000)])
+    for bound in ("since", "before", "limit"):
+        for value in (2**63, 2**64 - 1):
+            request = {"id": 1, "channel": "100Ms.AAPL", bound: value}
+            assert history(core, request)[1] is wire.HistoryStatus.BAD_REQUEST, request
+    assert history(core, {"id": 2, "channel": "100Ms.AAPL", "before": 2**63 - 1}) == (
+        2,
+        wire.HistoryStatus.OK,
+        [1_000],
+    )

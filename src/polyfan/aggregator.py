@@ -35,6 +35,7 @@ log = logging.getLogger("polyfan.agg")
 _CHANNEL_RE = re.compile(r"(\d+)Ms\.(.+)")
 _REPLY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _U64_MAX = 2**64 - 1
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
 BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
 BAR_SIZE = wire.BAR_DTYPE.itemsize
@@ -43,7 +44,10 @@ UNSUBSCRIBE = 0
 
 
 def _optional_int(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    """None, or an int the kernels can take (JSON allows up to 2**64 - 1; int64 stops short)."""
+    return value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and _I64_MIN <= value <= _I64_MAX
+    )
 
 
 class Aggregator:

@@ -179,3 +179,10 @@ def test_a_bound_beyond_int64_is_a_bad_request_not_a_crash(core: Aggregator) -> 
         wire.HistoryStatus.OK,
         [1_000],
     )
+
+
+def test_a_channel_outside_the_bridges_grammar_is_a_bad_request_not_a_crash(
+    core: Aggregator,
+) -> None:
+    for channel in ("1" * 5_000 + "Ms.AAPL", "\u0661\u0660\u0660Ms.AAPL", "0100Ms.AAPL"):
+        assert history(core, {"id": 1, "channel": channel})[1] is wire.HistoryStatus.BAD_REQUEST

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from polyfan import conditions, kernels, wire
+from polyfan import conditions, kernels, protocol, wire
 from polyfan.bars import Bars
-from polyfan.config import SYMBOL_RE, AggConfig
+from polyfan.config import AggConfig
 from polyfan.errors import WireError
 from polyfan.history import History
 from polyfan.ingest import FrameDecoder
@@ -32,7 +32,6 @@ from polyfan.metrics import Registry
 
 log = logging.getLogger("polyfan.agg")
 
-_CHANNEL_RE = re.compile(r"(\d+)Ms\.(.+)")
 _REPLY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _U64_MAX = 2**64 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -41,6 +40,14 @@ BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a t
 BAR_SIZE = wire.BAR_DTYPE.itemsize
 SUBSCRIBE = 1
 UNSUBSCRIBE = 0
+
+
+def _channel(value: Any) -> protocol.Channel | None:
+    """The channel a history request names (the bridge's grammar), or None."""
+    try:
+        return protocol.parse_channel(value) if isinstance(value, str) else None
+    except protocol.ChannelError:
+        return None
 
 
 def _optional_int(value: Any) -> bool:
@@ -318,17 +325,16 @@ class Aggregator:
         return self._bars_reply(topic, request_id, request)
 
     def _bars_reply(self, topic: bytes, request_id: int, request: dict[str, Any]) -> bytes:
-        channel = request.get("channel")
-        match = _CHANNEL_RE.fullmatch(channel) if isinstance(channel, str) else None
+        channel = _channel(request.get("channel"))
         since, before, limit = (request.get(k) for k in ("since", "before", "limit"))
         if (
-            match is None
-            or SYMBOL_RE.fullmatch(match.group(2)) is None
+            channel is None
+            or channel.symbol is None
             or not (_optional_int(since) and _optional_int(before) and _optional_int(limit))
             or (limit is not None and limit < 0)
         ):
             return self._history_reply(topic, request_id, wire.HistoryStatus.BAD_REQUEST)
-        interval, symbol = int(match.group(1)), match.group(2)
+        interval, symbol = channel.interval, channel.symbol
         if interval not in self.intervals:
             return self._history_reply(topic, request_id, wire.HistoryStatus.INTERVAL_NOT_SERVED)
         if self.config.symbols is not None and symbol not in self.config.symbols:

@@ -203,7 +203,12 @@ def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop
                     frame = pub.recv(noblock)
                 except again:
                     break
-                reply = core.upstream_received(frame)
+                try:
+                    reply = core.upstream_received(frame)
+                except Exception:  # a request must never take the bars down with it
+                    core.bad_requests_total.value += 1
+                    log.exception("request %.200r failed; the agg carries on", frame)
+                    continue
                 if reply is not None:
                     send(reply)
         now = time.monotonic()

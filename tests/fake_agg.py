@@ -180,11 +180,9 @@ class FakeAgg:
 
     def _announce(self) -> None:
         self._socket.send(
-            wire.encode_json(
+            self.sequencer.encode_json(
                 wire.CONTROL_TOPIC,
                 wire.Kind.ANNOUNCE,
-                self.session,
-                self.sequencer.next(wire.CONTROL_TOPIC),
                 {
                     "session": self.session,
                     "intervals": self.intervals,
@@ -198,16 +196,7 @@ class FakeAgg:
     def _publish_bars(self, interval: int, symbol: str, rows: np.ndarray) -> None:
         self.history.setdefault(wire.bar_channel(interval, symbol), []).append(rows)
         topic = wire.bar_topic(interval, symbol)
-        self._socket.send(
-            wire.encode(
-                topic,
-                wire.Kind.BARS,
-                self.session,
-                self.sequencer.next(topic),
-                len(rows),
-                rows.tobytes(),
-            )
-        )
+        self._socket.send(self.sequencer.encode(topic, wire.Kind.BARS, len(rows), rows.tobytes()))
 
     def _upstream(self, message: bytes) -> None:
         if message[:1] in (b"\x00", b"\x01"):

@@ -84,3 +84,27 @@ def test_a_history_reply_whose_payload_is_not_its_count_of_bars_raises_wire_erro
     assert wire.records_from_history(wire.decode(frame))[0] == 7
     with pytest.raises(WireError, match="record count"):
         wire.records_from_history(wire.decode(frame + extra))
+
+
+def test_sequencer_numbers_each_topic_and_stamps_its_session() -> None:
+    sequencer = wire.Sequencer(session=77)
+    topic = wire.bar_topic(500, "A")
+    first = wire.decode(sequencer.encode(topic, wire.Kind.BARS, 0, b""))
+    announce = wire.decode(sequencer.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, {"x": 1}))
+    second = wire.decode(sequencer.encode(topic, wire.Kind.BARS, 0, b""))
+    reply = sequencer.encode_history(
+        wire.reply_topic("r"), 9, wire.HistoryStatus.OK, np.zeros(2, wire.BAR_DTYPE)
+    )
+    request_id, status, bars = wire.records_from_history(wire.decode(reply))
+    assert [(m.topic, m.session, m.seq) for m in (first, announce, second)] == [
+        ("500Ms.A", 77, 1),
+        ("_ctl", 77, 1),
+        ("500Ms.A", 77, 2),
+    ]
+    assert wire.decode_json(announce) == {"x": 1}
+    assert (request_id, status, len(bars), wire.decode(reply).seq) == (
+        9,
+        wire.HistoryStatus.OK,
+        2,
+        1,
+    )

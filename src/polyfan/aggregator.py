@@ -252,7 +252,7 @@ class Aggregator:
         self._bar_topics_for = len(names)
 
     def _encode(self, topic: bytes, kind: wire.Kind, count: int, payload: bytes) -> bytes:
-        return wire.encode(topic, kind, self.session, self.sequencer.next(topic), count, payload)
+        return self.sequencer.encode(topic, kind, count, payload)
 
     def tick(self, busy: Callable[[], bool] | None = None) -> None:
         """Housekeeping between batches: trim and pack the history against the feed clock,
@@ -272,13 +272,7 @@ class Aggregator:
             "grace": self.config.grace_ms,
             "history": self.config.history_ms,
         }
-        return wire.encode_json(
-            wire.CONTROL_TOPIC,
-            wire.Kind.ANNOUNCE,
-            self.session,
-            self.sequencer.next(wire.CONTROL_TOPIC),
-            value,
-        )
+        return self.sequencer.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, value)
 
     def upstream_received(self, frame: bytes) -> bytes | None:
         """A frame from the XPUB: a (un)subscription or a request; return what to publish."""
@@ -315,12 +309,8 @@ class Aggregator:
             names = self.decoder.symbol_names
             order = np.argsort(-counts[: len(names)], kind="stable")
             symbols = [[names[i], int(counts[i])] for i in order.tolist() if counts[i] > 0]
-            return wire.encode_json(
-                topic,
-                wire.Kind.SYMBOLS,
-                self.session,
-                self.sequencer.next(topic),
-                {"id": request_id, "symbols": symbols},
+            return self.sequencer.encode_json(
+                topic, wire.Kind.SYMBOLS, {"id": request_id, "symbols": symbols}
             )
         return self._bars_reply(topic, request_id, request)
 
@@ -346,17 +336,10 @@ class Aggregator:
         else:
             series = self.bars.series_id(symbol_id, interval)
             bars = self.history.select(series, since, before, limit)
-        return wire.encode_history(
-            topic, self.session, self.sequencer.next(topic), request_id, wire.HistoryStatus.OK, bars
-        )
+        return self.sequencer.encode_history(topic, request_id, wire.HistoryStatus.OK, bars)
 
     def _history_reply(self, topic: bytes, request_id: int, status: wire.HistoryStatus) -> bytes:
         self.bad_requests_total.value += 1
-        return wire.encode_history(
-            topic,
-            self.session,
-            self.sequencer.next(topic),
-            request_id,
-            status,
-            np.zeros(0, dtype=wire.BAR_DTYPE),
+        return self.sequencer.encode_history(
+            topic, request_id, status, np.zeros(0, dtype=wire.BAR_DTYPE)
         )

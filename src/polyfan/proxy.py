@@ -177,18 +177,9 @@ class Proxy:
 
     def publish_trades(self, batch: TradeBatch) -> None:
         self.m_trades.value += batch.count  # before sending, as in _send
-        session, next_seq, send = self.session_id, self.sequencer.next, self._send
+        encode, send, trades = self.sequencer.encode, self._send, wire.Kind.TRADES
         for topic, records in zip(batch.topics, batch.records, strict=True):
-            send(
-                wire.encode(
-                    topic,
-                    wire.Kind.TRADES,
-                    session,
-                    next_seq(topic),
-                    len(records),
-                    records.tobytes(),
-                )
-            )
+            send(encode(topic, trades, len(records), records.tobytes()))
 
     def publish_clock(self, now_ms: int) -> None:
         record = np.array([(self.clock.read(now_ms), now_ms)], wire.CLOCK_DTYPE)
@@ -199,9 +190,7 @@ class Proxy:
         self._publish_control(wire.Kind.UPSTREAM, record)
 
     def _publish_control(self, kind: wire.Kind, record: np.ndarray) -> None:
-        topic = wire.CONTROL_TOPIC
-        seq = self.sequencer.next(topic)
-        self._send(wire.encode(topic, kind, self.session_id, seq, 1, record.tobytes()))
+        self._send(self.sequencer.encode(wire.CONTROL_TOPIC, kind, 1, record.tobytes()))
 
     # --- the tasks ----------------------------------------------------------------------------
 

@@ -256,7 +256,8 @@ def decode_request(frame: bytes) -> dict[str, Any]:
 
 
 class Sequencer:
-    """Per-topic sequence numbers for a publisher: 1, 2, 3 ... per topic."""
+    """A publisher's session id and per-topic sequence numbers (1, 2, 3 ... per topic), and
+    the messages that carry them: each ``encode*`` takes the topic's next number."""
 
     def __init__(self, session: int) -> None:
         self.session = session
@@ -266,6 +267,17 @@ class Sequencer:
         seq = self._last.get(topic, 0) + 1
         self._last[topic] = seq
         return seq
+
+    def encode(self, topic: bytes, kind: Kind, count: int, payload: bytes) -> bytes:
+        return encode(topic, kind, self.session, self.next(topic), count, payload)
+
+    def encode_json(self, topic: bytes, kind: Kind, value: Any) -> bytes:
+        return encode_json(topic, kind, self.session, self.next(topic), value)
+
+    def encode_history(
+        self, topic: bytes, request_id: int, status: HistoryStatus, bars: np.ndarray
+    ) -> bytes:
+        return encode_history(topic, self.session, self.next(topic), request_id, status, bars)
 
 
 class GapCounter:

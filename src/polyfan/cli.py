@@ -54,6 +54,7 @@ def _call(converter: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def _sub_option(default: str, what: str) -> Callable[[F], F]:
     return click.option(
         "--sub",
+        metavar="ENDPOINT",
         multiple=True,
         default=(default,),
         show_default=True,
@@ -109,6 +110,7 @@ def main(log_level: str | None) -> None:
 @main.command()
 @click.option(
     "--upstream",
+    metavar="URL",
     envvar="POLYFAN_UPSTREAM",
     default=cfg.DEFAULT_UPSTREAM,
     show_default=True,
@@ -119,9 +121,16 @@ def main(log_level: str | None) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Read the API key from this file (else env MASSIVE_API_KEY, then POLYGON_API_KEY).",
 )
-@click.option("--subscribe", default="T.*", show_default=True, help="Upstream subscribe params.")
+@click.option(
+    "--subscribe",
+    metavar="PARAMS",
+    default="T.*",
+    show_default=True,
+    help="Upstream subscribe params.",
+)
 @click.option(
     "--pub",
+    metavar="ENDPOINT",
     callback=_parsed(cfg.validate_endpoint),
     default=cfg.DEFAULT_PROXY_PUB,
     show_default=True,
@@ -152,6 +161,7 @@ def proxy(
 @_sub_option(cfg.DEFAULT_PROXY_PUB, "Proxy")
 @click.option(
     "--pub",
+    metavar="ENDPOINT",
     callback=_parsed(cfg.validate_endpoint),
     default=cfg.DEFAULT_AGG_PUB,
     show_default=True,
@@ -160,6 +170,7 @@ def proxy(
 @click.option(
     "--symbols",
     default="*",
+    metavar="LIST",
     show_default=True,
     callback=_parsed(cfg.parse_symbols),
     help="* for every symbol, or TSLA,AAPL.",
@@ -167,6 +178,7 @@ def proxy(
 @click.option(
     "--interval",
     "intervals",
+    metavar="DUR",
     multiple=True,
     default=cfg.DEFAULT_INTERVALS,
     show_default=True,
@@ -175,6 +187,7 @@ def proxy(
 )
 @click.option(
     "--grace",
+    metavar="DUR",
     default="250ms",
     show_default=True,
     callback=_parsed(cfg.parse_duration_ms),
@@ -194,6 +207,7 @@ def proxy(
 )
 @click.option(
     "--history",
+    metavar="DUR",
     default="1h",
     show_default=True,
     callback=_parsed(cfg.parse_duration_ms),
@@ -237,6 +251,7 @@ def agg(
 @_sub_option(cfg.DEFAULT_AGG_PUB, "Aggregator")
 @click.option(
     "--listen",
+    metavar="HOST:PORT",
     callback=_parsed(cfg.parse_host_port),
     default=cfg.DEFAULT_BRIDGE_LISTEN,
     show_default=True,
@@ -245,6 +260,7 @@ def agg(
 @click.option(
     "--token",
     "tokens",
+    metavar="TOKEN",
     multiple=True,
     help="Accepted client token; repeatable (env POLYFAN_TOKENS, comma-separated).",
 )
@@ -285,6 +301,7 @@ def _sim_symbols(text: str, *, name: str = "--symbols") -> int | tuple[str, ...]
 @main.command()
 @click.option(
     "--listen",
+    metavar="HOST:PORT",
     callback=_parsed(cfg.parse_host_port),
     default=cfg.DEFAULT_SIM_LISTEN,
     show_default=True,
@@ -356,6 +373,7 @@ def sim(
 @main.command()
 @click.option(
     "--listen",
+    metavar="HOST:PORT",
     callback=_parsed(cfg.parse_host_port),
     default=cfg.DEFAULT_BRIDGE_LISTEN,
     show_default=True,

@@ -44,6 +44,9 @@ from polyfan.bars import Bars
 from polyfan.config import AggConfig
 from polyfan.ingest import FrameDecoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from procs import free_port
+
 INTERVALS = (100, 250, 500, 1_000, 5_000, 60_000)
 GRACE = 250
 POLYFAN = [sys.executable, "-m", "polyfan"]
@@ -220,14 +223,6 @@ class Agg:
         self.proc.wait(10)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def connected_pub(

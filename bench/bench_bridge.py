@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.request
 from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ from websockets.frames import Frame, Opcode
 
 from polyfan import wire
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from procs import free_port
+
 CHANNELS = [f"500Ms.B{i}" for i in range(5)]
 INTERVAL = 500
 
@@ -48,12 +52,6 @@ INTERVAL = 500
 def raise_fd_limit() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def metrics(port: int) -> dict[str, float]:

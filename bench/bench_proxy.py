@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import zmq
 from polyfan import feed, feedscan, wire
 from polyfan.market import Market
 from polyfan.sim import status
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from procs import free_port
 
 FRAME_EVENTS = 100
 
@@ -263,12 +265,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> None:

@@ -19,6 +19,18 @@ from pathlib import Path
 
 POLYFAN = [sys.executable, "-m", "polyfan"]
 
+# Debian's chromium, headless, as root, on a closed network (no background connections).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

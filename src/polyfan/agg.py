@@ -24,7 +24,7 @@ from types import FrameType
 import numpy as np
 import zmq
 
-from polyfan import wire
+from polyfan import wire, zmqio
 from polyfan.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
@@ -41,8 +41,13 @@ THROUGHPUT_EVERY_S = 10.0
 TRIM_EVERY_S = 0.1
 
 
-def warm_up(config: AggConfig) -> None:
-    """Run every kernel once through a throwaway core, so no batch waits for numba to load."""
+def warm_up(
+    config: AggConfig,
+    receiver: zmqio.AnyReceiver | None = None,
+    sender: zmqio.AnySender | None = None,
+) -> None:
+    """Run every kernel once through a throwaway core (and load the receive and send kernels),
+    so no batch waits for numba to load."""
     core = Aggregator(dataclasses.replace(config, symbols=None), session=1)
     trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
     trade["t"], trade["p"], trade["s"] = 1_000, 1.0, 1.0
@@ -56,6 +61,10 @@ def warm_up(config: AggConfig) -> None:
     core.tick()
     interval = config.intervals_ms[0]
     core.request_received({"id": 1, "reply": "warm", "channel": f"{interval}Ms.WARM", "since": 0})
+    if receiver is not None:
+        receiver.warm_up()
+    if sender is not None:
+        sender.warm_up()
 
 
 class Histogram:
@@ -92,10 +101,12 @@ class _Stop:
 def run(config: AggConfig) -> int:
     registry = Registry()
     core = Aggregator(config, registry)
-    warm_up(config)
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
     pub = context.socket(zmq.XPUB)
+    receiver, sender, io_note = zmqio.receiver_and_sender(sub, pub, BATCH_FRAMES)
+    log.info("%s", io_note)
+    warm_up(config, receiver, sender)
     metrics: MetricsServer | None = None
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -144,12 +155,13 @@ def run(config: AggConfig) -> int:
             "*" if config.symbols is None else ",".join(config.symbols),
             metrics_note,
         )
-        _loop(core, sub, pub, stop)
+        _loop(core, sub, pub, receiver, sender, stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if metrics is not None:
             metrics.close()
+        receiver.close()
         sub.close(0)
         pub.close(0)
         context.term()
@@ -157,11 +169,19 @@ def run(config: AggConfig) -> int:
     return 0
 
 
-def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop: _Stop) -> None:
+def _loop(
+    core: Aggregator,
+    sub: zmq.Socket[bytes],
+    pub: zmq.Socket[bytes],
+    receiver: zmqio.AnyReceiver,
+    sender: zmqio.AnySender,
+    stop: _Stop,
+) -> None:
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
     poller.register(pub, zmq.POLLIN)
-    recv_sub = sub.recv
+    receive = receiver.receive
+    send_bars = sender.send
     send = pub.send
     noblock = zmq.NOBLOCK
     again = zmq.Again
@@ -185,17 +205,11 @@ def _loop(core: Aggregator, sub: zmq.Socket[bytes], pub: zmq.Socket[bytes], stop
         events = dict(poller.poll(POLL_MS))
         if sub in events:
             woke = time.perf_counter()
-            frames: list[bytes] = []
-            append = frames.append
-            for _ in range(BATCH_FRAMES):
-                try:
-                    append(recv_sub(noblock))
-                except again:
-                    break
-            bars_before = core.bars_total.value
-            for message in core.frames_received(frames):
+            out = core.batch_received(*receive())
+            send_bars(out.buffer, out.offsets, out.count)
+            for message in out.control:
                 send(message)
-            if core.bars_total.value != bars_before:
+            if out.count:
                 publish_delay.observe(time.perf_counter() - woke)
         if pub in events:
             for _ in range(1000):

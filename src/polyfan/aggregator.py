@@ -12,12 +12,12 @@ someone subscribes to the control topic) and history / symbols requests (docs/ar
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from polyfan.bars import Bars
 from polyfan.config import AggConfig
 from polyfan.errors import WireError
 from polyfan.history import History
-from polyfan.ingest import FrameDecoder
+from polyfan.ingest import FrameDecoder, join_frames, split_frames
 from polyfan.metrics import Registry
 
 log = logging.getLogger("polyfan.agg")
@@ -55,6 +55,25 @@ def _optional_int(value: Any) -> bool:
     return value is None or (
         isinstance(value, int) and not isinstance(value, bool) and _I64_MIN <= value <= _I64_MAX
     )
+
+
+_NO_MESSAGES = (np.zeros(1, np.uint8), np.zeros(1, np.int64), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What one batch makes to publish, in this order: ``count`` BARS messages in one buffer
+    (message i is ``buffer[offsets[i]:offsets[i + 1]]``, one per topic, oldest first), then
+    the relayed control messages (UPSTREAM, CLOCK)."""
+
+    buffer: np.ndarray
+    offsets: np.ndarray
+    count: int
+    control: list[bytes]
+
+    def messages(self) -> list[bytes]:
+        """Every message, as bytes, in publishing order."""
+        return [*split_frames(self.buffer, self.offsets, self.count), *self.control]
 
 
 class Aggregator:
@@ -136,23 +155,27 @@ class Aggregator:
 
     def frames_received(self, frames: Sequence[bytes]) -> list[bytes]:
         """Handle one batch of frames from the proxy; return the messages to publish."""
+        return self.batch_received(*join_frames(frames)).messages()
+
+    def batch_received(self, buffer: np.ndarray, offsets: np.ndarray, count: int) -> Outgoing:
+        """Handle one batch of ``count`` frames held in one buffer (frame i is
+        ``buffer[offsets[i]:offsets[i + 1]]``); return what to publish, in order."""
         decoder = self.decoder
         bad_before = decoder.bad_messages
         gaps_before = decoder.gaps
-        batch = decoder.decode(frames)
+        batch = decoder.decode_buffer(buffer, offsets, count)
         self.trades_total.value += len(batch.trades)
         late_before = self.bars.late_trades
         self.bars.add_trades(batch.trades, batch.symbols, batch.clocks)
         self._count(bad_before, gaps_before, late_before)
-        relayed = [self._upstream_frame(frame) for frame in batch.specials]
-        messages = self.bars_closed()
-        messages.extend(m for m in relayed if m is not None)
+        control = [m for m in map(self._upstream_frame, batch.specials) if m is not None]
+        bars, bar_offsets, bar_count = self._bars_encoded()
         clock = decoder.clock
         if clock is not None and self._relayed_clock != (clock, decoder.clock_wall):
             self._relayed_clock = (clock, decoder.clock_wall)
             record = np.array([self._relayed_clock], dtype=wire.CLOCK_DTYPE)
-            messages.append(self._encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, record.tobytes()))
-        return messages
+            control.append(self._encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, record.tobytes()))
+        return Outgoing(bars, bar_offsets, bar_count, control)
 
     def _count(self, bad_before: int, gaps_before: int, late_before: int) -> None:
         decoder = self.decoder
@@ -198,13 +221,17 @@ class Aggregator:
 
     def bars_closed(self) -> list[bytes]:
         """Close what the feed clock has passed; one BARS message per topic, oldest first."""
+        return split_frames(*self._bars_encoded())
+
+    def _bars_encoded(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """:meth:`bars_closed` as one buffer with offsets: ``(buffer, offsets, count)``."""
         clock = self.decoder.clock
         if clock is None:
-            return []
+            return _NO_MESSAGES
         series, bars = self.bars.closed_bars(clock)
         count = len(series)
         if count == 0:
-            return []
+            return _NO_MESSAGES
         self.bars_total.value += count
         self.history.add_closed(series, bars)
         self._ensure_bar_topics()
@@ -220,9 +247,7 @@ class Aggregator:
             out,
             offsets,
         )
-        bounds = offsets[: messages + 1].tolist()
-        data = out[: bounds[-1]].tobytes()
-        return [data[a:b] for a, b in itertools.pairwise(bounds)]
+        return out, offsets, int(messages)
 
     def _ensure_bar_topics(self) -> None:
         """Topic bytes (without terminator) and sequence numbers for every series."""

@@ -5,12 +5,14 @@ sequence state (gaps counted exactly as :class:`polyfan.wire.GapCounter` counts 
 session id is a publisher restart, not a loss) and the feed clock (the largest CLOCK seen, so it
 never runs backwards). ``decode(frames)`` returns the batch's trades in arrival order, each with
 its symbol id and the feed clock at its arrival, plus the control frames other than CLOCK
-(UPSTREAM, ...) for the caller to handle. It is the same codec as :mod:`polyfan.wire`, compiled:
+(UPSTREAM, ...) for the caller to handle; ``decode_buffer(buffer, offsets, count)`` does the same
+for frames already in one buffer (the agg's compiled receive path). It is the same codec as :mod:`polyfan.wire`, compiled:
 the tests check the two agree frame for frame.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,22 @@ class Batch:
     symbols: np.ndarray  # int64 symbol id per trade
     clocks: np.ndarray  # int64 feed clock at each trade's arrival
     specials: list[bytes]  # control frames other than CLOCK, in arrival order
+
+
+def join_frames(frames: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Frames as one buffer with offsets: ``(buffer, offsets, count)``."""
+    offsets = np.zeros(len(frames) + 1, dtype=np.int64)
+    np.cumsum([len(f) for f in frames], out=offsets[1:])
+    return np.frombuffer(b"".join(frames), dtype=np.uint8), offsets, len(frames)
+
+
+def split_frames(buffer: np.ndarray, offsets: np.ndarray, count: int) -> list[bytes]:
+    """The messages of a buffer with offsets, as bytes."""
+    if count == 0:
+        return []
+    bounds = offsets[: count + 1].tolist()
+    data = buffer[: bounds[-1]].tobytes()
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 class FrameDecoder:
@@ -129,17 +147,16 @@ class FrameDecoder:
         for tid in range(self._topics):
             self._insert(tid)
 
-    def _register_new_topics(
-        self, frames: Sequence[bytes], buf: np.ndarray, offsets: np.ndarray, start: int
-    ) -> None:
+    def _register_new_topics(self, buf: np.ndarray, offsets: np.ndarray, start: int) -> None:
         """Register every topic of the batch not yet in the table, from frame ``start`` on."""
-        found = np.empty(len(frames) - start, dtype=np.int64)
+        found = np.empty(len(offsets) - 1 - start, dtype=np.int64)
         count = self._unknown(
             buf, offsets, start, self._slots, self._topic_bytes, self._topic_len, found
         )
         seen: set[bytes] = set()
         for index in found[:count].tolist():
-            topic = frames[index][: frames[index].index(wire.TERMINATOR)]
+            frame = buf[offsets[index] : offsets[index + 1]].tobytes()
+            topic = frame[: frame.index(wire.TERMINATOR)]
             if topic not in seen:
                 seen.add(topic)
                 self._register(topic)
@@ -158,14 +175,20 @@ class FrameDecoder:
 
     def decode(self, frames: Sequence[bytes]) -> Batch:
         """Decode received frames, in arrival order, into one batch of trades."""
-        buf = np.frombuffer(b"".join(frames), dtype=np.uint8)
-        offsets = np.zeros(len(frames) + 1, dtype=np.int64)
-        np.cumsum([len(f) for f in frames], out=offsets[1:])
+        return self.decode_buffer(*join_frames(frames))
+
+    def decode_buffer(self, buffer: np.ndarray, offsets: np.ndarray, count: int) -> Batch:
+        """Decode ``count`` received frames held in one buffer (frame i is
+        ``buffer[offsets[i]:offsets[i + 1]]``), in arrival order, into one batch of trades.
+        Nothing in the batch refers to ``buffer``: the caller may reuse it."""
+        offsets = offsets[: count + 1]
+        buf = buffer[: offsets[-1]]
+        buf.flags.writeable = False  # one array type for the kernels, whoever owns the buffer
         room = len(buf) // kernels.TRADE_SIZE
         out = np.empty(room * kernels.TRADE_SIZE, dtype=np.uint8)
         symbols = np.empty(room, dtype=np.int64)
         clocks = np.empty(room, dtype=np.int64)
-        specials = np.empty(len(frames), dtype=np.int64)
+        specials = np.empty(count, dtype=np.int64)
         state = self.state
         state[kernels.D_TRADES] = 0
         state[kernels.D_SPECIALS] = 0
@@ -191,11 +214,14 @@ class FrameDecoder:
             )
             if start < 0:
                 break
-            self._register_new_topics(frames, buf, offsets, start)
+            self._register_new_topics(buf, offsets, start)
         count = int(state[kernels.D_TRADES])
         return Batch(
             trades=out[: count * kernels.TRADE_SIZE].view(wire.TRADE_DTYPE),
             symbols=symbols[:count],
             clocks=clocks[:count],
-            specials=[frames[f] for f in specials[: state[kernels.D_SPECIALS]]],
+            specials=[
+                buf[offsets[f] : offsets[f + 1]].tobytes()
+                for f in specials[: state[kernels.D_SPECIALS]].tolist()
+            ],
         )

@@ -179,10 +179,15 @@ def agg_endpoints(transport: str, tmp_path: Path) -> tuple[str, str, int]:
 
 @contextlib.contextmanager
 def serving_agg(
-    ctx: Context, sub: str, pub: str, metrics_port: int, *extra: str
+    ctx: Context,
+    sub: str,
+    pub: str,
+    metrics_port: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Proc, AggOutput]]:
     """``polyfan agg`` ready and announcing, and a subscriber collecting all it publishes."""
-    with Proc(*agg_args(sub, pub, metrics_port, *extra)) as agg:
+    with Proc(*agg_args(sub, pub, metrics_port, *extra), env=env) as agg:
         agg.wait_for("ready:")
         output = AggOutput(ctx, pub)
         output.pump_until(lambda: output.announces, what="announce")
@@ -479,6 +484,39 @@ def test_gaps_count_losses_but_not_a_new_session(
         assert [b.s for b in output.bars[("AAPL", 1_000)]] == [1_000]
         assert agg.stop() == 0
     fake.close()
+
+
+@pytest.mark.parametrize(
+    ("libzmq", "says"),
+    [
+        pytest.param("", "messages go through libzmq 4", id="libzmq-from-numba"),
+        pytest.param("off", "messages go through pyzmq", id="pyzmq-fallback"),
+    ],
+)
+def test_both_message_paths_publish_exactly_the_reference_bars(
+    libzmq: str, says: str, tmp_path: Path, context: Context
+) -> None:
+    """The compiled receive/send path and the pyzmq fallback (``POLYFAN_LIBZMQ=off``, as when
+    libzmq cannot be loaded) publish the same bars, each once, with contiguous sequences."""
+    rng = random.Random(3)
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=5)
+    events = random_events(rng, 200_000, 215_000, 6_000)
+    env = {"POLYFAN_LIBZMQ": libzmq}
+    with serving_agg(context, proxy_pub, agg_pub, port, env=env) as (agg, output):
+        agg.wait_for(says, timeout=1)
+        assert agg.output.count("messages go through") == 1
+        fake.probe(output, 0)
+        fake.publish(events)
+        fake.clock(230_000)
+        output.pump_until(lambda: (output.clock or 0) >= 230_000, what="the last clock")
+        values = scrape(port)
+        assert agg.stop() == 0
+    fake.close()
+    assert values["polyfan_agg_trades_total"] == 6_000
+    assert values["polyfan_agg_gaps_total"] == 0
+    assert_exact(output.bars, reference_bars([*events, Clock(230_000)], INTERVALS, GRACE).bars)
+    assert_contiguous_sequences(output.seqs)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -10,6 +10,7 @@ import pytest
 from polyfan import wire
 from polyfan.aggregator import Aggregator
 from polyfan.config import AggConfig
+from polyfan.ingest import join_frames, split_frames
 
 
 def trades_frame(symbol: str, seq: int, *ts: int, price: float = 1.0) -> bytes:
@@ -55,6 +56,37 @@ def test_bars_go_out_one_message_per_topic_shortest_interval_first_then_the_cloc
     assert {m.session for m in messages} == {42}
     assert core.bars_total.value == 6
     assert core.history.select(core.bars.series_id(1, 100))["s"].tolist() == [1_000, 1_100, 1_200]
+
+
+def test_a_batch_in_one_buffer_gives_the_bar_messages_in_one_buffer_then_the_control(
+    core: Aggregator,
+) -> None:
+    frames = [
+        trades_frame("AAPL", 1, 1_050, 1_150),
+        trades_frame("A", 1, 1_000),
+        wire.encode(
+            wire.CONTROL_TOPIC,
+            wire.Kind.UPSTREAM,
+            1,
+            2,
+            1,
+            np.array([(wire.UPSTREAM_DOWN, 1_200, 0)], wire.UPSTREAM_DTYPE).tobytes(),
+        ),
+        clock_frame(3, 5_000),
+    ]
+    twin = Aggregator(core.config, session=42)
+    expected = twin.frames_received(frames)
+    out = core.batch_received(*join_frames(frames))
+    bars = split_frames(out.buffer, out.offsets, out.count)
+    assert [wire.decode(m).topic for m in bars] == [
+        "100Ms.A",
+        "100Ms.AAPL",
+        "1000Ms.A",
+        "1000Ms.AAPL",
+    ]
+    assert [wire.decode(m).kind for m in out.control] == [wire.Kind.UPSTREAM, wire.Kind.CLOCK]
+    assert out.messages() == [*bars, *out.control] == expected
+    assert core.batch_received(*join_frames([])).messages() == []
 
 
 def test_a_control_subscription_gets_an_announce(core: Aggregator) -> None:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from polyfan import conditions, kernels, wire
 from polyfan.errors import WireError
-from polyfan.ingest import FrameDecoder
+from polyfan.ingest import FrameDecoder, join_frames, split_frames
 
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
 TOPICS = ["T.A", "T.AA", "T.AAPL", "T.BRK.A", "T.TSLA", "_ctl", "100Ms.A", "_rep.x"]
@@ -117,6 +117,37 @@ def test_decoder_agrees_with_the_wire_codec(
         "specials": specials,
     }
     assert got == expected_from_wire(batches, accept)
+
+
+@pytest.mark.parametrize("jit", JIT)
+@settings(max_examples=100, deadline=None)
+@given(batch=st.lists(frames(), max_size=12), slack=st.integers(0, 100))
+def test_decoding_a_reused_buffer_gives_what_decoding_the_frames_gives(
+    jit: bool, batch: list[bytes], slack: int
+) -> None:
+    """``decode_buffer`` over a larger, reused buffer (as the agg's receiver fills it) decodes
+    the same as ``decode(frames)``, and the batch keeps nothing of the buffer."""
+    by_frames = FrameDecoder(jit=jit).decode(batch)
+    joined, offsets, count = join_frames(batch)
+    buffer = np.full(len(joined) + slack, 0xAB, dtype=np.uint8)
+    buffer[: len(joined)] = joined
+    spare = np.full(count + 1 + slack, -1, dtype=np.int64)
+    spare[: count + 1] = offsets
+    by_buffer = FrameDecoder(jit=jit).decode_buffer(buffer, spare, count)
+    buffer[:] = 0  # the receiver reuses it for the next batch
+    assert by_buffer.trades.tobytes() == by_frames.trades.tobytes()
+    assert by_buffer.symbols.tolist() == by_frames.symbols.tolist()
+    assert by_buffer.clocks.tolist() == by_frames.clocks.tolist()
+    assert by_buffer.specials == by_frames.specials
+    assert buffer.flags.writeable  # only the decoder's view of it is read-only
+
+
+def test_frames_joined_and_split_round_trip() -> None:
+    frames_ = [b"", b"a", b"bc", b"", b"\x00" * 300]
+    buffer, offsets, count = join_frames(frames_)
+    assert (offsets.tolist(), count) == ([0, 0, 1, 3, 3, 303], 5)
+    assert split_frames(buffer, offsets, count) == frames_
+    assert split_frames(*join_frames([])) == []
 
 
 def test_many_topics_grow_the_table_and_stay_distinct() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -489,7 +490,15 @@ def test_gaps_count_losses_but_not_a_new_session(
 @pytest.mark.parametrize(
     ("libzmq", "says"),
     [
-        pytest.param("", "messages go through libzmq 4", id="libzmq-from-numba"),
+        pytest.param(
+            "",
+            "messages go through libzmq 4",
+            id="libzmq-from-numba",
+            marks=pytest.mark.skipif(
+                os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"),
+                reason="NUMBA_DISABLE_JIT: the agg can only use pyzmq",
+            ),
+        ),
         pytest.param("off", "messages go through pyzmq", id="pyzmq-fallback"),
     ],
 )

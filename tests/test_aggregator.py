@@ -58,7 +58,7 @@ def test_bars_go_out_one_message_per_topic_shortest_interval_first_then_the_cloc
     assert core.history.select(core.bars.series_id(1, 100))["s"].tolist() == [1_000, 1_100, 1_200]
 
 
-def test_a_batch_in_one_buffer_gives_the_bar_messages_in_one_buffer_then_the_control(
+def test_a_batch_in_one_buffer_gives_its_bar_messages_in_one_buffer_then_the_control(
     core: Aggregator,
 ) -> None:
     frames = [
@@ -86,6 +86,11 @@ def test_a_batch_in_one_buffer_gives_the_bar_messages_in_one_buffer_then_the_con
     ]
     assert [wire.decode(m).kind for m in out.control] == [wire.Kind.UPSTREAM, wire.Kind.CLOCK]
     assert out.messages() == [*bars, *out.control] == expected
+    aapl_100ms = core.bars.series_id(core.decoder.known_symbol_id("AAPL") or 0, 100)
+    assert len(core.history.select(aapl_100ms)) == 0  # stored once the batch is sent
+    core.batch_sent(out)
+    assert core.history.select(aapl_100ms)["s"].tolist() == [1_000, 1_100]
+    assert twin.history.select(aapl_100ms)["s"].tolist() == [1_000, 1_100]
     assert core.batch_received(*join_frames([])).messages() == []
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from numba import config as numba_config
 
 from polyfan import agg, zmqio
 from polyfan.config import AggConfig
@@ -24,6 +25,10 @@ from procs import endpoint
 
 TRANSPORTS = ["ipc", "tcp"]
 PATHS = ["numba", "pyzmq"]
+# A coverage run with NUMBA_DISABLE_JIT=1 cannot run compiled code: the agg falls back then.
+needs_jit = pytest.mark.skipif(
+    numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT: only the pyzmq path can run"
+)
 
 
 class Context:
@@ -54,17 +59,23 @@ def ctx() -> Iterator[Context]:
 
 @pytest.fixture
 def lib() -> zmqio.Libzmq:
+    if numba_config.DISABLE_JIT:
+        pytest.skip("NUMBA_DISABLE_JIT: only the pyzmq path can run")
     return zmqio.open_libzmq()
 
 
 def receiver(path: str, sock: zmq.Socket[bytes], limit: int, size: int = 1 << 16) -> Any:
     if path == "numba":
+        if numba_config.DISABLE_JIT:
+            pytest.skip("NUMBA_DISABLE_JIT: only the pyzmq path can run")
         return zmqio.Receiver(sock, zmqio.open_libzmq(), limit, size)
     return zmqio.PyzmqReceiver(sock, limit)
 
 
 def sender(path: str, sock: zmq.Socket[bytes]) -> Any:
     if path == "numba":
+        if numba_config.DISABLE_JIT:
+            pytest.skip("NUMBA_DISABLE_JIT: only the pyzmq path can run")
         return zmqio.Sender(sock, zmqio.open_libzmq())
     return zmqio.PyzmqSender(sock)
 
@@ -181,6 +192,7 @@ def test_sent_messages_reach_only_the_subscribers_of_their_topic(
     assert not tslax.poll(0)
 
 
+@needs_jit
 def test_compiled_and_pyzmq_sends_on_one_socket_keep_their_order(
     tmp_path: Path, ctx: Context
 ) -> None:
@@ -373,6 +385,7 @@ def test_when_libzmq_cannot_be_used_the_pyzmq_pair_is_chosen_and_said_once(
     assert drain(take.receive, 2) == [b"one", b"two"]
 
 
+@needs_jit
 def test_the_compiled_pair_is_chosen_when_libzmq_is_there(tmp_path: Path, ctx: Context) -> None:
     pub, sub = pub_sub(ctx, endpoint("ipc", tmp_path, "c"), b"")
     take, give, note = zmqio.receiver_and_sender(sub, pub, 8)

@@ -4,9 +4,13 @@ A synchronous poll loop over two sockets:
 
 - a SUB connected to every ``--sub`` (the proxy), subscribed to ``T.<SYM>\\0`` per listed symbol
   (or ``T.`` for ``*``) and the control topic. Everything waiting is drained (up to
-  ``BATCH_FRAMES``) and handed to the core in one call.
+  ``BATCH_FRAMES``) into one buffer and handed to the core in one call.
 - an XPUB bound on ``--pub`` (XPUB_VERBOSE), on which bars, the relayed control messages and the
   announce go out, and subscriptions and history requests come in.
+
+Both per-message loops (drain the SUB, publish each bar message) are compiled calls into the
+libzmq pyzmq loaded (:mod:`polyfan.zmqio`), or pyzmq's own ``recv`` / ``send`` when that library
+cannot be used: one INFO line at start says which.
 
 The poll timeout is short so SIGINT/SIGTERM stop the loop within 2 s; both exit with status 0.
 """
@@ -211,6 +215,7 @@ def _loop(
                 send(message)
             if out.count:
                 publish_delay.observe(time.perf_counter() - woke)
+            core.batch_sent(out)  # the history, once the bars are out
         if pub in events:
             for _ in range(1000):
                 try:

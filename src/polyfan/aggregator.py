@@ -57,19 +57,23 @@ def _optional_int(value: Any) -> bool:
     )
 
 
-_NO_MESSAGES = (np.zeros(1, np.uint8), np.zeros(1, np.int64), 0)
+_NO_SERIES = np.zeros(0, dtype=np.int64)
+_NO_BARS = np.zeros(0, dtype=wire.BAR_DTYPE)
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """What one batch makes to publish, in this order: ``count`` BARS messages in one buffer
     (message i is ``buffer[offsets[i]:offsets[i + 1]]``, one per topic, oldest first), then
-    the relayed control messages (UPSTREAM, CLOCK)."""
+    the relayed control messages (UPSTREAM, CLOCK). ``series`` and ``bars`` are the closed
+    bars themselves, stored in the history by :meth:`Aggregator.batch_sent`."""
 
     buffer: np.ndarray
     offsets: np.ndarray
     count: int
     control: list[bytes]
+    series: np.ndarray
+    bars: np.ndarray
 
     def messages(self) -> list[bytes]:
         """Every message, as bytes, in publishing order."""
@@ -154,12 +158,17 @@ class Aggregator:
     # --- trades in, bars out ------------------------------------------------------------
 
     def frames_received(self, frames: Sequence[bytes]) -> list[bytes]:
-        """Handle one batch of frames from the proxy; return the messages to publish."""
-        return self.batch_received(*join_frames(frames)).messages()
+        """Handle one batch of frames from the proxy; return the messages to publish (their
+        bars are already in the history)."""
+        out = self.batch_received(*join_frames(frames))
+        self.batch_sent(out)
+        return out.messages()
 
     def batch_received(self, buffer: np.ndarray, offsets: np.ndarray, count: int) -> Outgoing:
         """Handle one batch of ``count`` frames held in one buffer (frame i is
-        ``buffer[offsets[i]:offsets[i + 1]]``); return what to publish, in order."""
+        ``buffer[offsets[i]:offsets[i + 1]]``); return what to publish, in order. Call
+        :meth:`batch_sent` once it is published: storing the bars in the history waits until
+        then, so that it does not delay them (before any request is answered)."""
         decoder = self.decoder
         bad_before = decoder.bad_messages
         gaps_before = decoder.gaps
@@ -169,13 +178,19 @@ class Aggregator:
         self.bars.add_trades(batch.trades, batch.symbols, batch.clocks)
         self._count(bad_before, gaps_before, late_before)
         control = [m for m in map(self._upstream_frame, batch.specials) if m is not None]
-        bars, bar_offsets, bar_count = self._bars_encoded()
+        series, bars = self._bars_to_close()
+        buffer, offsets, count = self._encode_closed(series, bars)
         clock = decoder.clock
         if clock is not None and self._relayed_clock != (clock, decoder.clock_wall):
             self._relayed_clock = (clock, decoder.clock_wall)
             record = np.array([self._relayed_clock], dtype=wire.CLOCK_DTYPE)
             control.append(self._encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, record.tobytes()))
-        return Outgoing(bars, bar_offsets, bar_count, control)
+        return Outgoing(buffer, offsets, count, control, series, bars)
+
+    def batch_sent(self, out: Outgoing) -> None:
+        """The batch ``out`` has been published: store its bars in the history."""
+        if len(out.series):
+            self.history.add_closed(out.series, out.bars)
 
     def _count(self, bad_before: int, gaps_before: int, late_before: int) -> None:
         decoder = self.decoder
@@ -220,20 +235,30 @@ class Aggregator:
         )
 
     def bars_closed(self) -> list[bytes]:
-        """Close what the feed clock has passed; one BARS message per topic, oldest first."""
-        return split_frames(*self._bars_encoded())
+        """Close what the feed clock has passed; one BARS message per topic, oldest first
+        (the bars are stored in the history)."""
+        series, bars = self._bars_to_close()
+        if len(series):
+            self.history.add_closed(series, bars)
+        return split_frames(*self._encode_closed(series, bars))
 
-    def _bars_encoded(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """:meth:`bars_closed` as one buffer with offsets: ``(buffer, offsets, count)``."""
+    def _bars_to_close(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bars the feed clock has passed: ``(series ids, BAR records)``, counted."""
         clock = self.decoder.clock
         if clock is None:
-            return _NO_MESSAGES
+            return _NO_SERIES, _NO_BARS
         series, bars = self.bars.closed_bars(clock)
+        self.bars_total.value += len(series)
+        return series, bars
+
+    def _encode_closed(
+        self, series: np.ndarray, bars: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Closed bars as one BARS message per topic, in one buffer: ``(buffer, offsets,
+        count)``."""
         count = len(series)
         if count == 0:
-            return _NO_MESSAGES
-        self.bars_total.value += count
-        self.history.add_closed(series, bars)
+            return np.zeros(1, np.uint8), np.zeros(1, np.int64), 0
         self._ensure_bar_topics()
         out = np.empty(count * (BAR_TOPIC_WIDTH + 1 + wire.HEADER.size + BAR_SIZE), np.uint8)
         offsets = np.empty(count + 1, dtype=np.int64)

@@ -5,15 +5,23 @@ Parts (all by default):
 - ``kernel``: trades/s through the bar kernels alone (5,000 symbols, 6 intervals), and through
   the compiled frame decoder, and through the whole core (frames in, bar messages out).
 - ``zmq``: receive-and-aggregate trades/s of a real ``polyfan agg`` process fed pre-encoded
-  wire messages from a PUB as fast as this script can send them (ipc); ``zmq-hot`` the same
-  over 500 symbols.
+  wire messages from a PUB as fast as this script can send them (ipc; the sender is the agg's
+  own compiled send loop, so it costs ~0.3 µs a message rather than pyzmq's ~0.7); wall clock
+  from the first message sent to the agg's trade counter reaching the total (polled every
+  50 ms), and trades per CPU-second of the agg (all its threads). ``zmq-hot`` the same over
+  500 symbols.
 - ``delay``: from the feed clock passing ``e + grace`` (the CLOCK message that passes it leaves
-  this script) to the bar arriving back here, p50/p99/max, at a market-like rate;
+  this script) to the bar arriving back here, p50/p99/max, at a market-like rate; a receiving
+  thread drains the agg's messages with the compiled receive loop (GIL released) and stamps
+  each drain once it ends, so a bar's arrival is the end of the drain that brought it;
   ``delay-burst`` at 30,000 trades/s; ``delay-single`` with one open bar at a time;
   ``delay-core`` the core's own work per closing batch, in-process.
 - ``memory``: resident memory of the agg core after an hour of feed time at ~3,000 trades/s over
   10,000 skewed symbols, with the default 6 intervals and 1 h of history (simulated fast).
 - ``startup``: ``polyfan agg`` start to its ``ready:`` line, numba cache warm.
+
+``--agg-pyzmq`` runs the agg on its pyzmq fallback (``POLYFAN_LIBZMQ=off``) with this script's
+side unchanged, to compare the two message paths.
 
 The machine is shared and has 2 cores: figures are noisy; run each part alone to compare.
 """
@@ -32,17 +40,18 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import zmq
 
-from polyfan import conditions, wire
+from polyfan import conditions, wire, zmqio
 from polyfan.agg import TRIM_EVERY_S
 from polyfan.aggregator import Aggregator
 from polyfan.bars import Bars
 from polyfan.config import AggConfig
-from polyfan.ingest import FrameDecoder
+from polyfan.ingest import FrameDecoder, join_frames, split_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from procs import free_port
@@ -50,6 +59,7 @@ from procs import free_port
 INTERVALS = (100, 250, 500, 1_000, 5_000, 60_000)
 GRACE = 250
 POLYFAN = [sys.executable, "-m", "polyfan"]
+AGG_ENV: dict[str, str] = {}  # extra environment of the agg processes (``--agg-pyzmq``)
 T0 = 1_781_622_000_000
 
 
@@ -183,16 +193,19 @@ class Agg:
         for interval in INTERVALS:
             args += ["--interval", f"{interval}ms"]
         self.port = metrics_port
+        self.message_path = "?"  # "libzmq" or "pyzmq", from the agg's log
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [*POLYFAN, *args, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "POLYFAN_LOG": "info"},
+            env={**os.environ, "POLYFAN_LOG": "info", **AGG_ENV},
         )
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if "messages go through" in line:
+                self.message_path = line.split("messages go through ", 1)[1].split()[0]
             if "ready:" in line:
                 self.ready_after = time.perf_counter() - self.started
                 break
@@ -251,6 +264,16 @@ def connected_pub(
                 return pub, sub
 
 
+def bulk_sender(
+    pub: zmq.Socket[bytes],
+) -> tuple[Callable[[np.ndarray, np.ndarray, int], None], str]:
+    """The fastest way this machine has to send a buffer of messages, and its name."""
+    try:
+        return zmqio.Sender(pub, zmqio.open_libzmq()).send, "libzmq from numba"
+    except zmqio.LibzmqUnavailableError:
+        return zmqio.PyzmqSender(pub).send, "pyzmq"
+
+
 def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> None:
     count = 3_000_000
     trades, sym = market(count, symbols, rate=200_000, seed=2)
@@ -265,6 +288,9 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
             pub, sub = connected_pub(ctx, proxy, agg_pub)
             sub.close(0)
             send = pub.send
+            publish, how = bulk_sender(pub)
+            buffer, offsets, n_frames = join_frames(frames)
+            buffer = buffer.copy()
             # Steady state: every symbol seen once (topic tables built) before the clock starts.
             warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
             warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0
@@ -274,8 +300,7 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
                 time.sleep(0.05)
             cpu = agg.cpu_seconds()
             started = time.perf_counter()
-            for frame in frames:
-                send(frame)
+            publish(buffer, offsets, n_frames)
             sent_after = time.perf_counter() - started
             while agg.metric("polyfan_agg_trades_total") < count + symbols:
                 time.sleep(0.05)
@@ -284,10 +309,11 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
             gaps = agg.metric("polyfan_agg_gaps_total")
             bars = agg.metric("polyfan_agg_bars_total")
             print(
-                f"zmq: {count / elapsed:,.0f} trades/s received and aggregated by polyfan agg, "
+                f"zmq: {count / elapsed:,.0f} trades/s received and aggregated by polyfan agg "
+                f"(messages through {agg.message_path}), "
                 f"wall clock; {count / cpu:,.0f} trades per CPU-second of the agg "
                 f"({symbols:,} symbols, {per_message} trades/message at most, {len(frames):,} messages, "
-                f"{bars / count:.2f} bars per trade; sender alone {count / sent_after:,.0f} "
+                f"{bars / count:.2f} bars per trade; sender ({how}) alone {count / sent_after:,.0f} "
                 f"trades/s; gaps {gaps:.0f})"
             )
             pub.close(0)
@@ -296,6 +322,16 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
 
 
 # --- delay --------------------------------------------------------------------------------
+
+
+def bulk_receiver(
+    sub: zmq.Socket[bytes],
+) -> tuple[Callable[[], tuple[np.ndarray, np.ndarray, int]], str]:
+    """The fastest way this machine has to drain a socket, and its name."""
+    try:
+        return zmqio.Receiver(sub, zmqio.open_libzmq(), 1 << 16).receive, "libzmq from numba"
+    except zmqio.LibzmqUnavailableError:
+        return zmqio.PyzmqReceiver(sub, 1 << 16).receive, "pyzmq"
 
 
 def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0) -> None:
@@ -311,18 +347,19 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         agg = Agg(proxy, agg_pub, free_port())
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         pub, sub = connected_pub(ctx, proxy, agg_pub)
-        received: list[tuple[float, bytes]] = []
+        drains: list[tuple[float, np.ndarray, np.ndarray, int]] = []
         stop = threading.Event()
+        drain_messages, how = bulk_receiver(sub)
 
         def receive() -> None:
             while not stop.is_set():
                 if sub.poll(50):
                     while True:
-                        try:
-                            frame = sub.recv(zmq.NOBLOCK)
-                        except zmq.Again:
+                        buffer, offsets, n = drain_messages()
+                        if n == 0:
                             break
-                        received.append((time.perf_counter(), frame))
+                        at = time.perf_counter()
+                        drains.append((at, buffer[: offsets[n]].copy(), offsets[: n + 1].copy(), n))
 
         receiver = threading.Thread(target=receive)
         receiver.start()
@@ -360,6 +397,11 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         time.sleep(0.3)
         stop.set()
         receiver.join()
+        received = [
+            (at, frame)
+            for at, buffer, offsets, n in drains
+            for frame in split_frames(buffer, offsets, n)
+        ]
         delays = []
         shortest = []
         for at, frame in received:
@@ -377,10 +419,12 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         first = sorted(shortest)
         inside = agg.histogram("polyfan_agg_publish_delay_seconds")
         print(
-            f"delay: clock past e+grace -> bar received here, p50 {statistics.median(ms):.2f} ms, "
+            f"delay: clock past e+grace -> bar received here (agg messages through "
+            f"{agg.message_path}), p50 {statistics.median(ms):.2f} ms, "
             f"p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms):,} bar "
             f"messages ({rate:,.0f} trades/s over {symbols:,} symbols, {len(INTERVALS)} "
-            f"intervals, CLOCK every ~5 ms, ipc); {INTERVALS[0]} ms bars alone p50 "
+            f"intervals, CLOCK every ~5 ms, ipc, received by {how} in {len(drains):,} drains); "
+            f"{INTERVALS[0]} ms bars alone p50 "
             f"{statistics.median(first):.2f} ms, p99 {first[int(len(first) * 0.99)]:.2f} ms; "
             f"inside the agg (batch in -> last bar sent, "
             f"its histogram): p50 <= {quantile(inside, 0.5) * 1000:g} ms, p99 <= "
@@ -422,7 +466,8 @@ def bench_delay_single(rounds: int = 300) -> None:
                 sub.recv()
         ms = sorted(delays)
         print(
-            f"delay-single: CLOCK past e+grace sent -> first bar received, p50 "
+            f"delay-single: CLOCK past e+grace sent -> first bar received (agg messages "
+            f"through {agg.message_path}), p50 "
             f"{statistics.median(ms):.2f} ms, p99 {ms[int(len(ms) * 0.99)]:.2f} ms, max "
             f"{ms[-1]:.2f} ms over {rounds} rounds (one open bar per round, ipc)"
         )
@@ -568,5 +613,9 @@ PARTS = {
 
 if __name__ == "__main__":
     sys.setswitchinterval(0.0002)  # the receiving thread stamps arrivals promptly
-    for part in sys.argv[1:] or list(PARTS):
+    parts = sys.argv[1:]
+    if "--agg-pyzmq" in parts:
+        parts.remove("--agg-pyzmq")
+        AGG_ENV["POLYFAN_LIBZMQ"] = "off"
+    for part in parts or list(PARTS):
         PARTS[part]()

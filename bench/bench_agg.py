@@ -17,8 +17,11 @@ Parts (all by default):
   ``delay-burst`` at 30,000 trades/s; ``delay-single`` with one open bar at a time;
   ``delay-core`` the core's own work per closing batch, in-process.
 - ``memory``: resident memory of the agg core after an hour of feed time at ~3,000 trades/s over
-  10,000 skewed symbols, with the default 6 intervals and 1 h of history (simulated fast).
+  10,000 skewed symbols, with the default 6 intervals and 1 h of history (bench_memory.py).
 - ``startup``: ``polyfan agg`` start to its ``ready:`` line, numba cache warm.
+- ``zmqio``: the message paths alone, per message, in-process over ipc: 1,000,000 trade-sized
+  messages sent to an XPUB with one subscriber (SNDHWM 0), then received from the queue the
+  SUB holds, through libzmq from numba and through pyzmq (join and slicing included).
 
 ``--agg-pyzmq`` runs the agg on its pyzmq fallback (``POLYFAN_LIBZMQ=off``) with this script's
 side unchanged, to compare the two message paths.
@@ -32,7 +35,6 @@ import bisect
 import math
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,12 +44,12 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
 
 from polyfan import conditions, wire, zmqio
-from polyfan.agg import TRIM_EVERY_S
 from polyfan.aggregator import Aggregator
 from polyfan.bars import Bars
 from polyfan.config import AggConfig
@@ -530,55 +532,9 @@ def bench_delay_core(rate: float = 3_000, symbols: int = 5_000, seconds: int = 6
 # --- memory -------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench_memory(rate: float = 3_000, symbols: int = 10_000, hours: float = 1.0) -> None:
-    """Run in a child so the figure is this workload's alone."""
-    if os.environ.get("BENCH_AGG_CHILD") != "memory":
-        subprocess.run(
-            [sys.executable, __file__, "memory"],
-            env={**os.environ, "BENCH_AGG_CHILD": "memory"},
-            check=True,
-        )
-        return
-    names = [f"S{i}" for i in range(symbols)]
-    core = Aggregator(AggConfig(intervals_ms=INTERVALS, grace_ms=GRACE, history_ms=3_600_000))
-    before = rss_mb()
-    seconds = int(hours * 3600)
-    chunk_s = 60
-    started = time.perf_counter()
-    for minute in range(0, seconds, chunk_s):
-        trades, sym = market(int(rate * chunk_s), symbols, rate=rate, seed=minute)
-        trades["t"] += minute * 1000
-        g_trades, g_sym = grouped(trades, sym, 8)
-        frames = frames_for(g_trades, g_sym, 8, names)
-        batches = range(0, len(frames), 4096)
-        # The agg ticks every 100 ms of wall time; here feed time runs fast, so tick as often
-        # per simulated second as the real loop would.
-        ticks = round(chunk_s / TRIM_EVERY_S / len(batches))
-        for lo in batches:
-            core.frames_received(frames[lo : lo + 4096])
-            for _ in range(ticks):
-                core.tick()
-    record = np.array([(T0 + seconds * 1000 + 120_000, 0)], dtype=wire.CLOCK_DTYPE)
-    core.frames_received(
-        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 1, 1, record.tobytes())]
-    )
-    elapsed = time.perf_counter() - started
-    print(
-        f"memory: {rss_mb():,.0f} MB resident ({rss_mb() - before:,.0f} MB for the agg's state) "
-        f"after {hours:g} h of feed time at {rate:,.0f} trades/s over {symbols:,} symbols, "
-        f"{len(INTERVALS)} intervals: {core.history.bar_count:,} bars held in "
-        f"{core.history.nbytes / 2**20:,.0f} MB of history ({core.history.cold_bytes / 2**20:,.0f} MB "
-        f"of it compressed blocks), {len(core.history):,} series "
-        f"(simulated in {elapsed:.0f} s); arena rows allocated/top/free "
-        f"{'/'.join(f'{r:,}' for r in core.history.rows)}; {core.bars.open_bars:,} open bars"
-    )
+def bench_memory() -> None:
+    """bench/bench_memory.py, in its own processes: the figure is the agg core's alone."""
+    subprocess.run([sys.executable, str(Path(__file__).with_name("bench_memory.py"))], check=True)
 
 
 # --- start-up -----------------------------------------------------------------------------
@@ -599,6 +555,61 @@ def bench_startup(runs: int = 5) -> None:
     )
 
 
+# --- the message paths alone ----------------------------------------------------------------
+
+
+def bench_zmqio(count: int = 1_000_000) -> None:
+    messages = [b"T.S%d\0" % (i % 5_000) + bytes(wire.HEADER.size + 2 * 56) for i in range(count)]
+    buffer, offsets, n = join_frames(messages)
+    buffer = buffer.copy()
+    paths: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
+        ("pyzmq", zmqio.PyzmqSender, lambda sub: zmqio.PyzmqReceiver(sub, 4_096))
+    ]
+    try:
+        lib = zmqio.open_libzmq()
+        paths.append(
+            (
+                "libzmq from numba",
+                lambda pub: zmqio.Sender(pub, lib),
+                lambda sub: zmqio.Receiver(sub, lib, 4_096),
+            )
+        )
+    except zmqio.LibzmqUnavailableError as exc:
+        print(f"zmqio: libzmq from numba unavailable: {exc}")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make_sender, make_receiver in paths:
+            pub = ctx.socket(zmq.XPUB)
+            pub.setsockopt(zmq.SNDHWM, 0)
+            pub.bind(f"ipc://{tmp}/x")
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.RCVHWM, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(f"ipc://{tmp}/x")
+            pub.recv()  # the subscription: the SUB is connected
+            sender, receiver = make_sender(pub), make_receiver(sub)
+            receiver.warm_up()
+            sender.warm_up()
+            started = time.perf_counter()
+            sender.send(buffer, offsets, n)
+            sent = time.perf_counter() - started
+            while not sub.poll(100):
+                pass
+            time.sleep(1.0)  # let the I/O threads move the rest into the SUB's queue
+            got = 0
+            started = time.perf_counter()
+            while got < n:
+                got += receiver.receive()[2]
+            taken = time.perf_counter() - started
+            print(
+                f"zmqio: {name}: send {sent / n * 1e9:.0f} ns a message, receive from the queue "
+                f"{taken / n * 1e9:.0f} ns a message ({n:,} messages of {len(messages[0])} bytes, ipc)"
+            )
+            pub.close(0)
+            sub.close(0)
+    ctx.term()
+
+
 PARTS = {
     "kernel": bench_kernel,
     "zmq": bench_zmq,
@@ -609,6 +620,7 @@ PARTS = {
     "delay-core": bench_delay_core,
     "memory": bench_memory,
     "startup": bench_startup,
+    "zmqio": bench_zmqio,
 }
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyfan import wire
+from polyfan import barcodec, wire
 from polyfan.history import History
 
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
@@ -223,3 +223,146 @@ def test_packing_yields_to_waiting_work_and_is_bounded_per_call() -> None:
         history.trim(clock=0)
     assert history.cold_bytes > packed  # the rest, a budget's worth per call
     assert history.select(0)["s"].tolist() == list(range(0, 400, 10))
+
+
+# --- the packed-record codec and its log ----------------------------------------------------
+
+
+def market_bars(draw: st.DrawFn, count: int) -> np.ndarray:
+    """Bars made the way the kernels make them: cent or 1e-4 prices, whole-share sizes, vw as
+    the float sum of price * size over the volume; some one-trade, some carried (v == 0)."""
+    records = np.zeros(count, dtype=wire.BAR_DTYPE)
+    s = draw(st.integers(0, 2**41))
+    unit = draw(st.sampled_from([100, 250, 1_000, 60_000]))
+    close = draw(st.integers(1, 50_000_000)) * 100  # in 1e-4 ticks: whole cents
+    for i in range(count):
+        s += unit * draw(st.integers(1, 5_000))
+        trades = draw(st.integers(0, 6))
+        if trades == 0:
+            records[i] = (s, *[close / 10_000] * 4, 0.0, np.nan, 0, 2)
+            continue
+        # prices as the feed's JSON gives them: the double nearest a decimal
+        ticks = [
+            max(1, close + draw(st.integers(-300, 300)) * draw(st.sampled_from([1, 100])))
+            for _ in range(trades)
+        ]
+        prices = [t / 10_000 for t in ticks]
+        sizes = [float(draw(st.integers(1, 100_000))) for _ in range(trades)]
+        pv = 0.0
+        for p, size in zip(prices, sizes, strict=True):
+            pv += p * size
+        v = sum(sizes)
+        close = ticks[-1]
+        flags = draw(st.sampled_from([0, 0, 1]))
+        records[i] = (s, prices[0], max(prices), min(prices), prices[-1], v, pv / v, trades, flags)
+    return records
+
+
+@st.composite
+def bar_runs(draw: st.DrawFn) -> np.ndarray:
+    count = draw(st.integers(1, 40))
+    if draw(st.booleans()):
+        return market_bars(draw, count)
+    # anything at all: every word random bits (NaN payloads, -0.0, infinities, huge flags)
+    # but the bar start, which is a time: any order, within the codec's +-2**60 ms
+    words = draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=8 * count, max_size=8 * count))
+    records = np.array(words, dtype=np.int64).view(wire.BAR_DTYPE)
+    records["s"] = draw(st.lists(st.integers(-(2**60), 2**60), min_size=count, max_size=count))
+    return records
+
+
+@pytest.mark.parametrize("jit", JIT)
+@settings(max_examples=300, deadline=None)
+@given(records=bar_runs())
+def test_a_record_decodes_to_the_exact_bars_it_encoded(jit: bool, records: np.ndarray) -> None:
+    encode = barcodec.encode_record if jit else barcodec.encode_record.py_func
+    decode = barcodec.decode_record if jit else barcodec.decode_record.py_func
+    words = records.view(np.int64).reshape(len(records), 8)
+    sf = np.zeros(1)
+    si = sf.view(np.int64)
+    out = np.zeros(barcodec.record_max(len(records)) + 5, dtype=np.uint8)
+    decoded = np.zeros((len(records), 8), dtype=np.int64)
+    with np.errstate(all="ignore"):  # NumPy scalars warn on NaN/inf arithmetic; numba does not
+        end = encode(words, words.view(np.float64), 0, len(records), 777, out, 5, sf, si)
+        assert decode(out, 5, decoded, 0, sf, si) == len(records)
+    assert 5 < end <= len(out)
+    assert barcodec.record_header(out, 5) == (777, len(records), int(records["s"][0]))
+    assert decoded.tolist() == words.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), count=st.integers(1, 40))
+def test_bars_made_like_the_kernels_make_them_never_need_the_raw_forms(
+    data: st.DataObject, count: int
+) -> None:
+    """Tick prices, whole volumes and the kernels' own vw arithmetic: every field takes its
+    compact form, so a bar is at most ~24 bytes (the raw forms alone would be 48)."""
+    records = market_bars(data.draw, count)
+    words = records.view(np.int64).reshape(count, 8)
+    out = np.zeros(barcodec.record_max(count), dtype=np.uint8)
+    sf = np.zeros(1)
+    si = sf.view(np.int64)
+    end = barcodec.encode_record(words, words.view(np.float64), 0, count, 0, out, 0, sf, si)
+    assert end <= barcodec.HEADER_MAX + 24 * count
+    decoded = np.zeros((count, 8), dtype=np.int64)
+    barcodec.decode_record(out, 0, decoded, 0, sf, si)
+    assert decoded.tolist() == words.tolist()
+
+
+def test_one_trade_bars_of_a_quiet_symbol_take_a_few_bytes() -> None:
+    records = np.zeros(16, dtype=wire.BAR_DTYPE)
+    records["s"] = 1_700_000_000_000 + 100 * np.cumsum(np.arange(1, 17) * 37)
+    records["o"] = records["h"] = records["l"] = records["c"] = records["vw"] = 12.34
+    records["v"] = 100.0
+    records["n"] = 1
+    words = records.view(np.int64).reshape(16, 8)
+    out = np.zeros(barcodec.record_max(16), dtype=np.uint8)
+    sf = np.zeros(1)
+    end = barcodec.encode_record(
+        words, words.view(np.float64), 0, 16, 0, out, 0, sf, sf.view(np.int64)
+    )
+    # header ~10 bytes, then mask + step + price + volume: 4 to 5 bytes a bar (64 raw)
+    assert end <= 10 + 16 * 5
+
+
+def test_the_log_grows_frees_whole_segments_and_reuses_their_slots() -> None:
+    """Tiny segments (one record each) and two slots to start with: growth, freeing by the
+    retention and slot reuse, against a plain list."""
+    block = 4
+    history = History(
+        keep_ms=2_000,
+        sweep=64,
+        rows=64,
+        block=block,
+        segment_bytes=barcodec.record_max(block),
+        segments=2,
+    )
+    made: dict[int, list[int]] = {0: [], 1: []}
+    for step in range(400):
+        series = step % 2
+        s = 10 * step
+        history.add(series, varied(np.array([s], dtype=np.int64)))
+        made[series].append(s)
+        history.trim(clock=s)
+        for key in (0, 1):
+            held = history.select(key)
+            expected = [x for x in made[key] if x >= s - 2_000]
+            assert held["s"].tolist() == expected
+            assert held.view(np.int64).tolist() == varied(held["s"]).view(np.int64).tolist()
+    # ~200 ms of bars per series held (20 records of 4 at most, one per segment): the slots
+    # touched follow that, not the 100 records ever packed per series
+    assert history.cold_bytes > 0
+    assert history.nbytes < 64 * 64 + 64 * barcodec.record_max(block) + 4096
+    assert history.select(0, limit=3)["s"].tolist() == made[0][-3:]
+    assert history.select(1, since=3_000, before=3_100)["s"].tolist() == [
+        3_010,
+        3_030,
+        3_050,
+        3_070,
+        3_090,
+    ]
+
+
+def test_a_segment_too_small_for_a_record_is_refused() -> None:
+    with pytest.raises(ValueError, match="segment_bytes 100 cannot hold a record of 16 bars"):
+        History(1_000, block=16, segment_bytes=100)

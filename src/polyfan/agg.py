@@ -110,11 +110,11 @@ def run(config: AggConfig) -> int:
     pub = context.socket(zmq.XPUB)
     receiver, sender, io_note = zmqio.receiver_and_sender(sub, pub, BATCH_FRAMES)
     log.info("%s", io_note)
-    warm_up(config, receiver, sender)
     metrics: MetricsServer | None = None
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        warm_up(config, receiver, sender)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, RCVHWM)
         sub.setsockopt(zmq.RCVBUF, 8 << 20)

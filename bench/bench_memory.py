@@ -10,7 +10,7 @@ fast as the core takes it, and the child interleaves one ``tick`` marker per 100
 time, on which the core does its housekeeping (trim, pack) exactly as often per feed second as
 the agg's loop does per wall second. At the end a CLOCK two minutes past the last trade closes
 every bar; the figures are VmRSS and VmHWM from /proc/self/status, before and after glibc's
-``malloc_trim``.
+``malloc_trim``, and VmRSS again once two more hours of feed clock have passed with no trade.
 """
 
 from __future__ import annotations
@@ -126,6 +126,17 @@ def measure(hours: float, rate: float, symbols: int) -> None:
         f"({history.cold_bytes / 2**20:,.0f} MB of packed records, blocks of {history.block}), "
         f"{len(history):,} series; arena rows allocated/top/free "
         f"{'/'.join(f'{r:,}' for r in history.rows)}; fed in {elapsed:.0f} s"
+    )
+    # The market closes: two hours later every bar is past the retention.
+    record = np.array([(end + 7_200_000, 0)], dtype=wire.CLOCK_DTYPE)
+    core.frames_received(
+        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 2, 1, record.tobytes())]
+    )
+    for _ in range(64):  # sweeps enough to visit every series
+        core.tick()
+    print(
+        f"memory: {status_mb('VmRSS'):,.0f} MB resident two hours after the last trade "
+        f"({history.bar_count:,} bars held)"
     )
     pull.close(0)
     context.term()

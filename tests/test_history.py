@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -366,3 +367,32 @@ def test_the_log_grows_frees_whole_segments_and_reuses_their_slots() -> None:
 def test_a_segment_too_small_for_a_record_is_refused() -> None:
     with pytest.raises(ValueError, match="segment_bytes 100 cannot hold a record of 16 bars"):
         History(1_000, block=16, segment_bytes=100)
+
+
+def resident_bytes(address: int, size: int) -> int:
+    """Bytes of ``[address, address + size)`` in memory: the "present" bit of each page in
+    /proc/self/pagemap (readable by the process itself)."""
+    page = mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(address // page * 8)
+        entries = np.frombuffer(pagemap.read(size // page * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+
+
+def test_freed_log_segments_give_their_memory_back() -> None:
+    segment = 1 << 16
+    history = History(keep_ms=100_000, segment_bytes=segment, segments=1_024)
+    address = history._log.ctypes.data
+    starts = np.arange(0, 64_000, 1_000, dtype=np.int64)  # 64 bars a series, 1 s apart
+    for series in range(2_000):
+        history.add(series, varied(starts + series))
+    for _ in range(4):  # sweeps of 2,048 series, 4,096 records each at most
+        history.trim(clock=64_000)
+    assert history.bar_count == 2_000 * 64
+    packed = resident_bytes(address, 1_024 * segment)
+    assert packed >= history.cold_bytes > 2_000 * 56 * 4  # at least ~4 bytes a packed bar
+    history.trim(clock=10**9)  # an hour later everything is past the retention
+    assert history.select(7).size == 0
+    assert (
+        resident_bytes(address, 1_024 * segment) <= segment
+    )  # the segment still open for writing, at most

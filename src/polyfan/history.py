@@ -22,6 +22,7 @@ waiting. Nothing is ever compacted globally, so no call copies more than one ser
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,9 @@ class History:
         self._region_free = np.full(kernels.N_CLASSES, -1, dtype=np.int64)
         self._arena = _reserve(RESERVE_ROWS if rows is None else rows)
         self._state = np.zeros(kernels.N_HISTORY, dtype=np.int64)
-        self._log = _reserve_bytes(segments * segment_bytes)
+        self._log_map = _reserve_bytes(segments * segment_bytes)
+        self._log = self._log_map.array
+        self._releases = segment_bytes % mmap.PAGESIZE == 0  # whole pages: give them back
         segments = len(self._log) // segment_bytes
         self._log_state: tuple[np.ndarray, ...] = (
             np.zeros(segments, dtype=np.int64),  # seg_slot
@@ -124,7 +127,8 @@ class History:
         seg_bytes = int(info[barcodec.L_SEG_BYTES])
         old = len(seg_slot)
         size = 2 * old
-        grown = _reserve_bytes(size * seg_bytes, exact=True)
+        mapping = _reserve_bytes(size * seg_bytes, exact=True)
+        grown = mapping.array
         grown[: old * seg_bytes] = self._log[: old * seg_bytes]
         tables = [np.zeros(size, dtype=np.int64) for _ in range(3)]
         for seq in range(int(info[barcodec.L_TAIL]), int(info[barcodec.L_OPEN]) + 1):
@@ -134,7 +138,7 @@ class History:
         free = np.arange(size - 1, old - 1, -1, dtype=np.int64)
         free = np.concatenate([free, np.zeros(old, dtype=np.int64)])
         info[barcodec.L_FREE] = size - old
-        self._log = grown
+        self._log_map, self._log = mapping, grown
         self._log_state = (*tables, free, info)
 
     # --- in -----------------------------------------------------------------------------
@@ -168,7 +172,13 @@ class History:
         (the agg passes "a message is waiting on the SUB").
         """
         self._cutoff = clock - self.keep_ms
-        self._free(self._cutoff, self._log_state)
+        freed = self._free(self._cutoff, self._log_state)
+        if freed and self._releases:
+            _, _, _, free_slots, info = self._log_state
+            top = int(info[barcodec.L_FREE])
+            seg_bytes = int(info[barcodec.L_SEG_BYTES])
+            for slot in free_slots[top - freed : top].tolist():
+                self._log_map.release(slot * seg_bytes, seg_bytes)
         if not len(self._off) or not self._sweep:
             return
         first = self._next_sweep
@@ -284,11 +294,15 @@ class History:
     @property
     def nbytes(self) -> int:
         """Bytes in use: arena rows below the top (regions and free lists), the per-series
-        index, and every log slot ever written (slots are reused, never returned)."""
+        index, and the log's slots in use (or every slot ever written, when segments are not
+        whole pages and so cannot be handed back)."""
         hot = int(self._state[kernels.H_TOP]) * wire.BAR_DTYPE.itemsize + 5 * self._off.nbytes
         info = self._log_state[4]
-        log = self._slots_touched * int(info[barcodec.L_SEG_BYTES])
-        return hot + log + sum(table.nbytes for table in self._log_state)
+        in_use = len(self._log_state[0]) - int(info[barcodec.L_FREE])
+        slots = in_use if self._releases else self._slots_touched
+        return (
+            hot + slots * int(info[barcodec.L_SEG_BYTES]) + sum(t.nbytes for t in self._log_state)
+        )
 
     @property
     def cold_bytes(self) -> int:
@@ -321,12 +335,26 @@ def _reserve(rows: int) -> np.ndarray:
         return np.empty((4096, _WORDS), dtype=np.int64)
 
 
-def _reserve_bytes(size: int, exact: bool = False) -> np.ndarray:
-    """``size`` bytes of log, uninitialised; a smaller reservation when the address space is
-    short (the log then grows by copying)."""
+class _Mapping:
+    """Private anonymous memory for the log: address space reserved up front, pages resident
+    only once written, and handed back to the system (``MADV_DONTNEED``) when a segment is
+    freed, so the log's resident size follows the bars held, not the day's peak."""
+
+    def __init__(self, size: int) -> None:
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.array = np.frombuffer(self._map, dtype=np.uint8)
+
+    def release(self, start: int, length: int) -> None:
+        """Drop the pages of ``[start, start + length)`` (page-aligned); they read as zeros."""
+        self._map.madvise(mmap.MADV_DONTNEED, start, length)
+
+
+def _reserve_bytes(size: int, exact: bool = False) -> _Mapping:
+    """``size`` bytes of log; a smaller reservation when the address space is short (the log
+    then grows by copying)."""
     try:
-        return np.empty(size, dtype=np.uint8)
-    except MemoryError:
+        return _Mapping(size)
+    except OSError:
         if exact or size <= 64 << 20:
             raise
-        return np.empty(64 << 20, dtype=np.uint8)
+        return _Mapping(64 << 20)

@@ -1,44 +1,56 @@
 """Bridge fan-out benchmark: bars/s delivered, delay percentiles, bridge CPU per 1,000 clients.
 
     .venv/bin/python bench/bench_bridge.py                      # 1,000 and 5,000 clients
-    .venv/bin/python bench/bench_bridge.py --clients 5000 --seconds 20
+    .venv/bin/python bench/bench_bridge.py --clients 5000 --seconds 20 --workers 2
 
 A scripted aggregator (a real ZeroMQ XPUB in this process, speaking the agg protocol with
 polyfan.wire) publishes one bar on each of 5 channels of ``500Ms`` every ``--period`` seconds
-(0.5 s: the real cadence). Each bar's ``vw`` field carries its publish wall time, so a client
-computes the delay from the agg publishing a bar to the client having parsed it. The bridge is
-a real ``polyfan bridge`` subprocess; the clients are asyncio websockets clients spread over
-``--procs`` processes, each subscribed to all 5 channels. The bridge's CPU comes from
-/proc/<pid>/stat over the measured window.
+(0.5 s: the real cadence). Each bar's ``vw`` field carries its publish time
+(``time.perf_counter()``: CLOCK_MONOTONIC, the same clock in every process on Linux). The
+bridge is a real ``polyfan bridge`` subprocess; the clients are spread over ``--procs``
+processes, each subscribed to all 5 channels.
 
-The clients are lean (a hand-written frame parser on asyncio's Protocol), but on a 2-core
-machine they still share the CPU with the bridge, so the delays include some client-side
-queueing: they are an upper bound on the bridge's own.
+Two delays, both from the aggregator publishing a round of bars:
+
+- **client**: until a client has the whole WebSocket frame carrying a bar (the time of the
+  ``recv`` that completed it). The clients are as cheap as that measurement allows: plain
+  non-blocking sockets and one ``select.epoll`` loop per process, one ``recv`` per readable
+  socket, stamped with ``perf_counter`` and kept as bytes; frames are parsed only while the
+  loop has been idle for 50 ms (between rounds, to answer the bridge's pings) and at the end.
+  On loopback part of every client's delay is still the client processes' own CPU, on the
+  same 2 cores as the bridge.
+- **bridge**: until the bridge's fan-out pass handed its last frame to the kernel (from the
+  bridge's pass log, ``POLYFAN_BRIDGE_PASS_LOG``: one line per pass with its first read and
+  last write). This is the bridge's own part, whatever the clients cost.
+
+After the run every client is checked: it got every bar of its 5 channels, exactly once, in
+order. The bridge's CPU (and the clients') comes from /proc/<pid>/stat over the measured
+window.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import multiprocessing as mp
 import os
 import resource
 import secrets
+import select
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
-from multiprocessing.synchronize import Event as EventType
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import zmq
-from websockets.frames import Frame, Opcode
 
 from polyfan import wire
 
@@ -46,7 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from procs import free_port
 
 CHANNELS = [f"500Ms.B{i}" for i in range(5)]
+SYMBOLS = [channel.split(".", 1)[1] for channel in CHANNELS]
 INTERVAL = 500
+IDLE = 0.05  # seconds without data before a client process parses what it received
 
 
 def raise_fd_limit() -> None:
@@ -73,6 +87,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 # -- the scripted aggregator -------------------------------------------------------------------
 
 
@@ -89,7 +107,7 @@ class Agg(threading.Thread):
         self.socket.bind(endpoint)
         self.publishing = threading.Event()
         self.stopping = threading.Event()
-        self.published = 0
+        self.rounds: list[tuple[int, float]] = []  # (bar start s, perf_counter at publish)
 
     def announce(self) -> None:
         body = {
@@ -113,6 +131,9 @@ class Agg(threading.Thread):
         next_announce = 0.0
         next_bar = time.monotonic()
         s = int(time.time() * 1000) // INTERVAL * INTERVAL
+        row = np.zeros(1, dtype=wire.BAR_DTYPE)
+        row["o"], row["h"], row["l"], row["c"], row["v"], row["n"] = 10.0, 10.5, 9.5, 10.25, 100, 3
+        topics = [wire.bar_topic(INTERVAL, symbol) for symbol in SYMBOLS]
         while not self.stopping.is_set():
             now = time.monotonic()
             if now >= next_announce:
@@ -125,24 +146,19 @@ class Agg(threading.Thread):
             if self.publishing.is_set() and now >= next_bar:
                 next_bar += self.period
                 s += INTERVAL
-                for channel in CHANNELS:
-                    symbol = channel.split(".", 1)[1]
-                    row = np.zeros(1, dtype=wire.BAR_DTYPE)
-                    row["s"], row["o"], row["h"], row["l"], row["c"] = s, 10.0, 10.5, 9.5, 10.25
-                    row["v"], row["n"] = 100, 3
-                    row["vw"] = time.time()  # publish wall time, read by the clients
-                    topic = wire.bar_topic(INTERVAL, symbol)
-                    self.socket.send(
-                        wire.encode(
-                            topic,
-                            wire.Kind.BARS,
-                            self.session,
-                            self.seq.next(topic),
-                            1,
-                            row.tobytes(),
-                        )
+                row["s"] = s
+                published = time.perf_counter()
+                row["vw"] = published  # publish time, read by the clients
+                payload = row.tobytes()
+                messages = [
+                    wire.encode(
+                        topic, wire.Kind.BARS, self.session, self.seq.next(topic), 1, payload
                     )
-                    self.published += 1
+                    for topic in topics
+                ]
+                for message in messages:  # back to back, as the agg sends a batch's bars
+                    self.socket.send(message)
+                self.rounds.append((s, published))
             time.sleep(0.001)
         self.socket.close(0)
         self.context.term()
@@ -151,52 +167,54 @@ class Agg(threading.Thread):
 # -- client processes ----------------------------------------------------------------------------
 
 
-class LeanClient(asyncio.Protocol):
-    """A minimal WebSocket client on asyncio's Protocol, so that the clients cost little CPU.
+def masked_text(payload: bytes) -> bytes:
+    """A client's text frame (clients must mask; payloads here are under 126 bytes)."""
+    return _masked(0x81, payload)
 
-    It does the upgrade by hand, sends masked frames built by websockets' ``Frame``, answers
-    pings, and splits server frames (unmasked) itself, keeping each with its arrival time; the
-    JSON is parsed after the run. That is a few microseconds per frame where a full client
-    library costs tens, which on a 2-core machine would be measured as delay.
-    """
 
-    def __init__(self, received: list[tuple[float, bytes]], subscribed: list[int]) -> None:
-        self.received = received
-        self.subscribed = subscribed
+def _masked(first: int, payload: bytes) -> bytes:
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((first, 0x80 | len(payload))) + mask + masked
+
+
+UPGRADE = (
+    "GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+AUTH = masked_text(b'{"action":"auth","params":"bench"}')
+SUBSCRIBE = masked_text(orjson.dumps({"action": "subscribe", "params": ",".join(CHANNELS)}))
+
+
+class Conn:
+    """One client connection's parse state: bytes not yet framed, frames with arrival times."""
+
+    __slots__ = ("buffer", "closed", "frames", "sock", "statuses", "upgraded")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buffer = bytearray()
         self.upgraded = False
-        self.statuses = 0
-        self.transport: asyncio.Transport | None = None
+        self.statuses = 0  # auth_success + one "subscribed to" per channel
+        self.frames: list[tuple[float, bytes]] = []  # (arrival of its last byte, payload)
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            (
-                "GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-
-    def send(self, opcode: Opcode, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(Frame(opcode, data).serialize(mask=True, extensions=[]))
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        self.buffer += data
+    def received(self, arrival: float, data: bytes) -> None:
+        """Take one ``recv``'s bytes; frame what is complete; answer pings."""
+        if not data:
+            self.closed = True
+            return
+        buffer = self.buffer
+        buffer += data
         if not self.upgraded:
-            end = self.buffer.find(b"\r\n\r\n")
+            end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            assert self.buffer.startswith(b"HTTP/1.1 101"), bytes(self.buffer[:200])
-            del self.buffer[: end + 4]
+            assert buffer.startswith(b"HTTP/1.1 101"), bytes(buffer[:200])
+            del buffer[: end + 4]
             self.upgraded = True
-            self.send(Opcode.TEXT, b'{"action":"auth","params":"bench"}')
-            subscribe = {"action": "subscribe", "params": ",".join(CHANNELS)}
-            self.send(Opcode.TEXT, orjson.dumps(subscribe))
-        buffer = self.buffer
+            self.sock.sendall(AUTH + SUBSCRIBE)
         while len(buffer) >= 2:
             opcode, length, start = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
             if length == 126:
@@ -211,61 +229,162 @@ class LeanClient(asyncio.Protocol):
                 return
             payload = bytes(buffer[start : start + length])
             del buffer[: start + length]
-            if opcode == Opcode.PING:
-                self.send(Opcode.PONG, payload)
-            elif opcode == Opcode.TEXT:
-                if self.statuses < len(CHANNELS):
-                    self.statuses += payload.count(b"subscribed to")
-                    if self.statuses == len(CHANNELS):
-                        self.subscribed.append(1)
-                else:  # parsed after the run: here only the arrival time is taken
-                    self.received.append((now, payload))
+            if opcode == 0x9:  # ping
+                self.sock.sendall(_masked(0x8A, payload))
+            elif opcode == 0x8:  # close
+                self.closed = True
+            elif opcode == 0x1:
+                if self.statuses <= len(CHANNELS):
+                    self.statuses += payload.count(b"auth_success") + payload.count(
+                        b"subscribed to"
+                    )
+                else:
+                    self.frames.append((arrival, payload))
+
+    def is_subscribed(self) -> bool:
+        return self.statuses > len(CHANNELS)
 
 
-def client_process(
-    port: int, count: int, ready: Any, done: EventType, out: Any, cpus: set[int] | None
-) -> None:
+def connect_all(port: int, count: int, poller: select.epoll) -> dict[int, Conn]:
+    """Open ``count`` connections in waves (under the listen backlog); return once every one
+    is authenticated and subscribed to all channels."""
+    conns: dict[int, Conn] = {}
+    for start in range(0, count, 200):
+        wave = []
+        for _ in range(min(200, count - start)):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(UPGRADE.format(key=key).encode())
+            conn = Conn(sock)
+            conns[sock.fileno()] = conn
+            poller.register(sock.fileno(), select.EPOLLIN)
+            wave.append(conn)
+        deadline = time.monotonic() + 60
+        while not all(conn.is_subscribed() for conn in wave):
+            assert time.monotonic() < deadline, "clients did not get subscribed"
+            for fd, _ in poller.poll(1.0):
+                conn = conns[fd]
+                conn.received(0.0, conn.sock.recv(65536))
+                assert not conn.closed, "the bridge closed a client while subscribing"
+    return conns
+
+
+def client_process(port: int, count: int, pipe: Connection, cpus: set[int] | None) -> None:
+    """Connect ``count`` clients, tell the parent, receive until it says stop, then check and
+    measure what arrived and send it back."""
     raise_fd_limit()
     if cpus:
         os.sched_setaffinity(0, cpus)
+    poller = select.epoll()
+    conns = connect_all(port, count, poller)
+    for conn in conns.values():
+        conn.frames.clear()
+    stop_fd = pipe.fileno()
+    poller.register(stop_fd, select.EPOLLIN)
+    recvs = {fd: conn.sock.recv for fd, conn in conns.items()}
+    pipe.send(count)
+    perf_counter = time.perf_counter
+    poll = poller.poll
+    chunks: list[tuple[float, int, bytes]] = []
+    append = chunks.append
+    running = True
+    while running:
+        events = poll(IDLE)
+        if not events:  # idle: frame what came (pings must be answered within 20 s)
+            for arrival, fd, data in chunks:
+                conns[fd].received(arrival, data)
+            chunks.clear()
+            continue
+        for fd, _ in events:
+            if fd == stop_fd:
+                running = False
+                break
+            try:
+                data = recvs[fd](65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            append((perf_counter(), fd, data))
+            if not data:  # closed by the bridge: counted as such in the check
+                poller.unregister(fd)
+    for arrival, fd, data in chunks:
+        conns[fd].received(arrival, data)
+    window, expected = pipe.recv()
+    pipe.send(summarize(list(conns.values()), window, expected))
+    for conn in conns.values():
+        conn.sock.close()
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        received: list[tuple[float, bytes]] = []  # (arrival, frame)
-        subscribed: list[int] = []
-        transports = []
-        for start in range(0, count, 100):  # in waves, to stay under the listen backlog
-            wave = min(100, count - start)
-            opened = await asyncio.gather(
-                *(
-                    loop.create_connection(
-                        lambda: LeanClient(received, subscribed), "127.0.0.1", port
-                    )
-                    for _ in range(wave)
-                )
+
+def summarize(
+    conns: list[Conn], window: tuple[float, float], expected: list[int]
+) -> dict[str, Any]:
+    """Delays of the bars that arrived in the window; every client checked against the bars
+    published (``expected``: each channel's bar starts, in order)."""
+    w0, w1 = window
+    delays: list[float] = []
+    bad: list[str] = []
+    closed = 0
+    for index, conn in enumerate(conns):
+        closed += conn.closed
+        got: dict[str, list[int]] = {symbol: [] for symbol in SYMBOLS}
+        for arrival, payload in conn.frames:
+            for event in orjson.loads(payload):
+                if event["ev"] != "MB":
+                    continue
+                got[event["sym"]].append(event["s"])
+                if w0 <= arrival < w1:
+                    delays.append(arrival - event["vw"])
+        wrong = [symbol for symbol, starts in got.items() if starts != expected]
+        if wrong and len(bad) < 3:
+            starts = got[wrong[0]]
+            bad.append(
+                f"client {index}: {wrong[0]} got {len(starts)} bars, expected {len(expected)}"
+                f" (first differences: {sorted(set(starts) ^ set(expected))[:5]})"
             )
-            transports += [transport for transport, _ in opened]
-            while len(subscribed) < len(transports):
-                await asyncio.sleep(0.01)
-        ready.put(count)
-        while not done.is_set():
-            await asyncio.sleep(0.05)
-        delays = [
-            (arrival, arrival - event["vw"])
-            for arrival, frame in received
-            for event in orjson.loads(frame)
-            if event["ev"] == "MB"
-        ]
-        out.put(np.array(delays, dtype=np.float64).reshape(-1, 2))
-        for transport in transports:
-            transport.close()
+        elif wrong:
+            bad.append("")
+    return {
+        "delays": np.array(delays, dtype=np.float64),
+        "clients": len(conns),
+        "bad_clients": len(bad),
+        "bad_examples": [line for line in bad if line][:3],
+        "closed": closed,
+    }
 
-    asyncio.run(main())
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+def read_pass_log(path: str) -> np.ndarray:
+    """Rows of (first read, last write, frames) per pass, from every bridge process."""
+    rows = [
+        tuple(float(x) for x in line.split()[1:4])
+        for line in Path(path).read_text().splitlines()
+        if line
+    ]
+    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def bridge_delays(passes: np.ndarray, rounds: list[tuple[int, float]], window: Any) -> np.ndarray:
+    """Per round published in the window: publish -> the last write of the passes that started
+    after it and before the next round (the bridge's part of every client's delay)."""
+    out = []
+    for (_, published), (_, following) in zip(
+        rounds, [*rounds[1:], (0, float("inf"))], strict=True
+    ):
+        if not window[0] <= published < window[1]:
+            continue
+        mine = passes[(passes[:, 0] >= published) & (passes[:, 0] < following)]
+        if len(mine):
+            out.append(mine[:, 1].max() - published)
+    return np.array(out, dtype=np.float64)
 
 
 def measure(
     clients: int, seconds: float, period: float, procs: int, pin: bool, workers: int = 1
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One run. With ``pin``, the bridge gets CPU 0 and the clients the other CPUs, so that
     they do not take turns on the bridge's core."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -282,7 +401,9 @@ def measure(
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     agg = Agg(endpoint, period)
     agg.start()
-    env = {**os.environ, "POLYFAN_LOG": "warning"}
+    fd, pass_log = tempfile.mkstemp(prefix="bench-bridge-passes-")
+    os.close(fd)
+    env = {**os.environ, "POLYFAN_LOG": "warning", "POLYFAN_BRIDGE_PASS_LOG": pass_log}
     # BENCH_PROFILE=/tmp/bridge.prof runs the bridge under cProfile (for finding hot spots).
     profile = (
         ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
@@ -316,24 +437,31 @@ def measure(
                 assert time.monotonic() < deadline, "bridge did not start"
                 time.sleep(0.05)
         time.sleep(1.0)  # let the bridge hear the announce
-        ready, out = ctx.Queue(), ctx.Queue()
-        done = ctx.Event()
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-        workers = [
-            ctx.Process(target=client_process, args=(port, n, ready, done, out, client_cpus))
-            for n in shares
-            if n
-        ]
-        for worker in workers:
-            worker.start()
-        connected = sum(ready.get(timeout=300) for _ in workers)
+        pipes, processes = [], []
+        for n in shares:
+            if n:
+                ours, theirs = ctx.Pipe()
+                process = ctx.Process(target=client_process, args=(port, n, theirs, client_cpus))
+                process.start()
+                pipes.append(ours)
+                processes.append(process)
+        connected = 0
+        for pipe in pipes:
+            assert pipe.poll(300), "client process did not connect its clients"
+            connected += pipe.recv()
         assert connected == clients
         agg.publishing.set()
         time.sleep(1.0)  # warm up
+        load = load_average()
         metrics0 = metrics(port)
-        cpu0, wall0 = tree_cpu_seconds(bridge.pid), time.time()
+        cpu0 = tree_cpu_seconds(bridge.pid)
+        client_cpu0 = sum(cpu_seconds(p.pid or 0) for p in processes)
+        wall0, perf0 = time.time(), time.perf_counter()
         time.sleep(seconds)
-        cpu1, wall1 = tree_cpu_seconds(bridge.pid), time.time()
+        wall1, perf1 = time.time(), time.perf_counter()
+        cpu1 = tree_cpu_seconds(bridge.pid)
+        client_cpu1 = sum(cpu_seconds(p.pid or 0) for p in processes)
         metrics1 = metrics(port)
         passes = (
             metrics1["polyfan_bridge_delivery_passes_total"]
@@ -345,30 +473,46 @@ def measure(
         )
         time.sleep(1.0)
         agg.publishing.clear()
-        time.sleep(0.5)
-        done.set()
-        results = [out.get(timeout=120) for _ in workers]
-        for worker in workers:
-            worker.join(30)
-        data = np.concatenate(results)
-        in_window = data[(data[:, 0] >= wall0) & (data[:, 0] < wall1)]
-        delays_ms = in_window[:, 1] * 1000
+        time.sleep(1.0)  # the last round reaches every client
+        expected = [s for s, _ in agg.rounds]
+        for pipe in pipes:  # stop receiving, check, report
+            pipe.send(((perf0, perf1), expected))
+        results = []
+        for pipe in pipes:
+            assert pipe.poll(300), "client process did not report"
+            results.append(pipe.recv())
+        for process in processes:
+            process.join(30)
+        delays_ms = np.concatenate([r["delays"] for r in results]) * 1000
+        bridge_ms = bridge_delays(read_pass_log(pass_log), agg.rounds, (perf0, perf1)) * 1000
+        bad = sum(r["bad_clients"] for r in results)
         cpu = (cpu1 - cpu0) / (wall1 - wall0)
         return {
             "clients": clients,
-            "bars_per_s": len(in_window) / (wall1 - wall0),
+            "load": load,
+            "bars_per_s": len(delays_ms) / (perf1 - perf0),
             "p50_ms": float(np.percentile(delays_ms, 50)),
             "p99_ms": float(np.percentile(delays_ms, 99)),
             "max_ms": float(delays_ms.max()),
+            "bridge_p50_ms": float(np.percentile(bridge_ms, 50)),
+            "bridge_p99_ms": float(np.percentile(bridge_ms, 99)),
+            "bridge_max_ms": float(bridge_ms.max()),
             "bridge_cpu": cpu,
             "cpu_per_1000": cpu / (clients / 1000),
+            "client_cpu": (client_cpu1 - client_cpu0) / (wall1 - wall0),
             "pass_ms": 1000 * pass_seconds / max(passes, 1),
+            "checked": f"{clients - bad}/{clients} ok"
+            + "".join(f"; {line}" for r in results for line in r["bad_examples"]),
         }
     finally:
         bridge.send_signal(2)
         bridge.wait(10)
         agg.stopping.set()
         agg.join(5)
+        if "BENCH_KEEP_PASSES" in os.environ:
+            print(f"pass log kept: {pass_log}", file=sys.stderr)
+        else:
+            os.unlink(pass_log)
 
 
 def main() -> None:
@@ -380,7 +524,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--period", type=float, default=0.5, help="seconds between bar rounds")
-    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--workers", type=int, default=1, help="bridge worker processes")
     parser.add_argument(
         "--pin", action="store_true", help="pin the bridge to CPU 0 and the clients to the others"
@@ -389,19 +533,23 @@ def main() -> None:
     raise_fd_limit()
     print(
         f"bridge fan-out: 5 channels of 500Ms, one bar each every {args.period:g}s, "
-        f"{args.seconds:g}s measured, {os.cpu_count()} cores, "
+        f"{args.seconds:g}s measured, {os.cpu_count()} cores, {args.procs} client processes, "
+        f"bridge --workers {args.workers}, "
         + ("bridge pinned to one, clients to the others" if args.pin else "unpinned")
     )
     print(
-        f"{'clients':>8} {'bars/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-        f"{'bridge CPU':>10} {'CPU/1000 cl':>11} {'pass ms':>8}"
+        f"{'':>17}{'--- client delay ms ---':>25} {'--- bridge delay ms ---':>24}\n"
+        f"{'clients':>8} {'bars/s':>8} {'p50':>7} {'p99':>7} {'max':>7}   "
+        f"{'p50':>7} {'p99':>7} {'max':>7} {'pass ms':>8} {'bridge CPU':>10} "
+        f"{'CPU/1000':>8} {'client CPU':>10}  load avg, check"
     )
     for clients in args.clients or [1000, 5000]:
         r = measure(clients, args.seconds, args.period, args.procs, args.pin, args.workers)
         print(
-            f"{r['clients']:>8} {r['bars_per_s']:>10.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-            f"{r['max_ms']:>8.1f} {r['bridge_cpu']:>9.1%} {r['cpu_per_1000']:>10.1%} "
-            f"{r['pass_ms']:>8.1f}",
+            f"{r['clients']:>8} {r['bars_per_s']:>8.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+            f"{r['max_ms']:>7.1f}   {r['bridge_p50_ms']:>7.1f} {r['bridge_p99_ms']:>7.1f} "
+            f"{r['bridge_max_ms']:>7.1f} {r['pass_ms']:>8.1f} {r['bridge_cpu']:>10.1%} "
+            f"{r['cpu_per_1000']:>8.1%} {r['client_cpu']:>10.1%}  {r['load']}, {r['checked']}",
             flush=True,
         )
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan import wire
-from polyfan.bridge import Bridge
+from polyfan.bridge import PASS_LOG_ENV, Bridge
 from polyfan.config import BridgeConfig
 from polyfan.protocol import Limits
 from procs import free_port
@@ -271,6 +274,30 @@ async def test_bars_arrive_as_mb_events_exactly(bridge: Bridge, agg: FakeAgg) ->
     assert events[3]["outage"] is True
     assert "outage" not in events[4]
     await client.close()
+
+
+async def test_the_pass_log_has_a_line_per_fan_out_pass_with_its_writes_and_bars(
+    agg: FakeAgg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_path = tmp_path / "passes"
+    monkeypatch.setenv(PASS_LOG_ENV, str(log_path))
+    bridge = await start_bridge(agg)
+    clients = [await Client.open(url(bridge)) for _ in range(2)]
+    for client in clients:
+        await subscribed(client, agg, "100Ms.TSLA")
+    rows = bar_rows(100, T0, 3)
+    agg.publish(100, "TSLA", rows[:1])
+    agg.publish(100, "TSLA", rows[1:])
+    for client in clients:
+        assert await client.bars(3) == [expected_event("TSLA", 100, r) for r in rows]
+        await client.close()
+    await bridge.stop()
+    lines = [line.split() for line in log_path.read_text().splitlines()]
+    assert lines and all(len(line) == 5 for line in lines)
+    assert {int(line[0]) for line in lines} == {os.getpid()}
+    assert all(float(line[1]) <= float(line[2]) <= time.perf_counter() for line in lines)
+    assert all(int(line[3]) == 2 for line in lines)  # each pass wrote one frame to each client
+    assert sum(int(line[4]) for line in lines) == 3
 
 
 async def test_star_channel_gets_every_symbol_once_even_with_an_exact_channel(

@@ -26,6 +26,7 @@ import email.utils
 import itertools
 import logging
 import mimetypes
+import os
 import resource
 import secrets
 import signal
@@ -105,10 +106,13 @@ REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols 
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
 READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see Bridge._read)
 DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
+COALESCE_MS = 1  # a pass takes the bars that follow its first with gaps under this ...
+COALESCE_MAX_S = 0.005  # ... for at most this long
 HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
+PASS_LOG_ENV = "POLYFAN_BRIDGE_PASS_LOG"  # a file to log every fan-out pass to (benchmarks)
 
 _PLACEHOLDER = b"""<!doctype html><meta charset="utf-8"><title>polyfan</title>
 <h1>polyfan bridge</h1><p>The chart page assets are not built. The bridge serves the
@@ -303,6 +307,11 @@ class Bridge:
         self._server: Server | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
+        # bench/bench_bridge.py's hook: one line per fan-out pass (pid, perf_counter of its
+        # first read and of its last write, frames written, bars), appended to this file.
+        pass_log = os.environ.get(PASS_LOG_ENV)
+        self._pass_log = None if not pass_log else open(pass_log, "a", buffering=1)  # noqa: SIM115
+        self._pid = os.getpid()
         if not self.debug and _ws_log.level == logging.NOTSET:
             _ws_log.setLevel(logging.WARNING)
         self.registry.on_collect(self._collect)
@@ -378,6 +387,8 @@ class Bridge:
         for agg in self.aggs:
             agg.socket.close(linger=0)
         self._context.term()
+        if self._pass_log is not None:
+            self._pass_log.close()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -472,6 +483,16 @@ class Bridge:
                 try:
                     frame = agg.sync.recv(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
+                    # An aggregator sends a clock tick's bars back to back, one message per
+                    # channel, but they reach this socket a few at a time: while they keep
+                    # coming (a gap under COALESCE_MS, for at most COALESCE_MAX_S), take them
+                    # into this pass, so that they go out in one pass, not one pass each.
+                    if (
+                        arrivals
+                        and time.perf_counter() - started < COALESCE_MAX_S
+                        and agg.sync.poll(COALESCE_MS)
+                    ):
+                        continue
                     break
                 try:
                     bars += self._received(agg, frame, arrivals)
@@ -479,9 +500,12 @@ class Bridge:
                     self.counters.wire_errors.inc()
                     log.exception("unexpected error handling a message from %s", agg.endpoint)
             if arrivals:
-                self._deliver(arrivals)
+                frames = self._deliver(arrivals)
+                ended = time.perf_counter()
                 self.counters.passes.inc()
-                self.counters.pass_seconds.inc(time.perf_counter() - started)
+                self.counters.pass_seconds.inc(ended - started)
+                if self._pass_log is not None:
+                    self._pass_log.write(f"{self._pid} {started!r} {ended!r} {frames} {bars}\n")
             await asyncio.sleep(0)
 
     def _received(self, agg: Agg, frame: bytes, arrivals: list[Arrival]) -> int:
@@ -608,9 +632,10 @@ class Bridge:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def _deliver(self, arrivals: list[Arrival]) -> None:
+    def _deliver(self, arrivals: list[Arrival]) -> int:
         """One pass: each group's bars become one JSON frame, framed once for the wire, and
-        written to every client of the group that keeps up (queued for the others)."""
+        written to every client of the group that keeps up (queued for the others). Returns
+        how many frames were written."""
         frames = bars_sent = 0
         for parts, receivers in self.fanout.deliveries(arrivals):
             frame = join_events(parts)
@@ -625,6 +650,7 @@ class Bridge:
                     self._queue(client, frame, bars)
         self.counters.frames_sent.inc(frames)
         self.counters.bars_sent.inc(bars_sent)
+        return frames
 
     def _push(self, client: Client, frame: bytes, bars: int) -> None:
         """Send ``frame`` now if the client keeps up, else queue it."""

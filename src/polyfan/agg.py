@@ -28,7 +28,7 @@ from types import FrameType
 import numpy as np
 import zmq
 
-from polyfan import wire, zmqio
+from polyfan import history, wire, zmqio
 from polyfan.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
@@ -65,6 +65,7 @@ def warm_up(
     core.tick()
     interval = config.intervals_ms[0]
     core.request_received({"id": 1, "reply": "warm", "channel": f"{interval}Ms.WARM", "since": 0})
+    history.warm_up()  # the one bar above never fills a record: pack, walk and decode too
     if receiver is not None:
         receiver.warm_up()
     if sender is not None:

@@ -335,6 +335,18 @@ def _reserve(rows: int) -> np.ndarray:
         return np.empty((4096, _WORDS), dtype=np.int64)
 
 
+def warm_up() -> None:
+    """Run every history kernel once on a tiny store (append, pack, free, walk, decode), so no
+    batch or request waits for numba to load them."""
+    history = History(keep_ms=1_000, sweep=8, rows=64, block=2, segments=2)
+    bars = np.zeros(4, dtype=wire.BAR_DTYPE)
+    bars["s"] = np.arange(4) * 100
+    history.add(0, bars)
+    history.trim(clock=500)
+    history.select(0, since=0, limit=3)
+    history.trim(clock=10**6)
+
+
 class _Mapping:
     """Private anonymous memory for the log: address space reserved up front, pages resident
     only once written, and handed back to the system (``MADV_DONTNEED``) when a segment is

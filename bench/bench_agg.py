@@ -248,22 +248,29 @@ def connected_pub(
     pub.setsockopt(zmq.SNDHWM, 0)
     pub.setsockopt(zmq.LINGER, 0)
     pub.bind(address)
+    return pub, subscribed(ctx, pub, agg_pub)
+
+
+def subscribed(
+    ctx: zmq.Context[zmq.Socket[bytes]], pub: zmq.Socket[bytes], agg_pub: str
+) -> zmq.Socket[bytes]:
+    """A SUB on an agg that ``pub`` feeds, once a CLOCK probe has come through both."""
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(agg_pub)
-    wall = 10**15
+    wall = 10**15 + 10**6 * len(agg_pub)  # probes of different aggs differ
     deadline = time.monotonic() + 20
     while True:
         assert time.monotonic() < deadline, "agg never relayed the probe"
         wall += 1
         record = np.array([(0, wall)], dtype=wire.CLOCK_DTYPE)
         pub.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, wall, 1, record.tobytes()))
-        if sub.poll(20):
+        while sub.poll(20):
             message = wire.decode(sub.recv())
             if message.kind is wire.Kind.CLOCK and wire.records(message)["wall"][0] == wall:
-                return pub, sub
+                return sub
 
 
 def bulk_sender(
@@ -320,6 +327,59 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
             )
             pub.close(0)
             ctx.term()
+            agg.stop()
+
+
+def bench_zmq_shards(shards: int = 2, symbols: int = 5_000, per_message: int = 16) -> None:
+    """The same bar-heavy stream through ``shards`` agg processes, each subscribed to its share
+    of the symbols (``--symbols``: filtered at the publisher), as a deployment scales out."""
+    count = 3_000_000
+    trades, sym = market(count, symbols, rate=200_000, seed=2)
+    names = [f"S{i}" for i in range(symbols)]
+    g_trades, g_sym = grouped(trades, sym, per_message)
+    frames = frames_for(g_trades, g_sym, per_message, names)
+    with tempfile.TemporaryDirectory() as tmp:
+        proxy = f"ipc://{tmp}/p"
+        aggs = [
+            Agg(proxy, f"ipc://{tmp}/a{k}", free_port(), "--symbols", ",".join(names[k::shards]))
+            for k in range(shards)
+        ]
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        pub, sub = connected_pub(ctx, proxy, f"ipc://{tmp}/a0")
+        sub.close(0)
+        for k in range(1, shards):  # every agg past the slow joiner before the clock starts
+            subscribed(ctx, pub, f"ipc://{tmp}/a{k}").close(0)
+        send = pub.send
+        publish, how = bulk_sender(pub)
+        buffer, offsets, n_frames = join_frames(frames)
+        buffer = buffer.copy()
+        warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
+        warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0
+        for name in names:
+            send(wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 2, 1, 1, warm.tobytes()))
+
+        def received() -> float:
+            return sum(agg.metric("polyfan_agg_trades_total") for agg in aggs)
+
+        while received() < symbols:
+            time.sleep(0.05)
+        cpu = [agg.cpu_seconds() for agg in aggs]
+        started = time.perf_counter()
+        publish(buffer, offsets, n_frames)
+        while received() < count + symbols:
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        cpu = [agg.cpu_seconds() - before for agg, before in zip(aggs, cpu, strict=True)]
+        gaps = sum(agg.metric("polyfan_agg_gaps_total") for agg in aggs)
+        print(
+            f"zmq-shards: {count / elapsed:,.0f} trades/s received and aggregated by {shards} "
+            f"polyfan agg processes ({symbols // shards:,} symbols each, {per_message} trades/"
+            f"message at most, messages through {aggs[0].message_path}), wall clock; CPU-seconds "
+            f"per agg {', '.join(f'{c:.2f}' for c in cpu)}; sender ({how}); gaps {gaps:.0f}"
+        )
+        pub.close(0)
+        ctx.term()
+        for agg in aggs:
             agg.stop()
 
 
@@ -617,6 +677,7 @@ PARTS = {
     "kernel": bench_kernel,
     "zmq": bench_zmq,
     "zmq-hot": lambda: bench_zmq(symbols=500, sizes=(16,)),
+    "zmq-shards": bench_zmq_shards,
     "delay": bench_delay,
     "delay-burst": lambda: bench_delay(rate=30_000),
     "delay-single": bench_delay_single,

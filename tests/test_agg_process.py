@@ -487,6 +487,26 @@ def test_gaps_count_losses_but_not_a_new_session(
     fake.close()
 
 
+def test_a_long_symbols_list_loses_no_subscription(tmp_path: Path, context: Context) -> None:
+    """ZeroMQ drops subscription messages beyond a SUB's send high-water mark (1,000 by
+    default); with 3,000 listed symbols the agg still gets its control topic (last in ZeroMQ's
+    order: "_" sorts after "T") and every listed symbol, and nothing else."""
+    listed = [f"S{i:04d}" for i in range(3_000)]
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=9)
+    symbols = ",".join(listed)
+    with serving_agg(context, proxy_pub, agg_pub, port, "--symbols", symbols) as (agg, output):
+        fake.probe(output, 0)  # the control topic arrives: CLOCK relayed
+        for symbol in ("S0000", "S2999", "NOTLISTED"):
+            fake.trades(symbol, (Trade(1_000, 5.0, 100),))
+        fake.clock(5_000)
+        output.pump_until(lambda: (output.clock or 0) >= 5_000, what="the last clock")
+        assert sorted(output.bars) == [(s, i) for s in ("S0000", "S2999") for i in INTERVALS]
+        assert scrape(port)["polyfan_agg_trades_total"] == 2  # filtered at the publisher
+        assert agg.stop() == 0
+    fake.close()
+
+
 @pytest.mark.parametrize(
     ("libzmq", "says"),
     [

@@ -119,6 +119,10 @@ def run(config: AggConfig) -> int:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, RCVHWM)
         sub.setsockopt(zmq.RCVBUF, 8 << 20)
+        # Subscriptions travel to the proxy as messages, and ZeroMQ silently drops those beyond
+        # the SUB's send high-water mark (1,000 by default): a long --symbols list would lose
+        # topics, the control topic first (ZeroMQ sends them in byte order; "_" follows "T").
+        sub.setsockopt(zmq.SNDHWM, 0)
         sub.setsockopt(zmq.SUBSCRIBE, wire.CONTROL_TOPIC)
         if config.symbols is None:
             sub.setsockopt(zmq.SUBSCRIBE, b"T.")

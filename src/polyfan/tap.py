@@ -117,6 +117,7 @@ def run(config: TapConfig) -> int:
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 1_000_000)
+    sub.setsockopt(zmq.SNDHWM, 0)  # subscriptions beyond it would be dropped silently
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:

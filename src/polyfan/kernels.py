@@ -99,7 +99,7 @@ N_COUNTERS = 2
 # --- trades ------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # in the per-trade loop: no call, no refcounts
 def trade_flags(nc: int, codes: np.ndarray, i: int, rules: np.ndarray) -> int:
     """The AND of the rule entries of trade ``i``'s codes (regular when it has none)."""
     flags = HL | OC | VOL
@@ -186,7 +186,7 @@ def apply_trades(
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # in the per-trade loop: no call, no refcounts
 def _open_slot(
     pool_i: np.ndarray, pool_f: np.ndarray, slot: int, s: int, series: int, next_slot: int
 ) -> None:
@@ -210,7 +210,7 @@ def _open_slot(
     pool_f[slot, F_PV] = 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # in the per-trade loop: no call, no refcounts
 def _first_last(
     pool_i: np.ndarray,
     pool_f: np.ndarray,
@@ -231,7 +231,7 @@ def _first_last(
         pool_f[slot, last_p] = p
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # in the per-trade loop: no call, no refcounts
 def _apply_one(
     pool_i: np.ndarray,
     pool_f: np.ndarray,

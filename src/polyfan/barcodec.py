@@ -49,6 +49,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+# The small helpers are inlined by numba (``inline="always"``): they run per field of every
+# bar, where a call with array arguments (and its reference counting) would cost more than
+# the work.
+
 M_RAW_PRICES = 1
 M_ONE_PRICE = 2
 M_VW = 4 | 8  # the vw mode, one of:
@@ -85,7 +89,7 @@ def record_max(count: int) -> int:
 # --- bytes ----------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _put(out: np.ndarray, pos: int, x: int) -> int:
     """Write ``x >= 0`` as a varint at ``pos``; return the position after it."""
     while x >= 128:
@@ -96,7 +100,7 @@ def _put(out: np.ndarray, pos: int, x: int) -> int:
     return pos + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _get(data: np.ndarray, pos: int) -> tuple[int, int]:
     """The varint at ``pos`` and the position after it."""
     x = 0
@@ -110,24 +114,24 @@ def _get(data: np.ndarray, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _zz(x: int) -> int:
     return x << 1 if x >= 0 else ((-x) << 1) - 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unzz(z: int) -> int:
     return z >> 1 if z & 1 == 0 else -((z + 1) >> 1)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _put_raw(out: np.ndarray, pos: int, x: int) -> int:
     for b in range(8):
         out[pos + b] = (x >> (8 * b)) & 255
     return pos + 8
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _get_raw(data: np.ndarray, pos: int) -> int:
     x = 0
     for b in range(7):
@@ -136,14 +140,14 @@ def _get_raw(data: np.ndarray, pos: int) -> int:
     return x + ((top - 256) << 56 if top >= 128 else top << 56)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _bits(x: float, sf: np.ndarray, si: np.ndarray) -> int:
     """The bits of a float64 (``sf`` and ``si`` are one-element views of the same 8 bytes)."""
     sf[0] = x
     return int(np.int64(si[0]))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _ticks(x: float, bits: int, sf: np.ndarray, si: np.ndarray) -> tuple[bool, int]:
     """``x`` as a whole number of 1e-4 ticks, if ``ticks / 1e4`` gives back its exact bits."""
     if not abs(x) < PRICE_LIMIT:  # NaN too
@@ -154,7 +158,7 @@ def _ticks(x: float, bits: int, sf: np.ndarray, si: np.ndarray) -> tuple[bool, i
     return True, int(t)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
@@ -164,7 +168,7 @@ def _gcd(a: int, b: int) -> int:
 # --- records --------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _price_tick(
     words: np.ndarray, floats: np.ndarray, lo: int, hi: int, sf: np.ndarray, si: np.ndarray
 ) -> int:
@@ -284,7 +288,7 @@ def encode_record(
     return pos
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def record_header(data: np.ndarray, pos: int) -> tuple[int, int, int]:
     """``(back, count, first bar start)`` of the record at ``pos``."""
     back, pos = _get(data, pos)
@@ -453,7 +457,7 @@ def log_free(cutoff: int, log_state: tuple[np.ndarray, ...]) -> int:
     return freed
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _physical(position: int, seg_slot: np.ndarray, seg_bytes: int) -> int:
     slot = int(np.int64(seg_slot[(position // seg_bytes) % seg_slot.shape[0]]))
     return slot * seg_bytes + position % seg_bytes

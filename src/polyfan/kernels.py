@@ -418,7 +418,7 @@ D_IGNORED = 7
 N_DECODER = 8
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def topic_hash(data: np.ndarray, start: int, length: int) -> int:
     h = 7
     for j in range(start, start + length):
@@ -426,7 +426,7 @@ def topic_hash(data: np.ndarray, start: int, length: int) -> int:
     return h
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _u64(buf: np.ndarray, at: int) -> np.uint64:
     value = np.uint64(0)
     for j in range(8):
@@ -434,14 +434,14 @@ def _u64(buf: np.ndarray, at: int) -> np.uint64:
     return value
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _u32(buf: np.ndarray, at: int) -> int:
     return (
         int(buf[at]) | (int(buf[at + 1]) << 8) | (int(buf[at + 2]) << 16) | (int(buf[at + 3]) << 24)
     )
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _i64(buf: np.ndarray, at: int) -> int:
     value = 0
     for j in range(7):
@@ -452,7 +452,7 @@ def _i64(buf: np.ndarray, at: int) -> int:
     return value | (top << 56)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def find_topic(
     buf: np.ndarray,
     start: int,
@@ -596,7 +596,7 @@ def decode_frames(
 # --- bar messages --------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _put_u64(out: np.ndarray, at: int, value: np.uint64) -> None:
     for j in range(8):
         out[at + j] = np.uint8((value >> np.uint64(8 * j)) & np.uint64(255))
@@ -672,7 +672,7 @@ FIRST_REGION = 4
 N_CLASSES = 64  # 4 * 1.5**63 rows: far beyond any arena
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def lower_bound(arena: np.ndarray, lo: int, hi: int, s: int) -> int:
     """First row in ``[lo, hi)`` whose bar start is ``>= s`` (binary search)."""
     while lo < hi:
@@ -684,7 +684,7 @@ def lower_bound(arena: np.ndarray, lo: int, hi: int, s: int) -> int:
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _copy_rows(arena: np.ndarray, dst: int, src: int, rows: int) -> None:
     """Copy ``rows`` rows from ``src`` to ``dst`` word by word, forward (safe for dst < src)."""
     words = arena.shape[1]
@@ -712,7 +712,7 @@ def _class_size(c: int) -> int:
     return size
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _free_region(
     arena: np.ndarray, off: int, cap: int, h_free: np.ndarray, h_state: np.ndarray
 ) -> None:

@@ -57,6 +57,7 @@ class Bars:
         self.pool_i = np.full((pool_size, kernels.SLOT_WORDS), -1, dtype=np.int64)
         self.pool_f = self.pool_i.view(np.float64)  # the same rows, read as floats
         self.free = np.arange(pool_size - 1, -1, -1, dtype=np.int64)
+        self.slot_close = np.full(pool_size, _INT64_MAX, dtype=np.int64)
         self.meta = np.zeros(kernels.N_META, dtype=np.int64)
         self.meta[kernels.M_FREE_TOP] = pool_size
         self.meta[kernels.M_MIN_CLOSE] = _INT64_MAX
@@ -101,6 +102,9 @@ class Bars:
         size = len(self.pool_i)
         self.pool_i = np.concatenate([self.pool_i, np.full_like(self.pool_i, -1)])
         self.pool_f = self.pool_i.view(np.float64)
+        self.slot_close = np.concatenate(
+            [self.slot_close, np.full(size, _INT64_MAX, dtype=np.int64)]
+        )
         top = int(self.meta[kernels.M_FREE_TOP])
         self.free = np.concatenate(
             [np.arange(2 * size - 1, size - 1, -1, dtype=np.int64), self.free[:top]]
@@ -136,6 +140,7 @@ class Bars:
                 self.pool_i,
                 self.pool_f,
                 self.free,
+                self.slot_close,
                 self.meta,
                 self.counters,
             )
@@ -188,6 +193,7 @@ class Bars:
             self.pool_i,
             self.pool_f,
             self.free,
+            self.slot_close,
             self.meta,
             self._outage_lo,
             self._outage_hi,

@@ -750,7 +750,7 @@ def history_append(
             k += 1
         count = k - j
         off = h_off[key]
-        if off >= 0:
+        if off >= 0 and h_start[key] < h_end[key] and arena[off + h_start[key], 0] < cutoff:
             h_start[key] = lower_bound(arena, off + h_start[key], off + h_end[key], cutoff) - off
         live = h_end[key] - h_start[key] if off >= 0 else 0
         if off < 0 or h_end[key] + count > h_cap[key]:

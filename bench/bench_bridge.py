@@ -91,6 +91,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process on the machine has used (all cores), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -473,9 +481,11 @@ def measure(
         metrics0 = metrics(port)
         cpu0 = tree_cpu_seconds(bridge.pid)
         client_cpu0 = sum(cpu_seconds(p.pid or 0) for p in processes)
+        busy0, own0 = machine_busy_seconds(), cpu_seconds(os.getpid())
         wall0, perf0 = time.time(), time.perf_counter()
         time.sleep(seconds)
         wall1, perf1 = time.time(), time.perf_counter()
+        busy1, own1 = machine_busy_seconds(), cpu_seconds(os.getpid())
         cpu1 = tree_cpu_seconds(bridge.pid)
         client_cpu1 = sum(cpu_seconds(p.pid or 0) for p in processes)
         metrics1 = metrics(port)
@@ -503,6 +513,9 @@ def measure(
         bridge_ms = bridge_delays(read_pass_log(pass_log), agg.rounds, (perf0, perf1)) * 1000
         bad = sum(r["bad_clients"] for r in results)
         cpu = (cpu1 - cpu0) / (wall1 - wall0)
+        client_cpu = (client_cpu1 - client_cpu0) / (wall1 - wall0)
+        # everything else on the machine meanwhile (other people's work), in cores
+        others = (busy1 - busy0 - (own1 - own0)) / (wall1 - wall0) - cpu - client_cpu
         return {
             "clients": clients,
             "load": load,
@@ -515,7 +528,8 @@ def measure(
             "bridge_max_ms": float(bridge_ms.max()),
             "bridge_cpu": cpu,
             "cpu_per_1000": cpu / (clients / 1000),
-            "client_cpu": (client_cpu1 - client_cpu0) / (wall1 - wall0),
+            "client_cpu": client_cpu,
+            "others_cpu": max(others, 0.0),
             "pass_ms": 1000 * pass_seconds / max(passes, 1),
             "checked": f"{clients - bad}/{clients} ok"
             + "".join(f"; {line}" for r in results for line in r["bad_examples"]),
@@ -563,7 +577,7 @@ def main() -> None:
         f"{'':>17}{'--- client delay ms ---':>25} {'--- bridge delay ms ---':>24}\n"
         f"{'clients':>8} {'bars/s':>8} {'p50':>7} {'p99':>7} {'max':>7}   "
         f"{'p50':>7} {'p99':>7} {'max':>7} {'pass ms':>8} {'bridge CPU':>10} "
-        f"{'CPU/1000':>8} {'client CPU':>10}  load avg, check"
+        f"{'CPU/1000':>8} {'client CPU':>10} {'others':>6}  load avg, check"
     )
     for clients in args.clients or [1000, 5000]:
         r = measure(
@@ -573,7 +587,8 @@ def main() -> None:
             f"{r['clients']:>8} {r['bars_per_s']:>8.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
             f"{r['max_ms']:>7.1f}   {r['bridge_p50_ms']:>7.1f} {r['bridge_p99_ms']:>7.1f} "
             f"{r['bridge_max_ms']:>7.1f} {r['pass_ms']:>8.1f} {r['bridge_cpu']:>10.1%} "
-            f"{r['cpu_per_1000']:>8.1%} {r['client_cpu']:>10.1%}  {r['load']}, {r['checked']}",
+            f"{r['cpu_per_1000']:>8.1%} {r['client_cpu']:>10.1%} {r['others_cpu']:>6.2f}  "
+            f"{r['load']}, {r['checked']}",
             flush=True,
         )
 

@@ -226,13 +226,19 @@ def _first_last(
     first_p: int,
     last_p: int,
 ) -> None:
-    """Keep the first and the last price by (t, arrival) in the given columns."""
-    if t < pool_i[slot, first_t]:
-        pool_i[slot, first_t] = t
-        pool_f[slot, first_p] = p
-    if t >= pool_i[slot, last_t]:
-        pool_i[slot, last_t] = t
-        pool_f[slot, last_p] = p
+    """Keep the first and the last price by (t, arrival) in the given columns.
+
+    Written without branches (every store happens, with the old or the new value): trades
+    arrive disordered within the grace, so "earlier?" and "later?" are unpredictable, and
+    mispredicted branches cost more than the stores (apply ran 2.3x slower with ifs)."""
+    first = pool_i[slot, first_t]
+    earlier = t < first
+    pool_i[slot, first_t] = t if earlier else first
+    pool_f[slot, first_p] = p if earlier else pool_f[slot, first_p]
+    last = pool_i[slot, last_t]
+    later = t >= last
+    pool_i[slot, last_t] = t if later else last
+    pool_f[slot, last_p] = p if later else pool_f[slot, last_p]
 
 
 @njit(cache=True, inline="always")  # in the per-trade loop: no call, no refcounts
@@ -254,18 +260,14 @@ def _apply_one(
         _first_last(pool_i, pool_f, slot, t, p, I_OCF_T, I_OCL_T, F_OCF, F_OCL)
     if flags & HL:
         pool_i[slot, I_NHL] += 1
-        if p > pool_f[slot, F_HI]:
-            pool_f[slot, F_HI] = p
-        if p < pool_f[slot, F_LO]:
-            pool_f[slot, F_LO] = p
+        pool_f[slot, F_HI] = max(p, pool_f[slot, F_HI])  # branch-free, as in _first_last
+        pool_f[slot, F_LO] = min(p, pool_f[slot, F_LO])
         if not flags & OC:
             _first_last(pool_i, pool_f, slot, t, p, I_HLF_T, I_HLL_T, F_HLF, F_HLL)
     else:
         _first_last(pool_i, pool_f, slot, t, p, I_ANF_T, I_ANL_T, F_ANF, F_ANL)
-        if p > pool_f[slot, F_ANHI]:
-            pool_f[slot, F_ANHI] = p
-        if p < pool_f[slot, F_ANLO]:
-            pool_f[slot, F_ANLO] = p
+        pool_f[slot, F_ANHI] = max(p, pool_f[slot, F_ANHI])
+        pool_f[slot, F_ANLO] = min(p, pool_f[slot, F_ANLO])
 
 
 # --- closing -----------------------------------------------------------------------------

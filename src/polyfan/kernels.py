@@ -324,16 +324,28 @@ def close_bars(
     if m == 0:
         return 0
     # Order by (interval, symbol, s): the shortest interval's bars go out first (their readers
-    # care most about delay), and each series' bars stay together, oldest first. Stable sort
-    # by s, then by (k, symbol id).
+    # care most about delay), and each series' bars stay together, oldest first. One sort by
+    # (k, symbol id); a series rarely closes more than one bar at once, so its run of equal
+    # keys is put in s order by insertion.
     key = np.empty(m, dtype=np.int64)
     for j in range(m):
-        key[j] = pool_i[closing[j], I_S]
-    by_s = closing[:m][np.argsort(key, kind="mergesort")]
-    for j in range(m):
-        series = pool_i[by_s[j], I_SERIES]
+        series = pool_i[closing[j], I_SERIES]
         key[j] = ((series % n_int) << 40) | (series // n_int)
-    ordered = by_s[np.argsort(key, kind="mergesort")]
+    ordered = closing[:m][np.argsort(key)]
+    j = 0
+    while j < m:
+        series = pool_i[ordered[j], I_SERIES]
+        k = j + 1
+        while k < m and pool_i[ordered[k], I_SERIES] == series:
+            k += 1
+        for a in range(j + 1, k):
+            slot = ordered[a]
+            b = a
+            while b > j and pool_i[ordered[b - 1], I_S] > pool_i[slot, I_S]:
+                ordered[b] = ordered[b - 1]
+                b -= 1
+            ordered[b] = slot
+        j = k
     top = meta[M_FREE_TOP]
     for j in range(m):
         slot = ordered[j]

@@ -29,7 +29,9 @@ Two delays, both from the aggregator publishing a round of bars:
 
 After the run every client is checked: it got every bar of its 5 channels, exactly once, in
 order. The bridge's CPU (and the clients') comes from /proc/<pid>/stat over the measured
-window.
+window; ``others`` is the CPU, in cores, that everything else on the machine used meanwhile
+(/proc/stat; other people's runs on a shared machine; it may include softirq time the kernel
+charged to no process).
 """
 
 from __future__ import annotations

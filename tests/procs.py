@@ -17,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import zmq
+
 POLYFAN = [sys.executable, "-m", "polyfan"]
 
 # Debian's chromium, headless, as root, on a closed network (no background connections).
@@ -146,3 +148,22 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
         self._close_output()
+
+
+class Context:
+    """A ZeroMQ context that keeps its sockets (linger 0) until the test ends, then closes them."""
+
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sockets: list[zmq.Socket[bytes]] = []
+
+    def socket(self, kind: int) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close(0)
+        self.ctx.term()

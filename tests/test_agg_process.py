@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from polyfan import wire
-from procs import Proc, endpoint, free_port, scrape
+from procs import Context, Proc, endpoint, free_port, scrape
 from reference import Bar, Clock, Trade, Trades, bar_from_record, reference_bars
 
 INTERVALS = (100, 250, 1_000)
@@ -31,25 +31,6 @@ SYMBOLS = (
     "NVDA", "NV", "GOOG", "GOOGL", "F", "FB", "META", "AMD", "AMDX", "SPY", "QQQ", "IBM",
 )  # fmt: skip
 TRANSPORTS = ["ipc", "tcp"]
-
-
-class Context:
-    """A ZeroMQ context that keeps its sockets until the test ends, then closes them all."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sockets: list[zmq.Socket[bytes]] = []
-
-    def socket(self, kind: int) -> zmq.Socket[bytes]:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        self.sockets.append(sock)
-        return sock
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close(0)
-        self.ctx.term()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from numba import config as numba_config
 from polyfan import agg, zmqio
 from polyfan.config import AggConfig
 from polyfan.ingest import join_frames
-from procs import endpoint
+from procs import Context, endpoint
 
 TRANSPORTS = ["ipc", "tcp"]
 PATHS = ["numba", "pyzmq"]
@@ -29,25 +29,6 @@ PATHS = ["numba", "pyzmq"]
 needs_jit = pytest.mark.skipif(
     numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT: only the pyzmq path can run"
 )
-
-
-class Context:
-    """A ZeroMQ context that keeps its sockets (linger 0) until the test ends, then closes them."""
-
-    def __init__(self) -> None:
-        self.ctx: Context = zmq.Context()
-        self.sockets: list[zmq.Socket[bytes]] = []
-
-    def socket(self, kind: int) -> zmq.Socket[bytes]:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        self.sockets.append(sock)
-        return sock
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close(0)
-        self.ctx.term()
 
 
 @pytest.fixture

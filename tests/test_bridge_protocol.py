@@ -571,6 +571,39 @@ async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_
         await bridge.stop()
 
 
+async def test_thousands_of_channels_are_all_resubscribed_when_the_agg_restarts() -> None:
+    """ZeroMQ replays an XSUB's subscriptions to a new publisher, dropping those beyond the
+    socket's send high-water mark: 13,000 channels (13 clients at the 1,000 limit) must all
+    reach the restarted agg."""
+
+    def subscribed_topics(agg: FakeAgg) -> set[bytes]:
+        with agg._cond:
+            return {m[1:] for m in agg.subscriptions if m[:1] == b"\x01"}
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = FakeAgg(endpoint)
+    bridge = Bridge(BridgeConfig(sub=(endpoint,), listen=("127.0.0.1", 0)))
+    await bridge.start()
+    clients = []
+    try:
+        await eventually(lambda: bridge.catalog.intervals)
+        wanted = {f"500Ms.S{k:05d}".encode() + b"\x00" for k in range(13_000)}
+        for c in range(13):
+            client = await Client.open(url(bridge), token="x")
+            channels = ",".join(f"500Ms.S{k:05d}" for k in range(c * 1_000, (c + 1) * 1_000))
+            await client.send({"action": "subscribe", "params": channels})
+            await client.statuses(1_000)
+            clients.append(client)
+        await eventually(lambda: wanted <= subscribed_topics(first), timeout=20)
+        first.close()
+        with FakeAgg(endpoint) as second:
+            await eventually(lambda: wanted <= subscribed_topics(second), timeout=20)
+    finally:
+        for client in clients:
+            await client.close()
+        await bridge.stop()
+
+
 async def test_page_assets_are_served_with_their_content_types(bridge: Bridge) -> None:
     from polyfan import bridge as module
 

@@ -209,15 +209,16 @@ class Agg:
         return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
 
     def send(self, frame: bytes) -> None:
-        """Subscriptions and requests upstream; an XSUB never blocks, it drops when it must.
+        """Subscriptions and requests upstream (the XSUB's send queue is unbounded: see
+        ``start``).
 
         Through the asyncio socket, not the sync one: ZeroMQ's FD is edge-triggered and a send
         processes pending commands, which can consume the edge the reader's ``poll`` waits
         for; pyzmq's asyncio ``send`` re-checks the socket for its waiting pollers.
         """
         sent = cast("asyncio.Future[Any]", self.socket.send(frame, zmq.NOBLOCK))
-        if sent.done() and sent.exception() is not None:  # zmq.Again: dropped, as XSUB does
-            log.debug("upstream message to %s dropped: %s", self.endpoint, sent.exception())
+        if sent.done() and sent.exception() is not None:
+            log.warning("upstream message to %s not sent: %s", self.endpoint, sent.exception())
 
     def subscribe(self, topic: bytes) -> None:
         if topic not in self.topics:
@@ -328,7 +329,11 @@ class Bridge:
             socket = self._context.socket(zmq.XSUB)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.RCVHWM, 100_000)
-            socket.setsockopt(zmq.SNDHWM, 10_000)
+            # Unbounded: on a reconnect ZeroMQ replays every subscription at once and drops
+            # those beyond the send high-water mark, which would leave channels silently dead
+            # after an agg restart. What queues here is bounded by the channels subscribed and
+            # the clients' request rate limits.
+            socket.setsockopt(zmq.SNDHWM, 0)
             try:
                 socket.connect(endpoint)
             except zmq.ZMQError as exc:

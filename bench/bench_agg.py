@@ -488,9 +488,9 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
             f"intervals, CLOCK every ~5 ms, ipc, received by {how} in {len(drains):,} drains); "
             f"{INTERVALS[0]} ms bars alone p50 "
             f"{statistics.median(first):.2f} ms, p99 {first[int(len(first) * 0.99)]:.2f} ms; "
-            f"inside the agg (batch in -> last bar sent, "
-            f"its histogram): p50 <= {quantile(inside, 0.5) * 1000:g} ms, p99 <= "
-            f"{quantile(inside, 0.99) * 1000:g} ms over {inside[-1][1]:,.0f} batches"
+            f"inside the agg, per bar (its batch in -> the batch's last bar sent, the agg's "
+            f"histogram): p50 <= {quantile(inside, 0.5) * 1000:g} ms, p99 <= "
+            f"{quantile(inside, 0.99) * 1000:g} ms over {inside[-1][1]:,.0f} bars"
         )
         pub.close(0)
         sub.close(0)

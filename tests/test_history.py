@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyfan import barcodec, wire
-from polyfan.history import History
+from polyfan.history import PACK_DEFERRALS, History
 
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
 
@@ -214,7 +214,8 @@ def test_compressed_blocks_and_hot_bars_answer_like_one_list(
 def test_packing_yields_to_waiting_work_and_is_bounded_per_call() -> None:
     history = History(keep_ms=10**9, sweep=64, block=4, pack_budget=3)
     history.add(0, bars(list(range(0, 400, 10))))  # 40 bars: 10 blocks to pack
-    history.trim(clock=0, busy=lambda: True)
+    for _ in range(PACK_DEFERRALS):
+        history.trim(clock=0, busy=lambda: True)
     assert history.cold_bytes == 0  # something was waiting: nothing packed
     history.trim(clock=0)
     packed = history.cold_bytes
@@ -396,3 +397,14 @@ def test_freed_log_segments_give_their_memory_back() -> None:
     assert (
         resident_bytes(address, 1_024 * segment) <= segment
     )  # the segment still open for writing, at most
+
+
+def test_a_feed_that_never_pauses_still_gets_its_bars_packed() -> None:
+    history = History(keep_ms=10**9, sweep=64, block=4)
+    history.add(0, bars(list(range(0, 400, 10))))
+    for _ in range(PACK_DEFERRALS):
+        history.trim(clock=0, busy=lambda: True)
+    assert history.cold_bytes == 0
+    history.trim(clock=0, busy=lambda: True)  # deferred long enough: packed anyway
+    assert history.cold_bytes > 0
+    assert history.select(0)["s"].tolist() == list(range(0, 400, 10))

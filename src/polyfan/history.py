@@ -38,6 +38,7 @@ RESERVE_ROWS = 1 << 25  # 2 GiB of address space; resident only as regions are w
 BLOCK = 8  # bars per packed record
 SEGMENT_BYTES = 1 << 20  # the log's unit of allocation and of freeing
 RESERVE_SEGMENTS = 2048  # 2 GiB of address space for the log; slots are touched as used
+PACK_DEFERRALS = 9  # busy trim calls in a row that may skip packing (the agg: 0.9 s)
 
 
 class History:
@@ -63,6 +64,7 @@ class History:
         self.keep_ms = keep_ms
         self.block = block
         self._pack_budget = pack_budget  # records packed per trim call at most
+        self._deferred = 0  # trim calls in a row that left packing to later
         self._sweep = sweep
         self._next_sweep = 0
         self._cutoff = _INT64_MIN
@@ -169,7 +171,9 @@ class History:
 
         Packing does at most ``pack_budget`` records (a series cut short is packed when the
         sweep comes back to it), and none when ``busy()`` says there is other work waiting
-        (the agg passes "a message is waiting on the SUB").
+        (the agg passes "a message is waiting on the SUB") unless the last ``PACK_DEFERRALS``
+        calls all deferred it: under a feed that never pauses, recent bars would otherwise
+        pile up as 64-byte records for ever.
         """
         self._cutoff = clock - self.keep_ms
         freed = self._free(self._cutoff, self._log_state)
@@ -188,8 +192,12 @@ class History:
         swept = (first + np.arange(min(self._sweep, len(self._off)))) % len(self._off)
         held = self._end[swept] - self._start[swept]
         full = (self._off[swept] >= 0) & (held >= self.block)
-        if not full.any() or (busy is not None and busy()):
+        if not full.any():
             return
+        if busy is not None and self._deferred < PACK_DEFERRALS and busy():
+            self._deferred += 1
+            return
+        self._deferred = 0
         keys = np.repeat(swept[full], held[full] // self.block)[: self._pack_budget]
         self._pack_records(keys, np.full(len(keys), self.block, dtype=np.int64))
 

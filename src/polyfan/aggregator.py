@@ -145,7 +145,8 @@ class Aggregator:
         self.symbols_gauge = registry.gauge("polyfan_agg_symbols", "Symbols seen.")
         self.history_gauge = registry.gauge("polyfan_agg_history_series", "Series with history.")
         self.packed_gauge = registry.gauge(
-            "polyfan_agg_history_packed_bytes", "Bytes of history in packed records (live log segments)."
+            "polyfan_agg_history_packed_bytes",
+            "Bytes of history in packed records (live log segments).",
         )
         registry.on_collect(self._collect)
 

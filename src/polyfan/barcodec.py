@@ -6,9 +6,9 @@ varints; "zigzag" marks a signed one (0, -1, 1, -2 ... as 0, 1, 2, 3 ...)::
 
     back    varint   bytes back from this record to the series' previous record (0: none)
     count   varint
-    unit    varint   the common step of the bar starts (the interval, in practice)
+    unit    varint   the common step of the bar starts (the interval, in practice; 0: raw)
     tick    varint   the common step of the prices, in 1e-4 (100 when all are whole cents)
-    first   zigzag   the first bar's start
+    first   zigzag   the first bar's start (8 raw bytes when unit is 0)
     then per bar:
     mask    1 byte   the M_* bits below
     step    zigzag   (s - previous s) / unit          (not for the first bar, nor with M_NEXT)
@@ -24,8 +24,9 @@ varints; "zigzag" marks a signed one (0, -1, 1, -2 ... as 0, 1, 2, 3 ...)::
             vw = from_bits(bits((q * tick / 1e4) / v) + r)
     flags   varint                                               (only with M_FLAGS)
 
-Bar starts are times: the codec takes any order but needs ``|s| < 2**60`` (ms: 36 million
-years), which the feed's validation guarantees. A one-trade bar (most bars of a quiet symbol) takes 4 to 6 bytes instead of 64. Every choice
+Bar starts may come in any order. If one is 2**60 or more from 0 (no timestamp the proxy
+passes is), ``unit`` is written as 0, ``first`` and every later start as 8 raw bytes, and
+there is no step. A one-trade bar (most bars of a quiet symbol) takes 4 to 6 bytes instead of 64. Every choice
 is checked bit for bit when encoding, so decoding always gives back the exact records (NaN
 payloads and -0.0 included: anything the compact forms cannot express goes raw).
 
@@ -67,9 +68,10 @@ M_NEXT = 128  # the bar starts one unit after the previous one
 
 TICKS = 10_000.0
 PRICE_LIMIT = 1e11  # ticks stay below 2**50, exact in a float64
+START_LIMIT = 2**60  # bar starts within it are written as steps (zigzag cannot overflow)
 NAN_BITS = 0x7FF8000000000000  # np.nan, the only NaN the kernels write
-HEADER_MAX = 5 * 10  # five varints
-BAR_MAX = 1 + 10 + 4 * 8 + 8 + 10 + 10 + 10 + 10  # every field at its widest
+HEADER_MAX = 5 * 10  # five varints (or four and 8 raw bytes)
+BAR_MAX = 1 + 10 + 4 * 8 + 8 + 10 + 10 + 10 + 10  # every field at its widest (a raw start: 8)
 INT64_MIN = -(2**63)
 
 L_HEAD = 0  # logical position of the next record
@@ -197,23 +199,30 @@ def encode_record(
 ) -> int:
     """Encode BAR rows ``[lo, hi)`` (``words`` int64 and ``floats`` float64 views of the same
     rows) at ``out[pos:]``, at most ``record_max(hi - lo)`` bytes; return the end."""
-    unit = 0
-    for i in range(lo + 1, hi):
-        unit = _gcd(unit, abs(words[i, 0] - words[i - 1, 0]))
-    if unit == 0:
-        unit = 1
+    unit = 1  # 0: some start is too far from 0 for steps: every start raw
+    for i in range(lo, hi):
+        if not -START_LIMIT < words[i, 0] < START_LIMIT:
+            unit = 0
+    if unit:
+        unit = 0
+        for i in range(lo + 1, hi):
+            unit = _gcd(unit, abs(words[i, 0] - words[i - 1, 0]))
+        if unit == 0:
+            unit = 1
     tick = _price_tick(words, floats, lo, hi, sf, si)
     pos = _put(out, pos, back)
     pos = _put(out, pos, hi - lo)
     pos = _put(out, pos, unit)
     pos = _put(out, pos, tick)
-    pos = _put(out, pos, _zz(words[lo, 0]))
+    pos = _put(out, pos, _zz(words[lo, 0])) if unit else _put_raw(out, pos, words[lo, 0])
     prev_c = 0
     for i in range(lo, hi):
         at = pos
         pos += 1
         mask = 0
-        if i > lo:
+        if i > lo and unit == 0:
+            pos = _put_raw(out, pos, words[i, 0])
+        elif i > lo:
             step = (words[i, 0] - words[i - 1, 0]) // unit
             if step == 1:
                 mask |= M_NEXT
@@ -273,7 +282,7 @@ def encode_record(
                 if abs(pv) < 2.0**53:
                     q = int(np.floor(pv + 0.5))
                     r = vw_bits - _bits((q * tick / TICKS) / v, sf, si)
-                    if abs(r) < 2**20:
+                    if abs(r) < 2**20 and abs(q - v_int * lw) < 2**61:
                         pos = _put(out, pos, _zz(q - v_int * lw))
                         pos = _put(out, pos, _zz(r))
                         derived = True
@@ -293,8 +302,10 @@ def record_header(data: np.ndarray, pos: int) -> tuple[int, int, int]:
     """``(back, count, first bar start)`` of the record at ``pos``."""
     back, pos = _get(data, pos)
     count, pos = _get(data, pos)
+    unit, pos = _get(data, pos)
     _, pos = _get(data, pos)
-    _, pos = _get(data, pos)
+    if unit == 0:
+        return back, count, _get_raw(data, pos)
     first, pos = _get(data, pos)
     return back, count, _unzz(first)
 
@@ -308,13 +319,20 @@ def decode_record(
     count, pos = _get(data, pos)
     unit, pos = _get(data, pos)
     tick, pos = _get(data, pos)
-    z, pos = _get(data, pos)
-    s = _unzz(z)
+    if unit == 0:
+        s = _get_raw(data, pos)
+        pos += 8
+    else:
+        z, pos = _get(data, pos)
+        s = _unzz(z)
     prev_c = 0
     for i in range(at, at + count):
         mask = int(np.int64(data[pos]))
         pos += 1
-        if i > at:
+        if i > at and unit == 0:
+            s = _get_raw(data, pos)
+            pos += 8
+        elif i > at:
             if mask & M_NEXT:
                 s += unit
             else:

@@ -604,6 +604,37 @@ async def test_thousands_of_channels_are_all_resubscribed_when_the_agg_restarts(
         await bridge.stop()
 
 
+async def test_history_is_not_asked_of_an_agg_that_has_gone_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stopped agg is not sent requests (they would wait in ZeroMQ's queue and all reach it
+    when it returns): /api/bars answers 503 at once, and the returning agg gets none."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "HEARD_WITHIN", 0.5)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = FakeAgg(endpoint, announce_every=0.1)
+    bridge = Bridge(BridgeConfig(sub=(endpoint,), listen=("127.0.0.1", 0)))
+    await bridge.start()
+    try:
+        await eventually(lambda: bridge.catalog.intervals)
+        first.publish(500, "GONE", bar_rows(500, T0, 2))
+        first.flush()
+        status, _, _ = await get(bridge, "/api/bars?channel=500Ms.GONE")
+        assert status == 200
+        first.close()
+        await eventually(lambda: not bridge.aggs[0].is_heard(), timeout=5)
+        status, _, body = await get(bridge, "/api/bars?channel=500Ms.GONE")
+        assert status == 503
+        assert b"no aggregator serving it is heard" in body
+        with FakeAgg(endpoint) as second:
+            await eventually(lambda: bridge.aggs[0].is_heard(), timeout=10)
+            await asyncio.to_thread(second.wait_subscribed, wire.CONTROL_TOPIC, 10)
+            assert second.requests == []
+    finally:
+        await bridge.stop()
+
+
 async def test_page_assets_are_served_with_their_content_types(bridge: Bridge) -> None:
     from polyfan import bridge as module
 

@@ -208,8 +208,8 @@ def _loop(
     publish_delay = Histogram(
         core.registry,
         "polyfan_agg_publish_delay_seconds",
-        "Per bar: from its batch (the CLOCK that closed it) arriving to the batch's last bar "
-        "sent, an upper bound of the bar's own.",
+        "Per bar: from its batch (with the CLOCK that closed it) read off the socket to the "
+        "batch's last bar sent.",
         (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.01, 0.025, 0.05, 0.1),
     )
     while not stop.requested:

@@ -611,6 +611,12 @@ class Bridge:
         finally:
             self._requests.pop(request_id, None)
 
+    def _answering_aggs(self, channel: Channel) -> list[Agg]:
+        """The aggs to ask for a channel's history: those that serve it and are heard. A
+        request to a silent agg would only wait in ZeroMQ's queue for its return."""
+        aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
+        return [agg for agg in aggs if agg.is_heard()]
+
     def _serving_aggs(self, channel: Channel) -> list[Agg]:
         """Every agg for ``N Ms.*``; the first that serves it for one symbol (sharding)."""
         served = self.catalog.aggs_for(channel)
@@ -779,7 +785,7 @@ class Bridge:
             self._spawn(self._send_history(client, channel, seam, command.since))
 
     async def _send_history(self, client: Client, channel: Channel, seam: Seam, since: int) -> None:
-        aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
+        aggs = self._answering_aggs(channel)
         limit = self.limits.since_max_bars
         history: list[tuple[int, bytes]] = []
         problem = None
@@ -853,7 +859,9 @@ class Bridge:
         if problem is not None:
             self.counters.bad_requests.inc()
             return _json(404 if self.aggs and self.catalog.intervals else 503, {"error": problem})
-        aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
+        aggs = self._answering_aggs(channel)
+        if not aggs:
+            return _json(503, {"error": f"{channel.name}: no aggregator serving it is heard"})
         try:
             reply = await self._request(
                 aggs[0],

@@ -16,8 +16,9 @@ Memory follows the bars actually made, in two tiers (docs/architecture.md, "Bars
 
 ``trim`` (every 100 ms in the agg) sweeps a bounded number of series: drops what is older
 than the retention (measured on the feed clock), frees the log segments past it, and packs
-whole blocks of recent bars, a bounded number per call and only while nothing else is
-waiting. Nothing is ever compacted globally, so no call copies more than one series' bars.
+whole blocks of recent bars, a bounded number per call, leaving it to a later call while
+something else is waiting (9 calls in a row at most). Nothing is ever compacted globally, so
+no call copies more than one series' bars.
 """
 
 from __future__ import annotations

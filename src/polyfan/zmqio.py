@@ -1,6 +1,6 @@
 """Per-message ZeroMQ I/O in compiled loops: libzmq called straight from numba.
 
-pyzmq costs ~0.25 µs per ``recv(NOBLOCK)`` and ~0.5 µs per ``send(bytes)``, plus one ``bytes``
+pyzmq costs ~0.2 µs per ``recv(NOBLOCK)`` and ~0.7 µs per ``send(bytes)``, plus one ``bytes``
 object per message; at a few million messages a second that is most of the agg's time. Here one
 kernel call moves a whole batch between a socket and one uint8 buffer with offsets (message i
 is ``buffer[offsets[i]:offsets[i + 1]]``):

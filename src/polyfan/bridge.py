@@ -491,11 +491,12 @@ class Bridge:
                     # An aggregator sends a clock tick's bars back to back, one message per
                     # channel, but they reach this socket a few at a time: while they keep
                     # coming (a gap under COALESCE_MS, for at most COALESCE_MAX_S), take them
-                    # into this pass, so that they go out in one pass, not one pass each.
+                    # into this pass, so that they go out in one pass, not one pass each. The
+                    # wait is the asyncio socket's: other aggs, clients and HTTP run meanwhile.
                     if (
                         arrivals
                         and time.perf_counter() - started < COALESCE_MAX_S
-                        and agg.sync.poll(COALESCE_MS)
+                        and await agg.socket.poll(timeout=COALESCE_MS)
                     ):
                         continue
                     break

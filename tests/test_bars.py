@@ -353,3 +353,19 @@ def test_bars_closing_together_come_grouped_by_series_oldest_first(jit: bool) ->
     assert closed["s"].tolist() == [1_000, 1_100, 1_200, 1_000, 1_100, 1_300]
     assert bars.open_bars == 0
     assert bars.closed_bars(20_000)[0].size == 0
+
+
+def test_the_pool_grows_ahead_of_need_between_batches() -> None:
+    bars = Bars((100,), 0, conditions.polygon_rules(), pool_size=8)
+    trades = np.zeros(7, dtype=wire.TRADE_DTYPE)
+    trades["t"] = np.arange(7) * 100  # seven open bars: one slot of eight left
+    trades["p"] = 1.0
+    trades["s"] = 1.0
+    bars.add_trades(trades, np.zeros(7, dtype=np.int64), np.full(7, INT64_MIN, dtype=np.int64))
+    assert len(bars.pool_i) == 8
+    assert bars.keep_room()
+    assert len(bars.pool_i) == 16
+    assert not bars.keep_room()  # nine of sixteen free
+    series, closed = bars.closed_bars(10_000)
+    assert series.tolist() == [0] * 7
+    assert closed["s"].tolist() == list(range(0, 700, 100))

@@ -306,8 +306,10 @@ class Aggregator:
         return self.sequencer.encode(topic, kind, count, payload)
 
     def tick(self, busy: Callable[[], bool] | None = None) -> None:
-        """Housekeeping between batches: trim and pack the history against the feed clock,
-        stopping early when ``busy()`` says messages are waiting."""
+        """Housekeeping between batches: grow the open-bar pool ahead of need, trim and pack
+        the history against the feed clock, packing later when ``busy()`` says messages are
+        waiting."""
+        self.bars.keep_room()
         clock = self.decoder.clock
         if clock is not None:
             self.history.trim(clock, busy)

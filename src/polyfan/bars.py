@@ -84,6 +84,14 @@ class Bars:
         """The feed clock at which the earliest open bar closes (int64 max when none is open)."""
         return int(self.meta[kernels.M_MIN_CLOSE])
 
+    def keep_room(self) -> bool:
+        """Grow the slot pool now if under a quarter of it is free, so that a batch (at a busy
+        boundary, say) rarely has to stop and copy it; True if it grew."""
+        if int(self.meta[kernels.M_FREE_TOP]) >= len(self.pool_i) // 4:
+            return False
+        self._grow_pool()
+        return True
+
     def is_down(self) -> bool:
         return bool(len(self._outage_hi)) and int(self._outage_hi[-1]) == _INT64_MAX
 

@@ -290,6 +290,17 @@ def bulk_sender(
         return zmqio.PyzmqSender(pub).send, "pyzmq"
 
 
+def introduce(pub: zmq.Socket[bytes], names: list[str], t: int, session: int = 2) -> None:
+    """One trade per symbol at ``t`` (sequence 1): the agg's topic tables grown, as minutes
+    into a session, before anything is measured."""
+    warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    warm["t"], warm["p"], warm["s"] = t, 1.0, 1.0
+    for name in names:
+        pub.send(
+            wire.encode(wire.trade_topic(name), wire.Kind.TRADES, session, 1, 1, warm.tobytes())
+        )
+
+
 def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> None:
     count = 3_000_000
     trades, sym = market(count, symbols, rate=200_000, seed=2)
@@ -303,15 +314,10 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
             ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
             pub, sub = connected_pub(ctx, proxy, agg_pub)
             sub.close(0)
-            send = pub.send
             publish, how = bulk_sender(pub)
             buffer, offsets, n_frames = join_frames(frames)
             buffer = buffer.copy()
-            # Steady state: every symbol seen once (topic tables built) before the clock starts.
-            warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
-            warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0
-            for name in names:
-                send(wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 2, 1, 1, warm.tobytes()))
+            introduce(pub, names, T0 - 600_000)
             while agg.metric("polyfan_agg_trades_total") < symbols:
                 time.sleep(0.05)
             cpu = agg.cpu_seconds()
@@ -356,14 +362,10 @@ def bench_zmq_shards(shards: int = 2, symbols: int = 5_000, per_message: int = 1
         sub.close(0)
         for k in range(1, shards):  # every agg past the slow joiner before the clock starts
             subscribed(ctx, pub, f"ipc://{tmp}/a{k}").close(0)
-        send = pub.send
         publish, how = bulk_sender(pub)
         buffer, offsets, n_frames = join_frames(frames)
         buffer = buffer.copy()
-        warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
-        warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0
-        for name in names:
-            send(wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 2, 1, 1, warm.tobytes()))
+        introduce(pub, names, T0 - 600_000)
 
         def received() -> float:
             return sum(agg.metric("polyfan_agg_trades_total") for agg in aggs)
@@ -423,10 +425,7 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         # Steady state, as an agg is minutes into a session: every symbol seen once (topic
         # tables grown, which the first sight of thousands of symbols costs once) and its
         # bars closed, before the clock starts; those bars are drained and not measured.
-        warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
-        warm["t"], warm["p"], warm["s"] = feed_start - 120_000, 1.0, 1.0
-        for name in names:
-            pub.send(wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 7, 1, 1, warm.tobytes()))
+        introduce(pub, names, feed_start - 120_000, session=7)
         record = np.array([(feed_start - 1, 0)], dtype=wire.CLOCK_DTYPE)
         pub.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, 10**9, 1, record.tobytes()))
         while agg.metric("polyfan_agg_bars_total") < symbols * len(INTERVALS):

@@ -275,6 +275,17 @@ class Aggregator:
         )
         return out, offsets, int(messages)
 
+    def _grow_bar_topics(self, size: int) -> None:
+        grown = np.zeros((size, BAR_TOPIC_WIDTH), dtype=np.uint8)
+        grown[: len(self._bar_topic_bytes)] = self._bar_topic_bytes
+        self._bar_topic_bytes = grown
+        self._bar_topic_len = np.concatenate(
+            [self._bar_topic_len, np.zeros(size - len(self._bar_topic_len), np.int64)]
+        )
+        self._bar_seqs = np.concatenate(
+            [self._bar_seqs, np.zeros(size - len(self._bar_seqs), np.int64)]
+        )
+
     def _ensure_bar_topics(self) -> None:
         """Topic bytes (without terminator) and sequence numbers for every series."""
         names = self.decoder.symbol_names
@@ -284,16 +295,7 @@ class Aggregator:
             return
         need = len(names) * n_int
         if need > len(self._bar_topic_len):
-            size = max(need, 2 * len(self._bar_topic_len))
-            grown = np.zeros((size, BAR_TOPIC_WIDTH), dtype=np.uint8)
-            grown[: len(self._bar_topic_bytes)] = self._bar_topic_bytes
-            self._bar_topic_bytes = grown
-            self._bar_topic_len = np.concatenate(
-                [self._bar_topic_len, np.zeros(size - len(self._bar_topic_len), np.int64)]
-            )
-            self._bar_seqs = np.concatenate(
-                [self._bar_seqs, np.zeros(size - len(self._bar_seqs), np.int64)]
-            )
+            self._grow_bar_topics(max(need, 2 * len(self._bar_topic_len)))
         for symbol in range(have, len(names)):
             for k, interval in enumerate(self.intervals):
                 topic = wire.bar_topic(interval, names[symbol])[:-1][:BAR_TOPIC_WIDTH]
@@ -306,10 +308,13 @@ class Aggregator:
         return self.sequencer.encode(topic, kind, count, payload)
 
     def tick(self, busy: Callable[[], bool] | None = None) -> None:
-        """Housekeeping between batches: grow the open-bar pool ahead of need, trim and pack
+        """Housekeeping between batches: grow the open-bar pool and the bar topic table ahead
+        of need, trim and pack
         the history against the feed clock, packing later when ``busy()`` says messages are
         waiting."""
         self.bars.keep_room()
+        if 4 * len(self.decoder.symbol_names) * len(self.intervals) > 3 * len(self._bar_topic_len):
+            self._grow_bar_topics(2 * len(self._bar_topic_len))  # ahead of the batch needing it
         clock = self.decoder.clock
         if clock is not None:
             self.history.trim(clock, busy)

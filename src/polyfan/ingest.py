@@ -55,6 +55,7 @@ class FrameDecoder:
     def __init__(self, symbols: Sequence[str] | None = None, *, jit: bool = True) -> None:
         self._decode: Callable[..., Any] = kernels.chosen(kernels.decode_frames, jit)
         self._unknown: Callable[..., Any] = kernels.chosen(kernels.unknown_topics, jit)
+        self._rehash_all: Callable[..., Any] = kernels.chosen(kernels.rehash_topics, jit)
         self._accept = None if symbols is None else frozenset(symbols)
         self.symbol_names: list[str] = []
         self._symbol_ids: dict[str, int] = {}
@@ -70,6 +71,7 @@ class FrameDecoder:
         self.state = np.zeros(kernels.N_DECODER, dtype=np.int64)
         self.state[kernels.D_CLOCK] = _INT64_MIN
         self._add_topic(wire.CONTROL.encode(), kernels.TOPIC_CONTROL)
+        self._rehash(len(self._slots))  # loads the kernel now, not in the batch that needs it
         for symbol in symbols or ():
             self.symbol_id(symbol)
 
@@ -143,9 +145,10 @@ class FrameDecoder:
         self._slots[at] = tid
 
     def _rehash(self, size: int) -> None:
+        """A table of ``size`` slots with every topic in it: one kernel call (a Python loop
+        over thousands of topics cost 5-8 ms in the batch that met the next symbol)."""
         self._slots = np.full(size, -1, dtype=np.int64)
-        for tid in range(self._topics):
-            self._insert(tid)
+        self._rehash_all(self._slots, self._topic_bytes, self._topic_len, self._topics)
 
     def _register_new_topics(self, buf: np.ndarray, offsets: np.ndarray, start: int) -> None:
         """Register every topic of the batch not yet in the table, from frame ``start`` on."""

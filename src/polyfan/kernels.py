@@ -469,6 +469,20 @@ def _i64(buf: np.ndarray, at: int) -> int:
     return value | (top << 56)
 
 
+@njit(cache=True)
+def rehash_topics(
+    slots: np.ndarray, topic_bytes: np.ndarray, topic_len: np.ndarray, count: int
+) -> None:
+    """Insert topics ``0 .. count - 1`` into ``slots``, an empty (all -1) open-addressing table
+    whose size is a power of two."""
+    mask = slots.shape[0] - 1
+    for tid in range(count):
+        at = topic_hash(topic_bytes[tid], 0, topic_len[tid]) & mask
+        while slots[at] >= 0:
+            at = (at + 1) & mask
+        slots[at] = tid
+
+
 @njit(cache=True, inline="always")
 def find_topic(
     buf: np.ndarray,

@@ -423,3 +423,15 @@ def test_a_feed_that_never_pauses_still_gets_its_bars_packed() -> None:
     history.trim(clock=0, busy=lambda: True)  # deferred long enough: packed anyway
     assert history.cold_bytes > 0
     assert history.select(0)["s"].tolist() == list(range(0, 400, 10))
+
+
+def test_a_series_whose_packed_bars_are_all_past_the_retention_is_not_counted() -> None:
+    history = History(keep_ms=1_000, sweep=64, block=4)
+    history.add(0, bars([0, 10, 20, 30]))  # one record's worth
+    history.add(1, bars([5_000]))
+    history.trim(clock=100)  # packs series 0
+    assert history.cold_bytes > 0
+    assert len(history) == 2
+    history.trim(clock=5_500)  # cutoff 4_500: series 0's record is past it, its segment is not
+    assert history.select(0).size == 0
+    assert len(history) == 1

@@ -80,6 +80,7 @@ class History:
         self._end = np.zeros(0, dtype=np.int64)
         self._cap = np.zeros(0, dtype=np.int64)
         self._newest = np.full(0, -1, dtype=np.int64)  # newest packed record (log position)
+        self._newest_last = np.full(0, _INT64_MIN, dtype=np.int64)  # its last bar's start
         self._region_free = np.full(kernels.N_CLASSES, -1, dtype=np.int64)
         self._arena = _reserve(RESERVE_ROWS if rows is None else rows)
         self._state = np.zeros(kernels.N_HISTORY, dtype=np.int64)
@@ -108,7 +109,8 @@ class History:
         if count <= have:
             return
         size = max(count, 2 * have, 64)
-        for name, fill in (("_off", -1), ("_start", 0), ("_end", 0), ("_cap", 0), ("_newest", -1)):
+        fills = (("_off", -1), ("_start", 0), ("_end", 0), ("_cap", 0), ("_newest", -1))
+        for name, fill in (*fills, ("_newest_last", _INT64_MIN)):
             array = getattr(self, name)
             setattr(self, name, np.concatenate([array, np.full(size - have, fill, np.int64)]))
 
@@ -225,6 +227,8 @@ class History:
                 break
             self._grow_log()
             j += stopped
+        packed = np.unique(keys)  # their newest records end where their hot bars now start
+        self._newest_last[packed] = self._arena[self._off[packed] + self._start[packed] - 1, 0]
         info = self._log_state[4]
         self._slots_touched = max(
             self._slots_touched, len(self._log_state[0]) - int(info[barcodec.L_FREE])
@@ -331,7 +335,8 @@ class History:
 
     def __len__(self) -> int:
         """Series with bars."""
-        return int(((self._off >= 0) | (self._newest >= self._oldest_live())).sum())
+        packed = (self._newest >= self._oldest_live()) & (self._newest_last >= self._cutoff)
+        return int(((self._off >= 0) | packed).sum())
 
 
 def _reserve(rows: int) -> np.ndarray:

@@ -55,7 +55,7 @@ class FrameDecoder:
     def __init__(self, symbols: Sequence[str] | None = None, *, jit: bool = True) -> None:
         self._decode: Callable[..., Any] = kernels.chosen(kernels.decode_frames, jit)
         self._unknown: Callable[..., Any] = kernels.chosen(kernels.unknown_topics, jit)
-        self._rehash_all: Callable[..., Any] = kernels.chosen(kernels.rehash_topics, jit)
+        self._insert_topics: Callable[..., Any] = kernels.chosen(kernels.insert_topics, jit)
         self._accept = None if symbols is None else frozenset(symbols)
         self.symbol_names: list[str] = []
         self._symbol_ids: dict[str, int] = {}
@@ -138,17 +138,13 @@ class FrameDecoder:
             self._insert(tid)
 
     def _insert(self, tid: int) -> None:
-        mask = len(self._slots) - 1
-        at = kernels.topic_hash(self._topic_bytes[tid], 0, int(self._topic_len[tid])) & mask
-        while self._slots[at] >= 0:
-            at = (at + 1) & mask
-        self._slots[at] = tid
+        self._insert_topics(self._slots, self._topic_bytes, self._topic_len, tid, tid + 1)
 
     def _rehash(self, size: int) -> None:
         """A table of ``size`` slots with every topic in it: one kernel call (a Python loop
         over thousands of topics cost 5-8 ms in the batch that met the next symbol)."""
         self._slots = np.full(size, -1, dtype=np.int64)
-        self._rehash_all(self._slots, self._topic_bytes, self._topic_len, self._topics)
+        self._insert_topics(self._slots, self._topic_bytes, self._topic_len, 0, self._topics)
 
     def _register_new_topics(self, buf: np.ndarray, offsets: np.ndarray, start: int) -> None:
         """Register every topic of the batch not yet in the table, from frame ``start`` on."""

@@ -470,13 +470,14 @@ def _i64(buf: np.ndarray, at: int) -> int:
 
 
 @njit(cache=True)
-def rehash_topics(
-    slots: np.ndarray, topic_bytes: np.ndarray, topic_len: np.ndarray, count: int
+def insert_topics(
+    slots: np.ndarray, topic_bytes: np.ndarray, topic_len: np.ndarray, first: int, stop: int
 ) -> None:
-    """Insert topics ``0 .. count - 1`` into ``slots``, an empty (all -1) open-addressing table
-    whose size is a power of two."""
+    """Insert topics ``first .. stop - 1`` (not yet in it) into ``slots``, an open-addressing
+    table whose size is a power of two: one topic when a symbol is new, every topic when
+    the table has just doubled."""
     mask = slots.shape[0] - 1
-    for tid in range(count):
+    for tid in range(first, stop):
         at = topic_hash(topic_bytes[tid], 0, topic_len[tid]) & mask
         while slots[at] >= 0:
             at = (at + 1) & mask

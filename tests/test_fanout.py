@@ -146,25 +146,61 @@ def test_history_for_a_client_that_left_the_channel_is_dropped() -> None:
     st.integers(0, 60),  # bars published between subscribe and the history snapshot
     st.integers(0, 60),  # bars after the snapshot
     st.integers(0, 200),  # since, in bar numbers
+    st.floats(0, 1),  # how much of the live stream arrives before the history reply
+    st.integers(1, 5),  # live bars per pass after the reply
 )
 def test_seam_has_no_gap_and_no_repeat_for_any_interleaving(
-    before: int, overlap: int, after: int, since_index: int
+    before: int, overlap: int, after: int, since_index: int, early: float, per_pass: int
 ) -> None:
-    """The agg stores then publishes; the bridge subscribes, then asks: any split works."""
+    """The agg stores then publishes; the bridge subscribes, then asks. Live bars and the
+    reply travel on different sockets, so the reply may overtake live bars the agg sent
+    before it: any split of the live stream around the reply works."""
     fan: Fanout[int] = Fanout()
     fan.subscribe(7, TSLA)
     seam = fan.hold(7, TSLA)
     published = [i * 500 for i in range(before + overlap + after)]
     since = since_index * 500
     snapshot = [s for s in published[: before + overlap] if s >= since]
-    held = published[before:]  # live bars start arriving at the subscription
-    assert per_client(fan, (500, "TSLA", bars(*held))) == {}
-    got = [orjson.loads(p)["s"] for p in fan.complete_history(7, TSLA, seam, bars(*snapshot))]
+    live = published[before:]  # live bars start arriving at the subscription
+    split = round(early * len(live))
+    assert per_client(fan, (500, "TSLA", bars(*live[:split]))) == {}
+    merged = fan.complete_history(7, TSLA, seam, bars(*snapshot))
+    for i in range(split, len(live), per_pass):
+        merged += per_client(fan, (500, "TSLA", bars(*live[i : i + per_pass]))).get(7, [])
+    assert not fan.is_pending(7, TSLA)
+    got = [orjson.loads(p)["s"] for p in merged]
     assert got == sorted(set(got))  # in order, nothing repeated
     wanted = {s for s in published if s >= since} | set(published[before + overlap :])
     assert wanted <= set(got)  # nothing missing
     unasked = {s for s in published[:before] if s < since}
     assert not unasked & set(got)  # nothing from before since that was not live
+
+
+def test_live_bars_the_history_reply_overtook_are_not_repeated() -> None:
+    """The reply (history up to 1500) is handled before live 1000 and 1500 arrive."""
+    fan: Fanout[int] = Fanout()
+    fan.subscribe(1, TSLA)
+    fan.subscribe(2, TSLA)
+    seam = fan.hold(2, TSLA)
+    assert fan.complete_history(2, TSLA, seam, bars(0, 500, 1000, 1500)) == parts(
+        0, 500, 1000, 1500
+    )
+    assert per_client(fan, (500, "TSLA", bars(1000))) == {1: parts(1000)}
+    assert per_client(fan, (500, "TSLA", bars(1500, 2000))) == {
+        1: parts(1500, 2000),
+        2: parts(2000),
+    }
+    assert per_client(fan, (500, "TSLA", bars(2500))) == {1: parts(2500), 2: parts(2500)}
+
+
+def test_a_trailing_seam_ends_with_the_client_leaving_the_channel() -> None:
+    fan: Fanout[int] = Fanout()
+    fan.subscribe(1, TSLA)
+    seam = fan.hold(1, TSLA)
+    assert fan.complete_history(1, TSLA, seam, bars(0, 500)) == parts(0, 500)
+    fan.unsubscribe(1, TSLA)
+    fan.subscribe(1, TSLA)  # a new subscription without since: every live bar from now on
+    assert per_client(fan, (500, "TSLA", bars(500, 1000))) == {1: parts(500, 1000)}
 
 
 def test_history_is_chunked_into_frames() -> None:

@@ -12,8 +12,12 @@ object, or an integer in the tests).
 - A client that subscribes with ``since`` gets a :class:`Seam` (:meth:`Fanout.hold`): its
   live bars on that channel are held (:meth:`Fanout.deliveries` leaves them out) until the
   history reply arrives; :meth:`Fanout.complete_history` returns history then the held live
-  bars, dropping any live bar whose start ``s`` the history already covered. The topic is subscribed before history is requested, so the two overlap and
-  nothing is missing or repeated at the seam.
+  bars, dropping any live bar whose start ``s`` the history already covered. The topic is
+  subscribed before history is requested, so the two overlap and nothing is missing at the
+  seam. Live bars and the history reply come over different sockets, so a bar the agg
+  published before it answered may still be on its way when the reply is handled: the seam
+  stays open, trailing, and drops live bars the history covered until the first newer one
+  passes, so nothing is repeated either.
 - :class:`Backlog` is one client's bounded queue of unsent frames; :meth:`Backlog.push` says no
   when the bound would be passed, and the shell then closes the client with 1013.
 """
@@ -108,7 +112,9 @@ class Fanout(Generic[C]):
         return set(self._channels.get(client, ()))
 
     def is_pending(self, client: C, channel: Channel) -> bool:
-        return client in self._pending.get(channel, {})
+        """True while a ``since`` request of ``client`` on ``channel`` awaits its history."""
+        seam = self._pending.get(channel, {}).get(client)
+        return seam is not None and seam.requests > 0
 
     def deliveries(self, arrivals: Sequence[Arrival]) -> list[tuple[list[bytes], Collection[C]]]:
         """One pass's bars, per topic in arrival order, as ``(bars, clients)`` pairs.
@@ -140,13 +146,27 @@ class Fanout(Generic[C]):
                 mine: list[bytes] = []
                 for i in wanted:
                     seams = pending.get(exact[i])
-                    if seams is not None and client in seams:
-                        seams[client].held.extend(arrivals[i][2])
-                    else:
+                    seam = None if seams is None else seams.get(client)
+                    if seam is None:
                         mine.extend(part for _, part in arrivals[i][2])
+                    elif seam.requests > 0:
+                        seam.held.extend(arrivals[i][2])
+                    else:
+                        mine.extend(self._trail(client, exact[i], seam, arrivals[i][2]))
                 if mine:
                     out.append((mine, (client,)))
         return out
+
+    def _trail(
+        self, client: C, channel: Channel, seam: Seam, bars: Sequence[tuple[int, bytes]]
+    ) -> list[bytes]:
+        """A trailing seam's live bars: those its history did not cover. The first newer bar
+        closes the seam (a channel's bars arrive in ``s`` order)."""
+        floor = seam.floor
+        fresh = [part for s, part in bars if floor is None or s > floor]
+        if fresh:
+            self._drop_pending(client, channel)
+        return fresh
 
     def complete_history(
         self, client: C, channel: Channel, seam: Seam, history: Sequence[tuple[int, bytes]]
@@ -161,12 +181,17 @@ class Fanout(Generic[C]):
             return []
         seam.requests -= 1
         parts = [part for _, part in history]
-        last = history[-1][0] if history else None
+        if history and (seam.floor is None or history[-1][0] > seam.floor):
+            seam.floor = history[-1][0]
+        floor = seam.floor
+        fresh = [(s, part) for s, part in seam.held if floor is None or s > floor]
         if seam.requests > 0:  # keep holding for the other request; drop what this covered
-            seam.held = [(s, part) for s, part in seam.held if last is None or s > last]
+            seam.held = fresh
             return parts
-        self._drop_pending(client, channel)
-        parts.extend(part for s, part in seam.held if last is None or s > last)
+        seam.held = []
+        if fresh or floor is None:
+            self._drop_pending(client, channel)  # live bars have passed the history
+        parts.extend(part for _, part in fresh)
         return parts
 
     def _drop_pending(self, client: C, channel: Channel) -> None:
@@ -179,13 +204,16 @@ class Fanout(Generic[C]):
 
 
 class Seam:
-    """One client's ``since`` seam on one channel: outstanding requests, held live bars."""
+    """One client's ``since`` seam on one channel: outstanding requests, held live bars, and
+    the newest start ``floor`` its history has sent (trailing: no request left, live bars up
+    to ``floor`` are repeats)."""
 
-    __slots__ = ("held", "requests")
+    __slots__ = ("floor", "held", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
         self.held: list[tuple[int, bytes]] = []
+        self.floor: int | None = None
 
 
 def chunked(parts: Sequence[bytes], size: int) -> list[bytes]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from polyfan.demo import STOP_TIMEOUT
 from procs import Proc, free_port
 from wsclient import Client
 
@@ -75,9 +76,8 @@ async def test_demo_serves_the_page_and_live_bars_then_stops_everything_on_ctrl_
             history = await asyncio.to_thread(http_json, port, f"/api/bars?channel=1000Ms.{top}")
         assert all(b["sym"] == top and b["interval"] == 1000 for b in history)
 
-        started = time.monotonic()
-        assert await asyncio.to_thread(demo.stop) == 0
-        assert time.monotonic() - started < 2.0
+        assert await asyncio.to_thread(demo.stop, STOP_TIMEOUT + 5) == 0
+        assert "did not stop on SIGINT" not in demo.output  # each child stopped by itself
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
         assert "real-key-must-not-leak" not in demo.output

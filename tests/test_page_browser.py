@@ -356,7 +356,7 @@ def test_page_draws_live_candles_within_5_seconds(open_page: Pages, bridge_url: 
     started = time.monotonic()
     page, _ = open_page(f"{bridge_url}/")
     wait_for_candles(page, timeout=5.0)
-    wait_until_live(page, timeout=5.0 - (time.monotonic() - started))
+    wait_until_live(page, timeout=max(0.1, 5.0 - (time.monotonic() - started)))
     # The candles are drawn: the chart's canvases have pixels of the up or down colour.
     drawn = page.evaluate(
         """() => [...document.querySelectorAll('#chart canvas')].some((canvas) => {
@@ -429,14 +429,18 @@ def test_legend_shows_the_bar_under_the_crosshair(open_page: Pages, bridge_url: 
     page.mouse.move(point["x"], point["y"])
     page.wait_for_function("document.getElementById('legend').dataset.hovered === 'true'")
     shown = legend(page)
-    # New bars shift the chart under a still mouse: the crosshair may have moved on by a bar.
+    # New bars shift the chart under a still mouse: the crosshair may have moved on to a later bar.
     hovered = int(shown["s"])
-    assert abs(hovered - target) <= 2 * 250
+    assert hovered >= target
     bar = {b["s"]: b for b in api_bars(bridge_url, channel)}[hovered]
     assert hovered != page_bars(page)[-1]["s"], "the legend shows the last bar, not the hovered"
     for name in PRICE_FIELDS:
         assert float(shown[name]) == bar[name], name
-    assert float(shown["v"].replace(",", "")) == bar["v"]
+    # Volumes with fractional shares are shown to 4 decimals.
+    assert float(shown["v"].replace(",", "")) == pytest.approx(bar["v"], abs=5e-5)
+    assert shown["v"] == page.evaluate(
+        "async (v) => (await import('/static/core.js')).formatVolume(v)", bar["v"]
+    )
     assert int(shown["n"]) == bar["n"]
     assert shown["time"] == clock_text(hovered, 250)
     # Off the chart, the legend follows the last bar again.
@@ -701,7 +705,11 @@ def test_bars_spanning_an_upstream_outage_are_shown_as_outage(
     wait_until_live(page)
     wait_for_candles(page)
     pipeline.interrupt_upstream()  # the proxy loses the sim and reconnects
-    page.wait_for_function("window.polyfan.bars().some((b) => b.outage)", timeout=15_000)
+    # Wait for the outage to be over on the chart: its bars (often two) all closed.
+    page.wait_for_function(
+        "(() => { const b = window.polyfan.bars(); return b.some((x) => x.outage) && !b.at(-1).outage; })()",
+        timeout=15_000,
+    )
     stored = assert_chart_matches_api(page, bridge_url)
     outages = [b["s"] for b in stored if b["outage"]]
     assert outages, "the API has no outage bar where the chart has one"
@@ -709,7 +717,7 @@ def test_bars_spanning_an_upstream_outage_are_shown_as_outage(
     assert page.evaluate(f"window.polyfan.candleColor({outages[0]})") == "#b58cff"
     marked = page.evaluate("window.polyfan.markers()")
     assert marked and marked[0] == {"s": outages[0], "text": "outage"}
-    assert {m["s"] for m in marked} == set(outages)
+    assert {m["s"] for m in marked if m["s"] <= stored[-1]["s"]} == set(outages)
     regular = next(b["s"] for b in stored if not b["outage"])
     assert page.evaluate(f"window.polyfan.candleColor({regular})") is None
     point = page.evaluate(f"window.polyfan.pointOf({outages[0]})")

@@ -69,8 +69,10 @@ class FakeAgg:
         intervals: Sequence[int] = (100, 250, 500, 1000),
         symbols: Sequence[str] | None = None,
         announce_every: float = 0.2,
+        listening_from: int | None = None,
     ) -> None:
         self.announce_every = announce_every
+        self.listening_from = listening_from  # announced as "from"
         self.session = secrets.randbits(63)
         self.intervals = list(intervals)
         self.symbols = None if symbols is None else list(symbols)
@@ -113,6 +115,10 @@ class FakeAgg:
 
     def wait_subscribed(self, topic: bytes, timeout: float = 5.0) -> None:
         self._wait(lambda: self.is_subscribed(topic), timeout, f"subscription to {topic!r}")
+
+    def wait_subscribed_times(self, topic: bytes, times: int, timeout: float = 5.0) -> None:
+        """Wait until ``topic`` has been subscribed ``times`` times (by as many sockets)."""
+        self._wait(lambda: self.subscribe_count(topic) >= times, timeout, f"{times} x {topic!r}")
 
     def wait_unsubscribed(self, topic: bytes, timeout: float = 5.0) -> None:
         self._wait(lambda: not self.is_subscribed(topic), timeout, f"unsubscribe of {topic!r}")
@@ -189,6 +195,7 @@ class FakeAgg:
                     "symbols": self.symbols,
                     "grace": 250,
                     "history": 3_600_000,
+                    "from": self.listening_from,
                 },
             )
         )

@@ -106,9 +106,20 @@ def test_a_control_subscription_gets_an_announce(core: Aggregator) -> None:
             "symbols": ["A", "AAPL"],
             "grace": 0,
             "history": 3_600_000,
+            "from": None,  # nothing heard yet
         }
     assert core.upstream_received(b"\x01100Ms.AAPL\x00") is None
     assert core.upstream_received(b"\x00_ctl\x00") is None
+
+
+def test_the_announce_says_from_which_feed_clock_on_the_bars_are_whole(
+    core: Aggregator,
+) -> None:
+    core.frames_received([trades_frame("AAPL", 1, 1_050), clock_frame(1, 1_060)])
+    core.frames_received([clock_frame(2, 5_000)])
+    reply = core.upstream_received(b"\x01" + wire.CONTROL_TOPIC)
+    assert reply is not None
+    assert wire.decode_json(wire.decode(reply))["from"] == 1_060
 
 
 def history(

@@ -282,6 +282,101 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
 # -- several worker processes on one port ------------------------------------------------------
 
 
+async def test_replica_aggs_each_bar_once_in_order_and_bars_carry_on_when_one_is_killed(
+    short_tmp: Path,
+) -> None:
+    """Two aggs on the same proxy, both behind one bridge: clients get each bar once, equal to
+    what the surviving agg published, before and after the other is killed."""
+    trades = f"ipc://{short_tmp}/trades.sock"
+    first, second = f"ipc://{short_tmp}/bars1.sock", f"ipc://{short_tmp}/bars2.sock"
+    port = free_port()
+    symbols = "AAPL,MSFT,TSLA"
+    agg_args = ("--sub", trades, "--interval", "100ms")
+    with Proc(
+        "sim", "--listen", "127.0.0.1:0", "--symbols", symbols, "--rate", "600", "--seed", "11"
+    ) as sim:
+        url = sim.wait_for(r"ready: .*?(ws://\S+)").group(1)
+        with (
+            Proc("proxy", "--upstream", url, "--pub", trades, env={"MASSIVE_API_KEY": "demo"}),
+            Proc("agg", *agg_args, "--pub", first) as doomed,
+            Proc("agg", *agg_args, "--pub", second) as survivor,
+            Proc(
+                "bridge", "--sub", first, "--sub", second, "--listen", f"127.0.0.1:{port}"
+            ) as bridge,
+        ):
+            for proc in (doomed, survivor, bridge):
+                proc.wait_for("ready:", timeout=60)
+            deadline = time.monotonic() + 30
+            while (await asyncio.to_thread(_healthz, port)).get("aggs_heard") != 2:
+                assert time.monotonic() < deadline, "the bridge did not hear both aggs"
+                await asyncio.sleep(0.05)
+            context = zmq.Context()
+            sub = context.socket(zmq.SUB)  # the reference: what the surviving agg publishes
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"100Ms.")
+            sub.connect(second)
+            reference: list[dict[str, Any]] = []
+
+            def take_reference() -> None:
+                while sub.poll(0):
+                    message = wire.decode(sub.recv())
+                    symbol = message.topic.partition("Ms.")[2]
+                    reference.extend(expected_event(symbol, 100, r) for r in wire.records(message))
+
+            exact = await Client.open(f"ws://127.0.0.1:{port}/", token="x")
+            star = await Client.open(f"ws://127.0.0.1:{port}/", token="x")
+            await exact.send({"action": "subscribe", "params": "100Ms.MSFT"})
+            await star.send({"action": "subscribe", "params": "100Ms.*"})
+            for client in (exact, star):
+                assert (await client.next_event())["message"].startswith("subscribed to: ")
+            killed_at = 0
+            deadline = time.monotonic() + 5.0
+
+            async def take_bars() -> None:
+                for client in (exact, star):
+                    with contextlib.suppress(TimeoutError):
+                        while True:
+                            await client.next_event(timeout=0.01)
+
+            while time.monotonic() < deadline:
+                take_reference()
+                await take_bars()
+                if not killed_at and time.monotonic() > deadline - 2.5:
+                    doomed.popen.kill()  # the first --sub agg dies mid-stream
+                    killed_at = reference[-1]["s"] if reference else 0
+            await take_bars()
+            take_reference()
+            sub.close()
+            context.term()
+            assert killed_at, "no bars before the kill"
+            for client, names in ((exact, ["MSFT"]), (star, symbols.split(","))):
+                received = [e for e in client.events if e["ev"] == "MB"]
+                for symbol in names:
+                    mine = [e for e in received if e["sym"] == symbol]
+                    theirs = [e for e in reference if e["sym"] == symbol]
+                    starts = [e["s"] for e in mine]
+                    assert starts == sorted(set(starts)), f"{symbol}: repeated or out of order"
+                    # Both aggs listened by the reference's first bar: from 1 s (the margin)
+                    # on, every bar is whole in both, so the copies are equal.
+                    start = theirs[0]["s"] + 1_000
+                    end = min(mine[-1]["s"], theirs[-1]["s"])
+                    assert end > killed_at + 1_000, f"{symbol}: too little after the kill"
+                    inside = [e for e in mine if start <= e["s"] <= end]
+                    assert inside == [e for e in theirs if start <= e["s"] <= end], symbol
+            values = await asyncio.to_thread(scrape, port)
+            assert values["polyfan_bridge_bars_redundant_total"] > 0
+            assert values["polyfan_bridge_gaps_total"] == 0
+            await exact.close()
+            await star.close()
+
+
+def _healthz(port: int) -> dict[str, Any]:
+    try:
+        return dict(http_json(port, "/healthz"))
+    except OSError:
+        return {}
+
+
 def children_of(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 

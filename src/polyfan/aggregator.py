@@ -109,6 +109,10 @@ class Aggregator:
         self._bar_topic_len = np.zeros(0, dtype=np.int64)
         self._bar_seqs = np.zeros(0, dtype=np.int64)  # last sequence number per bar topic
         self._relayed_clock: tuple[int, int] | None = None
+        # The feed clock when this agg first heard the proxy: bars starting at or before it may
+        # lack trades sent before it listened (announced as "from"; a bridge with another agg
+        # serving the same channel prefers that agg's bars for them).
+        self.listening_from: int | None = None
         self._warned: dict[str, tuple[float, int]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         registry = registry or Registry()
@@ -182,6 +186,8 @@ class Aggregator:
         series, bars = self._bars_to_close()
         buffer, offsets, count = self._encode_closed(series, bars)
         clock = decoder.clock
+        if self.listening_from is None:
+            self.listening_from = clock
         if clock is not None and self._relayed_clock != (clock, decoder.clock_wall):
             self._relayed_clock = (clock, decoder.clock_wall)
             record = np.array([self._relayed_clock], dtype=wire.CLOCK_DTYPE)
@@ -329,6 +335,7 @@ class Aggregator:
             "symbols": None if symbols is None else list(symbols),
             "grace": self.config.grace_ms,
             "history": self.config.history_ms,
+            "from": self.listening_from,
         }
         return self.sequencer.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, value)
 

@@ -25,6 +25,7 @@ import contextlib
 import email.utils
 import itertools
 import logging
+import math
 import mimetypes
 import os
 import resource
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import numpy as np
 import orjson
 import zmq
 import zmq.asyncio
@@ -104,6 +106,8 @@ _ws_log.addFilter(_without_client_data)
 STATIC = Path(__file__).parent / "static"
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
+WHOLE_MARGIN_MS = 1000  # an agg's bars up to this long after its announced "from" may be partial
+STAND_IN_WAIT = 1.0  # seconds such bars wait for another agg's whole copies before going out
 READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see Bridge._read)
 DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 COALESCE_MS = 1  # a pass takes the bars that follow its first with gaps under this ...
@@ -158,6 +162,17 @@ class Counters:
         self.frames_sent = registry.counter(
             "polyfan_bridge_frames_sent_total", "WebSocket frames written to clients."
         )
+        self.bars_redundant = registry.counter(
+            "polyfan_bridge_bars_redundant_total",
+            "Bars received and not forwarded because clients had them already (another "
+            "aggregator serving the channel sent them first) or will get them whole from "
+            "another aggregator (this one started later and may have missed trades).",
+        )
+        self.bars_stood_in = registry.counter(
+            "polyfan_bridge_bars_stood_in_total",
+            "Bars forwarded from an aggregator that started listening after they began, "
+            "because the whole copy another aggregator should have sent did not come first.",
+        )
         self.bars_dropped = registry.counter(
             "polyfan_bridge_bars_dropped_total",
             "Bars for a client that were never written: it was cut off, left or was closing.",
@@ -204,6 +219,7 @@ class Agg:
     was_heard: bool | None = None  # as last reported by the watcher (None: not yet)
     topics: set[bytes] = field(default_factory=set)  # subscribed ZeroMQ prefixes
     seen: set[str] = field(default_factory=set)  # bar topics received (for gap counting)
+    whole_after: float = math.inf  # its bars with s <= this may be partial (announce "from")
 
     def is_heard(self) -> bool:
         return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
@@ -307,6 +323,9 @@ class Bridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
+        self._delivered: dict[str, int] = {}  # bar topic -> start of the newest bar forwarded
+        # bar topic -> (since, agg, bars that agg may have made partial, awaiting whole copies)
+        self._stand_ins: dict[str, tuple[float, Agg, np.ndarray]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         # bench/bench_bridge.py's hook: one line per fan-out pass (pid, perf_counter of its
         # first read and of its last write, frames written, bars), appended to this file.
@@ -433,6 +452,8 @@ class Bridge:
         started = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
+            if self._stand_ins:
+                self._flush_stand_ins()
             for agg in self.aggs:
                 heard = agg.is_heard()
                 if heard == agg.was_heard:
@@ -547,12 +568,118 @@ class Bridge:
         if lost:
             log.warning("lost %d bar message(s) on %s from %s", lost, message.topic, agg.endpoint)
         interval, symbol = parsed
-        rows = wire.records(message).tolist()
-        self.counters.bars_received.inc(len(rows))
+        records = wire.records(message)
+        self.counters.bars_received.inc(len(records))
+        if len(records) == 0:
+            return
+        topic = message.topic
+        first = int(records["s"][0])
+        delivered = self._delivered.get(topic)
+        if (
+            (delivered is not None and first <= delivered)
+            or first <= agg.whole_after
+            or topic in self._stand_ins
+        ):
+            records = self._sort_out(agg, topic, interval, symbol, records, delivered)
+            if len(records) == 0:
+                return
+        self._forward(topic, interval, symbol, records, arrivals)
+
+    def _forward(
+        self, topic: str, interval: int, symbol: str, records: np.ndarray, arrivals: list[Arrival]
+    ) -> None:
+        self._delivered[topic] = int(records["s"][-1])
+        rows = records.tolist()
         parts = encode_bars(interval, symbol, rows)
         arrivals.append(
             (interval, symbol, [(row[0], part) for row, part in zip(rows, parts, strict=True)])
         )
+
+    def _sort_out(
+        self,
+        agg: Agg,
+        topic: str,
+        interval: int,
+        symbol: str,
+        records: np.ndarray,
+        delivered: int | None,
+    ) -> np.ndarray:
+        """With several aggs serving a channel (replicas), the bars of one message to forward.
+
+        - Bars at or before the newest forwarded on the topic came from another agg first:
+          counted redundant.
+        - Bars this agg may have made partial (it started listening at or after them) while
+          another heard agg listened from earlier are held as stand-ins: that agg's whole
+          copies replace them. If they do not come first (a newer bar arrives, or
+          ``STAND_IN_WAIT`` passes), the stand-ins go out, in order, rather than leave a hole.
+        """
+        redundant = self.counters.bars_redundant
+        if delivered is not None and int(records["s"][0]) <= delivered:
+            fresh = records[records["s"] > delivered]
+            redundant.inc(len(records) - len(fresh))
+            records = fresh
+            if not len(records):
+                return records
+        first = int(records["s"][0])
+        if first <= agg.whole_after and any(
+            other is not agg and other.is_heard() and other.whole_after < first
+            for other in self.catalog.aggs_for(Channel(interval, symbol))
+        ):
+            held = self._stand_ins.get(topic)
+            if held is None:
+                self._stand_ins[topic] = (time.monotonic(), agg, records)
+            elif held[1] is agg:
+                self._stand_ins[topic] = (held[0], agg, np.concatenate([held[2], records]))
+            else:  # a third agg's copies of the same bars: keep the first
+                redundant.inc(len(records))
+            return records[:0]
+        held = self._stand_ins.pop(topic, None)
+        if held is not None:
+            stand_ins = held[2]
+            newer = stand_ins[stand_ins["s"] > int(records["s"][-1])]
+            if held[1] is not agg and agg.whole_after < first:  # the whole copies
+                redundant.inc(len(stand_ins) - len(newer))
+                if len(newer):
+                    self._stand_ins[topic] = (held[0], held[1], newer)
+            else:  # newer bars from the stand-ins' own agg: the whole copies did not come
+                earlier = stand_ins[stand_ins["s"] < first]
+                redundant.inc(len(stand_ins) - len(earlier))
+                self.counters.bars_stood_in.inc(len(earlier))
+                log.warning(
+                    "%s: no whole copy of %d bar(s) came from another aggregator before %s "
+                    "sent newer ones; sending the copies held (they may lack trades)",
+                    topic,
+                    len(earlier),
+                    agg.endpoint,
+                )
+                records = np.concatenate([earlier, records])
+        return records
+
+    def _flush_stand_ins(self) -> None:
+        """Send the stand-ins that waited ``STAND_IN_WAIT`` for a whole copy in vain."""
+        now = time.monotonic()
+        arrivals: list[Arrival] = []
+        for topic, (since, agg, records) in list(self._stand_ins.items()):
+            if now - since < STAND_IN_WAIT:
+                continue
+            del self._stand_ins[topic]
+            delivered = self._delivered.get(topic)
+            if delivered is not None:
+                records = records[records["s"] > delivered]
+            parsed = parse_bar_topic(topic)
+            if not len(records) or parsed is None:
+                continue
+            self.counters.bars_stood_in.inc(len(records))
+            log.warning(
+                "%s: no whole copy of %d bar(s) from %s came within %gs; sending them",
+                topic,
+                len(records),
+                agg.endpoint,
+                STAND_IN_WAIT,
+            )
+            self._forward(topic, *parsed, records, arrivals)
+        if arrivals:
+            self._deliver(arrivals)
 
     def _announced(self, agg: Agg, message: wire.Message) -> None:
         try:
@@ -571,6 +698,10 @@ class Bridge:
             and agg.announce.get("session") != announce.get("session")
         )
         agg.announce = announce
+        listening_from = announce.get("from")
+        agg.whole_after = (
+            math.inf if listening_from is None else int(listening_from) + WHOLE_MARGIN_MS
+        )
         self.catalog.update(agg, serves)
         if first or restarted:
             log.info(
@@ -613,22 +744,23 @@ class Bridge:
             self._requests.pop(request_id, None)
 
     def _answering_aggs(self, channel: Channel) -> list[Agg]:
-        """The aggs to ask for a channel's history: those that serve it and are heard. A
-        request to a silent agg would only wait in ZeroMQ's queue for its return."""
+        """The aggs to ask for a channel's history: those that serve it and are heard (a
+        request to a silent agg would only wait in ZeroMQ's queue for its return), the one
+        that has listened longest first."""
         aggs = self._channel_aggs.get(channel) or self._serving_aggs(channel)
-        return [agg for agg in aggs if agg.is_heard()]
+        return sorted((agg for agg in aggs if agg.is_heard()), key=lambda agg: agg.whole_after)
 
     def _serving_aggs(self, channel: Channel) -> list[Agg]:
-        """Every agg for ``N Ms.*``; the first that serves it for one symbol (sharding)."""
+        """Every agg that serves the channel, in ``--sub`` order: shards by symbol, or
+        replicas whose bars are deduplicated by start (see :meth:`_unrepeated`)."""
         served = self.catalog.aggs_for(channel)
-        aggs = [agg for agg in self.aggs if agg in served]  # in --sub order
-        return aggs if channel.symbol is None else aggs[:1]
+        return [agg for agg in self.aggs if agg in served]
 
     def _route_channel(self, channel: Channel) -> None:
         """Subscribe the channel's topic on the aggs that serve it (idempotent)."""
         aggs = self._channel_aggs.setdefault(channel, [])
         for agg in self._serving_aggs(channel):
-            if agg not in aggs and (channel.symbol is None or not aggs):
+            if agg not in aggs:
                 aggs.append(agg)
                 agg.subscribe(channel.topic)
 

@@ -79,8 +79,10 @@ def pub_sub(
     while not sub.poll(10):
         assert time.monotonic() < deadline, "the SUB never received the probe"
         pub.send(b"probe")
-    while sub.poll(50):
-        sub.recv()
+    # One pipe, in order: once the last probe is in, no earlier one can still come.
+    pub.send(b"probe-last")
+    while sub.recv() != b"probe-last":
+        pass
     sub.setsockopt(zmq.UNSUBSCRIBE, b"probe")
     return pub, sub
 

@@ -4,6 +4,7 @@ real WebSocket and HTTP clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -414,56 +415,13 @@ async def test_sharded_aggs_each_serve_their_own_symbols() -> None:
             await bridge.stop()
 
 
-async def test_replica_aggs_give_each_bar_once_and_the_channel_outlives_either(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Two aggs serving the same channels: each bar reaches a client once, whichever agg sent
-    it first; when one stops, the other's bars carry on, and history is asked of it."""
-    from polyfan import bridge as module
-
-    monkeypatch.setattr(module, "HEARD_WITHIN", 2.0)
-    whole = T0 - 60_000
-    a = FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=whole)
-    with FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=whole + 10) as b:
-        bridge = Bridge(BridgeConfig(sub=(a.endpoint, b.endpoint), listen=("127.0.0.1", 0)))
-        await bridge.start()
-        try:
-            await eventually(lambda: all(agg.is_heard() for agg in bridge.aggs))
-            exact, star = await Client.open(url(bridge)), await Client.open(url(bridge))
-            await subscribed(exact, a, "500Ms.TSLA")
-            await subscribed(star, a, "500Ms.*")
-            for topic in (b"500Ms.TSLA\x00", b"500Ms."):
-                await asyncio.to_thread(b.wait_subscribed, topic)
-            rows = bar_rows(500, T0, 7)
-            a.publish(500, "TSLA", rows[:3])
-            b.publish(500, "TSLA", rows[:4])  # ahead of a
-            a.publish(500, "TSLA", rows[3:4])
-            await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 8)
-            assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 4
-            a.close()  # the first agg in --sub order stops
-            b.publish(500, "TSLA", rows[4:7])
-            wanted = [expected_event("TSLA", 500, r) for r in rows]
-            for client in (exact, star):
-                assert await client.bars(7) == wanted  # once each, in order, nothing more:
-                assert client.pending() == []
-            await eventually(lambda: not bridge.aggs[0].is_heard(), timeout=5)
-            status, _, body = await get(bridge, "/api/bars?channel=500Ms.TSLA")
-            assert status == 200
-            assert orjson.loads(body) == wanted  # from b, the one left
-            assert [r["channel"] for r in b.requests] == ["500Ms.TSLA"]
-            await exact.close()
-            await star.close()
-        finally:
-            a.close()
-            await bridge.stop()
-
-
-async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones() -> None:
-    """b started listening at T0 + 1000: its bars up to T0 + 2000 (the margin) may lack trades,
-    so a's, whole, are sent instead, even when b's arrive first; later bars from either."""
+@contextlib.asynccontextmanager
+async def replicas(b_from: int) -> AsyncIterator[tuple[FakeAgg, FakeAgg, Bridge]]:
+    """Two aggs serving 500 ms bars of every symbol, a listening since long before T0 and b
+    from ``b_from``, and a bridge on both that has heard both announces."""
     with (
         FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=T0 - 60_000) as a,
-        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=T0 + 1_000) as b,
+        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=b_from) as b,
     ):
         bridge = Bridge(BridgeConfig(sub=(a.endpoint, b.endpoint), listen=("127.0.0.1", 0)))
         await bridge.start()
@@ -472,27 +430,73 @@ async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones()
                 lambda: all(agg.whole_after < T0 + 10_000 for agg in bridge.aggs),
                 what="both announces",
             )
-            client = await Client.open(url(bridge))
-            await subscribed(client, a, "500Ms.TSLA")
-            await asyncio.to_thread(b.wait_subscribed, b"500Ms.TSLA\x00")
-            whole = bar_rows(500, T0, 6)
-            partial = bar_rows(500, T0, 5, price=7.0)  # T0 .. T0 + 2000
-            b.publish(500, "TSLA", partial)
-            await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 5)
-            a.publish(500, "TSLA", whole[:5])
-            assert await client.bars(5) == [expected_event("TSLA", 500, r) for r in whole[:5]]
-            b.publish(500, "TSLA", whole[5:])  # past the margin: b's own bars count
-            assert await client.bars(1) == [expected_event("TSLA", 500, whole[5])]
-            await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 11)
-            assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 5
-            assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 0
-            a.publish(500, "TSLA", whole[5:])  # a's copy of the last one: not sent again
-            sentinel = bar_rows(500, T0 + 3_000, 1)
-            b.publish(500, "TSLA", sentinel)
-            assert await client.bars(1) == [expected_event("TSLA", 500, sentinel[0])]
-            await client.close()
+            yield a, b, bridge
         finally:
             await bridge.stop()
+
+
+async def subscribed_on_both(client: Client, a: FakeAgg, b: FakeAgg, *channels: str) -> None:
+    await subscribed(client, a, *channels)
+    for channel in channels:
+        topic = channel.encode() if channel.endswith("*") else channel.encode() + b"\x00"
+        await asyncio.to_thread(b.wait_subscribed, topic.replace(b"*", b""))
+
+
+async def test_replica_aggs_give_each_bar_once_and_the_channel_outlives_either(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two aggs serving the same channels: each bar reaches a client once, whichever agg sent
+    it first; when one stops, the other's bars carry on, and history is asked of it."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "HEARD_WITHIN", 2.0)
+    async with replicas(T0 - 50_000) as (a, b, bridge):
+        exact, star = await Client.open(url(bridge)), await Client.open(url(bridge))
+        await subscribed_on_both(exact, a, b, "500Ms.TSLA")
+        await subscribed_on_both(star, a, b, "500Ms.*")
+        rows = bar_rows(500, T0, 7)
+        a.publish(500, "TSLA", rows[:3])
+        b.publish(500, "TSLA", rows[:4])  # ahead of a
+        a.publish(500, "TSLA", rows[3:4])
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 8)
+        assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 4
+        a.close()  # the first agg in --sub order stops
+        b.publish(500, "TSLA", rows[4:7])
+        wanted = [expected_event("TSLA", 500, r) for r in rows]
+        for client in (exact, star):
+            assert await client.bars(7) == wanted  # once each, in order, nothing more:
+            assert client.pending() == []
+        await eventually(lambda: not bridge.aggs[0].is_heard(), timeout=5)
+        status, _, body = await get(bridge, "/api/bars?channel=500Ms.TSLA")
+        assert status == 200
+        assert orjson.loads(body) == wanted  # from b, the one left
+        assert [r["channel"] for r in b.requests] == ["500Ms.TSLA"]
+        await exact.close()
+        await star.close()
+
+
+async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones() -> None:
+    """b started listening at T0 + 1000: its bars up to T0 + 2000 (the margin) may lack trades,
+    so a's, whole, are sent instead, even when b's arrive first; later bars from either."""
+    async with replicas(T0 + 1_000) as (a, b, bridge):
+        client = await Client.open(url(bridge))
+        await subscribed_on_both(client, a, b, "500Ms.TSLA")
+        whole = bar_rows(500, T0, 6)
+        partial = bar_rows(500, T0, 5, price=7.0)  # T0 .. T0 + 2000
+        b.publish(500, "TSLA", partial)
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 5)
+        a.publish(500, "TSLA", whole[:5])
+        assert await client.bars(5) == [expected_event("TSLA", 500, r) for r in whole[:5]]
+        b.publish(500, "TSLA", whole[5:])  # past the margin: b's own bars count
+        assert await client.bars(1) == [expected_event("TSLA", 500, whole[5])]
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 11)
+        assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 5
+        assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 0
+        a.publish(500, "TSLA", whole[5:])  # a's copy of the last one: not sent again
+        sentinel = bar_rows(500, T0 + 3_000, 1)
+        b.publish(500, "TSLA", sentinel)
+        assert await client.bars(1) == [expected_event("TSLA", 500, sentinel[0])]
+        await client.close()
 
 
 async def test_maybe_partial_bars_go_out_in_order_when_no_whole_copy_comes_first(
@@ -503,36 +507,25 @@ async def test_maybe_partial_bars_go_out_in_order_when_no_whole_copy_comes_first
     from polyfan import bridge as module
 
     monkeypatch.setattr(module, "STAND_IN_WAIT", 0.05)
-    with (
-        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=T0 - 60_000) as a,
-        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=T0 + 1_000) as b,
-    ):
-        bridge = Bridge(BridgeConfig(sub=(a.endpoint, b.endpoint), listen=("127.0.0.1", 0)))
-        await bridge.start()
-        try:
-            await eventually(lambda: all(agg.whole_after < T0 + 10_000 for agg in bridge.aggs))
-            client = await Client.open(url(bridge))
-            await subscribed(client, a, "500Ms.TSLA", "500Ms.MSFT")
-            for topic in (b"500Ms.TSLA\x00", b"500Ms.MSFT\x00"):
-                await asyncio.to_thread(b.wait_subscribed, topic)
-            partial = bar_rows(500, T0, 5, price=7.0)
-            whole = bar_rows(500, T0, 6)
-            b.publish(500, "TSLA", partial)
-            b.publish(500, "TSLA", whole[5:])  # newer, before any copy from a
-            assert await client.bars(6) == [
-                expected_event("TSLA", 500, r) for r in [*partial, whole[5]]
-            ]
-            a.publish(500, "TSLA", whole)  # too late: every one already sent
-            lone = bar_rows(500, T0 + 1_500, 1, price=9.0)
-            b.publish(500, "MSFT", lone)  # a never sends its copy
-            assert await client.bars(1) == [expected_event("MSFT", 500, lone[0])]
-            await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 13)
-            assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 6
-            assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 6
-            assert client.pending() == []
-            await client.close()
-        finally:
-            await bridge.stop()
+    async with replicas(T0 + 1_000) as (a, b, bridge):
+        client = await Client.open(url(bridge))
+        await subscribed_on_both(client, a, b, "500Ms.TSLA", "500Ms.MSFT")
+        partial = bar_rows(500, T0, 5, price=7.0)
+        whole = bar_rows(500, T0, 6)
+        b.publish(500, "TSLA", partial)
+        b.publish(500, "TSLA", whole[5:])  # newer, before any copy from a
+        assert await client.bars(6) == [
+            expected_event("TSLA", 500, r) for r in [*partial, whole[5]]
+        ]
+        a.publish(500, "TSLA", whole)  # too late: every one already sent
+        lone = bar_rows(500, T0 + 1_500, 1, price=9.0)
+        b.publish(500, "MSFT", lone)  # a never sends its copy
+        assert await client.bars(1) == [expected_event("MSFT", 500, lone[0])]
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 13)
+        assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 6
+        assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 6
+        assert client.pending() == []
+        await client.close()
 
 
 async def test_lost_bar_messages_are_counted_as_gaps(bridge: Bridge, agg: FakeAgg) -> None:

@@ -540,6 +540,32 @@ async def test_lost_bar_messages_are_counted_as_gaps(bridge: Bridge, agg: FakeAg
     await client.close()
 
 
+async def test_a_bar_in_flight_after_its_last_client_left_is_no_gap_later(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    """Bars the agg publishes while a channel is unsubscribed were not asked for: after a
+    resubscription the sequence jump is no loss, even if one message was still in flight
+    when the last client left (it is counted as unwanted, not as a fresh start)."""
+    client = await Client.open(url(bridge))
+    await subscribed(client, agg, "500Ms.LATE")
+    topic = wire.bar_topic(500, "LATE")
+    rows = bar_rows(500, T0, 3)
+    agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, 1, 1, rows[:1].tobytes()))
+    assert await client.bars(1) == [expected_event("LATE", 500, rows[0])]
+    await client.send({"action": "unsubscribe", "params": "500Ms.LATE"})
+    assert (await client.next_event())["message"] == "unsubscribed to: 500Ms.LATE"
+    await asyncio.to_thread(agg.wait_unsubscribed, b"500Ms.LATE\x00")
+    # The message the agg sent just before it saw the unsubscribe, arriving now:
+    in_flight = wire.encode(topic, wire.Kind.BARS, 42, 2, 1, rows[1:2].tobytes())
+    bridge._received(bridge.aggs[0], in_flight, [])
+    assert counter(bridge, "polyfan_bridge_bars_unwanted_total") == 1
+    await subscribed(client, agg, "500Ms.LATE")
+    agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, 7, 1, rows[2:].tobytes()))
+    assert await client.bars(1) == [expected_event("LATE", 500, rows[2])]
+    assert counter(bridge, "polyfan_bridge_gaps_total") == 0
+    await client.close()
+
+
 # -- HTTP ----------------------------------------------------------------------------------------
 
 

@@ -168,6 +168,11 @@ class Counters:
             "aggregator serving the channel sent them first) or will get them whole from "
             "another aggregator (this one started later and may have missed trades).",
         )
+        self.bars_unwanted = registry.counter(
+            "polyfan_bridge_bars_unwanted_total",
+            "Bars received for a channel no client is on any more (sent before the aggregator "
+            "saw the unsubscribe).",
+        )
         self.bars_stood_in = registry.counter(
             "polyfan_bridge_bars_stood_in_total",
             "Bars forwarded from an aggregator that started listening after they began, "
@@ -563,13 +568,19 @@ class Bridge:
         if parsed is None:
             self.counters.wire_errors.inc()
             return
+        interval, symbol = parsed
+        records = wire.records(message)
+        self.counters.bars_received.inc(len(records))
+        topics = agg.topics
+        if (message.topic + "\0").encode() not in topics and (
+            b"%dMs." % interval not in topics
+        ):  # in flight when its channel's last client left: not asked for, and no loss either
+            self.counters.bars_unwanted.inc(len(records))
+            return
         agg.seen.add(message.topic)
         lost = agg.gaps.observe(message.topic, message.session, message.seq)
         if lost:
             log.warning("lost %d bar message(s) on %s from %s", lost, message.topic, agg.endpoint)
-        interval, symbol = parsed
-        records = wire.records(message)
-        self.counters.bars_received.inc(len(records))
         if len(records) == 0:
             return
         topic = message.topic

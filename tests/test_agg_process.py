@@ -653,6 +653,22 @@ def test_agg_stops_on_sigterm_with_status_zero(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize("role", ["agg", "proxy", "bridge"])
+def test_sigterm_during_start_up_exits_0(role: str, tmp_path: Path) -> None:
+    """Before a command is ready (imports, numba's cache, binding), SIGTERM still stops it
+    with status 0."""
+    trades, bars = endpoint("ipc", tmp_path, "p"), endpoint("ipc", tmp_path, "a")
+    args = {
+        "agg": ("agg", "--sub", trades, "--pub", bars),
+        "proxy": ("proxy", "--upstream", "ws://127.0.0.1:9/", "--pub", trades),
+        "bridge": ("bridge", "--sub", bars, "--listen", f"127.0.0.1:{free_port()}"),
+    }[role]
+    with Proc("--log-level", "debug", *args, env={"MASSIVE_API_KEY": "k"}) as proc:
+        proc.wait_for(f"polyfan {role} starting")
+        proc.popen.terminate()
+        assert proc.wait(5) == 0
+
+
 def test_a_taken_pub_address_is_a_clear_error_with_status_2(
     tmp_path: Path, context: Context
 ) -> None:

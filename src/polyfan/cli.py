@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,11 @@ _metrics_option = click.option(
 )
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM before a command has set up its own handling: stop at once, status 0."""
+    raise SystemExit(0)
+
+
 def _run(run: Callable[[Any], int], config: Any) -> None:
     try:
         status = run(config)
@@ -95,6 +101,9 @@ def _run(run: Callable[[Any], int], config: Any) -> None:
 @click.version_option(package_name="polyfan")
 def main(log_level: str | None) -> None:
     """polyfan: fan out one Polygon/Massive trade feed over ZeroMQ and serve sub-second bars."""
+    # Each command handles SIGTERM itself once it runs; until then (imports, numba's cache,
+    # binding) it must stop cleanly too (CONTRACT §2).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     level = (log_level or os.environ.get("POLYFAN_LOG") or "info").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise click.UsageError(
@@ -104,6 +113,9 @@ def main(log_level: str | None) -> None:
         level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.debug(
+        "polyfan %s starting (pid %d)", click.get_current_context().invoked_subcommand, os.getpid()
     )
 
 

@@ -94,6 +94,23 @@ def test_a_vendor_dump_can_change_a_rule() -> None:
     assert conditions.rules_from_reference(dump)[1] == HL | OC
 
 
+def test_code_255_stays_unknown_whatever_a_vendor_dump_says() -> None:
+    """255 stands for codes the wire cannot carry (above 254, or past a trade's eighth)."""
+    dump = vendor_dump()
+    results = dump["results"]
+    assert isinstance(results, list)
+    regular = {
+        "consolidated": {
+            k: True for k in ("updates_high_low", "updates_open_close", "updates_volume")
+        }
+    }
+    results.append(
+        {"id": 255, "asset_class": "stocks", "data_types": ["trade"], "update_rules": regular}
+    )
+    results.append({"id": 300, "asset_class": "stocks", "data_types": ["trade"]})  # an indicator
+    assert conditions.rules_from_reference(dump)[255] == VOL | UNKNOWN
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [("[1, 2]", "not a condition"), ('{"x": 1}', "results"), ("nope", "not JSON")],

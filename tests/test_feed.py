@@ -200,6 +200,28 @@ def test_ds_is_preferred_to_s_and_conditions_fill_the_fixed_slots() -> None:
     assert records["s"][0] == 0.25
 
 
+@pytest.mark.parametrize(
+    ("codes", "slots"),
+    [
+        ([300], [255]),
+        ([2**40, 12], [255, 12]),
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 255]),
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 255]),
+        ([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]),
+    ],
+)
+def test_codes_the_record_cannot_hold_become_the_out_of_range_code_not_a_lost_trade(
+    codes: list[int], slots: list[int]
+) -> None:
+    """CONTRACT §3: an unknown code qualifies for volume only and is counted. A code above
+    254 or past the eighth is unknown: it becomes 255, never a known code."""
+    decoder = TradeDecoder()
+    records = decoder.decode([frame(trade(c=codes))], NOW).trades.records[0]
+    assert int(records["nc"][0]) == len(slots)
+    assert records["c"][0][: len(slots)].tolist() == slots
+    assert decoder.stats.bad_messages == 0 and not decoder.stats.rejected
+
+
 def test_unknown_events_and_fields_are_skipped_but_the_trades_around_them_kept() -> None:
     decoder = TradeDecoder()
     events = [
@@ -308,9 +330,7 @@ def test_malformed_frames_are_skipped_counted_and_named(bad: bytes, problem: str
         ({"t": "1781622376036"}, "timestamp"),
         ({"t": -1}, "timestamp"),
         ({"t": NOW + 5_001}, "future"),
-        ({"c": [256]}, "conditions"),
         ({"c": [-1]}, "conditions"),
-        ({"c": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, "conditions"),
         ({"c": ["37"]}, "conditions"),
         ({"c": 37}, "conditions"),
         ({"x": 70_000}, "field"),

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from polyfan import wire
 from polyfan.errors import ConfigError
 
 HL = 1
@@ -90,10 +91,12 @@ def rules_from_table(
 ) -> np.ndarray:
     """The ``polygon`` lookup table for a code -> (H/L, O/C, Vol) mapping."""
     rules = np.full(256, VOL | UNKNOWN, dtype=np.uint8)
+    known = range(wire.CONDITION_OUT_OF_RANGE)  # 255 stands for codes the wire cannot carry
     for code in indicators:
-        rules[code] = REGULAR
+        if code in known:
+            rules[code] = REGULAR
     for code, (hl, oc, vol) in table.items():
-        if 0 <= code < 256:
+        if code in known:
             rules[code] = _bits(hl, oc, vol)
     rules[0] = REGULAR
     rules[FORM_T] |= HL | OC

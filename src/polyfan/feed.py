@@ -62,7 +62,7 @@ class Trade(msgspec.Struct, tag_field="ev", tag="T", gc=False, omit_defaults=Tru
     t: _NON_NEGATIVE_I64
     s: _NON_NEGATIVE_I64 | None = None
     ds: str | None = None
-    c: Annotated[list[_U8], Meta(max_length=wire.MAX_CONDITIONS)] | None = None
+    c: list[_NON_NEGATIVE_I64] | None = None  # fitted to the record by _fitted
     x: _U16 = 0
     z: _U8 = 0
     q: _I64 = 0
@@ -90,6 +90,19 @@ _REASONS = {
     "t": "timestamp",
     "c": "conditions",
 }
+
+
+def _fitted(codes: list[int]) -> list[int]:
+    """A trade's condition codes as the record holds them: at most ``MAX_CONDITIONS`` codes of
+    0-255. A code above 254, and the codes past the eighth, become ``CONDITION_OUT_OF_RANGE``
+    (an unknown code: the trade counts for volume only, and is counted) rather than losing the
+    trade."""
+    if len(codes) <= wire.MAX_CONDITIONS and max(codes) < wire.CONDITION_OUT_OF_RANGE:
+        return codes
+    fitted = [min(code, wire.CONDITION_OUT_OF_RANGE) for code in codes]
+    if len(fitted) > wire.MAX_CONDITIONS:
+        fitted[wire.MAX_CONDITIONS - 1 :] = [wire.CONDITION_OUT_OF_RANGE]
+    return fitted
 
 
 @dataclass
@@ -199,7 +212,7 @@ class TradeDecoder:
         columns.x[row:end] = [t.x for t in trades]
         columns.z[row:end] = [t.z for t in trades]
         columns.c[row:end] = 0
-        conditions = [t.c or _NO_CONDITIONS for t in trades]
+        conditions = [_fitted(t.c) if t.c else _NO_CONDITIONS for t in trades]
         counts = np.fromiter(map(len, conditions), np.int64, n)
         columns.nc[row:end] = counts
         if counts.any():

@@ -41,6 +41,9 @@ CONTROL_TOPIC = b"_ctl\x00"
 REPLY_PREFIX = "_rep."
 REQUEST_MARK = b"\x02"
 MAX_CONDITIONS = 8
+# Stands for a condition code above 254, or for the codes past a trade's eighth: never a known
+# code, so such a trade qualifies for volume only and is counted as carrying an unknown code.
+CONDITION_OUT_OF_RANGE = 255
 
 HEADER = struct.Struct("<BBHIQQ")
 

@@ -67,7 +67,7 @@ class RawClient:
                 self.protocol.receive_data(data)
                 self._events()
                 self._flush()
-        except (ConnectionResetError, TimeoutError):
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
             pass
         close = self.protocol.close_rcvd
         return None if close is None else close.code
@@ -137,6 +137,66 @@ async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets
         ]
         assert seen == [int(s) for s in rows["s"][: len(seen)]]
         await good.close()
+    finally:
+        await bridge.stop()
+
+
+async def test_a_client_stalled_past_the_time_bound_is_cut_off_with_1013_before_the_bytes_bound(
+    agg: FakeAgg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose oldest unsent bar has waited ``backlog_seconds`` is closed with 1013 and
+    counted, though its backlog is far under ``backlog_bytes`` (a stalled client at a normal
+    bar rate would otherwise only meet the keepalive's 1011)."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "CLOSE_TIMEOUT", 60.0)  # it reads only once cut off
+    limits = Limits(backlog_bytes=1 << 30, backlog_seconds=0.5)
+    bridge = Bridge(BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0)), limits)
+    await bridge.start()
+    try:
+        await eventually(lambda: bridge.catalog.intervals)
+        stalled = await asyncio.to_thread(RawClient, bridge.port)
+        stalled.send_text('{"action":"auth","params":"x"}')
+        stalled.send_text('{"action":"subscribe","params":"100Ms.STALL"}')
+        await asyncio.to_thread(agg.wait_subscribed, b"100Ms.STALL\x00")
+        rows = bar_rows(100, T0, 70_000)
+        for i in range(0, 60_000, 10_000):  # ~9 MB: fills the kernel's buffers, then queues
+            agg.publish(100, "STALL", rows[i : i + 10_000])
+        cut_off = "polyfan_bridge_slow_disconnects_total"
+        for i in range(60_000, len(rows)):
+            if bridge.registry.values()[cut_off] == 1:
+                break
+            agg.publish(100, "STALL", rows[i : i + 1])  # one bar per 10 ms: a normal rate
+            await asyncio.sleep(0.01)
+        assert bridge.registry.values()[cut_off] == 1
+        assert bridge.clients[1].backlog.bytes == 0  # cleared, and counted as dropped
+        assert bridge.registry.values()["polyfan_bridge_bars_dropped_total"] > 0
+        code = await asyncio.to_thread(stalled.read_to_end)
+        stalled.sock.close()
+        assert code == 1013
+    finally:
+        await bridge.stop()
+
+
+async def test_a_client_that_stops_answering_pings_is_closed_1011_and_counted(
+    agg: FakeAgg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "PING_INTERVAL", 0.1)
+    monkeypatch.setattr(module, "PING_TIMEOUT", 0.1)
+    bridge = Bridge(BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0)))
+    await bridge.start()
+    try:
+        mute = await asyncio.to_thread(RawClient, bridge.port)  # never reads: never pongs
+        mute.send_text('{"action":"auth","params":"x"}')
+        await eventually(
+            lambda: bridge.registry.values()["polyfan_bridge_keepalive_timeouts_total"] == 1,
+            what="the keepalive timeout",
+        )
+        assert await asyncio.to_thread(mute.read_to_end) == 1011
+        mute.sock.close()
+        assert bridge.registry.values()["polyfan_bridge_slow_disconnects_total"] == 0
     finally:
         await bridge.stop()
 

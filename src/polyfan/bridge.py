@@ -116,6 +116,9 @@ HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
+PING_INTERVAL = 20.0  # keepalive: a ping this often ...
+PING_TIMEOUT = 20.0  # ... and a client that has not answered it this long after is closed (1011)
+CLOSE_INTERNAL_ERROR = 1011  # websockets' close code for a keepalive timeout
 PASS_LOG_ENV = "POLYFAN_BRIDGE_PASS_LOG"  # a file to log every fan-out pass to (benchmarks)
 
 _PLACEHOLDER = b"""<!doctype html><meta charset="utf-8"><title>polyfan</title>
@@ -167,6 +170,10 @@ class Counters:
             "Bars received and not forwarded because clients had them already (another "
             "aggregator serving the channel sent them first) or will get them whole from "
             "another aggregator (this one started later and may have missed trades).",
+        )
+        self.keepalive_timeouts = registry.counter(
+            "polyfan_bridge_keepalive_timeouts_total",
+            "Clients closed (1011) because they did not answer a ping in time.",
         )
         self.bars_unwanted = registry.counter(
             "polyfan_bridge_bars_unwanted_total",
@@ -379,6 +386,8 @@ class Bridge:
                 max_size=self.limits.max_frame_bytes,
                 write_limit=64 * 1024,
                 close_timeout=CLOSE_TIMEOUT,
+                ping_interval=PING_INTERVAL,
+                ping_timeout=PING_TIMEOUT,
                 backlog=4096,
                 logger=_ws_log,
                 reuse_port=self.worker is not None,
@@ -821,17 +830,23 @@ class Bridge:
         if client.cut_off:  # closing: what would have been queued is dropped, and counted
             self.counters.bars_dropped.inc(bars)
             return
-        if client.backlog.push(frame, bars):
+        now = time.monotonic()
+        oldest = client.backlog.oldest()
+        behind = 0.0 if oldest is None else now - oldest
+        if behind <= self.limits.backlog_seconds and client.backlog.push(frame, bars, now):
             client.wake.set()
             return
         client.cut_off = True
         self.counters.slow_disconnects.inc()
         log.warning(
-            "client %d from %s is too slow: %d bytes unsent (bound %d); closing with 1013",
+            "client %d from %s is too slow: %d bytes unsent for %.1fs (bounds %d bytes, %gs); "
+            "closing with 1013",
             client.id,
             _peer(client.ws),
             client.backlog.bytes + len(frame),
+            behind,
             self.limits.backlog_bytes,
+            self.limits.backlog_seconds,
         )
         self.counters.bars_dropped.inc(client.backlog.clear() + bars)
         self._spawn(client.ws.close(CLOSE_TRY_AGAIN_LATER, "backlog bound passed: read faster"))
@@ -896,6 +911,15 @@ class Bridge:
             close_sent = ws.protocol.close_sent
             if close_sent is not None and close_sent.code == CLOSE_TOO_BIG:
                 self.counters.bad_requests.inc()
+            elif close_sent is not None and close_sent.code == CLOSE_INTERNAL_ERROR:
+                self.counters.keepalive_timeouts.inc()
+                log.warning(
+                    "client %d from %s stopped answering pings: closed (%s, %d bytes unsent)",
+                    client.id,
+                    _peer(ws),
+                    close_sent.reason,
+                    client.backlog.bytes,
+                )
             if client.close_after is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):

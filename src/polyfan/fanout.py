@@ -225,7 +225,8 @@ class Backlog:
     """One client's unsent frames, bounded in bytes, with how many bars each carries.
 
     ``push`` refuses a frame that would take the backlog past ``limit_bytes`` (the shell then
-    closes the client with 1013: nothing is dropped silently). ``pop`` merges queued frames
+    closes the client with 1013: nothing is dropped silently); ``oldest`` says when the oldest
+    frame still queued was queued (the shell's bound on time behind). ``pop`` merges queued frames
     into one JSON array of at most ``merge_bytes`` (a bigger frame goes alone), so a client
     that fell behind catches up in fewer, larger writes.
     """
@@ -233,18 +234,19 @@ class Backlog:
     def __init__(self, limit_bytes: int, merge_bytes: int = 256 * 1024) -> None:
         self.limit_bytes = limit_bytes
         self.merge_bytes = merge_bytes
-        self._frames: deque[tuple[bytes, int]] = deque()
+        self._frames: deque[tuple[bytes, int, float]] = deque()
         self.bytes = 0
         self.bars = 0
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def push(self, frame: bytes, bars: int = 0) -> bool:
-        """Queue a frame carrying ``bars`` bars; False (and nothing queued) past the bound."""
+    def push(self, frame: bytes, bars: int = 0, at: float = 0.0) -> bool:
+        """Queue a frame carrying ``bars`` bars, queued at time ``at``; False (and nothing
+        queued) past the bound."""
         if self.bytes + len(frame) > self.limit_bytes:
             return False
-        self._frames.append((frame, bars))
+        self._frames.append((frame, bars, at))
         self.bytes += len(frame)
         self.bars += bars
         return True
@@ -253,12 +255,12 @@ class Backlog:
         """The next frame to send (several merged) and its bar count, or None when empty."""
         if not self._frames:
             return None
-        first, bars = self._frames.popleft()
+        first, bars, _ = self._frames.popleft()
         size = len(first)
         if self._frames and size + len(self._frames[0][0]) <= self.merge_bytes:
             inner = [first[1:-1]]
             while self._frames and size + len(self._frames[0][0]) <= self.merge_bytes:
-                frame, count = self._frames.popleft()
+                frame, count, _ = self._frames.popleft()
                 size += len(frame)
                 bars += count
                 inner.append(frame[1:-1])
@@ -266,6 +268,10 @@ class Backlog:
         self.bytes -= size
         self.bars -= bars
         return first, bars
+
+    def oldest(self) -> float | None:
+        """When the oldest frame still queued was queued (None: nothing is)."""
+        return self._frames[0][2] if self._frames else None
 
     def clear(self) -> int:
         """Drop everything queued; return how many bars were dropped."""

@@ -49,6 +49,7 @@ class Limits:
     rate_per_second: float = 50.0  # client frames per second, sustained ...
     rate_burst: float = 100.0  # ... with this burst (token bucket)
     backlog_bytes: int = 8 * 1024 * 1024  # unsent bytes per client before close 1013
+    backlog_seconds: float = 15.0  # ... or this long with bars unsent (a stalled client)
     since_max_bars: int = 20_000  # bars sent for one `since` request (the most recent)
     auth_timeout: float = 10.0  # seconds from connect to a successful auth, else close 1008
     api_max_limit: int = 10_000  # /api/bars?limit=

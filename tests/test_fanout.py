@@ -205,7 +205,9 @@ def test_a_trailing_seam_ends_with_the_client_leaving_the_channel() -> None:
 
 def test_history_is_chunked_into_frames() -> None:
     frames = chunked(parts(0, 1, 2, 3, 4), 2)
-    assert [len(orjson.loads(f)) for f in frames] == [2, 2, 1]
+    assert [len(orjson.loads(f)) for f, _ in frames] == [2, 2, 1]
+    assert [bars for _, bars in frames] == [2, 2, 1]
+    assert [s for f, _ in frames for s in (e["s"] for e in orjson.loads(f))] == [0, 1, 2, 3, 4]
 
 
 def test_backlog_refuses_past_its_bound_and_keeps_what_it_had() -> None:

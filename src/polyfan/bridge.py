@@ -53,7 +53,7 @@ from websockets.protocol import State
 from polyfan import wire
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
-from polyfan.fanout import Arrival, Backlog, Fanout, Seam
+from polyfan.fanout import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.metrics import Registry
 from polyfan.protocol import (
     AUTH_TIMEOUT,
@@ -990,9 +990,8 @@ class Bridge:
         parts = self.fanout.complete_history(client, channel, seam, history)
         if client.id not in self.clients:
             return
-        for start in range(0, len(parts), HISTORY_FRAME_BARS):
-            chunk = parts[start : start + HISTORY_FRAME_BARS]
-            self._push(client, join_events(chunk), len(chunk))
+        for frame, count in chunked(parts, HISTORY_FRAME_BARS):
+            self._push(client, frame, count)
 
     # -- HTTP ----------------------------------------------------------------------------------
 

@@ -216,9 +216,13 @@ class Seam:
         self.floor: int | None = None
 
 
-def chunked(parts: Sequence[bytes], size: int) -> list[bytes]:
-    """Frames of at most ``size`` events each (history is sent in several frames)."""
-    return [join_events(parts[i : i + size]) for i in range(0, len(parts), size)]
+def chunked(parts: Sequence[bytes], size: int) -> list[tuple[bytes, int]]:
+    """Frames of at most ``size`` events each, with how many each holds (history is sent
+    in several frames)."""
+    return [
+        (join_events(parts[i : i + size]), len(parts[i : i + size]))
+        for i in range(0, len(parts), size)
+    ]
 
 
 class Backlog:

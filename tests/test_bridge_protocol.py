@@ -416,21 +416,25 @@ async def test_sharded_aggs_each_serve_their_own_symbols() -> None:
 
 
 @contextlib.asynccontextmanager
-async def replicas(b_from: int) -> AsyncIterator[tuple[FakeAgg, FakeAgg, Bridge]]:
-    """Two aggs serving 500 ms bars of every symbol, a listening since long before T0 and b
-    from ``b_from``, and a bridge on both that has heard both announces."""
-    with (
-        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=T0 - 60_000) as a,
-        FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=b_from) as b,
-    ):
-        bridge = Bridge(BridgeConfig(sub=(a.endpoint, b.endpoint), listen=("127.0.0.1", 0)))
+async def replicas(*froms: int) -> AsyncIterator[tuple[list[FakeAgg], Bridge]]:
+    """Aggs serving 500 ms bars of every symbol, the first listening since long before T0 and
+    the others from ``froms``, and a bridge on all that has heard every announce."""
+    with contextlib.ExitStack() as stack:
+        aggs = [
+            stack.enter_context(
+                FakeAgg("tcp://127.0.0.1:*", intervals=(500,), listening_from=listening_from)
+            )
+            for listening_from in (T0 - 60_000, *froms)
+        ]
+        config = BridgeConfig(sub=tuple(agg.endpoint for agg in aggs), listen=("127.0.0.1", 0))
+        bridge = Bridge(config)
         await bridge.start()
         try:
             await eventually(
                 lambda: all(agg.whole_after < T0 + 10_000 for agg in bridge.aggs),
-                what="both announces",
+                what="every announce",
             )
-            yield a, b, bridge
+            yield aggs, bridge
         finally:
             await bridge.stop()
 
@@ -450,7 +454,7 @@ async def test_replica_aggs_give_each_bar_once_and_the_channel_outlives_either(
     from polyfan import bridge as module
 
     monkeypatch.setattr(module, "HEARD_WITHIN", 2.0)
-    async with replicas(T0 - 50_000) as (a, b, bridge):
+    async with replicas(T0 - 50_000) as ((a, b), bridge):
         exact, star = await Client.open(url(bridge)), await Client.open(url(bridge))
         await subscribed_on_both(exact, a, b, "500Ms.TSLA")
         await subscribed_on_both(star, a, b, "500Ms.*")
@@ -475,10 +479,15 @@ async def test_replica_aggs_give_each_bar_once_and_the_channel_outlives_either(
         await star.close()
 
 
-async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones() -> None:
+async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """b started listening at T0 + 1000: its bars up to T0 + 2000 (the margin) may lack trades,
     so a's, whole, are sent instead, even when b's arrive first; later bars from either."""
-    async with replicas(T0 + 1_000) as (a, b, bridge):
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "STAND_IN_WAIT", 60.0)  # a's copies are never too late here
+    async with replicas(T0 + 1_000) as ((a, b), bridge):
         client = await Client.open(url(bridge))
         await subscribed_on_both(client, a, b, "500Ms.TSLA")
         whole = bar_rows(500, T0, 6)
@@ -499,32 +508,72 @@ async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones()
         await client.close()
 
 
-async def test_maybe_partial_bars_go_out_in_order_when_no_whole_copy_comes_first(
+async def test_maybe_partial_bars_and_those_after_them_wait_for_whole_copies_then_go_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """b's maybe-partial bars wait for a's whole copies; if b sends newer bars first, or a
-    sends nothing for STAND_IN_WAIT, b's copies go out, in order, counted: no hole."""
+    """While b's maybe-partial bars wait for a's whole copies, b's later bars on the topic wait
+    with them (sending one would pass the copies still to come); if a sends nothing for
+    STAND_IN_WAIT, they all go out, in order, counted: no hole."""
     from polyfan import bridge as module
 
     monkeypatch.setattr(module, "STAND_IN_WAIT", 0.05)
-    async with replicas(T0 + 1_000) as (a, b, bridge):
+    async with replicas(T0 + 1_000) as ((a, b), bridge):
         client = await Client.open(url(bridge))
-        await subscribed_on_both(client, a, b, "500Ms.TSLA", "500Ms.MSFT")
+        await subscribed_on_both(client, a, b, "500Ms.TSLA")
         partial = bar_rows(500, T0, 5, price=7.0)
         whole = bar_rows(500, T0, 6)
         b.publish(500, "TSLA", partial)
-        b.publish(500, "TSLA", whole[5:])  # newer, before any copy from a
+        b.publish(500, "TSLA", whole[5:])  # newer and whole, before any copy from a: waits
         assert await client.bars(6) == [
             expected_event("TSLA", 500, r) for r in [*partial, whole[5]]
         ]
         a.publish(500, "TSLA", whole)  # too late: every one already sent
-        lone = bar_rows(500, T0 + 1_500, 1, price=9.0)
-        b.publish(500, "MSFT", lone)  # a never sends its copy
-        assert await client.bars(1) == [expected_event("MSFT", 500, lone[0])]
-        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 13)
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 12)
         assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 6
         assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 6
         assert client.pending() == []
+        await client.close()
+
+
+async def test_bars_waiting_for_whole_copies_go_out_with_them_in_order() -> None:
+    """b's maybe-partial bar and c's later one wait; a's message settles them: the copies it
+    has replace theirs, one it lacks goes out in its place, in s order."""
+    async with replicas(T0 + 1_000, T0 + 2_000) as ((a, b, c), bridge):
+        client = await Client.open(url(bridge))
+        await subscribed_on_both(client, a, b, "500Ms.TSLA")
+        await asyncio.to_thread(c.wait_subscribed, b"500Ms.TSLA\x00")
+        whole = bar_rows(500, T0 + 1_500, 4)  # 1500, 2000, 2500, 3000
+        only_b = bar_rows(500, T0 + 1_750, 1, price=9.0)  # a start a has no copy of
+        b.publish(500, "TSLA", np.concatenate([bar_rows(500, T0 + 1_500, 1, price=7.0), only_b]))
+        c.publish(500, "TSLA", whole[3:])  # whole for c, but it would pass a's copies
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 3)
+        a.publish(500, "TSLA", whole)
+        got = await client.bars(5)
+        assert got == [expected_event("TSLA", 500, r) for r in [whole[0], only_b[0], *whole[1:]]]
+        assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 1
+        assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 2
+        assert client.pending() == []
+        await client.close()
+
+
+async def test_a_topic_s_bars_reach_clients_in_order_whichever_agg_s_pass_delivers_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """a's reader takes bar 0 and waits for more (coalescing); meanwhile b's reader takes 0
+    (a copy) and 100, and its pass ends first: it delivers a's 0 with its 100, in order."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "DRAIN_MAX_BARS", 2)  # b's pass of 2 bars ends without waiting
+    monkeypatch.setattr(module, "COALESCE_MS", 2_000)  # a's pass of 1 bar waits for more
+    monkeypatch.setattr(module, "COALESCE_MAX_S", 4.0)
+    async with replicas(T0 - 50_000) as ((a, b), bridge):
+        client = await Client.open(url(bridge))
+        await subscribed_on_both(client, a, b, "500Ms.TSLA")
+        rows = bar_rows(500, T0, 2)
+        a.publish(500, "TSLA", rows[:1])
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 1)
+        b.publish(500, "TSLA", rows)
+        assert await client.bars(2, timeout=1.5) == [expected_event("TSLA", 500, r) for r in rows]
         await client.close()
 
 
@@ -557,7 +606,7 @@ async def test_a_bar_in_flight_after_its_last_client_left_is_no_gap_later(
     await asyncio.to_thread(agg.wait_unsubscribed, b"500Ms.LATE\x00")
     # The message the agg sent just before it saw the unsubscribe, arriving now:
     in_flight = wire.encode(topic, wire.Kind.BARS, 42, 2, 1, rows[1:2].tobytes())
-    bridge._received(bridge.aggs[0], in_flight, [])
+    bridge._received(bridge.aggs[0], in_flight)
     assert counter(bridge, "polyfan_bridge_bars_unwanted_total") == 1
     await subscribed(client, agg, "500Ms.LATE")
     agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, 7, 1, rows[2:].tobytes()))

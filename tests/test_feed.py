@@ -331,6 +331,7 @@ def test_malformed_frames_are_skipped_counted_and_named(bad: bytes, problem: str
         ({"t": -1}, "timestamp"),
         ({"t": NOW + 5_001}, "future"),
         ({"c": [-1]}, "conditions"),
+        ({"c": list(range(65))}, "conditions"),
         ({"c": ["37"]}, "conditions"),
         ({"c": 37}, "conditions"),
         ({"x": 70_000}, "field"),

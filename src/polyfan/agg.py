@@ -167,14 +167,14 @@ def run(config: AggConfig) -> int:
         )
         _loop(core, sub, pub, receiver, sender, stop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if metrics is not None:
             metrics.close()
         receiver.close()
         sub.close(0)
         pub.close(0)
         context.term()
+        for sig, handler in previous.items():  # last: a second signal must not cut this short
+            signal.signal(sig, handler)
     log.info("stopped")
     return 0
 

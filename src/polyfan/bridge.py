@@ -336,8 +336,9 @@ class Bridge:
         self._server: Server | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self._delivered: dict[str, int] = {}  # bar topic -> start of the newest bar forwarded
-        # bar topic -> (since, agg, bars that agg may have made partial, awaiting whole copies)
-        self._stand_ins: dict[str, tuple[float, Agg, np.ndarray]] = {}
+        # bar topic -> (since, bars awaiting another agg's whole copies), oldest first
+        self._stand_ins: dict[str, tuple[float, np.ndarray]] = {}
+        self._arrivals: list[Arrival] = []  # bars forwarded, not yet delivered (_forward)
         self.debug = log.isEnabledFor(logging.DEBUG)
         # bench/bench_bridge.py's hook: one line per fan-out pass (pid, perf_counter of its
         # first read and of its last write, frames written, bars), appended to this file.
@@ -467,7 +468,10 @@ class Bridge:
         while True:
             await asyncio.sleep(1.0)
             if self._stand_ins:
-                self._flush_stand_ins()
+                try:
+                    self._flush_stand_ins()
+                except Exception:  # a bug must not stop the watcher
+                    log.exception("unexpected error sending stand-in bars")
             for agg in self.aggs:
                 heard = agg.is_heard()
                 if heard == agg.was_heard:
@@ -517,7 +521,6 @@ class Bridge:
             # pollers (test_requests_sent_while_the_reader_waits_never_leave_replies_unread).
             await agg.socket.poll(timeout=READ_POLL_MS)
             started = time.perf_counter()
-            arrivals: list[Arrival] = []
             bars = 0
             while bars < DRAIN_MAX_BARS:
                 try:
@@ -529,19 +532,19 @@ class Bridge:
                     # into this pass, so that they go out in one pass, not one pass each. The
                     # wait is the asyncio socket's: other aggs, clients and HTTP run meanwhile.
                     if (
-                        arrivals
+                        self._arrivals
                         and time.perf_counter() - started < COALESCE_MAX_S
                         and await agg.socket.poll(timeout=COALESCE_MS)
                     ):
                         continue
                     break
                 try:
-                    bars += self._received(agg, frame, arrivals)
+                    bars += self._received(agg, frame)
                 except Exception:  # a bug must not stop the feed for every client
                     self.counters.wire_errors.inc()
                     log.exception("unexpected error handling a message from %s", agg.endpoint)
-            if arrivals:
-                frames = self._deliver(arrivals)
+            if self._arrivals:  # this pass's bars, and any another reader queued meanwhile
+                frames = self._deliver_queued()
                 ended = time.perf_counter()
                 self.counters.passes.inc()
                 self.counters.pass_seconds.inc(ended - started)
@@ -549,7 +552,7 @@ class Bridge:
                     self._pass_log.write(f"{self._pid} {started!r} {ended!r} {frames} {bars}\n")
             await asyncio.sleep(0)
 
-    def _received(self, agg: Agg, frame: bytes, arrivals: list[Arrival]) -> int:
+    def _received(self, agg: Agg, frame: bytes) -> int:
         """Handle one message; return how many bars it carried."""
         try:
             message = wire.decode(frame)
@@ -561,7 +564,7 @@ class Bridge:
         agg.heard_at = time.monotonic()
         kind = message.kind
         if kind is wire.Kind.BARS:
-            self._bars_received(agg, message, arrivals)
+            self._bars_received(agg, message)
             return message.count
         if kind is wire.Kind.ANNOUNCE:
             self._announced(agg, message)
@@ -572,7 +575,7 @@ class Bridge:
             agg.upstream_up = state == wire.UPSTREAM_UP
         return 0
 
-    def _bars_received(self, agg: Agg, message: wire.Message, arrivals: list[Arrival]) -> None:
+    def _bars_received(self, agg: Agg, message: wire.Message) -> None:
         parsed = parse_bar_topic(message.topic)
         if parsed is None:
             self.counters.wire_errors.inc()
@@ -600,106 +603,125 @@ class Bridge:
             or first <= agg.whole_after
             or topic in self._stand_ins
         ):
-            records = self._sort_out(agg, topic, interval, symbol, records, delivered)
+            records = self._sort_out(agg, topic, Channel(interval, symbol), records, delivered)
             if len(records) == 0:
                 return
-        self._forward(topic, interval, symbol, records, arrivals)
+        self._forward(topic, interval, symbol, records)
 
-    def _forward(
-        self, topic: str, interval: int, symbol: str, records: np.ndarray, arrivals: list[Arrival]
-    ) -> None:
+    def _forward(self, topic: str, interval: int, symbol: str, records: np.ndarray) -> None:
+        """Queue bars for clients. Whoever delivers next (any agg's reader at the end of its
+        pass, or the stand-in flush) delivers everything queued, in the order it was queued:
+        a topic's bars reach clients in ``s`` order whichever agg and pass they came through.
+        """
         self._delivered[topic] = int(records["s"][-1])
         rows = records.tolist()
         parts = encode_bars(interval, symbol, rows)
-        arrivals.append(
+        self._arrivals.append(
             (interval, symbol, [(row[0], part) for row, part in zip(rows, parts, strict=True)])
         )
 
+    def _deliver_queued(self) -> int:
+        """Deliver every bar queued by :meth:`_forward`; return how many frames were written."""
+        if not self._arrivals:
+            return 0
+        arrivals, self._arrivals = self._arrivals, []
+        return self._deliver(arrivals)
+
     def _sort_out(
-        self,
-        agg: Agg,
-        topic: str,
-        interval: int,
-        symbol: str,
-        records: np.ndarray,
-        delivered: int | None,
+        self, agg: Agg, topic: str, channel: Channel, records: np.ndarray, delivered: int | None
     ) -> np.ndarray:
         """With several aggs serving a channel (replicas), the bars of one message to forward.
 
         - Bars at or before the newest forwarded on the topic came from another agg first:
           counted redundant.
-        - Bars this agg may have made partial (it started listening at or after them) while
-          another heard agg listened from earlier are held as stand-ins: that agg's whole
-          copies replace them. If they do not come first (a newer bar arrives, or
-          ``STAND_IN_WAIT`` passes), the stand-ins go out, in order, rather than leave a hole.
+        - Bars this agg may have made partial (it started listening at or after their start)
+          are held as stand-ins while another heard agg listened from before them: that agg's
+          whole copies replace them. While stand-ins are held, this agg's later bars on the
+          topic wait with them (forwarding one would pass the whole copies still to come).
+        - A message from an agg whole for the stand-ins settles them: the ones it has a copy
+          of are redundant; those older than its newest bar that it has no copy of go out
+          with it, in ``s`` order (counted as stood in); newer ones stay held.
+        - What waited ``STAND_IN_WAIT`` goes out as it is (:meth:`_flush_stand_ins`).
         """
         redundant = self.counters.bars_redundant
         if delivered is not None and int(records["s"][0]) <= delivered:
+            if int(records["s"][-1]) <= delivered:
+                redundant.inc(len(records))
+                return records[:0]
             fresh = records[records["s"] > delivered]
             redundant.inc(len(records) - len(fresh))
             records = fresh
-            if not len(records):
-                return records
-        first = int(records["s"][0])
-        if first <= agg.whole_after and any(
-            other is not agg and other.is_heard() and other.whole_after < first
-            for other in self.catalog.aggs_for(Channel(interval, symbol))
+        held = self._stand_ins.get(topic)
+        oldest = int(records["s"][0]) if held is None else int(held[1]["s"][0])
+        if (held is not None or oldest <= agg.whole_after) and any(
+            other is not agg and other.is_heard() and other.whole_after < oldest
+            for other in self.catalog.aggs_for(channel)
         ):
-            held = self._stand_ins.get(topic)
-            if held is None:
-                self._stand_ins[topic] = (time.monotonic(), agg, records)
-            elif held[1] is agg:
-                self._stand_ins[topic] = (held[0], agg, np.concatenate([held[2], records]))
-            else:  # a third agg's copies of the same bars: keep the first
-                redundant.inc(len(records))
+            self._hold(topic, records)
             return records[:0]
-        held = self._stand_ins.pop(topic, None)
-        if held is not None:
-            stand_ins = held[2]
-            newer = stand_ins[stand_ins["s"] > int(records["s"][-1])]
-            if held[1] is not agg and agg.whole_after < first:  # the whole copies
-                redundant.inc(len(stand_ins) - len(newer))
-                if len(newer):
-                    self._stand_ins[topic] = (held[0], held[1], newer)
-            else:  # newer bars from the stand-ins' own agg: the whole copies did not come
-                earlier = stand_ins[stand_ins["s"] < first]
-                redundant.inc(len(stand_ins) - len(earlier))
-                self.counters.bars_stood_in.inc(len(earlier))
-                log.warning(
-                    "%s: no whole copy of %d bar(s) came from another aggregator before %s "
-                    "sent newer ones; sending the copies held (they may lack trades)",
-                    topic,
-                    len(earlier),
-                    agg.endpoint,
-                )
-                records = np.concatenate([earlier, records])
-        return records
+        if held is None:
+            return records
+        del self._stand_ins[topic]
+        since, stand_ins = held
+        last = int(records["s"][-1])
+        later = stand_ins[stand_ins["s"] > last]
+        if len(later):
+            self._stand_ins[topic] = (since, later)
+        due = stand_ins[stand_ins["s"] <= last]
+        covered = np.isin(due["s"], records["s"])
+        redundant.inc(int(covered.sum()))
+        released = due[~covered]
+        if not len(released):
+            return records
+        self.counters.bars_stood_in.inc(len(released))
+        log.warning(
+            "%s: %d bar(s) held for a whole copy from another aggregator go out as they are "
+            "(they may lack trades): %s has no copy of them",
+            topic,
+            len(released),
+            agg.endpoint,
+        )
+        merged = np.concatenate([released, records])
+        return merged[np.argsort(merged["s"], kind="stable")]
+
+    def _hold(self, topic: str, records: np.ndarray) -> None:
+        """Add bars to a topic's stand-ins (a start already held keeps its first copy)."""
+        held = self._stand_ins.get(topic)
+        if held is None:
+            self._stand_ins[topic] = (time.monotonic(), records)
+            return
+        since, stand_ins = held
+        new = records[~np.isin(records["s"], stand_ins["s"])]
+        self.counters.bars_redundant.inc(len(records) - len(new))
+        if len(new):
+            merged = np.concatenate([stand_ins, new])
+            self._stand_ins[topic] = (since, merged[np.argsort(merged["s"], kind="stable")])
 
     def _flush_stand_ins(self) -> None:
         """Send the stand-ins that waited ``STAND_IN_WAIT`` for a whole copy in vain."""
         now = time.monotonic()
-        arrivals: list[Arrival] = []
-        for topic, (since, agg, records) in list(self._stand_ins.items()):
+        for topic, (since, records) in list(self._stand_ins.items()):
             if now - since < STAND_IN_WAIT:
                 continue
             del self._stand_ins[topic]
             delivered = self._delivered.get(topic)
             if delivered is not None:
-                records = records[records["s"] > delivered]
+                fresh = records[records["s"] > delivered]
+                self.counters.bars_redundant.inc(len(records) - len(fresh))
+                records = fresh
             parsed = parse_bar_topic(topic)
             if not len(records) or parsed is None:
                 continue
             self.counters.bars_stood_in.inc(len(records))
             log.warning(
-                "%s: no whole copy of %d bar(s) from %s came within %gs; sending them",
+                "%s: no whole copy of %d bar(s) came from another aggregator within %gs; "
+                "sending them as they are (they may lack trades)",
                 topic,
                 len(records),
-                agg.endpoint,
                 STAND_IN_WAIT,
             )
-            self._forward(topic, *parsed, records, arrivals)
-        if arrivals:
-            self._deliver(arrivals)
+            self._forward(topic, *parsed, records)
+        self._deliver_queued()
 
     def _announced(self, agg: Agg, message: wire.Message) -> None:
         try:
@@ -718,10 +740,12 @@ class Bridge:
             and agg.announce.get("session") != announce.get("session")
         )
         agg.announce = announce
-        listening_from = announce.get("from")
-        agg.whole_after = (
-            math.inf if listening_from is None else int(listening_from) + WHOLE_MARGIN_MS
-        )
+        if "from" not in announce:  # an agg from before "from": taken as whole
+            agg.whole_after = -math.inf
+        elif announce["from"] is None:  # not heard the proxy yet
+            agg.whole_after = math.inf
+        else:
+            agg.whole_after = int(announce["from"]) + WHOLE_MARGIN_MS
         self.catalog.update(agg, serves)
         if first or restarted:
             log.info(

@@ -46,6 +46,7 @@ from polyfan.errors import AuthenticationError
 
 FUTURE_LIMIT_MS = 5_000  # a trade stamped further ahead of the wall clock is rejected
 IDLE_MS = 1_000  # the feed clock follows the wall clock after this long without a trade
+MAX_CODES = 64  # a trade with more condition codes is rejected (the wire keeps 8: _fitted)
 
 _U16 = Annotated[int, Meta(ge=0, le=65_535)]
 _U8 = Annotated[int, Meta(ge=0, le=255)]
@@ -62,7 +63,8 @@ class Trade(msgspec.Struct, tag_field="ev", tag="T", gc=False, omit_defaults=Tru
     t: _NON_NEGATIVE_I64
     s: _NON_NEGATIVE_I64 | None = None
     ds: str | None = None
-    c: list[_NON_NEGATIVE_I64] | None = None  # fitted to the record by _fitted
+    # Fitted to the record by _fitted; more than MAX_CODES is not a trade but garbage.
+    c: Annotated[list[_NON_NEGATIVE_I64], Meta(max_length=MAX_CODES)] | None = None
     x: _U16 = 0
     z: _U8 = 0
     q: _I64 = 0

@@ -162,10 +162,10 @@ def run(config: TapConfig) -> int:
     except BrokenPipeError:  # the reader went away (``polyfan tap ... | head``)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         sub.close(0)
         context.term()
+        for sig, handler in previous.items():  # last: a second signal must not cut this short
+            signal.signal(sig, handler)
         if gaps.lost:
             log.warning("%d messages lost in total (from sequence numbers)", gaps.lost)
     return 0

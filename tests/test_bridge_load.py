@@ -73,6 +73,21 @@ class RawClient:
         return None if close is None else close.code
 
 
+async def started_bridge(agg: FakeAgg, limits: Limits | None = None) -> Bridge:
+    bridge = Bridge(BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0)), limits)
+    await bridge.start()
+    await eventually(lambda: bridge.catalog.intervals)
+    return bridge
+
+
+async def raw_subscriber(bridge: Bridge, channel: str) -> RawClient:
+    """A client that authenticates and subscribes, then reads nothing until told to."""
+    client = await asyncio.to_thread(RawClient, bridge.port)
+    client.send_text('{"action":"auth","params":"x"}')
+    client.send_text(f'{{"action":"subscribe","params":"{channel}"}}')
+    return client
+
+
 async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets_every_bar(
     agg: FakeAgg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,14 +96,9 @@ async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets
     # The slow client, which never answers the close, stays in the table until the test has
     # checked that every bar addressed to it was either sent or counted as dropped.
     monkeypatch.setattr(module, "CLOSE_TIMEOUT", 60.0)
-    limits = Limits(backlog_bytes=1 << 20)
-    bridge = Bridge(BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0)), limits)
-    await bridge.start()
+    bridge = await started_bridge(agg, Limits(backlog_bytes=1 << 20))
     try:
-        await eventually(lambda: bridge.catalog.intervals)
-        slow = await asyncio.to_thread(RawClient, bridge.port)
-        slow.send_text('{"action":"auth","params":"x"}')
-        slow.send_text('{"action":"subscribe","params":"100Ms.FLOOD"}')
+        slow = await raw_subscriber(bridge, "100Ms.FLOOD")
         good = await Client.open(f"ws://127.0.0.1:{bridge.port}/")
         await good.send({"action": "subscribe", "params": "100Ms.FLOOD"})
         assert (await good.next_event())["message"] == "subscribed to: 100Ms.FLOOD"
@@ -150,14 +160,9 @@ async def test_a_client_stalled_past_the_time_bound_is_cut_off_with_1013_before_
     from polyfan import bridge as module
 
     monkeypatch.setattr(module, "CLOSE_TIMEOUT", 60.0)  # it reads only once cut off
-    limits = Limits(backlog_bytes=1 << 30, backlog_seconds=0.5)
-    bridge = Bridge(BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0)), limits)
-    await bridge.start()
+    bridge = await started_bridge(agg, Limits(backlog_bytes=1 << 30, backlog_seconds=0.5))
     try:
-        await eventually(lambda: bridge.catalog.intervals)
-        stalled = await asyncio.to_thread(RawClient, bridge.port)
-        stalled.send_text('{"action":"auth","params":"x"}')
-        stalled.send_text('{"action":"subscribe","params":"100Ms.STALL"}')
+        stalled = await raw_subscriber(bridge, "100Ms.STALL")
         await asyncio.to_thread(agg.wait_subscribed, b"100Ms.STALL\x00")
         rows = bar_rows(100, T0, 70_000)
         for i in range(0, 60_000, 10_000):  # ~9 MB: fills the kernel's buffers, then queues

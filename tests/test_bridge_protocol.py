@@ -556,6 +556,28 @@ async def test_bars_waiting_for_whole_copies_go_out_with_them_in_order() -> None
         await client.close()
 
 
+async def test_whole_copies_settle_stand_ins_whichever_whole_agg_sends_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With two whole aggs (a, c) and a late starter (b), a's copies replace b's stand-ins at
+    once: a is whole for them, so c being whole too is no reason for a's bars to wait."""
+    from polyfan import bridge as module
+
+    monkeypatch.setattr(module, "STAND_IN_WAIT", 60.0)
+    async with replicas(T0 + 1_000, T0 - 50_000) as ((a, b, c), bridge):
+        client = await Client.open(url(bridge))
+        await subscribed_on_both(client, a, b, "500Ms.TSLA")
+        await asyncio.to_thread(c.wait_subscribed, b"500Ms.TSLA\x00")
+        b.publish(500, "TSLA", bar_rows(500, T0, 5, price=7.0))
+        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 5)
+        whole = bar_rows(500, T0, 5)
+        a.publish(500, "TSLA", whole)
+        assert await client.bars(5) == [expected_event("TSLA", 500, r) for r in whole]
+        assert counter(bridge, "polyfan_bridge_bars_redundant_total") == 5
+        assert counter(bridge, "polyfan_bridge_bars_stood_in_total") == 0
+        await client.close()
+
+
 async def test_a_topic_s_bars_reach_clients_in_order_whichever_agg_s_pass_delivers_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -653,7 +653,7 @@ class Bridge:
             records = fresh
         held = self._stand_ins.get(topic)
         oldest = int(records["s"][0]) if held is None else int(held[1]["s"][0])
-        if (held is not None or oldest <= agg.whole_after) and any(
+        if oldest <= agg.whole_after and any(  # not whole for them, and another agg is
             other is not agg and other.is_heard() and other.whole_after < oldest
             for other in self.catalog.aggs_for(channel)
         ):

@@ -535,18 +535,26 @@ async def test_maybe_partial_bars_and_those_after_them_wait_for_whole_copies_the
         await client.close()
 
 
-async def test_bars_waiting_for_whole_copies_go_out_with_them_in_order() -> None:
-    """b's maybe-partial bar and c's later one wait; a's message settles them: the copies it
-    has replace theirs, one it lacks goes out in its place, in s order."""
+@pytest.mark.parametrize("c_first", [False, True])
+async def test_bars_waiting_for_whole_copies_go_out_with_them_in_order(c_first: bool) -> None:
+    """b's maybe-partial bars and c's (in either order: they come over different sockets)
+    wait; a's message settles them: the copies it has replace theirs, one it lacks goes out
+    in its place, in s order."""
     async with replicas(T0 + 1_000, T0 + 2_000) as ((a, b, c), bridge):
         client = await Client.open(url(bridge))
         await subscribed_on_both(client, a, b, "500Ms.TSLA")
         await asyncio.to_thread(c.wait_subscribed, b"500Ms.TSLA\x00")
         whole = bar_rows(500, T0 + 1_500, 4)  # 1500, 2000, 2500, 3000
         only_b = bar_rows(500, T0 + 1_750, 1, price=9.0)  # a start a has no copy of
-        b.publish(500, "TSLA", np.concatenate([bar_rows(500, T0 + 1_500, 1, price=7.0), only_b]))
-        c.publish(500, "TSLA", whole[3:])  # whole for c, but it would pass a's copies
-        await eventually(lambda: counter(bridge, "polyfan_bridge_bars_received_total") == 3)
+        from_b = np.concatenate([bar_rows(500, T0 + 1_500, 1, price=7.0), only_b])
+        from_c = bar_rows(500, T0 + 3_000, 1, price=8.0)  # c too may lack trades for it
+        received = 0
+        for agg, rows in [(c, from_c), (b, from_b)] if c_first else [(b, from_b), (c, from_c)]:
+            agg.publish(500, "TSLA", rows)
+            received += len(rows)
+            await eventually(
+                lambda n=received: counter(bridge, "polyfan_bridge_bars_received_total") == n
+            )
         a.publish(500, "TSLA", whole)
         got = await client.bars(5)
         assert got == [expected_event("TSLA", 500, r) for r in [whole[0], only_b[0], *whole[1:]]]

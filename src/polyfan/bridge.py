@@ -652,7 +652,9 @@ class Bridge:
             redundant.inc(len(records) - len(fresh))
             records = fresh
         held = self._stand_ins.get(topic)
-        oldest = int(records["s"][0]) if held is None else int(held[1]["s"][0])
+        oldest = int(records["s"][0])  # the oldest bar in question: this message's or held
+        if held is not None:
+            oldest = min(oldest, int(held[1]["s"][0]))
         if oldest <= agg.whole_after and any(  # not whole for them, and another agg is
             other is not agg and other.is_heard() and other.whole_after < oldest
             for other in self.catalog.aggs_for(channel)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from polyfan import wire
-from polyfan.aggregator import Aggregator
+from polyfan.aggregator import MAX_REPLY_BARS, Aggregator
 from polyfan.config import AggConfig
 from polyfan.ingest import join_frames, split_frames
 
@@ -122,13 +122,17 @@ def test_the_announce_says_from_which_feed_clock_on_the_bars_are_whole(
     assert wire.decode_json(wire.decode(reply))["from"] == 1_060
 
 
+ROUTE = "9f3a" * 8  # 128 bits, as a bridge makes them
+
+
 def history(
     core: Aggregator, request: dict[str, object]
 ) -> tuple[int, wire.HistoryStatus, list[int]]:
-    reply = core.upstream_received(wire.encode_request({"reply": "r1", **request}))
+    reply = core.upstream_received(wire.encode_request({"reply": ROUTE, **request}))
     assert reply is not None
     message = wire.decode(reply)
-    assert message.topic == "_rep.r1"
+    assert message.topic == f"_rep.{ROUTE}"
+    assert wire.history_channel_check(message) == wire.channel_check(request.get("channel"))
     request_id, status, bars = wire.records_from_history(message)
     return request_id, status, bars["s"].tolist()
 
@@ -160,28 +164,44 @@ def test_history_requests_filter_and_report_what_is_not_served(core: Aggregator)
         {"id": 7, "channel": "100ms.AAPL"},
         {"id": 7, "channel": 5},
         {"id": 7, "channel": "100Ms.AAPL", "limit": -1},
+        {"id": 7, "channel": "100Ms.AAPL", "limit": MAX_REPLY_BARS + 1},
+        {"id": 7, "channel": "100Ms.AAPL", "limit": 10**18},
         {"id": 7, "channel": "100Ms.AAPL", "since": "x"},
         {"id": 7, "op": "drop tables"},
     ):
         assert history(core, bad)[1] is wire.HistoryStatus.BAD_REQUEST, bad
-    assert core.requests_total.value == 4
-    assert core.bad_requests_total.value == 8
+    assert history(core, {"id": 8, "channel": "100Ms.AAPL", "limit": MAX_REPLY_BARS})[1] is ok
+    assert core.requests_total.value == 5
+    assert core.bad_requests_total.value == 10
+
+
+def test_no_limit_means_the_most_recent_max_reply_bars(core: Aggregator) -> None:
+    times = [1_000 + 100 * i for i in range(MAX_REPLY_BARS + 5)]
+    core.frames_received([trades_frame("AAPL", 1, *times), clock_frame(1, times[-1] + 1_000)])
+    _, status, starts = history(core, {"id": 1, "channel": "100Ms.AAPL"})
+    assert (status, len(starts), starts[-1]) == (wire.HistoryStatus.OK, MAX_REPLY_BARS, times[-1])
 
 
 def test_symbols_request_lists_traded_symbols_most_active_first(core: Aggregator) -> None:
     core.frames_received([trades_frame("A", 1, 1_000), trades_frame("AAPL", 1, 1_000, 1_001)])
-    reply = core.upstream_received(wire.encode_request({"id": 9, "reply": "me", "op": "symbols"}))
+    reply = core.upstream_received(wire.encode_request({"id": 9, "reply": ROUTE, "op": "symbols"}))
     assert reply is not None
     message = wire.decode(reply)
-    assert (message.topic, message.kind) == ("_rep.me", wire.Kind.SYMBOLS)
-    assert wire.decode_json(message) == {"id": 9, "symbols": [["AAPL", 2], ["A", 1]]}
+    assert (message.topic, message.kind) == (f"_rep.{ROUTE}", wire.Kind.SYMBOLS)
+    assert wire.decode_json(message) == {
+        "id": 9,
+        "op": "symbols",
+        "symbols": [["AAPL", 2], ["A", 1]],
+    }
 
 
 def test_requests_without_a_reply_address_are_counted_and_dropped(core: Aggregator) -> None:
     assert core.upstream_received(wire.encode_request({"id": 1, "channel": "100Ms.A"})) is None
     assert core.upstream_received(wire.encode_request({"reply": "a b", "id": 1})) is None
     assert core.upstream_received(b"\x02not json") is None
-    assert core.bad_requests_total.value == 3
+    # a route must be 16 to 64 lowercase hex digits: shorter ones are guessable
+    assert core.upstream_received(wire.encode_request({"reply": "abc123", "id": 1})) is None
+    assert core.bad_requests_total.value == 4
 
 
 def test_upstream_messages_are_relayed_under_the_agg_session(core: Aggregator) -> None:

@@ -99,17 +99,23 @@ def test_tap_decodes_every_kind_and_filters_by_prefix(xpub: tuple[zmq.Socket[Any
     assert "gap on T.A: 2 messages lost before seq 4" in tap.output
 
 
-def test_tap_with_no_prefix_receives_everything_and_stops_on_ctrl_c(
+def test_tap_with_no_prefix_receives_everything_but_replies_and_stops_on_ctrl_c(
     xpub: tuple[zmq.Socket[Any], str],
 ) -> None:
+    """Everything but other peers' replies: an agg disconnects a peer that subscribes to a
+    prefix of ``_rep.`` (the empty prefix included), so the tap spells "everything" without."""
     socket, address = xpub
+    bar = np.zeros(1, wire.BAR_DTYPE)
     with Proc("tap", address) as tap:
         tap.wait_for("ready:")
-        wait_for_subscriptions(socket, 1)
+        wait_for_subscriptions(socket, len(wire.EVERYTHING_BUT_REPLIES))
         socket.send(wire.encode_json(wire.reply_topic("x"), wire.Kind.SYMBOLS, 1, 1, {"id": 1}))
-        tap.wait_for('"kind":"symbols"')
+        socket.send(wire.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, 1, 1, {"id": 2}))
+        socket.send(wire.encode(wire.bar_topic(500, "X"), wire.Kind.BARS, 1, 1, 1, bar.tobytes()))
+        socket.send(wire.encode(wire.trade_topic("X"), wire.Kind.TRADES, 1, 1, 0, b""))
+        tap.wait_for('"topic":"T.X"')
         assert tap.stop() == 0
-    assert json_lines(tap.output)[0]["value"] == {"id": 1}
+    assert [line["topic"] for line in json_lines(tap.output)] == ["_ctl", "500Ms.X", "T.X"]
 
 
 def test_an_endpoint_zeromq_refuses_exits_2_with_one_line_and_no_traceback() -> None:

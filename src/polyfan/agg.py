@@ -5,8 +5,12 @@ A synchronous poll loop over two sockets:
 - a SUB connected to every ``--sub`` (the proxy), subscribed to ``T.<SYM>\\0`` per listed symbol
   (or ``T.`` for ``*``) and the control topic. Everything waiting is drained (up to
   ``BATCH_FRAMES``) into one buffer and handed to the core in one call.
-- an XPUB bound on ``--pub`` (XPUB_VERBOSE), on which bars, the relayed control messages and the
-  announce go out, and subscriptions and history requests come in.
+- an XPUB bound on ``--pub`` (XPUB_VERBOSER), on which bars, the relayed control messages and
+  the announce go out, and subscriptions and history requests come in. Each upstream message
+  is handed to the core with the file descriptor of the connection it came on (``ZMQ_SRCFD``),
+  and a monitor socket reports connections opening and closing, so the core keeps per-peer
+  allowances (:mod:`polyfan.peers`); a peer past them is disconnected by shutting its socket
+  down (libzmq has no call to drop one peer of a bound socket).
 
 Both per-message loops (drain the SUB, publish each bar message) are compiled calls into the
 libzmq pyzmq loaded (:mod:`polyfan.zmqio`), or pyzmq's own ``recv`` / ``send`` when that library
@@ -18,15 +22,22 @@ The poll timeout is short so SIGINT/SIGTERM stop the loop within 2 s; both exit 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import fcntl
 import gc
 import logging
+import os
 import signal
+import socket
+import struct
+import termios
 import time
 from types import FrameType
 
 import numpy as np
 import zmq
+import zmq.utils.monitor
 
 from polyfan import history, wire, zmqio
 from polyfan.aggregator import Aggregator
@@ -38,7 +49,19 @@ log = logging.getLogger("polyfan.agg")
 
 BATCH_FRAMES = 4096  # frames drained into one batch at most
 RCVHWM = 2_000_000  # messages queued from the proxy before ZeroMQ drops (counted as gaps)
-SNDHWM = 1_000_000  # messages queued per subscriber before ZeroMQ drops (seen as gaps there)
+# Messages queued per subscriber before ZeroMQ drops (seen as gaps there). Sized from a memory
+# budget (docs/limits.md): a bar message is 64 bytes a bar + ~60 of topic and header, so a
+# stalled peer holds at most ~250,000 x 128 B = 32 MB of bars, plus its reply bytes in flight
+# (peers.PeerLimits.reply_bytes_in_flight, 4 MiB, + one reply, 1.3 MB); 64 peers at most:
+# ~2.4 GB in the worst case of every peer subscribed to everything and stalled. 250,000
+# messages are 1.5 s of the busiest market measured (10,000 symbols, six intervals).
+SNDHWM = 250_000
+# ZMQ_MAXMSGSIZE: what peers send upstream is subscriptions (a topic) and requests (a small JSON
+# object); anything longer disconnects the peer in libzmq itself.
+PEER_MAXMSGSIZE = 4096
+# From the proxy: one message carries one symbol's trades of one drain (docs/wire.md): 64 MiB
+# is 1.2 million trades of one symbol in one pass, far beyond any real burst.
+SUB_MAXMSGSIZE = 64 << 20
 POLL_MS = 50
 ANNOUNCE_EVERY_S = 1.0
 THROUGHPUT_EVERY_S = 10.0
@@ -64,7 +87,9 @@ def warm_up(
     )
     core.tick()
     interval = config.intervals_ms[0]
-    core.request_received({"id": 1, "reply": "warm", "channel": f"{interval}Ms.WARM", "since": 0})
+    core.request_received(
+        {"id": 1, "reply": "0" * wire.REPLY_ROUTE_HEX, "channel": f"{interval}Ms.WARM", "since": 0}
+    )
     history.warm_up()  # the one bar above never fills a record: pack, walk and decode too
     if receiver is not None:
         receiver.warm_up()
@@ -113,6 +138,7 @@ def run(config: AggConfig) -> int:
     receiver, sender, io_note = zmqio.receiver_and_sender(sub, pub, BATCH_FRAMES)
     log.info("%s", io_note)
     metrics: MetricsServer | None = None
+    monitor: zmq.Socket[bytes] | None = None
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -120,6 +146,7 @@ def run(config: AggConfig) -> int:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, RCVHWM)
         sub.setsockopt(zmq.RCVBUF, 8 << 20)
+        sub.setsockopt(zmq.MAXMSGSIZE, SUB_MAXMSGSIZE)
         # Subscriptions travel to the proxy as messages, and ZeroMQ silently drops those beyond
         # the SUB's send high-water mark (1,000 by default): a long --symbols list would lose
         # topics, the control topic first (ZeroMQ sends them in byte order; "_" follows "T").
@@ -132,7 +159,9 @@ def run(config: AggConfig) -> int:
                 sub.setsockopt(zmq.SUBSCRIBE, wire.trade_topic(symbol))
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, SNDHWM)
-        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, for the allowances
+        pub.setsockopt(zmq.MAXMSGSIZE, PEER_MAXMSGSIZE)
+        monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             pub.bind(config.pub)
         except zmq.ZMQError as exc:
@@ -165,12 +194,16 @@ def run(config: AggConfig) -> int:
             "*" if config.symbols is None else ",".join(config.symbols),
             metrics_note,
         )
-        _loop(core, sub, pub, receiver, sender, stop)
+        _loop(core, sub, pub, monitor, receiver, sender, stop)
     finally:
         if metrics is not None:
             metrics.close()
         receiver.close()
         sub.close(0)
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                pub.disable_monitor()
+            monitor.close(0)
         pub.close(0)
         context.term()
         for sig, handler in previous.items():  # last: a second signal must not cut this short
@@ -179,10 +212,44 @@ def run(config: AggConfig) -> int:
     return 0
 
 
+def disconnect_peer(fd: int) -> None:
+    """Shut a peer's connection down under libzmq, which then drops it (and everything it
+    subscribed) as if the peer had gone; the descriptor itself stays libzmq's to close."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as peer:
+            peer.shutdown(socket.SHUT_RDWR)
+    except OSError as exc:
+        log.debug("disconnecting peer fd %d: %s", fd, exc)
+
+
+def queued_bytes(fd: int) -> int:
+    """Bytes the kernel still holds to send on ``fd`` (TIOCOUTQ: tcp and unix sockets)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
+
+
+def _peer_events(core: Aggregator, monitor: zmq.Socket[bytes]) -> None:
+    """Connections opened and closed on the XPUB, from its monitor (value: the fd)."""
+    while True:
+        try:
+            event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        fd = int(event["value"])
+        if event["event"] == zmq.EVENT_ACCEPTED:
+            if not core.peer_connected(fd):
+                disconnect_peer(fd)
+        else:
+            core.peer_gone(fd)
+
+
 def _loop(
     core: Aggregator,
     sub: zmq.Socket[bytes],
     pub: zmq.Socket[bytes],
+    monitor: zmq.Socket[bytes],
     receiver: zmqio.AnyReceiver,
     sender: zmqio.AnySender,
     stop: _Stop,
@@ -190,6 +257,7 @@ def _loop(
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
     poller.register(pub, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
     receive = receiver.receive
     send_bars = sender.send
     send = pub.send
@@ -223,25 +291,37 @@ def _loop(
             if out.count:
                 publish_delay.observe(time.perf_counter() - woke, len(out.series))
             core.batch_sent(out)  # the history, once the bars are out
+        if monitor in events:
+            _peer_events(core, monitor)
         if pub in events:
+            _peer_events(core, monitor)  # a reused descriptor is a new peer before its messages
             for _ in range(1000):
                 try:
-                    frame = pub.recv(noblock)
+                    received = pub.recv(noblock, copy=False)
                 except again:
                     break
+                frame = received.bytes
                 try:
-                    reply = core.upstream_received(frame)
+                    fd = int(received.get(zmq.SRCFD))
+                except zmq.ZMQError:
+                    fd = -1
+                try:
+                    outcome = core.peer_message(fd, frame)
                 except Exception:  # a request must never take the bars down with it
                     core.bad_requests_total.value += 1
                     log.exception("request %.200r failed; the agg carries on", frame)
                     continue
-                if reply is not None:
-                    send(reply)
+                if outcome.disconnect is not None:
+                    disconnect_peer(outcome.disconnect)
+                if outcome.reply is not None:
+                    send(outcome.reply)
         now = time.monotonic()
         if now >= next_announce:
             send(core.announce())
             next_announce = now + ANNOUNCE_EVERY_S
         if now >= next_trim:
+            for fd in core.peers.awaiting_replies():
+                core.peers.queue_seen(fd, queued_bytes(fd))
             core.tick(waiting)
             next_trim = now + TRIM_EVERY_S
         if now >= next_report:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from polyfan import conditions, kernels, protocol, wire
+from polyfan import conditions, kernels, peers, protocol, wire
 from polyfan.bars import Bars
 from polyfan.config import AggConfig
 from polyfan.errors import WireError
@@ -32,7 +32,9 @@ from polyfan.metrics import Registry
 
 log = logging.getLogger("polyfan.agg")
 
-_REPLY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_REPLY_RE = re.compile(r"[0-9a-f]{16,64}")  # a reply route (peers._ROUTE)
+MAX_REPLY_BARS = 20_000  # bars in one HISTORY reply at most (docs/limits.md); a larger limit is
+# BAD_REQUEST, no limit means the most recent MAX_REPLY_BARS
 _U64_MAX = 2**64 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
@@ -59,6 +61,18 @@ def _optional_int(value: Any) -> bool:
 
 _NO_SERIES = np.zeros(0, dtype=np.int64)
 _NO_BARS = np.zeros(0, dtype=wire.BAR_DTYPE)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOutcome:
+    """What one upstream message from a peer asks of the shell: a message to publish, and a
+    peer (file descriptor) to disconnect."""
+
+    reply: bytes | None = None
+    disconnect: int | None = None
+
+
+_NOTHING = PeerOutcome()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +104,7 @@ class Aggregator:
         *,
         session: int | None = None,
         jit: bool = True,
+        peer_limits: peers.PeerLimits | None = None,
     ) -> None:
         self.config = config
         self.session = session if session is not None else int.from_bytes(os.urandom(8), "little")
@@ -145,6 +160,22 @@ class Aggregator:
         self.bad_requests_total = registry.counter(
             "polyfan_agg_bad_requests_total", "Requests that were malformed or not served."
         )
+        self.refused_subscriptions_total = registry.counter(
+            "polyfan_agg_refused_subscriptions_total",
+            "Subscriptions to nothing the agg publishes (the peer stays; each costs its "
+            "allowance).",
+        )
+        self.refused_requests_total = registry.counter(
+            "polyfan_agg_refused_requests_total",
+            "Requests not answered: the peer had too many reply bytes in flight, or named a "
+            "reply route it does not subscribe itself.",
+        )
+        self.peers_disconnected_total = registry.counter(
+            "polyfan_agg_peers_disconnected_total",
+            "Peers the agg disconnected: one too many, over their subscription allowance, or "
+            "subscribed to read other peers' replies.",
+        )
+        self.peers = peers.PeerTable(self.intervals, peer_limits or peers.PeerLimits())
         self.open_bars_gauge = registry.gauge("polyfan_agg_open_bars", "Bars open now.")
         self.symbols_gauge = registry.gauge("polyfan_agg_symbols", "Symbols seen.")
         self.history_gauge = registry.gauge("polyfan_agg_history_series", "Series with history.")
@@ -339,8 +370,78 @@ class Aggregator:
         }
         return self.sequencer.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, value)
 
-    def upstream_received(self, frame: bytes) -> bytes | None:
-        """A frame from the XPUB: a (un)subscription or a request; return what to publish."""
+    def peer_connected(self, fd: int) -> bool:
+        """A connection on the XPUB (monitor ACCEPTED); False: disconnect it, one too many."""
+        if self.peers.connected(fd):
+            return True
+        self._peer_disconnected(fd, f"more than {self.peers.limits.max_peers} peers")
+        return False
+
+    def peer_gone(self, fd: int) -> None:
+        """A connection on the XPUB ended (monitor DISCONNECTED)."""
+        self.peers.disconnected(fd)
+
+    def _peer_disconnected(self, fd: int, reason: str) -> None:
+        self.peers.leave(fd)
+        self.peers_disconnected_total.value += 1
+        self._warn(
+            "peers",
+            int(self.peers_disconnected_total.value),
+            "%d ZeroMQ peers disconnected (the latest: " + reason.replace("%", "%%") + ")",
+        )
+
+    def peer_message(self, fd: int, frame: bytes) -> PeerOutcome:
+        """A frame from the XPUB sent by the peer on file descriptor ``fd`` (``ZMQ_SRCFD``;
+        negative for the unsubscriptions ZeroMQ makes when a peer leaves)."""
+        if fd < 0 or self.peers.is_leaving(fd):
+            return _NOTHING
+        if frame and frame[0] in (SUBSCRIBE, UNSUBSCRIBE):
+            topic = frame[1:]
+            decision = self.peers.subscription(fd, topic, frame[0] == SUBSCRIBE)
+            if decision.verdict is peers.Verdict.DISCONNECT:
+                assert decision.disconnect is not None
+                self._peer_disconnected(decision.disconnect, f"{topic[:80]!r}: {decision.reason}")
+                return PeerOutcome(disconnect=decision.disconnect)
+            if decision.verdict is peers.Verdict.REFUSED:
+                self.refused_subscriptions_total.value += 1
+                self._warn(
+                    "subscriptions",
+                    int(self.refused_subscriptions_total.value),
+                    "%d subscriptions refused (the latest: "
+                    + f"{topic[:80]!r}: {decision.reason}".replace("%", "%%")
+                    + ")",
+                )
+                return _NOTHING
+            return PeerOutcome(self.upstream_received(frame))
+        reply = self.upstream_received(frame, lambda route: self.peers.holds_route(fd, route))
+        if reply is None:
+            return _NOTHING
+        if not self.peers.may_reply(fd, len(reply)):
+            self._refuse_request("reply bytes in flight over the allowance")
+            return _NOTHING
+        return PeerOutcome(reply)
+
+    def _refuse_request(self, reason: str) -> None:
+        self.refused_requests_total.value += 1
+        self._warn(
+            "refused",
+            int(self.refused_requests_total.value),
+            "%d requests not answered (the latest: " + reason + ")",
+        )
+
+    def _bad_request(self, detail: str) -> None:
+        self.bad_requests_total.value += 1
+        self._warn(
+            "requests",
+            int(self.bad_requests_total.value),
+            "%d bad requests (the latest: " + detail.replace("%", "%%") + ")",
+        )
+
+    def upstream_received(
+        self, frame: bytes, may_reply_on: Callable[[str], bool] | None = None
+    ) -> bytes | None:
+        """A frame from the XPUB: a (un)subscription or a request; return what to publish.
+        ``may_reply_on(route)``: whether the requester itself subscribes the reply route."""
         if not frame:
             return None
         if frame[0] == SUBSCRIBE:
@@ -350,24 +451,28 @@ class Aggregator:
         try:
             request = wire.decode_request(frame)
         except WireError as exc:
-            self.bad_requests_total.value += 1
-            log.warning("bad request: %s", exc)
+            self._bad_request(str(exc))
             return None
-        return self.request_received(request)
+        return self.request_received(request, may_reply_on)
 
-    def request_received(self, request: dict[str, Any]) -> bytes | None:
+    def request_received(
+        self, request: dict[str, Any], may_reply_on: Callable[[str], bool] | None = None
+    ) -> bytes | None:
         reply = request.get("reply")
         if not isinstance(reply, str) or _REPLY_RE.fullmatch(reply) is None:
-            self.bad_requests_total.value += 1
-            log.warning("request without a usable reply id: %.200r", request)
+            self._bad_request(f"no usable reply route: {str(request)[:200]}")
+            return None
+        if may_reply_on is not None and not may_reply_on(reply):
+            self._refuse_request("the reply route is not the requester's own")
             return None
         topic = wire.reply_topic(reply)
         request_id = request.get("id")
         if not isinstance(request_id, int) or isinstance(request_id, bool):
             request_id = -1
         op = request.get("op", "bars")
+        check = wire.channel_check(request.get("channel"))
         if not 0 <= request_id <= _U64_MAX or op not in ("bars", "symbols"):
-            return self._history_reply(topic, 0, wire.HistoryStatus.BAD_REQUEST)
+            return self._history_reply(topic, 0, wire.HistoryStatus.BAD_REQUEST, check)
         if op == "symbols":
             self.requests_total.value += 1
             counts = self.decoder.symbol_trades
@@ -375,25 +480,33 @@ class Aggregator:
             order = np.argsort(-counts[: len(names)], kind="stable")
             symbols = [[names[i], int(counts[i])] for i in order.tolist() if counts[i] > 0]
             return self.sequencer.encode_json(
-                topic, wire.Kind.SYMBOLS, {"id": request_id, "symbols": symbols}
+                topic, wire.Kind.SYMBOLS, {"id": request_id, "op": "symbols", "symbols": symbols}
             )
-        return self._bars_reply(topic, request_id, request)
+        return self._bars_reply(topic, request_id, request, check)
 
-    def _bars_reply(self, topic: bytes, request_id: int, request: dict[str, Any]) -> bytes:
+    def _bars_reply(
+        self, topic: bytes, request_id: int, request: dict[str, Any], check: int
+    ) -> bytes:
         channel = _channel(request.get("channel"))
         since, before, limit = (request.get(k) for k in ("since", "before", "limit"))
         if (
             channel is None
             or channel.symbol is None
             or not (_optional_int(since) and _optional_int(before) and _optional_int(limit))
-            or (limit is not None and limit < 0)
+            or (limit is not None and not 0 <= limit <= MAX_REPLY_BARS)
         ):
-            return self._history_reply(topic, request_id, wire.HistoryStatus.BAD_REQUEST)
+            return self._history_reply(topic, request_id, wire.HistoryStatus.BAD_REQUEST, check)
+        if limit is None:
+            limit = MAX_REPLY_BARS
         interval, symbol = channel.interval, channel.symbol
         if interval not in self.intervals:
-            return self._history_reply(topic, request_id, wire.HistoryStatus.INTERVAL_NOT_SERVED)
+            return self._history_reply(
+                topic, request_id, wire.HistoryStatus.INTERVAL_NOT_SERVED, check
+            )
         if self.config.symbols is not None and symbol not in self.config.symbols:
-            return self._history_reply(topic, request_id, wire.HistoryStatus.SYMBOL_NOT_SERVED)
+            return self._history_reply(
+                topic, request_id, wire.HistoryStatus.SYMBOL_NOT_SERVED, check
+            )
         self.requests_total.value += 1
         symbol_id = self.decoder.known_symbol_id(symbol)
         if symbol_id is None:
@@ -401,10 +514,12 @@ class Aggregator:
         else:
             series = self.bars.series_id(symbol_id, interval)
             bars = self.history.select(series, since, before, limit)
-        return self.sequencer.encode_history(topic, request_id, wire.HistoryStatus.OK, bars)
+        return self.sequencer.encode_history(topic, request_id, wire.HistoryStatus.OK, bars, check)
 
-    def _history_reply(self, topic: bytes, request_id: int, status: wire.HistoryStatus) -> bytes:
+    def _history_reply(
+        self, topic: bytes, request_id: int, status: wire.HistoryStatus, check: int
+    ) -> bytes:
         self.bad_requests_total.value += 1
         return self.sequencer.encode_history(
-            topic, request_id, status, np.zeros(0, dtype=wire.BAR_DTYPE)
+            topic, request_id, status, np.zeros(0, dtype=wire.BAR_DTYPE), check
         )

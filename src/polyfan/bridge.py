@@ -104,6 +104,7 @@ def _without_client_data(record: logging.LogRecord) -> bool:
 _ws_log.addFilter(_without_client_data)
 
 STATIC = Path(__file__).parent / "static"
+WARN_EVERY_S = 5.0  # a continuing problem is one WARNING per this many seconds, with its count
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
 WHOLE_MARGIN_MS = 1000  # an agg's bars up to this long after its announced "from" may be partial
@@ -202,6 +203,12 @@ class Counters:
         self.request_timeouts = registry.counter(
             "polyfan_bridge_request_timeouts_total", "Aggregator requests that got no reply."
         )
+        self.bad_replies = registry.counter(
+            "polyfan_bridge_bad_replies_total",
+            "Replies on this bridge's reply route that answer no request it has waiting, or "
+            "come from another aggregator, or are of another kind or for another channel than "
+            "it asked: ignored.",
+        )
         self.connections = registry.counter(
             "polyfan_bridge_connections_total", "WebSocket connections accepted."
         )
@@ -278,6 +285,17 @@ class Agg:
 
 
 @dataclass(eq=False)
+class Pending:
+    """A request sent to an agg, waiting for its reply."""
+
+    future: asyncio.Future[wire.Message]
+    agg: Agg
+    kind: wire.Kind
+    channel: str
+    check: int  # wire.channel_check of the channel asked
+
+
+@dataclass(eq=False)
 class Client:
     """One WebSocket connection: protocol session, backlog and writer."""
 
@@ -326,11 +344,13 @@ class Bridge:
         self.fanout: Fanout[Client] = Fanout()
         self.clients: dict[int, Client] = {}
         self.aggs: list[Agg] = []
-        self.reply_id = secrets.token_hex(8)
+        # 128 random bits: the agg answers only the peer that subscribes the route itself, and
+        # nobody can subscribe a shorter prefix of it (docs/limits.md).
+        self.reply_id = secrets.token_hex(wire.REPLY_ROUTE_HEX // 2)
         self.reply_topic = wire.reply_topic(self.reply_id)
-        self._requests: dict[int, asyncio.Future[wire.Message]] = {}
+        self._requests: dict[int, Pending] = {}
+        self._bad_replies_warned: tuple[float, float] = (-math.inf, 0.0)
         self._ids = itertools.count(1)
-        self._request_ids = itertools.count(1)
         self._context = zmq.asyncio.Context()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
@@ -569,7 +589,7 @@ class Bridge:
         if kind is wire.Kind.ANNOUNCE:
             self._announced(agg, message)
         elif kind is wire.Kind.HISTORY or kind is wire.Kind.SYMBOLS:
-            self._replied(message)
+            self._replied(agg, message)
         elif kind is wire.Kind.UPSTREAM:
             state = int(wire.records(message)["state"][-1]) if message.count else None
             agg.upstream_up = state == wire.UPSTREAM_UP
@@ -760,23 +780,61 @@ class Bridge:
             for channel in self.fanout.channels():
                 self._route_channel(channel)
 
-    def _replied(self, message: wire.Message) -> None:
+    def _replied(self, agg: Agg, message: wire.Message) -> None:
+        """A reply on this bridge's route: taken only as the answer to a request it has
+        waiting, from the agg it asked, of the kind and for the channel it asked."""
+        check = None
         try:
             if message.kind is wire.Kind.HISTORY:
                 request_id = wire.records_from_history(message)[0]
+                check = wire.history_channel_check(message)
             else:
                 request_id = int(wire.decode_json(message)["id"])
         except (WireError, KeyError, TypeError, ValueError):
             self.counters.wire_errors.inc()
             return
-        future = self._requests.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_result(message)
+        pending = self._requests.get(request_id)
+        problem = None
+        if pending is None:
+            problem = f"reply {request_id} answers no request waiting"
+        elif pending.agg is not agg:
+            problem = f"reply {request_id} came from {agg.endpoint}, not the aggregator asked"
+        elif pending.kind is not message.kind:
+            problem = f"reply {request_id} is {message.kind.name}, not {pending.kind.name}"
+        elif check is not None and check != pending.check:
+            problem = f"reply {request_id} answers another channel than {pending.channel}"
+        if problem is not None:
+            self._bad_reply(problem)
+            return
+        assert pending is not None
+        del self._requests[request_id]
+        if not pending.future.done():
+            pending.future.set_result(message)
+
+    def _bad_reply(self, problem: str) -> None:
+        """Counted; one WARNING per WARN_EVERY_S at most, with the count since the last."""
+        self.counters.bad_replies.inc()
+        total = self.counters.bad_replies.value
+        warned_at, warned_total = self._bad_replies_warned
+        now = time.monotonic()
+        if now - warned_at >= WARN_EVERY_S:
+            log.warning("%d replies ignored (the latest: %s)", total - warned_total, problem)
+            self._bad_replies_warned = (now, total)
 
     async def _request(self, agg: Agg, body: dict[str, Any]) -> wire.Message:
-        request_id = next(self._request_ids)
+        request_id = secrets.randbits(64)  # unguessable: nobody can answer it ahead of the agg
+        while request_id in self._requests:
+            request_id = secrets.randbits(64)
         future: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
-        self._requests[request_id] = future
+        op = body.get("op", "bars")
+        channel = body.get("channel")
+        self._requests[request_id] = Pending(
+            future,
+            agg,
+            wire.Kind.SYMBOLS if op == "symbols" else wire.Kind.HISTORY,
+            str(channel),
+            wire.channel_check(channel),
+        )
         self.counters.history_requests.inc()
         agg.send(wire.encode_request({"id": request_id, "reply": self.reply_id, **body}))
         try:

@@ -135,7 +135,8 @@ def run(config: TapConfig) -> int:
             raise ConfigError(f"ENDPOINT: cannot connect to {config.endpoint}: {exc}") from exc
         prefixes = config.prefixes or ("",)
         for prefix in prefixes:
-            sub.setsockopt(zmq.SUBSCRIBE, wire.subscription_prefix(prefix))
+            for topic in wire.subscription_prefixes(prefix):
+                sub.setsockopt(zmq.SUBSCRIBE, topic)
         log.info(
             "ready: tap connected to %s, subscribed to %s",
             config.endpoint,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ TERMINATOR = b"\x00"
 CONTROL = "_ctl"
 CONTROL_TOPIC = b"_ctl\x00"
 REPLY_PREFIX = "_rep."
+REPLY_ROUTE_HEX = 32  # a reply route is 128 random bits, as 32 lowercase hex digits
 REQUEST_MARK = b"\x02"
 MAX_CONDITIONS = 8
 # Stands for a condition code above 254, or for the codes past a trade's eighth: never a known
@@ -130,6 +132,18 @@ def subscription_prefix(text: str) -> bytes:
     return text.encode() + TERMINATOR
 
 
+# "Everything" as prefixes that never match a reply topic: an agg disconnects a peer whose
+# subscription would read other peers' replies (the empty prefix, "_", "_rep." ...).
+EVERYTHING_BUT_REPLIES = (b"T.", CONTROL_TOPIC, *(str(digit).encode() for digit in range(1, 10)))
+
+
+def subscription_prefixes(text: str) -> tuple[bytes, ...]:
+    """What to subscribe for what a user types (:func:`subscription_prefix`), with everything
+    (``""``, ``*``) spelled as :data:`EVERYTHING_BUT_REPLIES`: trades, control and bars."""
+    prefix = subscription_prefix(text)
+    return EVERYTHING_BUT_REPLIES if prefix == b"" else (prefix,)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     topic: str
@@ -198,7 +212,24 @@ class HistoryStatus(enum.IntEnum):
     BAD_REQUEST = 3
 
 
-HISTORY_HEAD = struct.Struct("<QII")  # request id, HistoryStatus, reserved
+HISTORY_HEAD = struct.Struct("<QII")  # request id, HistoryStatus, channel check
+
+
+def channel_check(channel: object) -> int:
+    """What a HISTORY reply carries of the channel it answers: CRC-32 of the channel as the
+    request spelled it (UTF-8), or 0 when the request named no string. A requester compares it
+    with the channel it asked for, so a reply to someone else's request for another channel is
+    never taken for its own (docs/wire.md, ``HISTORY``)."""
+    if not isinstance(channel, str):
+        return 0
+    return zlib.crc32(channel.encode("utf-8", "surrogatepass"))
+
+
+def history_channel_check(message: Message) -> int:
+    """The channel check of a HISTORY reply (0 from an agg older than the check)."""
+    if message.kind is not Kind.HISTORY or len(message.payload) < HISTORY_HEAD.size:
+        raise WireError("not a history reply")
+    return int(HISTORY_HEAD.unpack_from(message.payload)[2])
 
 
 def records_from_history(message: Message) -> tuple[int, HistoryStatus, np.ndarray]:
@@ -223,9 +254,12 @@ def encode_history(
     request_id: int,
     status: HistoryStatus,
     bars: np.ndarray,
+    check: int = 0,
 ) -> bytes:
+    """``check``: :func:`channel_check` of the channel the request named."""
     payload = (
-        HISTORY_HEAD.pack(request_id, status, 0) + np.ascontiguousarray(bars, BAR_DTYPE).tobytes()
+        HISTORY_HEAD.pack(request_id, status, check)
+        + np.ascontiguousarray(bars, BAR_DTYPE).tobytes()
     )
     return encode(topic, Kind.HISTORY, session, seq, len(bars), payload)
 
@@ -258,6 +292,9 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     return value
 
 
+_REPLY_PREFIX_BYTES = REPLY_PREFIX.encode()
+
+
 class Sequencer:
     """A publisher's session id and per-topic sequence numbers (1, 2, 3 ... per topic), and
     the messages that carry them: each ``encode*`` takes the topic's next number."""
@@ -267,6 +304,10 @@ class Sequencer:
         self._last: dict[bytes, int] = {}
 
     def next(self, topic: bytes) -> int:
+        if topic.startswith(_REPLY_PREFIX_BYTES):
+            # Reply topics share one sequence: a table entry per requester route would grow
+            # with every route a peer makes up (docs/wire.md, "Sequence numbers").
+            topic = _REPLY_PREFIX_BYTES
         seq = self._last.get(topic, 0) + 1
         self._last[topic] = seq
         return seq
@@ -278,9 +319,16 @@ class Sequencer:
         return encode_json(topic, kind, self.session, self.next(topic), value)
 
     def encode_history(
-        self, topic: bytes, request_id: int, status: HistoryStatus, bars: np.ndarray
+        self,
+        topic: bytes,
+        request_id: int,
+        status: HistoryStatus,
+        bars: np.ndarray,
+        check: int = 0,
     ) -> bytes:
-        return encode_history(topic, self.session, self.next(topic), request_id, status, bars)
+        return encode_history(
+            topic, self.session, self.next(topic), request_id, status, bars, check
+        )
 
 
 class GapCounter:

@@ -82,6 +82,7 @@ class FakeAgg:
         self.subscriptions: list[bytes] = []  # every (un)subscribe seen, in order
         self.requests: list[dict[str, Any]] = []
         self.answer_requests = True
+        self.answer_instead: dict[str, str] = {}  # channel asked -> channel answered (forged)
         self._outbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -233,7 +234,9 @@ class FakeAgg:
                 )
             )
             return
-        channel = request["channel"]
+        # What a forged request gets answered with: the agg answers the request someone else
+        # sent on this requester's route (for another channel) under the requester's next id.
+        channel = self.answer_instead.get(request["channel"], request["channel"])
         interval_text, _, symbol = channel.partition("Ms.")
         status = wire.HistoryStatus.OK
         bars = np.zeros(0, dtype=wire.BAR_DTYPE)
@@ -254,5 +257,7 @@ class FakeAgg:
                 if request.get("limit") is not None:
                     bars = bars[-int(request["limit"]) :] if request["limit"] else bars[:0]
         self._socket.send(
-            wire.encode_history(topic, self.session, seq, request["id"], status, bars)
+            wire.encode_history(
+                topic, self.session, seq, request["id"], status, bars, wire.channel_check(channel)
+            )
         )

@@ -60,7 +60,7 @@ class AggOutput:
     """Everything an agg publishes, collected from a SUB subscribed to all of it."""
 
     def __init__(self, ctx: Context, address: str) -> None:
-        self.sub = Subscriber(ctx, address, b"")
+        self.sub = Subscriber(ctx, address, *wire.EVERYTHING_BUT_REPLIES)
         self.bars: dict[tuple[str, int], list[Bar]] = {}
         self.by_session: dict[int, dict[tuple[str, int], list[Bar]]] = {}
         self.seqs: dict[str, list[tuple[int, int]]] = {}
@@ -128,7 +128,7 @@ def assert_contiguous_sequences(seqs: dict[str, list[tuple[int, int]]]) -> None:
 class Requester:
     """History and symbols requests from an XSUB, as a bridge sends them (docs/architecture.md)."""
 
-    def __init__(self, ctx: Context, address: str, reply: str = "abc123") -> None:
+    def __init__(self, ctx: Context, address: str, reply: str = "9f3a" * 8) -> None:
         self.reply = reply
         self.xsub = ctx.socket(zmq.XSUB)
         self.xsub.connect(address)
@@ -637,7 +637,7 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
             "100Ms.BRK.A": wire.HistoryStatus.OK,
         }
         symbols = wire.decode_json(ask({"id": 4, "op": "symbols"}))
-        assert symbols == {"id": 4, "symbols": [["AAPL", 4], ["A", 1]]}
+        assert symbols == {"id": 4, "op": "symbols", "symbols": [["AAPL", 4], ["A", 1]]}
         assert agg.stop() == 0
     fake.close()
 

@@ -22,6 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from fake_agg import FakeAgg, bar_rows, expected_event
+from polyfan import bridge as bridge_module
 from polyfan import wire
 from polyfan.bridge import PASS_LOG_ENV, Bridge
 from polyfan.config import BridgeConfig
@@ -664,6 +665,26 @@ async def test_api_bars_returns_stored_bars_oldest_first_with_limit_and_before(
     assert orjson.loads(body) == [expected_event("MSFT", 1000, r) for r in rows]
     _, _, body = await get(bridge, "/api/bars?channel=1000Ms.NONE")
     assert orjson.loads(body) == []
+
+
+async def test_a_reply_for_another_channel_is_never_served_as_the_channel_asked(
+    bridge: Bridge, agg: FakeAgg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: someone answers the bridge's request for AAL ahead of it (a request on the
+    bridge's route, with its id, for NVDA). The reply says which channel it answers, and the
+    bridge takes nothing but the channel it asked for."""
+    monkeypatch.setattr(bridge_module, "REQUEST_TIMEOUT", 0.5)
+    agg.publish(100, "NVDA", bar_rows(100, T0, 6, price=900.0))
+    agg.publish(100, "AAL", bar_rows(100, T0, 6, price=12.0))
+    agg.flush()
+    agg.answer_instead["100Ms.AAL"] = "100Ms.NVDA"
+    for _ in range(3):
+        status, _, body = await get(bridge, "/api/bars?channel=100Ms.AAL")
+        assert status == 504, body  # no NVDA bars labelled AAL, ever
+    assert counter(bridge, "polyfan_bridge_bad_replies_total") == 3
+    agg.answer_instead.clear()
+    status, _, body = await get(bridge, "/api/bars?channel=100Ms.AAL")
+    assert (status, [bar["o"] for bar in orjson.loads(body)][:1]) == (200, [12.0])
 
 
 @pytest.mark.parametrize(

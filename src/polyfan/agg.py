@@ -59,6 +59,10 @@ SNDHWM = 250_000
 # ZMQ_MAXMSGSIZE: what peers send upstream is subscriptions (a topic) and requests (a small JSON
 # object); anything longer disconnects the peer in libzmq itself.
 PEER_MAXMSGSIZE = 4096
+# Upstream messages taken from each peer's connection ahead of the loop judging them: libzmq
+# stores a subscription in its trie as it takes it in, so this bounds how far a flooding peer
+# gets past its allowance before the loop disconnects it (measured: docs/limits.md).
+PEER_RCVHWM = 100
 # From the proxy: one message carries one symbol's trades of one drain (docs/wire.md): 64 MiB
 # is 1.2 million trades of one symbol in one pass, far beyond any real burst.
 SUB_MAXMSGSIZE = 64 << 20
@@ -161,6 +165,7 @@ def run(config: AggConfig) -> int:
         pub.setsockopt(zmq.SNDHWM, SNDHWM)
         pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, for the allowances
         pub.setsockopt(zmq.MAXMSGSIZE, PEER_MAXMSGSIZE)
+        pub.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
         monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             pub.bind(config.pub)

@@ -1,0 +1,212 @@
+"""One ZeroMQ peer cannot harm the others or the agg (CONTRACT §12): the attacks, run against
+``polyfan agg`` from the CLI with real sockets, the agg's memory read from /proc."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from polyfan import wire
+from procs import Context, scrape
+from reference import Trade
+from test_agg_process import FakeProxy, Requester, agg_endpoints, serving_agg
+
+ROUTE = "9f3a" * 8
+
+
+@pytest.fixture
+def context() -> Iterator[Context]:
+    ctx = Context()
+    yield ctx
+    ctx.close()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def metric(port: int, name: str) -> float:
+    """One sample from the agg's /metrics, retried while the agg is too busy to answer."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return scrape(port)[name]
+        except OSError:
+            assert time.monotonic() < deadline, f"no {name} from port {port}"
+            time.sleep(0.1)
+
+
+def test_a_peer_cannot_read_or_answer_another_peers_replies(
+    tmp_path: Path, context: Context
+) -> None:
+    proxy_pub, agg_pub, port = agg_endpoints("tcp", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=5)
+    with serving_agg(context, proxy_pub, agg_pub, port, "--symbols", "AAL,NVDA") as (agg, out):
+        fake.probe(out, 0)
+        fake.trades("NVDA", (Trade(10_050, 900.0, 10),))
+        fake.trades("AAL", (Trade(10_050, 12.0, 10),))
+        fake.probe(out, 20_000)
+        spy = context.socket(zmq.XSUB)
+        spy.connect(agg_pub)
+        spy.send(b"\x01" + wire.CONTROL_TOPIC)
+        assert spy.poll(5_000)  # connected: the announce
+        spy.send(b"\x01_rep.")  # every reply, the bridge's included
+        bridge = Requester(context, agg_pub, ROUTE)
+        # the forger names the bridge's route, for another channel
+        forger = Requester(context, agg_pub, "ab" * 16)
+        forger.xsub.send(wire.encode_request({"id": 7, "reply": ROUTE, "channel": "100Ms.NVDA"}))
+        reply = bridge.ask({"id": 7, "channel": "100Ms.AAL", "limit": 10})
+        _, status, bars = wire.records_from_history(reply)
+        assert (status, bars["o"].tolist()) == (wire.HistoryStatus.OK, [12.0])
+        assert wire.history_channel_check(reply) == wire.channel_check("100Ms.AAL")
+        assert not bridge.xsub.poll(300)  # no second reply: the forged one was not answered
+        spied = []
+        while spy.poll(300):
+            spied.append(wire.decode(spy.recv()).topic)
+        assert not [topic for topic in spied if topic.startswith("_rep.")]
+        metrics = scrape(port)
+        assert metrics["polyfan_agg_peers_disconnected_total"] >= 1
+        assert metrics["polyfan_agg_refused_requests_total"] == 1
+        assert agg.stop() == 0
+    fake.close()
+
+
+FLOOD = """
+import os, sys, zmq
+ctx = zmq.Context(); sock = ctx.socket(zmq.XSUB); sock.setsockopt(zmq.SNDHWM, 0)
+sock.setsockopt(zmq.LINGER, 0); sock.connect(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    sock.send(b"\\x01100Ms." + os.urandom(8).hex().encode() + b"\\x00")
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not bounded yet: libzmq stores a peer's subscriptions as it takes them in, faster "
+    "than the loop judges them, so disconnecting past the allowance frees them only after "
+    "(measured +250 MB for 300,000; docs/limits.md)",
+)
+def test_a_subscription_flood_leaves_the_agg_bounded_and_bars_flowing(
+    tmp_path: Path, context: Context
+) -> None:
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=5)
+    with serving_agg(context, proxy_pub, agg_pub, port, "--symbols", "AAPL") as (agg, out):
+        fake.probe(out, 0)
+        before = rss_mb(agg.popen.pid)
+        flood = subprocess.Popen(
+            [sys.executable, "-c", FLOOD, agg_pub, "300000"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            peak = before
+            t = 20_000
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                peak = max(peak, rss_mb(agg.popen.pid))
+                fake.trades("AAPL", (Trade(t, 5.0, 1),))
+                fake.clock(t)
+                t += 1_000
+                out.pump(0.05)
+                if metric(port, "polyfan_agg_peers_disconnected_total") >= 3:
+                    break
+            assert metric(port, "polyfan_agg_peers_disconnected_total") >= 3
+            bars_before = len(out.bars.get(("AAPL", 1_000), []))
+            fake.probe(out, t + 5_000)
+            assert len(out.bars[("AAPL", 1_000)]) > bars_before  # the good subscriber's bars
+        except BaseException:
+            print(agg.output[-4000:])
+            raise
+        finally:
+            assert flood.stdin is not None
+            flood.stdin.close()
+            flood.wait(10)
+            assert flood.stdout is not None
+            flood.stdout.close()
+        after = rss_mb(agg.popen.pid)
+        print(f"agg RSS {before:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB")
+        assert peak - before < 150, (before, peak)  # 300,000 kept would be ~230 MB more
+        assert agg.stop() == 0
+    fake.close()
+
+
+def test_unread_history_replies_leave_the_agg_bounded(tmp_path: Path, context: Context) -> None:
+    proxy_pub, agg_pub, port = agg_endpoints("tcp", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=5)
+    with serving_agg(context, proxy_pub, agg_pub, port, "--symbols", "AAPL") as (agg, out):
+        fake.probe(out, 0)
+        trades = np.zeros(20_000, dtype=wire.TRADE_DTYPE)
+        trades["t"] = 1_000 + 100 * np.arange(20_000)
+        trades["p"], trades["s"] = 5.0, 1.0
+        for chunk in np.split(trades, 10):
+            fake.send(wire.trade_topic("AAPL"), wire.Kind.TRADES, chunk)
+        fake.probe(out, 3_000_000)
+        reader = Requester(context, agg_pub, ROUTE)
+        reply = reader.ask({"id": 1, "channel": "100Ms.AAPL", "limit": 20_000})
+        assert wire.records_from_history(reply)[2].size == 20_000  # 1.28 MB a reply
+        lazy = context.socket(zmq.XSUB)
+        lazy.setsockopt(zmq.RCVHWM, 1)
+        lazy.setsockopt(zmq.RCVBUF, 4096)
+        lazy.connect(agg_pub)
+        lazy.send(b"\x01" + wire.reply_topic("cd" * 16))
+        lazy.send(b"\x01" + wire.CONTROL_TOPIC)
+        assert lazy.poll(5_000)
+        before = rss_mb(agg.popen.pid)
+        for i in range(400):
+            request = {"id": i, "reply": "cd" * 16, "channel": "100Ms.AAPL", "limit": 20_000}
+            lazy.send(wire.encode_request(request))
+        deadline = time.monotonic() + 10
+        peak = before
+        while metric(port, "polyfan_agg_refused_requests_total") < 300:
+            assert time.monotonic() < deadline
+            peak = max(peak, rss_mb(agg.popen.pid))
+            time.sleep(0.05)
+        peak = max(peak, rss_mb(agg.popen.pid))
+        print(f"agg RSS {before:.0f} MB, peak {peak:.0f} MB")
+        assert peak - before < 60, (before, peak)  # 400 unread would be 512 MB
+        # the reading peer is still served
+        reply = reader.ask({"id": 2, "channel": "100Ms.AAPL", "limit": 5})
+        assert wire.records_from_history(reply)[2].size == 5
+        assert agg.stop() == 0
+    fake.close()
+
+
+def test_oversized_messages_and_limits_are_refused(tmp_path: Path, context: Context) -> None:
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=5)
+    with serving_agg(context, proxy_pub, agg_pub, port, "--symbols", "AAPL") as (agg, out):
+        fake.probe(out, 0)
+        requester = Requester(context, agg_pub, ROUTE)
+        reply = requester.ask({"id": 1, "channel": "100Ms.AAPL", "limit": 10**18})
+        assert wire.records_from_history(reply)[1] is wire.HistoryStatus.BAD_REQUEST
+        for sent in range(500, 5_001, 500):  # in steps: the XSUB drops past its send mark
+            for _ in range(500):
+                requester.xsub.send(b"\x02not json")
+            deadline = time.monotonic() + 10
+            while metric(port, "polyfan_agg_bad_requests_total") < sent + 1:
+                assert time.monotonic() < deadline
+        big = context.socket(zmq.XSUB)
+        big.connect(agg_pub)
+        big.send(b"\x01" + b"1" * 5_000)  # over ZMQ_MAXMSGSIZE: libzmq drops the peer
+        deadline = time.monotonic() + 10
+        while metric(port, "polyfan_agg_bad_requests_total") < 5_001:
+            assert time.monotonic() < deadline
+        assert agg.stop() == 0
+    warnings = [line for line in agg.lines if "WARNING" in line]
+    assert len(warnings) <= 3, warnings
+    fake.close()

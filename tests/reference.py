@@ -10,8 +10,8 @@ Input is the stream as the agg receives it: a list of events in arrival order, e
 UPSTREAM record). A trade is late for an interval when its bar's ``e + grace`` is at or below the
 clock at its arrival; late trades are not applied and are counted once per interval. Bars close
 once the clock reaches ``e + grace``. An outage runs from the clock of an UPSTREAM down to the
-wall time of the next UPSTREAM up (on to the end while none comes); a bar whose ``[s, e)``
-overlaps one is flagged.
+first clock, after the next UPSTREAM up, that is past its start (on to the end while none comes:
+CONTRACT.md §12); a bar whose ``[s, e)`` overlaps one is flagged.
 """
 
 from __future__ import annotations
@@ -132,16 +132,18 @@ def reference_bars(
     buckets: dict[tuple[str, int, int], list[tuple[int, int, Trade, str]]] = defaultdict(list)
     outages: list[tuple[int, float]] = []
     down_at: int | None = None
+    up_again = False
     for event in events:
         if isinstance(event, Clock):
             clock = event.clock if clock is None else max(clock, event.clock)
+            if down_at is not None and up_again and clock > down_at:
+                outages.append((down_at, clock))
+                down_at = None
             continue
         if isinstance(event, Upstream):
             if event.down and down_at is None:
                 down_at = event.clock
-            elif not event.down and down_at is not None:
-                outages.append((down_at, event.wall))
-                down_at = None
+            up_again = not event.down
             continue
         for trade in event.trades:
             arrival += 1

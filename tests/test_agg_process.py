@@ -306,7 +306,10 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         assert received == count
         expected = reference_bars(events, INTERVALS, GRACE)
         assert expected.late > 0 and expected.unknown > 0  # the stream exercises both
-        assert_exact(output.bars, expected.bars)
+        try:
+            assert_exact(output.bars, expected.bars)
+        except AssertionError as exc:  # what the agg logged (an outage?) says why
+            raise AssertionError(f"{exc}\nagg output:\n{agg.output}") from exc
         assert_contiguous_sequences(output.seqs)
         # The last bars closed with no further trades: only the proxy's clock running on
         # (wall time while the feed is quiet) took it past their e + grace.
@@ -581,6 +584,7 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
         fake.clock(10_960)
         fake.upstream(wire.UPSTREAM_DOWN, 10_960, 50_000)
         fake.upstream(wire.UPSTREAM_UP, 10_960, 12_030)
+        fake.clock(12_050)  # the first clock past its start after the up ends the outage
         fake.trades("AAPL", (Trade(12_000, 7.0, 10), Trade(12_400, 8.0, 10)))
         fake.trades("A", (Trade(12_000, 1.5, 3, (37,)),))
         fake.probe(output, 20_000)

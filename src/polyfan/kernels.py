@@ -417,7 +417,7 @@ KIND_TRADES = 1
 KIND_BARS = 2
 KIND_CLOCK = 3
 KIND_UPSTREAM = 4
-MAX_KIND = 7
+MAX_KIND = 8
 
 TOPIC_CONTROL = -1  # topic_sym value for the control topic
 TOPIC_IGNORED = -2  # a topic we do not use (counted, skipped)
@@ -432,7 +432,11 @@ D_SPECIALS = 4  # frames handed back to Python (UPSTREAM, ANNOUNCE ... on the co
 D_GAPS = 5
 D_BAD = 6
 D_IGNORED = 7
-N_DECODER = 8
+D_CLOSE_PAST = 8  # a CLOCK that takes the clock past this value is noted in D_CLOSED_AT ...
+D_CLOSED_AT = 9  # ... (the clock it made; int64 min: none yet), and disarms D_CLOSE_PAST
+D_STOP_AT_SPECIALS = 10  # 1: return after each special frame, so the caller handles it in order
+D_SPECIAL_CLOCK = 11  # the clock before that frame (int64 min: none yet)
+N_DECODER = 12
 
 
 @njit(cache=True, inline="always")
@@ -559,10 +563,15 @@ def decode_frames(
 
     Trades are copied to ``out_trades`` (raw TRADE records) with their symbol id and the feed
     clock at their arrival (the largest CLOCK seen before their frame). CLOCK records move the
-    clock. Other control frames are listed in ``specials`` for the caller. Sequence gaps are
-    counted per topic exactly as ``wire.GapCounter`` does. Malformed frames are counted and
-    skipped. Returns -1 when done, or the index of a frame whose topic is not in the table:
-    register it and call again from there.
+    clock. Other control frames are listed in ``specials`` for the caller, and so is a control
+    frame from a publisher session other than the previous control frame's (a CLOCK is applied
+    as well); with ``D_STOP_AT_SPECIALS`` set, decoding stops after each of them. A CLOCK that
+    takes the clock past ``D_CLOSE_PAST`` notes the clock in ``D_CLOSED_AT`` (an outage
+    waiting for it ends there). Sequence gaps are counted per topic exactly as
+    ``wire.GapCounter`` does. Malformed frames are counted and skipped. Returns -1 when done,
+    the index of a frame whose topic is not in the table (register it and call again from
+    there), or ``-(f + 2)`` after special frame ``f`` when stopping at specials (handle it
+    and call again from ``f + 1``).
     """
     n = offsets.shape[0] - 1
     for f in range(start, n):
@@ -597,12 +606,15 @@ def decode_frames(
             return f
         session = _u64(buf, head + 8)
         seq = _u64(buf, head + 16)
+        sym = topic_sym[tid]
+        new_session = seen[tid] and last_session[tid] != session
         if seen[tid] and last_session[tid] == session and seq > last_seq[tid]:
             state[D_GAPS] += np.int64(seq - last_seq[tid] - np.uint64(1))
+        special = new_session and sym == TOPIC_CONTROL  # another publisher: the caller decides
+        clock_before = state[D_CLOCK] if state[D_HAS_CLOCK] else INT64_MIN
         seen[tid] = 1
         last_session[tid] = session
         last_seq[tid] = seq
-        sym = topic_sym[tid]
         if sym >= 0 and kind == KIND_TRADES:
             at = state[D_TRADES]
             out_trades[at * TRADE_SIZE : (at + count) * TRADE_SIZE] = buf[payload:end]
@@ -617,11 +629,19 @@ def decode_frames(
                     state[D_CLOCK] = clock
                 state[D_CLOCK_WALL] = _i64(buf, payload + r * CLOCK_SIZE + 8)
                 state[D_HAS_CLOCK] = 1
+                if state[D_CLOCK] > state[D_CLOSE_PAST]:
+                    state[D_CLOSED_AT] = state[D_CLOCK]
+                    state[D_CLOSE_PAST] = INT64_MAX
         elif sym == TOPIC_CONTROL:
-            specials[state[D_SPECIALS]] = f
-            state[D_SPECIALS] += 1
+            special = True
         else:
             state[D_IGNORED] += 1
+        if special:
+            specials[state[D_SPECIALS]] = f
+            state[D_SPECIALS] += 1
+            if state[D_STOP_AT_SPECIALS]:
+                state[D_SPECIAL_CLOCK] = clock_before
+                return -(f + 2)
     return -1
 
 

@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     ANNOUNCE = 5
     HISTORY = 6
     SYMBOLS = 7
+    OUTAGE = 8  # an agg's outage began or ended (JSON, docs/wire.md)
 
 
 TRADE_DTYPE = np.dtype(

@@ -120,7 +120,8 @@ class Aggregator:
         # serving the same channel prefers that agg's bars for them).
         self.listening_from: int | None = None
         self.outages = Outages()
-        self._windows_set = 0  # len(outages.windows) and its open state as last given to bars
+        # len(outages.windows) and whether one is open, as last given to the bars
+        self._windows_set: tuple[int, bool] = (0, False)
         self._warned: dict[str, tuple[float, int]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         registry = registry or Registry()
@@ -255,7 +256,7 @@ class Aggregator:
             self._windows_set = shape
         self.outages_total.value = outages.began_total
         for change in changes:
-            if change.began:
+            if change.e is None:
                 log.warning(
                     "outage begins at feed clock %d: %s; bars from then carry outage: true",
                     change.s,

@@ -98,6 +98,17 @@ def test_urls_inside_text_and_request_lines_are_masked() -> None:
     assert "GET /stocks?apiKey=****&x=1" in masked
 
 
+@pytest.mark.parametrize("after", [",", ".", ";", ":", ")", "!", " (refused)"])
+def test_text_around_a_url_is_kept(after: str) -> None:
+    text = f"connecting to ws://u:pw@h:1/s?apiKey=KEY&x=1{after} subscribing T.*"
+    assert (
+        mask_urls_in(text)
+        == f"connecting to ws://u:****@h:1/s?apiKey=****&x=1{after} subscribing T.*"
+    )
+    already = mask_urls_in(text)
+    assert mask_urls_in(already) == already  # masking twice changes nothing
+
+
 def test_the_log_formatter_masks_messages_and_tracebacks() -> None:
     formatter = MaskingFormatter(logging.Formatter("%(levelname)s %(message)s"))
     try:

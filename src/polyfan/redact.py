@@ -47,8 +47,9 @@ _PARAM = re.compile(r"([?&;#])([^=&;#?\s]*)=([^&;#\s]*)")
 _TEXT_PARAM = re.compile(
     r"(?i)(?<![A-Za-z0-9_.-])(api[_-]?key|access_token|token|password|secret)=([^&;#\s'\"<>,)\]]*)"
 )
-# A URL inside free text: scheme://, then anything up to white space or a quote/bracket.
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
+# A URL inside free text: scheme://, then anything up to white space or a quote/bracket, not
+# ending in the punctuation of the sentence around it ("connecting to URL, subscribing").
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^\s'\"<>]*[^\s'\"<>,.;:!?)\]])?")
 # A userinfo after ``://`` whatever it holds (a quote in a password ends the URL above).
 _USERINFO_IN_TEXT = re.compile(r"://([^\s/?#]*)@")
 

@@ -147,7 +147,8 @@ class Aggregator:
             "Trades carrying a condition code not in the table.",
         )
         self.bad_total = registry.counter(
-            "polyfan_agg_bad_messages_total", "Received messages that did not decode."
+            "polyfan_agg_bad_messages_total",
+            "Received messages that did not decode, and trades beyond the input bounds.",
         )
         self.ignored_total = registry.counter(
             "polyfan_agg_ignored_messages_total",
@@ -285,7 +286,7 @@ class Aggregator:
         self.ignored_total.value = decoder.ignored_messages
         if decoder.bad_messages != bad_before:
             self.bad_total.value = decoder.bad_messages
-            self._warn("bad", decoder.bad_messages, "%d messages did not decode")
+            self._warn("bad", decoder.bad_messages, "%d messages (or out-of-bounds trades) dropped")
         if decoder.gaps != gaps_before:
             self.gaps_total.value = decoder.gaps
             self._warn("gaps", decoder.gaps, "%d messages from the proxy lost in transit")

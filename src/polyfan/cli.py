@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from polyfan import config as cfg
+from polyfan import redact
 from polyfan.errors import ConfigError, PolyfanError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,7 +85,7 @@ def _run(run: Callable[[Any], int], config: Any) -> None:
     except PolyfanError as exc:
         if log.isEnabledFor(logging.DEBUG):
             log.exception("fatal")
-        click.echo(f"polyfan: {exc}", err=True)
+        click.echo(f"polyfan: {redact.mask_urls_in(str(exc))}", err=True)
         sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         status = 0
@@ -114,6 +115,7 @@ def main(log_level: str | None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact.install(logging.getLogger())  # no URL credentials in any line (docs/proxy.md)
     log.debug(
         "polyfan %s starting (pid %d)", click.get_current_context().invoked_subcommand, os.getpid()
     )

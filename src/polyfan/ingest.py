@@ -113,6 +113,11 @@ class FrameDecoder:
         return int(self.state[kernels.D_BAD])
 
     @property
+    def rejected_trades(self) -> int:
+        """Trades outside ``wire.MAX_PRICE`` / ``MAX_SIZE``, dropped (also in bad_messages)."""
+        return int(self.state[kernels.D_REJECTED])
+
+    @property
     def ignored_messages(self) -> int:
         return int(self.state[kernels.D_IGNORED])
 
@@ -211,6 +216,7 @@ class FrameDecoder:
         buf.flags.writeable = False  # one array type for the kernels, whoever owns the buffer
         room = len(buf) // kernels.TRADE_SIZE
         out = np.empty(room * kernels.TRADE_SIZE, dtype=np.uint8)
+        out_words = out.view(np.float64)
         symbols = np.empty(room, dtype=np.int64)
         clocks = np.empty(room, dtype=np.int64)
         specials = np.empty(count, dtype=np.int64)
@@ -234,6 +240,7 @@ class FrameDecoder:
                 self.symbol_trades,
                 state,
                 out,
+                out_words,
                 symbols,
                 clocks,
                 specials,

@@ -29,6 +29,7 @@ import zmq
 from polyfan import wire
 from polyfan.config import TapConfig
 from polyfan.errors import ConfigError, WireError
+from polyfan.redact import mask_url
 
 log = logging.getLogger("polyfan.tap")
 
@@ -132,13 +133,15 @@ def run(config: TapConfig) -> int:
         try:
             sub.connect(config.endpoint)
         except zmq.ZMQError as exc:
-            raise ConfigError(f"ENDPOINT: cannot connect to {config.endpoint}: {exc}") from exc
+            raise ConfigError(
+                f"ENDPOINT: cannot connect to {mask_url(config.endpoint)}: {exc}"
+            ) from exc
         prefixes = config.prefixes or ("",)
         for prefix in prefixes:
             sub.setsockopt(zmq.SUBSCRIBE, wire.subscription_prefix(prefix))
         log.info(
             "ready: tap connected to %s, subscribed to %s",
-            config.endpoint,
+            mask_url(config.endpoint),
             ", ".join(repr(p) for p in prefixes),
         )
         while not stopping and (config.count is None or seen < config.count):

@@ -55,6 +55,7 @@ from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
 from polyfan.fanout import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.feedstatus import OUTAGE, SILENT, FeedStatus
+from polyfan.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
 from polyfan.metrics import Registry
 from polyfan.outages import describe
 from polyfan.protocol import (
@@ -121,6 +122,7 @@ HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
+OPEN_TIMEOUT = 10.0  # the whole opening handshake, an HTTP answer included (over REQUEST_TIMEOUT)
 PING_INTERVAL = 20.0  # keepalive: a ping this often ...
 PING_TIMEOUT = 20.0  # ... and a client that has not answered it this long after is closed (1011)
 CLOSE_INTERNAL_ERROR = 1011  # websockets' close code for a keepalive timeout
@@ -229,6 +231,7 @@ class Counters:
             "polyfan_bridge_feed_statuses_total",
             "feed_down and feed_up statuses sent to clients.",
         )
+        self.gate = GateCounters(registry)
 
 
 @dataclass(eq=False)
@@ -356,6 +359,7 @@ class Bridge:
         self._context = zmq.asyncio.Context()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
+        self._gate: Gate | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self._delivered: dict[str, int] = {}  # bar topic -> start of the newest bar forwarded
         # bar topic -> (since, bars awaiting another agg's whole copies), oldest first
@@ -399,11 +403,18 @@ class Bridge:
             self.aggs.append(agg)
             self._spawn(self._read(agg))
         host, port = self.config.listen
+        # Every new connection is admitted or refused before it costs more than its socket
+        # (polyfan.gate; caps per process, docs/limits.md).
+        gate = Gate(self.limits, self.counters.gate, connection_budget(self.limits))
+        self.registry.on_collect(gate.collect)
+        self._gate = gate
         try:
             self._server = await serve(
                 self._serve_client,
                 host,
                 port,
+                create_connection=gate.connection_class,
+                open_timeout=OPEN_TIMEOUT,
                 process_request=self._http,
                 compression=None,
                 max_size=self.limits.max_frame_bytes,
@@ -411,7 +422,7 @@ class Bridge:
                 close_timeout=CLOSE_TIMEOUT,
                 ping_interval=PING_INTERVAL,
                 ping_timeout=PING_TIMEOUT,
-                backlog=4096,
+                backlog=LISTEN_BACKLOG,
                 logger=_ws_log,
                 reuse_port=self.worker is not None,
             )
@@ -448,6 +459,8 @@ class Bridge:
         for agg in self.aggs:
             agg.socket.close(linger=0)
         self._context.term()
+        if self._gate is not None:
+            self._gate.close()
         if self._pass_log is not None:
             self._pass_log.close()
 

@@ -145,8 +145,12 @@ class MetricsServer:
             await self._stop.wait()
         finally:
             server.close()
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
                 task.cancel()
+            # Let them end (each closes its transport) before the loop closes: a writer
+            # collected after that warns "loop is closed".
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.open >= MAX_CONNECTIONS:
@@ -180,6 +184,8 @@ class MetricsServer:
         except (OSError, EOFError, asyncio.LimitOverrunError):  # IncompleteReadError is EOFError
             writer.transport.abort()
         finally:
+            if not writer.transport.is_closing():  # cancelled at close
+                writer.transport.abort()
             self._waiting.pop(writer, None)
             if writer in self._evicted:
                 self._evicted.discard(writer)

@@ -11,7 +11,8 @@ UPSTREAM record). A trade is late for an interval when its bar's ``e + grace`` i
 clock at its arrival; late trades are not applied and are counted once per interval. Bars close
 once the clock reaches ``e + grace``. An outage runs from the clock of an UPSTREAM down to the
 first clock, after the next UPSTREAM up, that is past its start (on to the end while none comes:
-CONTRACT.md §12); a bar whose ``[s, e)`` overlaps one is flagged.
+CONTRACT.md §12); a bar still open when one began (``e + grace`` past its start) or starting
+inside it is flagged.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def reference_bars(
         bars = []
         for s in sorted(starts):
             ordered = sorted(buckets[(symbol, interval, s)], key=lambda x: (x[0], x[1]))
-            bar = _bar(s, interval, ordered, previous_close, outages)
+            bar = _bar(s, interval, grace, ordered, previous_close, outages)
             bars.append(bar)
             previous_close = bar.c
         result.bars[(symbol, interval)] = bars
@@ -179,6 +180,7 @@ def reference_bars(
 def _bar(
     s: int,
     interval: int,
+    grace: int,
     ordered: list[tuple[int, int, Trade, str]],
     previous_close: float | None,
     outages: list[tuple[int, float]],
@@ -197,7 +199,7 @@ def _bar(
     else:
         h, low = max(hl), min(hl)
         o, c = (oc[0], oc[-1]) if oc else (hl[0], hl[-1])
-    if any(s <= hi and s + interval > lo for lo, hi in outages):
+    if any(s <= hi and s + interval + grace > lo for lo, hi in outages):
         flags |= OUTAGE
     v = math.fsum(size for _, size in vol)
     vw = math.fsum(p * size for p, size in vol) / v if v > 0 else None

@@ -71,15 +71,15 @@ def test_causes_seen_while_an_outage_is_open_join_it() -> None:
 
 def test_an_agg_start_marks_the_bars_still_open_without_counting_an_outage() -> None:
     outages = Outages()
-    outages.started(20_000, 250)
-    assert outages.windows == [(19_750, 20_000)]
+    outages.started(20_000)
+    assert outages.windows == [(20_000, 20_000)]
     assert outages.began_total == 0
     assert outages.current() is None
 
 
 def test_old_windows_are_forgotten_but_an_open_one_never() -> None:
     outages = Outages()
-    outages.started(1_000, 0)
+    outages.started(1_000)
     outages.lost(2_000)
     outages.clock_received(2_500, 0)
     outages.upstream_down(9_000)

@@ -219,7 +219,7 @@ class Aggregator:
         clock = decoder.clock
         if self.listening_from is None and clock is not None:
             self.listening_from = clock
-            outages.started(clock, self.config.grace_ms)
+            outages.started(clock)
         self._outages_changed(changes)
         series, bars = self._bars_to_close()
         buffer, offsets, count = self._encode_closed(series, bars)

@@ -13,9 +13,9 @@ Semantics are CONTRACT.md section 3. Choices the contract leaves open:
   code 15 alone) are never applied and never counted late.
 - ``unknown_conditions`` counts trades that carry at least one unknown code, once per trade
   (whether or not another code stops the trade from qualifying for anything).
-- Outage windows ``[lo, hi]`` on the feed clock come from :mod:`polyfan.outages`; a bar whose
-  ``[s, e)`` overlaps one (``s <= hi and e > lo``) gets ``BAR_FLAG_OUTAGE``. An open window is
-  open-ended.
+- Outage windows ``[lo, hi]`` on the feed clock come from :mod:`polyfan.outages`; a bar open
+  when one began (``e + grace > lo``) or starting inside it (``s <= hi``) gets
+  ``BAR_FLAG_OUTAGE``. An open window is open-ended.
 """
 
 from __future__ import annotations
@@ -156,8 +156,10 @@ class Bars:
     # --- outages ------------------------------------------------------------------------
 
     def set_outages(self, windows: list[tuple[int, int | None]]) -> None:
-        """The outage windows ``[lo, hi]`` on the feed clock (``hi`` None while open)."""
-        self._outage_lo = np.array([lo for lo, _ in windows], dtype=np.int64)
+        """The outage windows ``[lo, hi]`` on the feed clock (``hi`` None while open). A bar
+        still open at ``lo`` (``e + grace > lo``: a trade arriving then could still be
+        applied to it) or starting by ``hi`` is marked."""
+        self._outage_lo = np.array([lo - self.grace for lo, _ in windows], dtype=np.int64)
         self._outage_hi = np.array(
             [_INT64_MAX if hi is None else max(hi, lo) for lo, hi in windows], dtype=np.int64
         )

@@ -17,11 +17,12 @@ been missed. It begins when any of these is seen:
 The window starts at the feed clock when the cause was seen (the last clock heard before it).
 It ends at the first clock after every cause has cleared that is past its start: an upstream
 clears when the proxy reports it up again, the others at once (the proxy is heard again). While
-an outage is open, further causes join it rather than open another. Every bar open when it began
-and every bar that starts inside it (``s <= e`` and ``s + I > s_outage``) carries ``outage``.
+an outage is open, further causes join it rather than open another. Every bar still open when it
+began (``e + grace > s``: a trade arriving then could still have been applied to it) and every
+bar that starts inside it (``s <= e``) carries ``outage``.
 
 An agg that starts (or restarts) cannot know what it missed before it first heard the proxy:
-:meth:`Outages.started` marks the bars still open then, ``[clock - grace, clock]``, without
+:meth:`Outages.started` marks the bars still open then (a window ``[clock, clock]``), without
 counting an outage (there is no feed loss to report, only this agg's late start).
 """
 
@@ -111,10 +112,10 @@ class Outages:
 
     # -- what was seen ----------------------------------------------------------------------
 
-    def started(self, clock: int, grace_ms: int) -> None:
+    def started(self, clock: int) -> None:
         """This agg first heard the proxy at feed clock ``clock``: bars still open then may lack
         earlier trades. Marked, not counted, not published."""
-        self.windows.append((clock - grace_ms, clock))
+        self.windows.append((clock, clock))
 
     def heard(self, now_ms: int) -> None:
         """A message (any) arrived from the proxy at monotonic ``now_ms``."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import InvalidMessage
 
 from fake_agg import FakeAgg, bar_rows
 from polyfan.protocol import Limits
@@ -242,3 +243,43 @@ async def test_a_flood_from_forty_addresses_fills_at_most_the_handshake_cap_and_
     assert counters["polyfan_bridge_handshakes_evicted_total"] > 0, counters
     # held longer than request_timeout without a request: closed
     assert counters["polyfan_bridge_handshake_timeouts_total"] > 0, counters
+
+
+async def test_the_connection_caps_are_flags_and_past_them_connections_are_refused(
+    agg: FakeAgg,
+) -> None:
+    port = free_port()
+    args = ["--max-handshakes", "7", "--max-handshakes-per-address", "0"]
+    args += ["--max-connections-per-address", "3"]
+    with Proc("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", *args) as bridge:
+        bridge.wait_for("ready:")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5) as response:
+            limits = json.load(response)["limits"]
+        assert (
+            limits["max_handshakes"],
+            limits["max_handshakes_per_address"],
+            limits["max_connections_per_address"],
+        ) == (7, 0, 3)
+        clients = [await Client.open(f"ws://127.0.0.1:{port}/", token="t") for _ in range(3)]
+        with pytest.raises(InvalidMessage):  # a fourth from 127.0.0.1: reset at once
+            await Client.open(f"ws://127.0.0.1:{port}/", token="t")
+        await clients.pop().close()  # one place free: /metrics can be asked
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                values = scrape(port)
+                break
+            except OSError:  # the close not yet counted by the bridge
+                assert time.monotonic() < deadline, "the address never got its place back"
+                await asyncio.sleep(0.05)
+        assert values["polyfan_bridge_refused_address_connections_total"] >= 1
+        deadline = time.monotonic() + 5
+        while True:  # the scrape's connection may not be counted out yet
+            try:
+                clients.append(await Client.open(f"ws://127.0.0.1:{port}/", token="t"))
+                break
+            except InvalidMessage:
+                assert time.monotonic() < deadline, "the address never got its place back"
+                await asyncio.sleep(0.05)
+        for client in clients:
+            await client.close()

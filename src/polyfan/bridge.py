@@ -343,7 +343,11 @@ class Bridge:
     ) -> None:
         self.config = config
         self.worker = worker
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(
+            max_handshakes=config.max_handshakes,
+            max_handshakes_per_address=config.max_handshakes_per_address,
+            max_connections_per_address=config.max_connections_per_address,
+        )
         self.registry = Registry()
         self.counters = Counters(self.registry)
         self.catalog: Catalog[Agg] = Catalog()

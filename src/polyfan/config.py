@@ -158,6 +158,10 @@ class BridgeConfig:
     listen: tuple[str, int] = ("127.0.0.1", 8768)
     tokens: tuple[str, ...] = field(default=(), repr=False)
     workers: int = 1  # processes sharing the port (SO_REUSEPORT)
+    # New connections, per process (protocol.Limits has the rest of the bounds)
+    max_handshakes: int = 500
+    max_handshakes_per_address: int = 256  # 0: no cap
+    max_connections_per_address: int = 10_000  # 0: no cap
 
 
 @dataclass(frozen=True)

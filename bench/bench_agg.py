@@ -573,7 +573,7 @@ def bench_delay_core(rate: float = 3_000, symbols: int = 5_000, seconds: int = 6
     names = [f"S{i}" for i in range(symbols)]
     core = Aggregator(AggConfig(intervals_ms=INTERVALS, grace_ms=GRACE))
     warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
-    warm["t"] = T0 - 600_000
+    warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0  # within the input bounds
     start = int(trades["t"].min())
     closing = np.array([(start - 1, 0)], dtype=wire.CLOCK_DTYPE)  # the warm-up bars close here
     core.frames_received(

@@ -259,14 +259,15 @@ class Conn:
         return self.statuses > len(CHANNELS)
 
 
-def connect_all(port: int, count: int, poller: select.epoll) -> dict[int, Conn]:
-    """Open ``count`` connections in waves (under the listen backlog); return once every one
-    is authenticated and subscribed to all channels."""
+def connect_all(port: int, count: int, poller: select.epoll, source: str) -> dict[int, Conn]:
+    """Open ``count`` connections from loopback address ``source`` in waves (under the listen
+    backlog and the bridge's 256 handshakes per address); return once every one is
+    authenticated and subscribed to all channels."""
     conns: dict[int, Conn] = {}
     for start in range(0, count, 200):
         wave = []
         for _ in range(min(200, count - start)):
-            sock = socket.create_connection(("127.0.0.1", port))
+            sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
             sock.setblocking(False)
             key = base64.b64encode(os.urandom(16)).decode()
             sock.sendall(UPGRADE.format(key=key).encode())
@@ -285,7 +286,7 @@ def connect_all(port: int, count: int, poller: select.epoll) -> dict[int, Conn]:
 
 
 def client_process(
-    port: int, count: int, pipe: Connection, cpus: set[int] | None, nap: float
+    port: int, count: int, pipe: Connection, cpus: set[int] | None, nap: float, source: str
 ) -> None:
     """Connect ``count`` clients, tell the parent, receive until it says stop, then check and
     measure what arrived and send it back."""
@@ -293,7 +294,7 @@ def client_process(
     if cpus:
         os.sched_setaffinity(0, cpus)
     poller = select.epoll()
-    conns = connect_all(port, count, poller)
+    conns = connect_all(port, count, poller, source)
     for conn in conns.values():
         conn.frames.clear()
     stop_fd = pipe.fileno()
@@ -463,11 +464,12 @@ def measure(
         time.sleep(1.0)  # let the bridge hear the announce
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         pipes, processes = [], []
-        for n in shares:
+        for i, n in enumerate(shares):
             if n:
                 ours, theirs = ctx.Pipe()
+                source = f"127.0.0.{2 + i}"  # one address per process (per-address caps)
                 process = ctx.Process(
-                    target=client_process, args=(port, n, theirs, client_cpus, nap)
+                    target=client_process, args=(port, n, theirs, client_cpus, nap, source)
                 )
                 process.start()
                 pipes.append(ours)

@@ -10,8 +10,9 @@ Input is the stream as the agg receives it: a list of events in arrival order, e
 UPSTREAM record). A trade is late for an interval when its bar's ``e + grace`` is at or below the
 clock at its arrival; late trades are not applied and are counted once per interval. Bars close
 once the clock reaches ``e + grace``. An outage runs from the clock of an UPSTREAM down to the
-wall time of the next UPSTREAM up (on to the end while none comes); a bar whose ``[s, e)``
-overlaps one is flagged.
+first clock, after the next UPSTREAM up, that is past its start (on to the end while none comes:
+CONTRACT.md §12); a bar still open when one began (``e + grace`` past its start) or starting
+inside it is flagged.
 """
 
 from __future__ import annotations
@@ -132,16 +133,18 @@ def reference_bars(
     buckets: dict[tuple[str, int, int], list[tuple[int, int, Trade, str]]] = defaultdict(list)
     outages: list[tuple[int, float]] = []
     down_at: int | None = None
+    up_again = False
     for event in events:
         if isinstance(event, Clock):
             clock = event.clock if clock is None else max(clock, event.clock)
+            if down_at is not None and up_again and clock > down_at:
+                outages.append((down_at, clock))
+                down_at = None
             continue
         if isinstance(event, Upstream):
             if event.down and down_at is None:
                 down_at = event.clock
-            elif not event.down and down_at is not None:
-                outages.append((down_at, event.wall))
-                down_at = None
+            up_again = not event.down
             continue
         for trade in event.trades:
             arrival += 1
@@ -167,7 +170,7 @@ def reference_bars(
         bars = []
         for s in sorted(starts):
             ordered = sorted(buckets[(symbol, interval, s)], key=lambda x: (x[0], x[1]))
-            bar = _bar(s, interval, ordered, previous_close, outages)
+            bar = _bar(s, interval, grace, ordered, previous_close, outages)
             bars.append(bar)
             previous_close = bar.c
         result.bars[(symbol, interval)] = bars
@@ -177,6 +180,7 @@ def reference_bars(
 def _bar(
     s: int,
     interval: int,
+    grace: int,
     ordered: list[tuple[int, int, Trade, str]],
     previous_close: float | None,
     outages: list[tuple[int, float]],
@@ -195,7 +199,7 @@ def _bar(
     else:
         h, low = max(hl), min(hl)
         o, c = (oc[0], oc[-1]) if oc else (hl[0], hl[-1])
-    if any(s <= hi and s + interval > lo for lo, hi in outages):
+    if any(s <= hi and s + interval + grace > lo for lo, hi in outages):
         flags |= OUTAGE
     v = math.fsum(size for _, size in vol)
     vw = math.fsum(p * size for p, size in vol) / v if v > 0 else None

@@ -306,7 +306,10 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         assert received == count
         expected = reference_bars(events, INTERVALS, GRACE)
         assert expected.late > 0 and expected.unknown > 0  # the stream exercises both
-        assert_exact(output.bars, expected.bars)
+        try:
+            assert_exact(output.bars, expected.bars)
+        except AssertionError as exc:  # what the agg logged (an outage?) says why
+            raise AssertionError(f"{exc}\nagg output:\n{agg.output}") from exc
         assert_contiguous_sequences(output.seqs)
         # The last bars closed with no further trades: only the proxy's clock running on
         # (wall time while the feed is quiet) took it past their e + grace.
@@ -581,6 +584,7 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
         fake.clock(10_960)
         fake.upstream(wire.UPSTREAM_DOWN, 10_960, 50_000)
         fake.upstream(wire.UPSTREAM_UP, 10_960, 12_030)
+        fake.clock(12_050)  # the first clock past its start after the up ends the outage
         fake.trades("AAPL", (Trade(12_000, 7.0, 10), Trade(12_400, 8.0, 10)))
         fake.trades("A", (Trade(12_000, 1.5, 3, (37,)),))
         fake.probe(output, 20_000)
@@ -678,3 +682,99 @@ def test_a_taken_pub_address_is_a_clear_error_with_status_2(
     with Proc("agg", "--sub", endpoint("ipc", tmp_path, "p"), "--pub", taken) as agg:
         assert agg.wait(30) == 2
     assert f"--pub: cannot bind {taken}" in agg.output
+
+
+# --- input bounds: a trade that would overflow a bar's sums ----------------------------------
+
+
+def test_a_1e308_trade_is_rejected_by_the_proxy_and_the_bars_are_those_of_the_good_trades(
+    tmp_path: Path, context: Context
+) -> None:
+    """sim -> proxy -> agg with trades beyond the bounds among good ones in the same bars: the
+    bars are exactly the reference of the good trades alone (before, a 1e308 price gave
+    ``vw: null`` and h = 1e308), and the proxy counts the rejected ones by reason."""
+    base = int(time.time() * 1000)
+    good: list[tuple[str, Trade]] = []
+    frames: list[str] = []
+    for step in range(40):
+        symbol = ("AAPL", "TSLA")[step % 2]
+        trade = Trade(base + 7 * step, round(100 + step * 0.01, 2), float(10 + step))
+        good.append((symbol, trade))
+        events: list[dict[str, object]] = [
+            {"ev": "T", "sym": symbol, "p": trade.p, "s": int(trade.size), "t": trade.t}
+        ]
+        if step == 10:  # in AAPL's bars, between good trades
+            events.append({"ev": "T", "sym": "AAPL", "p": 1e308, "s": 100, "t": trade.t})
+        if step == 21:
+            events.append({"ev": "T", "sym": "TSLA", "p": 100.0, "ds": "1e13", "t": trade.t})
+            events.append({"ev": "T", "sym": "TSLA", "p": 2e9, "s": 1, "t": trade.t})
+        frames.append(json.dumps(events))
+    script = tmp_path / "script.txt"
+    script.write_text("\n".join(frames) + "\n")
+    last_t = good[-1][1].t
+    sim_port, proxy_metrics = free_port(), free_port()
+    proxy_pub, agg_pub, agg_metrics = agg_endpoints("ipc", tmp_path)
+    with (
+        Proc(
+            "proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub,
+            "--metrics", f"127.0.0.1:{proxy_metrics}", env={"MASSIVE_API_KEY": "test-key-123456"},
+        ) as proxy,
+        serving_agg(context, proxy_pub, agg_pub, agg_metrics) as (agg, output),
+    ):  # fmt: skip
+        proxy.wait_for("ready:")
+        output.pump_until(lambda: output.clock is not None, what="agg relaying the proxy clock")
+        with Proc("sim", "--listen", f"127.0.0.1:{sim_port}", "--script", str(script)) as sim:
+            sim.wait_for("ready:")
+            done_at = last_t + max(INTERVALS) + GRACE
+            output.pump_until(
+                lambda: (output.clock or 0) >= done_at, what="agg clock past the script"
+            )
+            assert sim.stop() == 0
+        proxy_values, agg_values = scrape(proxy_metrics), scrape(agg_metrics)
+        assert proxy.stop() == 0
+        assert agg.stop() == 0
+    # the reference: the good trades alone, in arrival order, closed by the last clock
+    events: list[Clock | Trades] = [Trades(symbol, (trade,)) for symbol, trade in good]
+    expected = reference_bars([*events, Clock(done_at)], INTERVALS, GRACE)
+    assert expected.late == 0
+    assert_exact(output.bars, expected.bars)
+    assert all(b.vw is not None and b.h < 1e9 for bars in output.bars.values() for b in bars)
+    assert proxy_values['polyfan_proxy_rejected_trades_total{reason="price"}'] == 2
+    assert proxy_values['polyfan_proxy_rejected_trades_total{reason="size"}'] == 1
+    assert proxy_values["polyfan_proxy_bad_messages_total"] == 3
+    assert proxy_values["polyfan_proxy_trades_total"] == len(good)
+    assert agg_values["polyfan_agg_trades_total"] == len(good)
+    assert agg_values["polyfan_agg_bad_messages_total"] == 0
+
+
+def test_the_agg_drops_trades_beyond_the_bounds_whoever_publishes_them(
+    tmp_path: Path, context: Context
+) -> None:
+    """Defence in depth: a peer on the proxy's port publishing a 1e308 price, a huge size or a
+    NaN straight onto the wire gets them counted as bad, and the bars hold only the rest."""
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=9)
+    kept = (Trade(10_000, 10.0, 100.0), Trade(10_040, 12.0, 300.0), Trade(10_090, 11.0, 1e12))
+    sent = (
+        kept[0],
+        Trade(10_010, 1e308, 100.0),
+        Trade(10_020, 10.0, 1e300),
+        kept[1],
+        Trade(10_050, float("nan"), 1.0),
+        Trade(10_060, 10.0, float("inf")),
+        kept[2],
+    )
+    with serving_agg(context, proxy_pub, agg_pub, port) as (agg, output):
+        fake.probe(output, 0)
+        fake.trades("AAPL", sent)
+        fake.probe(output, 20_000)
+        values = scrape(port)
+        assert agg.stop() == 0
+    fake.close()
+    expected = reference_bars([Trades("AAPL", kept), Clock(20_000)], INTERVALS, GRACE)
+    assert_exact(output.bars, expected.bars)
+    assert output.bars[("AAPL", 1_000)][0].vw == pytest.approx(
+        (10.0 * 100 + 12.0 * 300 + 11.0 * 1e12) / (100 + 300 + 1e12), rel=1e-12
+    )
+    assert values["polyfan_agg_trades_total"] == len(kept)
+    assert values["polyfan_agg_bad_messages_total"] == len(sent) - len(kept)

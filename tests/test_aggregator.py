@@ -84,7 +84,11 @@ def test_a_batch_in_one_buffer_gives_its_bar_messages_in_one_buffer_then_the_con
         "1000Ms.A",
         "1000Ms.AAPL",
     ]
-    assert [wire.decode(m).kind for m in out.control] == [wire.Kind.UPSTREAM, wire.Kind.CLOCK]
+    assert [wire.decode(m).kind for m in out.control] == [
+        wire.Kind.UPSTREAM,
+        wire.Kind.CLOCK,
+        wire.Kind.OUTAGE,
+    ]
     assert out.messages() == [*bars, *out.control] == expected
     aapl_100ms = core.bars.series_id(core.decoder.known_symbol_id("AAPL") or 0, 100)
     assert len(core.history.select(aapl_100ms)) == 0  # stored once the batch is sent
@@ -107,6 +111,7 @@ def test_a_control_subscription_gets_an_announce(core: Aggregator) -> None:
             "grace": 0,
             "history": 3_600_000,
             "from": None,  # nothing heard yet
+            "outage": None,
         }
     assert core.upstream_received(b"\x01100Ms.AAPL\x00") is None
     assert core.upstream_received(b"\x00_ctl\x00") is None
@@ -207,10 +212,16 @@ def test_requests_without_a_reply_address_are_counted_and_dropped(core: Aggregat
 def test_upstream_messages_are_relayed_under_the_agg_session(core: Aggregator) -> None:
     record = np.array([(wire.UPSTREAM_DOWN, 2_000, 9_999)], dtype=wire.UPSTREAM_DTYPE)
     frame = wire.encode(wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, 77, 3, 1, record.tobytes())
-    (relayed,) = (wire.decode(m) for m in core.frames_received([frame]))
+    relayed, outage = (wire.decode(m) for m in core.frames_received([frame]))
+    assert wire.decode_json(outage) == {
+        "state": "down",
+        "s": 2_000,
+        "e": None,
+        "causes": ["upstream"],
+    }
     assert (relayed.kind, relayed.session, relayed.seq) == (wire.Kind.UPSTREAM, 42, 1)
     assert wire.records(relayed).tolist() == record.tolist()
-    assert core.bars.is_down()
+    assert core.outages.is_open()
 
 
 def test_a_continuing_loss_is_one_warning_with_its_count(

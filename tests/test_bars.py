@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from polyfan import conditions, wire
 from polyfan.bars import Bars
+from polyfan.outages import Outages
 from reference import Bar, Clock, Result, Trade, Trades, Upstream, bar_from_record, reference_bars
 
 SYMBOLS = ["A", "AA", "AAPL", "BRK.A"]
@@ -40,6 +41,7 @@ class Run:
         self.names: list[str] = []
         self.clock: int | None = None
         self.published: dict[tuple[str, int], list[Bar]] = {}
+        self.outages = Outages()  # upstream down/up only: the agg's other causes need its shell
 
     def symbol_id(self, symbol: str) -> int:
         if symbol not in self.names:
@@ -51,12 +53,13 @@ class Run:
         for event in events:
             if isinstance(event, Clock):
                 self.clock = event.clock if self.clock is None else max(self.clock, event.clock)
+                self.outages.clock_received(self.clock, 0)
                 continue
             if isinstance(event, Upstream):
                 if event.down:
-                    self.bars.upstream_down(event.clock)
+                    self.outages.upstream_down(event.clock)
                 else:
-                    self.bars.upstream_up(event.wall)
+                    self.outages.upstream_up()
                 continue
             sid = self.symbol_id(event.symbol)
             arrival_clock = INT64_MIN if self.clock is None else self.clock
@@ -71,6 +74,7 @@ class Run:
         symbols = np.array([sid for _, sid, _ in rows], dtype=np.int64)
         clocks = np.array([clock for _, _, clock in rows], dtype=np.int64)
         self.bars.add_trades(trades, symbols, clocks)
+        self.bars.set_outages(self.outages.windows)
         if self.clock is not None:
             self.close(self.clock)
 
@@ -307,20 +311,24 @@ def test_unknown_codes_count_once_per_trade_and_allow_volume_only(jit: bool) -> 
 def test_bars_overlapping_an_outage_window_are_flagged(jit: bool) -> None:
     run = Run((100, 1_000), 0, jit=jit)
     run.batch([Trades("A", (Trade(10_050, 1.0, 1), Trade(10_950, 1.0, 1))), Clock(10_960)])
-    run.bars.upstream_down(10_960)
-    assert run.bars.is_down()
-    run.bars.upstream_up(12_030)
+    run.batch([Upstream(True, 10_960, 0)])
+    assert run.outages.is_open()
+    run.batch([Upstream(False, 10_960, 0), Clock(10_960)])  # not past the start: still open
+    assert run.outages.is_open()
     run.batch(
         [
-            Trades("A", (Trade(12_000, 2.0, 1), Trade(12_040, 2.0, 1), Trade(12_100, 2.0, 1))),
+            Trades("A", (Trade(12_000, 2.0, 1), Trade(12_040, 2.0, 1))),
+            Clock(12_040),  # the first clock past it closes it: [10_960, 12_040]
+            Trades("A", (Trade(12_100, 2.0, 1),)),
             Clock(20_000),
         ]
     )
+    assert run.outages.windows == [(10_960, 12_040)]
     flags = {(i, b.s): b.flags for (_, i), bars in run.published.items() for b in bars}
     assert flags == {
         (100, 10_000): 0,
         (100, 10_900): wire.BAR_FLAG_OUTAGE,  # open when the upstream went down
-        (100, 12_000): wire.BAR_FLAG_OUTAGE,
+        (100, 12_000): wire.BAR_FLAG_OUTAGE,  # starts inside it
         (100, 12_100): 0,
         (1_000, 10_000): wire.BAR_FLAG_OUTAGE,
         (1_000, 12_000): wire.BAR_FLAG_OUTAGE,
@@ -331,7 +339,7 @@ def test_bars_overlapping_an_outage_window_are_flagged(jit: bool) -> None:
 def test_an_outage_that_ended_still_flags_a_longer_bar_open_across_it(jit: bool) -> None:
     run = Run((100, 1_000), 0, jit=jit)
     run.batch([Trades("A", (Trade(10_050, 1.0, 1),)), Clock(10_100)])
-    run.batch([Upstream(True, 10_100, 0), Upstream(False, 10_100, 10_150)])
+    run.batch([Upstream(True, 10_100, 0), Upstream(False, 10_100, 0), Clock(10_150)])
     # a 100 ms bar closes well after the outage ended; the 1 s bar is still open across it
     run.batch([Trades("A", (Trade(10_300, 1.0, 1),)), Clock(10_400)])
     run.batch([Clock(11_000)])

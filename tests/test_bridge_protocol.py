@@ -803,9 +803,16 @@ async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_
             # ZeroMQ replays the bridge's subscriptions to the new publisher by itself.
             await asyncio.to_thread(second.wait_subscribed, b"500Ms.RS\x00", 10)
             await eventually(lambda: bridge.aggs[0].status()["session"] == second.session)
+            # The restart took the first agg's bars and history with it: the client is told
+            # (quick enough not to be seen silent, or seen silent first: the same two statuses).
+            down, up = await client.statuses(2)
+            assert (down["status"], down["s"]) == ("feed_down", 0)  # no clock was relayed
+            assert (up["status"], up["s"], up["e"]) == ("feed_up", 0, 0)
+            assert "restarted" in down["message"] + up["message"]
             second.publish(500, "RS", rows[3:])
             assert await client.bars(3) == [expected_event("RS", 500, r) for r in rows[3:]]
             assert counter(bridge, "polyfan_bridge_gaps_total") == 0
+            assert counter(bridge, "polyfan_bridge_outages_total") == 1
         await client.close()
     finally:
         await bridge.stop()

@@ -319,6 +319,16 @@ def test_malformed_frames_are_skipped_counted_and_named(bad: bytes, problem: str
         ({"p": "10.5"}, "price"),
         ({"p": 1e999}, "price"),
         ({"p": None}, "price"),
+        # beyond the input bounds: a bar's sums would overflow (docs/limits.md)
+        ({"p": 1e308}, "price"),
+        ({"p": 1_000_000_000.5}, "price"),
+        ({"p": 1_000_000_001}, "price"),
+        ({"s": 10**12 + 1}, "size"),
+        ({"s": 2**62}, "size"),
+        ({"ds": "1e13"}, "size"),
+        ({"ds": "1000000000000.5"}, "size"),
+        ({"ds": "1e308"}, "size"),
+        ({"p": 1e300, "s": 10**12}, "price"),
         ({"s": -1}, "size"),
         ({"s": 1.5}, "size"),
         ({"ds": "abc"}, "size"),
@@ -363,6 +373,12 @@ def test_invalid_trades_are_rejected_by_reason_and_valid_neighbours_kept(
         {"c": [255, 0, 1, 2, 3, 4, 5, 6]},
         {"t": NOW + 5_000},
         {"t": 0},
+        {"p": 1e9},  # the bounds are inclusive
+        {"p": 1_000_000_000},
+        {"s": 10**12},
+        {"s": None, "ds": "1000000000000.0"},
+        {"p": 1e9, "s": 10**12},
+        {"p": 0.0001},
     ],
 )
 def test_edge_values_that_are_valid_are_accepted(fields: dict[str, Any]) -> None:

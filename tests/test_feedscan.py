@@ -229,3 +229,36 @@ def test_number_spellings_convert_to_the_same_doubles_as_msgspec_and_float(
     assert rows == 1
     assert columns.p[0].tobytes() == np.float64(float(price)).tobytes()
     assert columns.s[0].tobytes() == np.float64(float(size.strip('"'))).tobytes()
+
+
+@pytest.mark.parametrize("python", [False, True], ids=["jit", "py_func"])
+@pytest.mark.parametrize(
+    ("value", "column", "reason", "scanned"),
+    [
+        (b'"p":1000000000.5,"s":1', "p", "price", 1_000_000_000.5),
+        (b'"p":1000000001,"s":1', "p", "price", 1_000_000_001.0),
+        (b'"p":1e308,"s":1', "p", "price", None),  # an exponent: left to msgspec
+        (b'"p":10.5,"s":1000000000001', "s", "size", 1_000_000_000_001.0),
+        (b'"p":10.5,"ds":"1000000000000.5"', "s", "size", 1_000_000_000_000.5),
+        (b'"p":10.5,"ds":"1e13"', "s", "size", None),
+    ],
+)
+def test_values_beyond_the_input_bounds_are_read_exactly_then_rejected_on_either_path(
+    python: bool, value: bytes, column: str, reason: str, scanned: float | None
+) -> None:
+    """The scanner never judges a value (msgspec's path would not either): it reads it, or
+    bails; the decoder rejects it after either, so the two paths still agree."""
+    bad = b'{"ev":"T","sym":"A",' + value + b',"t":' + str(NOW - 5).encode() + b"}"
+    good = b'{"ev":"T","sym":"A","p":10.5,"s":100,"t":%d}'
+    data = b"[" + good % (NOW - 9) + b"," + bad + b"," + good % (NOW - 1) + b"]"
+    rows, columns, _ = scan(data, python=python)
+    if scanned is None:
+        assert rows == feedscan.BAIL
+    else:
+        assert rows == 3
+        assert getattr(columns, column)[1] == scanned
+    decoder = feed.TradeDecoder()
+    decoded = decoder.decode([data], NOW)
+    assert decoded.trades.records[0]["t"].tolist() == [NOW - 9, NOW - 1]
+    assert +decoder.stats.rejected == {reason: 1}
+    assert decoder.stats.bad_messages == 1

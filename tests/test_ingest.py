@@ -12,6 +12,9 @@ from polyfan.errors import WireError
 from polyfan.ingest import FrameDecoder, join_frames, split_frames
 
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
+# Prices and sizes: mostly valid, with the edges and what would overflow a bar's sums.
+PRICES = [190.01, 1e-4, 1e9, 1e9 * (1 + 2**-52), 1e308, float("inf"), float("nan"), 0.0, -1.0]
+SIZES = [100.0, 0.0, 0.5, 1e12, 1e12 * (1 + 2**-52), 1e300, float("inf"), float("nan"), -1.0]
 TOPICS = ["T.A", "T.AA", "T.AAPL", "T.BRK.A", "T.TSLA", "_ctl", "100Ms.A", "_rep.x"]
 RECORD = {
     wire.Kind.TRADES: wire.TRADE_DTYPE,
@@ -34,6 +37,11 @@ def frames(draw: st.DrawFn) -> bytes:
         first = dtype.names[0] if dtype.names else None
         if first is not None:
             records[first] = draw(st.lists(st.integers(-5, 10**13), min_size=count, max_size=count))
+        if kind is wire.Kind.TRADES:
+            weights = st.sampled_from(PRICES[:1] * 12 + PRICES)
+            records["p"] = draw(st.lists(weights, min_size=count, max_size=count))
+            weights = st.sampled_from(SIZES[:1] * 12 + SIZES)
+            records["s"] = draw(st.lists(weights, min_size=count, max_size=count))
         payload = records.tobytes()
     frame = wire.encode(
         topic, kind, draw(st.sampled_from([1, 2**64 - 1])), draw(st.integers(0, 6)), count, payload
@@ -55,6 +63,7 @@ def expected_from_wire(batches: list[list[bytes]], accept: set[str] | None) -> d
     gaps = wire.GapCounter()
     bad = ignored = 0
     clock: int | None = None
+    control_session: int | None = None  # a control frame from another session is handed back
     trades: list[tuple[int, str, int | None]] = []
     specials: list[bytes] = []
     for batch in batches:
@@ -67,17 +76,28 @@ def expected_from_wire(batches: list[list[bytes]], accept: set[str] | None) -> d
             gaps.observe(message.topic, message.session, message.seq)
             symbol = message.topic.removeprefix("T.")
             if message.topic == wire.CONTROL:
+                new_session = control_session not in (None, message.session)
+                control_session = message.session
                 if message.kind is wire.Kind.CLOCK:
                     for value, _ in wire.records(message).tolist():
                         clock = value if clock is None else max(clock, value)
-                else:
+                if message.kind is not wire.Kind.CLOCK or new_session:
                     specials.append(frame)
             elif (
                 message.topic.startswith("T.")
                 and message.kind is wire.Kind.TRADES
                 and (accept is None or symbol in accept)
             ):
-                trades.extend((t, symbol, clock) for t in wire.records(message)["t"].tolist())
+                records = wire.records(message)
+                kept = [
+                    i
+                    for i, (p, s) in enumerate(
+                        zip(records["p"].tolist(), records["s"].tolist(), strict=True)
+                    )
+                    if 0 < p <= 1e9 and 0 <= s <= 1e12  # the bounds, written out independently
+                ]
+                bad += len(records) - len(kept)
+                trades.extend((int(records["t"][i]), symbol, clock) for i in kept)
             else:
                 ignored += 1
     return {
@@ -154,6 +174,7 @@ def test_many_topics_grow_the_table_and_stay_distinct() -> None:
     decoder = FrameDecoder()
     names = [f"S{i}" for i in range(3_000)] + ["A", "AA", "AAPL", "BRK.A", "BRK"]
     trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    trade["p"], trade["s"] = 1.0, 1.0  # within the input bounds
     batch = decoder.decode(
         [
             wire.encode(wire.trade_topic(name), wire.Kind.TRADES, 1, 1, 1, trade.tobytes())
@@ -169,6 +190,7 @@ def test_many_topics_grow_the_table_and_stay_distinct() -> None:
 def test_clock_never_moves_back_and_trades_carry_the_clock_at_their_arrival() -> None:
     decoder = FrameDecoder()
     trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    trade["p"], trade["s"] = 1.0, 1.0  # within the input bounds
 
     def clock(value: int, seq: int) -> bytes:
         record = np.array([(value, seq)], dtype=wire.CLOCK_DTYPE)
@@ -186,6 +208,7 @@ def test_clock_never_moves_back_and_trades_carry_the_clock_at_their_arrival() ->
 def test_a_trade_topic_that_is_no_symbol_is_ignored_and_counted(jit: bool) -> None:
     decoder = FrameDecoder(jit=jit)
     trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    trade["p"], trade["s"] = 1.0, 1.0  # within the input bounds
     topics = [b"T.\xff\x00", b"T.\x00", b"T." + b"X" * 40 + b"\x00", wire.trade_topic("OK")]
     batch = decoder.decode(
         [wire.encode(topic, wire.Kind.TRADES, 1, 1, 1, trade.tobytes()) for topic in topics]
@@ -216,3 +239,40 @@ def test_the_kernels_copies_of_the_wire_constants_agree_with_wire() -> None:
         conditions.VOL,
         conditions.UNKNOWN,
     )
+
+
+def test_the_kernels_copies_of_the_input_bounds_agree_with_wire() -> None:
+    assert (kernels.MAX_PRICE, kernels.MAX_SIZE) == (wire.MAX_PRICE, wire.MAX_SIZE)
+    words = np.zeros(1, wire.TRADE_DTYPE).view(np.float64)
+    assert len(words) == kernels.TRADE_WORDS
+    probe = np.zeros(1, wire.TRADE_DTYPE)
+    probe["p"], probe["s"] = 1.5, 2.5
+    assert probe.view(np.float64)[[kernels.TRADE_P_WORD, kernels.TRADE_S_WORD]].tolist() == [
+        1.5,
+        2.5,
+    ]
+
+
+@pytest.mark.parametrize("jit", JIT)
+def test_trades_that_would_overflow_a_bars_sums_are_dropped_and_counted(jit: bool) -> None:
+    """A peer on the proxy's port can publish anything: out-of-bounds trades never leave decode."""
+    decoder = FrameDecoder(jit=jit)
+    records = np.zeros(7, wire.TRADE_DTYPE)
+    records["t"] = np.arange(1, 8)
+    records["p"] = [10.0, 1e308, 20.0, float("inf"), 1e9, float("nan"), 30.0]
+    records["s"] = [1.0, 1.0, 1e13, 5.0, 1e12, 5.0, 0.0]
+    frame = wire.encode(b"T.A\x00", wire.Kind.TRADES, 7, 1, len(records), records.tobytes())
+    batch = decoder.decode([frame])
+    # kept: 10 x 1, 1e9 x 1e12 (both bounds inclusive), 30 x 0; in arrival order
+    assert batch.trades["t"].tolist() == [1, 5, 7]
+    assert batch.trades["p"].tolist() == [10.0, 1e9, 30.0]
+    assert batch.trades["s"].tolist() == [1.0, 1e12, 0.0]
+    assert batch.symbols.tolist() == [decoder.symbol_id("A")] * 3
+    assert (decoder.rejected_trades, decoder.bad_messages) == (4, 4)
+    assert int(decoder.symbol_trades[decoder.symbol_id("A")]) == 3
+    # the next message starts cleanly after the compaction
+    good = np.zeros(1, wire.TRADE_DTYPE)
+    good["t"], good["p"], good["s"] = 9, 11.0, 2.0
+    again = decoder.decode([wire.encode(b"T.A\x00", wire.Kind.TRADES, 7, 2, 1, good.tobytes())])
+    assert again.trades.tobytes() == good.tobytes()
+    assert decoder.rejected_trades == 4

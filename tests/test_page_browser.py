@@ -716,8 +716,15 @@ def test_bars_spanning_an_upstream_outage_are_shown_as_outage(
     # Drawn in the outage colour, marked on the chart, and named in the legend.
     assert page.evaluate(f"window.polyfan.candleColor({outages[0]})") == "#b58cff"
     marked = page.evaluate("window.polyfan.markers()")
-    assert marked and marked[0] == {"s": outages[0], "text": "outage"}
-    assert {m["s"] for m in marked if m["s"] <= stored[-1]["s"]} == set(outages)
+    outage_marks = [m for m in marked if m["text"] in ("outage", "")]
+    assert outage_marks and outage_marks[0] == {"s": outages[0], "text": "outage"}
+    assert {m["s"] for m in outage_marks if m["s"] <= stored[-1]["s"]} == set(outages)
+    # The bridge said so too (feed_down, then feed_up with the window): both drawn on the chart.
+    page.wait_for_function("window.polyfan.feedWindows().some((w) => w.e !== null)")
+    ((window),) = page.evaluate("window.polyfan.feedWindows()")
+    assert window["s"] <= window["e"]
+    feed_marks = {m["text"]: m["s"] for m in page.evaluate("window.polyfan.markers()")}
+    assert feed_marks["feed down"] <= feed_marks["feed up"]
     regular = next(b["s"] for b in stored if not b["outage"])
     assert page.evaluate(f"window.polyfan.candleColor({regular})") is None
     point = page.evaluate(f"window.polyfan.pointOf({outages[0]})")

@@ -402,3 +402,52 @@ def test_two_proxies_on_one_key_do_not_evict_each_other_forever(
                 stop(second)
             stop(first)
         stop(sim)
+
+
+def test_credentials_in_the_upstream_url_never_reach_the_output(
+    tmp_path: Path, subscriber: Subscribe
+) -> None:
+    """At debug level, through a refused port, a live connection and a dropped one."""
+    port, metrics = free_port(), free_port()
+    pub = endpoint("ipc", tmp_path, "proxy")
+    url = f"ws://user:secretpass@127.0.0.1:{port}/stocks?apiKey=SECRETKEY&x=1"
+    masked = f"ws://user:****@127.0.0.1:{port}/stocks?apiKey=****&x=1"
+    with Proc(
+        "proxy", "--upstream", url, "--pub", pub, "--metrics", f"127.0.0.1:{metrics}",
+        env={"MASSIVE_API_KEY": KEY, "POLYFAN_LOG": "debug"},
+    ) as proxy:  # fmt: skip
+        proxy.wait_for("ready:")
+        proxy.wait_for("cannot connect to ")  # nothing listens on the port yet
+        sub = subscriber(pub, "T.", "_ctl")
+        sub.receive_until(joined)
+        with Proc("sim", "--listen", f"127.0.0.1:{port}", "--rate", "500", "--seed", "3") as sim:
+            sim.wait_for("ready:")
+            sub.receive_until(lambda s: s.trade_count() >= 50)  # the right URL still connects
+            lines = len(proxy.lines)
+            sim.popen.send_signal(signal.SIGUSR1)  # drop it: the lost-connection path
+            proxy.wait_for("upstream connection lost", start=lines)
+            proxy.wait_for("connected to ", start=lines)
+            assert scrape(metrics)["polyfan_proxy_reconnects_total"] >= 1
+            stop(sim)
+        stop(proxy)
+    output = proxy.output
+    assert "secretpass" not in output and "SECRETKEY" not in output
+    assert f"cannot connect to {masked}" in output
+    assert f"connected to {masked}" in output
+    assert f"connecting to {masked}, subscribing T.*" in output  # the ready: line, intact
+    assert "DEBUG" in output  # debug logging was on
+
+
+def test_credentials_in_an_invalid_upstream_url_never_reach_the_error(tmp_path: Path) -> None:
+    """The refusal (and the debug traceback with the library's own exception) stays masked."""
+    with Proc(
+        "proxy", "--upstream", "http://user:secretpass@127.0.0.1:1/stocks?apiKey=SECRETKEY",
+        "--pub", endpoint("ipc", tmp_path, "proxy"),
+        env={"MASSIVE_API_KEY": KEY, "POLYFAN_LOG": "debug"},
+    ) as proxy:  # fmt: skip
+        status = proxy.wait(TIMEOUT)
+    output = proxy.output
+    assert status != 0
+    assert "Traceback" in output  # the debug traceback, with the chained exception, was shown
+    assert "secretpass" not in output and "SECRETKEY" not in output
+    assert "http://user:****@127.0.0.1:1/stocks?apiKey=****" in output

@@ -321,6 +321,8 @@ def _loop(
                 if outcome.reply is not None:
                     send(outcome.reply)
         now = time.monotonic()
+        for message in core.silence_checked(int(now * 1000)):
+            send(message)
         if now >= next_announce:
             send(core.announce())
             next_announce = now + ANNOUNCE_EVERY_S

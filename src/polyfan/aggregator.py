@@ -4,8 +4,9 @@ No sockets here: :mod:`polyfan.agg` moves bytes between ZeroMQ and this class. O
 received batch (``frames_received``) decodes every frame with one kernel call, applies every
 trade to every interval with one more, closes the bars the feed clock has passed, stores them in
 the history and returns the messages to publish: the bars (one message per topic, oldest first),
-then the relayed UPSTREAM and CLOCK control messages under this agg's own session and sequence
-numbers. ``upstream_received`` answers what arrives on the XPUB: subscriptions (an announce when
+then the relayed UPSTREAM and CLOCK control messages and any OUTAGE change under this agg's own
+session and sequence numbers. What may have been missed (:mod:`polyfan.outages`) is decided
+from each batch and from ``silence_checked`` between batches. ``upstream_received`` answers what arrives on the XPUB: subscriptions (an announce when
 someone subscribes to the control topic) and history / symbols requests (docs/architecture.md,
 "Requests to an agg, exactly").
 """
@@ -29,6 +30,7 @@ from polyfan.errors import WireError
 from polyfan.history import History
 from polyfan.ingest import FrameDecoder, join_frames, split_frames
 from polyfan.metrics import Registry
+from polyfan.outages import Change, Outages, describe
 
 log = logging.getLogger("polyfan.agg")
 
@@ -42,6 +44,10 @@ BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a t
 BAR_SIZE = wire.BAR_DTYPE.itemsize
 SUBSCRIBE = 1
 UNSUBSCRIBE = 0
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
 
 
 def _channel(value: Any) -> protocol.Channel | None:
@@ -128,6 +134,9 @@ class Aggregator:
         # lack trades sent before it listened (announced as "from"; a bridge with another agg
         # serving the same channel prefers that agg's bars for them).
         self.listening_from: int | None = None
+        self.outages = Outages()
+        # len(outages.windows) and whether one is open, as last given to the bars
+        self._windows_set: tuple[int, bool] = (0, False)
         self._warned: dict[str, tuple[float, int]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         registry = registry or Registry()
@@ -143,12 +152,18 @@ class Aggregator:
             "polyfan_agg_gaps_total", "Messages lost between proxy and agg (sequence gaps)."
         )
         self.bars_total = registry.counter("polyfan_agg_bars_total", "Bars published.")
+        self.outages_total = registry.counter(
+            "polyfan_agg_outages_total",
+            "Outages begun: windows in which trades may have been missed (upstream down, proxy "
+            "restarted, messages lost, or nothing heard from the proxy for 2 s).",
+        )
         self.unknown_total = registry.counter(
             "polyfan_agg_unknown_conditions_total",
             "Trades carrying a condition code not in the table.",
         )
         self.bad_total = registry.counter(
-            "polyfan_agg_bad_messages_total", "Received messages that did not decode."
+            "polyfan_agg_bad_messages_total",
+            "Received messages that did not decode, and trades beyond the input bounds.",
         )
         self.ignored_total = registry.counter(
             "polyfan_agg_ignored_messages_total",
@@ -193,37 +208,103 @@ class Aggregator:
 
     # --- trades in, bars out ------------------------------------------------------------
 
-    def frames_received(self, frames: Sequence[bytes]) -> list[bytes]:
+    def frames_received(self, frames: Sequence[bytes], now_ms: int | None = None) -> list[bytes]:
         """Handle one batch of frames from the proxy; return the messages to publish (their
         bars are already in the history)."""
-        out = self.batch_received(*join_frames(frames))
+        out = self.batch_received(*join_frames(frames), now_ms)
         self.batch_sent(out)
         return out.messages()
 
-    def batch_received(self, buffer: np.ndarray, offsets: np.ndarray, count: int) -> Outgoing:
+    def batch_received(
+        self, buffer: np.ndarray, offsets: np.ndarray, count: int, now_ms: int | None = None
+    ) -> Outgoing:
         """Handle one batch of ``count`` frames held in one buffer (frame i is
-        ``buffer[offsets[i]:offsets[i + 1]]``); return what to publish, in order. Call
-        :meth:`batch_sent` once it is published: storing the bars in the history waits until
-        then, so that it does not delay them (before any request is answered)."""
+        ``buffer[offsets[i]:offsets[i + 1]]``) that arrived at monotonic ``now_ms``; return
+        what to publish, in order. Call :meth:`batch_sent` once it is published: storing the
+        bars in the history waits until then, so that it does not delay them (before any
+        request is answered)."""
+        now_ms = _now_ms() if now_ms is None else now_ms
         decoder = self.decoder
         bad_before = decoder.bad_messages
         gaps_before = decoder.gaps
-        batch = decoder.decode_buffer(buffer, offsets, count)
+        clock_before = decoder.clock
+        outages = self.outages
+        outages.heard(now_ms)
+        changes: list[Change] = []
+        control: list[bytes] = []
+
+        def special(frame: bytes, clock: int | None) -> None:  # in arrival order
+            changes.extend(self._settled(now_ms))
+            changes.extend(self._control_frame(frame, clock, now_ms, control))
+            self._arm()
+
+        self._arm()
+        batch = decoder.decode_buffer(buffer, offsets, count, special)
         self.trades_total.value += len(batch.trades)
         late_before = self.bars.late_trades
         self.bars.add_trades(batch.trades, batch.symbols, batch.clocks)
         self._count(bad_before, gaps_before, late_before)
-        control = [m for m in map(self._upstream_frame, batch.specials) if m is not None]
+        changes += self._settled(now_ms)
+        if decoder.gaps != gaps_before:
+            changes += outages.lost(clock_before if clock_before is not None else decoder.clock)
+        clock = decoder.clock
+        if self.listening_from is None and clock is not None:
+            self.listening_from = clock
+            outages.started(clock)
+        self._outages_changed(changes)
         series, bars = self._bars_to_close()
         buffer, offsets, count = self._encode_closed(series, bars)
-        clock = decoder.clock
-        if self.listening_from is None:
-            self.listening_from = clock
         if clock is not None and self._relayed_clock != (clock, decoder.clock_wall):
             self._relayed_clock = (clock, decoder.clock_wall)
             record = np.array([self._relayed_clock], dtype=wire.CLOCK_DTYPE)
             control.append(self._encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, record.tobytes()))
+        control += map(self._outage_message, changes)
         return Outgoing(buffer, offsets, count, control, series, bars)
+
+    def _arm(self) -> None:
+        """An outage whose causes have cleared ends at the first CLOCK past its start: the
+        decoder notes it as it decodes, in arrival order."""
+        self.decoder.close_past(self.outages.closes_past())
+
+    def _settled(self, now_ms: int) -> list[Change]:
+        """End the outage the decoder saw a CLOCK end (see :meth:`_arm`)."""
+        clock = self.decoder.closed_at()
+        return [] if clock is None else self.outages.clock_received(clock, now_ms)
+
+    def silence_checked(self, now_ms: int | None = None) -> list[bytes]:
+        """Between batches: an outage begins when nothing has come from the proxy for 2 s;
+        return the messages that say so."""
+        now_ms = _now_ms() if now_ms is None else now_ms
+        changes = self.outages.silent(now_ms, self.decoder.clock)
+        self._outages_changed(changes)
+        return [self._outage_message(change) for change in changes]
+
+    def _outages_changed(self, changes: list[Change]) -> None:
+        """Give the bars the windows when they changed, count and log the changes."""
+        outages = self.outages
+        shape = (len(outages.windows), outages.is_open())
+        if changes or shape != self._windows_set:
+            self.bars.set_outages(outages.windows)
+            self._windows_set = shape
+        self.outages_total.value = outages.began_total
+        for change in changes:
+            if change.e is None:
+                log.warning(
+                    "outage begins at feed clock %d: %s; bars from then carry outage: true",
+                    change.s,
+                    describe(change.causes),
+                )
+            else:
+                log.warning(
+                    "outage over: feed clock %d to %d (%.3f s) marked as outage (%s)",
+                    change.s,
+                    change.e,
+                    (change.e - change.s) / 1000,
+                    describe(change.causes),
+                )
+
+    def _outage_message(self, change: Change) -> bytes:
+        return self.sequencer.encode_json(wire.CONTROL_TOPIC, wire.Kind.OUTAGE, change.as_json())
 
     def batch_sent(self, out: Outgoing) -> None:
         """The batch ``out`` has been published: store its bars in the history."""
@@ -236,7 +317,7 @@ class Aggregator:
         self.ignored_total.value = decoder.ignored_messages
         if decoder.bad_messages != bad_before:
             self.bad_total.value = decoder.bad_messages
-            self._warn("bad", decoder.bad_messages, "%d messages did not decode")
+            self._warn("bad", decoder.bad_messages, "%d messages (or out-of-bounds trades) dropped")
         if decoder.gaps != gaps_before:
             self.gaps_total.value = decoder.gaps
             self._warn("gaps", decoder.gaps, "%d messages from the proxy lost in transit")
@@ -253,24 +334,32 @@ class Aggregator:
             log.warning(message, total - last_total)
             self._warned[what] = (now, total)
 
-    def _upstream_frame(self, frame: bytes) -> bytes | None:
-        """An UPSTREAM down/up from the proxy: mark the outage, relay it."""
+    def _control_frame(
+        self, frame: bytes, clock_before: int | None, now_ms: int, relay: list[bytes]
+    ) -> list[Change]:
+        """A control frame the decoder handed back, ``clock_before`` the feed clock before
+        it: another publisher session (the proxy restarted), or an UPSTREAM down/up (relayed
+        under this agg's session)."""
         try:
             message = wire.decode(frame)
         except WireError:
-            return None
+            return []
+        changes = self.outages.session_seen(message.session, clock_before, now_ms)
         if message.kind is not wire.Kind.UPSTREAM:
-            return None
-        for state, clock, wall in wire.records(message).tolist():
+            return changes
+        for state, clock, _ in wire.records(message).tolist():
             if state == wire.UPSTREAM_DOWN:
                 log.warning("proxy reports the upstream down at feed clock %d", clock)
-                self.bars.upstream_down(clock)
+                changes += self.outages.upstream_down(clock)
             else:
                 log.info("proxy reports the upstream up again")
-                self.bars.upstream_up(wall)
-        return self._encode(
-            wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, message.count, bytes(message.payload)
+                changes += self.outages.upstream_up()
+        relay.append(
+            self._encode(
+                wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, message.count, bytes(message.payload)
+            )
         )
+        return changes
 
     def bars_closed(self) -> list[bytes]:
         """Close what the feed clock has passed; one BARS message per topic, oldest first
@@ -355,6 +444,10 @@ class Aggregator:
         clock = self.decoder.clock
         if clock is not None:
             self.history.trim(clock, busy)
+            windows = len(self.outages.windows)
+            self.outages.forget_before(self.bars.outages_needed_after(clock))
+            if len(self.outages.windows) != windows:
+                self._outages_changed([])
 
     # --- the XPUB side: subscriptions and requests --------------------------------------
 
@@ -367,6 +460,7 @@ class Aggregator:
             "grace": self.config.grace_ms,
             "history": self.config.history_ms,
             "from": self.listening_from,
+            "outage": None if (now := self.outages.current()) is None else now.as_json(),
         }
         return self.sequencer.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, value)
 

@@ -13,9 +13,9 @@ Semantics are CONTRACT.md section 3. Choices the contract leaves open:
   code 15 alone) are never applied and never counted late.
 - ``unknown_conditions`` counts trades that carry at least one unknown code, once per trade
   (whether or not another code stops the trade from qualifying for anything).
-- An outage window is ``[clock at UPSTREAM down, wall time at UPSTREAM up]``; a bar whose
-  ``[s, e)`` overlaps it (``s <= hi and e > lo``) gets ``BAR_FLAG_OUTAGE``. While the upstream is
-  down the window is open-ended.
+- Outage windows ``[lo, hi]`` on the feed clock come from :mod:`polyfan.outages`; a bar open
+  when one began (``e + grace > lo``) or starting inside it (``s <= hi``) gets
+  ``BAR_FLAG_OUTAGE``. An open window is open-ended.
 """
 
 from __future__ import annotations
@@ -92,9 +92,6 @@ class Bars:
         self._grow_pool()
         return True
 
-    def is_down(self) -> bool:
-        return bool(len(self._outage_hi)) and int(self._outage_hi[-1]) == _INT64_MAX
-
     def ensure_symbols(self, count: int) -> None:
         """Make room for symbol ids ``0 .. count - 1``."""
         need = count * len(self.intervals)
@@ -158,25 +155,19 @@ class Bars:
 
     # --- outages ------------------------------------------------------------------------
 
-    def upstream_down(self, clock: int) -> None:
-        """The proxy lost its upstream at feed clock ``clock``: open an outage window."""
-        if self.is_down():
-            return
-        self._outage_lo = np.append(self._outage_lo, np.int64(clock))
-        self._outage_hi = np.append(self._outage_hi, np.int64(_INT64_MAX))
+    def set_outages(self, windows: list[tuple[int, int | None]]) -> None:
+        """The outage windows ``[lo, hi]`` on the feed clock (``hi`` None while open). A bar
+        still open at ``lo`` (``e + grace > lo``: a trade arriving then could still be
+        applied to it) or starting by ``hi`` is marked."""
+        self._outage_lo = np.array([lo - self.grace for lo, _ in windows], dtype=np.int64)
+        self._outage_hi = np.array(
+            [_INT64_MAX if hi is None else max(hi, lo) for lo, hi in windows], dtype=np.int64
+        )
 
-    def upstream_up(self, wall: int) -> None:
-        """The upstream is back at wall time ``wall``: the open window ends there."""
-        if self.is_down():
-            self._outage_hi[-1] = max(int(wall), int(self._outage_lo[-1]))
-
-    def _forget_old_outages(self, clock: int) -> None:
-        # A window can only touch bars with s <= hi; every bar still to close has
-        # s > clock - grace - max interval.
-        keep = self._outage_hi >= clock - self.grace - int(self.intervals.max())
-        if not keep.all():
-            self._outage_lo = self._outage_lo[keep]
-            self._outage_hi = self._outage_hi[keep]
+    def outages_needed_after(self, clock: int) -> int:
+        """Windows ending before this clock can no longer touch a bar still to close: every
+        such bar has ``s > clock - grace - the longest interval``."""
+        return clock - self.grace - int(self.intervals.max())
 
     # --- bars out -----------------------------------------------------------------------
 
@@ -216,8 +207,6 @@ class Bars:
             bars["n"],
             bars["flags"],
         )
-        if len(self._outage_lo):
-            self._forget_old_outages(clock)
         return series[:count], bars[:count]
 
     def series_id(self, symbol_id: int, interval_ms: int) -> int:

@@ -54,7 +54,10 @@ from polyfan import wire
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
 from polyfan.fanout import Arrival, Backlog, Fanout, Seam, chunked
+from polyfan.feedstatus import OUTAGE, SILENT, FeedStatus
+from polyfan.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
 from polyfan.metrics import Registry
+from polyfan.outages import describe
 from polyfan.protocol import (
     AUTH_TIMEOUT,
     CLOSE_POLICY_VIOLATION,
@@ -107,6 +110,9 @@ STATIC = Path(__file__).parent / "static"
 WARN_EVERY_S = 5.0  # a continuing problem is one WARNING per this many seconds, with its count
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
+SILENT_AFTER = 2.0  # not heard for this long (it relays the clock 10 times a second, announces
+# every second): its channels' feed is down unless a replica carries them (feed_down)
+WATCH_EVERY = 0.25  # seconds between checks of who is heard
 WHOLE_MARGIN_MS = 1000  # an agg's bars up to this long after its announced "from" may be partial
 STAND_IN_WAIT = 1.0  # seconds such bars wait for another agg's whole copies before going out
 READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see Bridge._read)
@@ -117,6 +123,7 @@ HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
+OPEN_TIMEOUT = 10.0  # the whole opening handshake, an HTTP answer included (over REQUEST_TIMEOUT)
 PING_INTERVAL = 20.0  # keepalive: a ping this often ...
 PING_TIMEOUT = 20.0  # ... and a client that has not answered it this long after is closed (1011)
 CLOSE_INTERNAL_ERROR = 1011  # websockets' close code for a keepalive timeout
@@ -222,6 +229,16 @@ class Counters:
         self.http_requests = registry.counter(
             "polyfan_bridge_http_requests_total", "HTTP requests answered."
         )
+        self.outages = registry.counter(
+            "polyfan_bridge_outages_total",
+            "Aggregators gone down: reporting an outage of the feed behind them, not heard for "
+            f"{SILENT_AFTER:g} s, or restarted (their history lost with them).",
+        )
+        self.feed_statuses = registry.counter(
+            "polyfan_bridge_feed_statuses_total",
+            "feed_down and feed_up statuses sent to clients.",
+        )
+        self.gate = GateCounters(registry)
 
 
 @dataclass(eq=False)
@@ -239,6 +256,13 @@ class Agg:
     topics: set[bytes] = field(default_factory=set)  # subscribed ZeroMQ prefixes
     seen: set[str] = field(default_factory=set)  # bar topics received (for gap counting)
     whole_after: float = math.inf  # its bars with s <= this may be partial (announce "from")
+    clock: int | None = None  # the feed clock it last relayed
+    silent_session: int | None = None  # its session when it fell silent (None: it is heard)
+    silent: bool = False
+
+    def session(self) -> int | None:
+        value = (self.announce or {}).get("session")
+        return value if isinstance(value, int) else None
 
     def is_heard(self) -> bool:
         return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
@@ -337,10 +361,15 @@ class Bridge:
     ) -> None:
         self.config = config
         self.worker = worker
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(
+            max_handshakes=config.max_handshakes,
+            max_handshakes_per_address=config.max_handshakes_per_address,
+            max_connections_per_address=config.max_connections_per_address,
+        )
         self.registry = Registry()
         self.counters = Counters(self.registry)
         self.catalog: Catalog[Agg] = Catalog()
+        self.feed: FeedStatus[Agg, Client] = FeedStatus()
         self.fanout: Fanout[Client] = Fanout()
         self.clients: dict[int, Client] = {}
         self.aggs: list[Agg] = []
@@ -354,6 +383,7 @@ class Bridge:
         self._context = zmq.asyncio.Context()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
+        self._gate: Gate | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self._delivered: dict[str, int] = {}  # bar topic -> start of the newest bar forwarded
         # bar topic -> (since, bars awaiting another agg's whole copies), oldest first
@@ -397,11 +427,18 @@ class Bridge:
             self.aggs.append(agg)
             self._spawn(self._read(agg))
         host, port = self.config.listen
+        # Every new connection is admitted or refused before it costs more than its socket
+        # (polyfan.gate; caps per process, docs/limits.md).
+        gate = Gate(self.limits, self.counters.gate, connection_budget(self.limits))
+        self.registry.on_collect(gate.collect)
+        self._gate = gate
         try:
             self._server = await serve(
                 self._serve_client,
                 host,
                 port,
+                create_connection=gate.connection_class,
+                open_timeout=OPEN_TIMEOUT,
                 process_request=self._http,
                 compression=None,
                 max_size=self.limits.max_frame_bytes,
@@ -409,7 +446,7 @@ class Bridge:
                 close_timeout=CLOSE_TIMEOUT,
                 ping_interval=PING_INTERVAL,
                 ping_timeout=PING_TIMEOUT,
-                backlog=4096,
+                backlog=LISTEN_BACKLOG,
                 logger=_ws_log,
                 reuse_port=self.worker is not None,
             )
@@ -446,6 +483,8 @@ class Bridge:
         for agg in self.aggs:
             agg.socket.close(linger=0)
         self._context.term()
+        if self._gate is not None:
+            self._gate.close()
         if self._pass_log is not None:
             self._pass_log.close()
 
@@ -483,16 +522,21 @@ class Bridge:
             )
 
     async def _watch_aggs(self) -> None:
-        """Say when an aggregator is not heard from, goes silent, or comes back."""
+        """Say when an aggregator is not heard from, goes silent, or comes back; flush the
+        stand-ins that waited in vain."""
         started = time.monotonic()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(WATCH_EVERY)
             if self._stand_ins:
                 try:
                     self._flush_stand_ins()
                 except Exception:  # a bug must not stop the watcher
                     log.exception("unexpected error sending stand-in bars")
             for agg in self.aggs:
+                try:
+                    self._watch_silence(agg)
+                except Exception:  # a bug must not stop the watcher
+                    log.exception("unexpected error watching %s", agg.endpoint)
                 heard = agg.is_heard()
                 if heard == agg.was_heard:
                     continue
@@ -510,6 +554,56 @@ class Bridge:
                         HEARD_WITHIN,
                     )
                 agg.was_heard = heard
+
+    def _watch_silence(self, agg: Agg) -> None:
+        """An agg heard before and silent for SILENT_AFTER is down (its clients' feed too,
+        unless a replica carries their channels) until it announces itself again."""
+        if agg.heard_at is None:
+            return
+        if time.monotonic() - agg.heard_at >= SILENT_AFTER and not agg.silent:
+            agg.silent = True
+            agg.silent_session = agg.session()
+            s = agg.clock if agg.clock is not None else 0
+            if self.feed.agg_down(agg, SILENT, s, f"aggregator {agg.endpoint} not heard"):
+                self.counters.outages.inc()
+                log.warning(
+                    "aggregator %s not heard for %gs: its clients' feed is down unless a "
+                    "replica carries their channels",
+                    agg.endpoint,
+                    SILENT_AFTER,
+                )
+                self._feed_changed()
+
+    def _heard_again(self, agg: Agg, announce: dict[str, Any]) -> None:
+        """A silent agg announces itself again (it announces every second): it is back,
+        restarted if its session changed."""
+        agg.silent = False
+        e, why = self._back_from(agg, announce.get("session") != agg.silent_session)
+        if self.feed.agg_up(agg, SILENT, e, why):
+            log.info("aggregator %s heard again: %s", agg.endpoint, why)
+            self._feed_changed()
+
+    def _back_from(self, agg: Agg, restarted: bool) -> tuple[int, str]:
+        """Where a silent or restarted agg's bars start again, and what was lost."""
+        clock = agg.clock if agg.clock is not None else 0
+        if not restarted:
+            return clock, f"aggregator {agg.endpoint} heard again"
+        start = (agg.announce or {}).get("from")
+        e = int(start) if isinstance(start, int) else clock
+        return e, (
+            f"aggregator {agg.endpoint} restarted: the bars and history it held went with it; "
+            f"it serves bars again from {e}"
+        )
+
+    def _feed_changed(self, only: Client | None = None) -> None:
+        """Send each client (or ``only`` that one) the feed_down / feed_up it is due."""
+        clients = [only] if only is not None else list(self.clients.values())
+        channels = self.fanout.channels_of
+        for client, event in self.feed.statuses(
+            ((client, channels(client)) for client in clients), self.catalog.aggs_for
+        ):
+            self.counters.feed_statuses.inc()
+            self._push(client, encode_events([event]), 0)
 
     async def _share_counters(self, worker: Worker) -> None:
         while True:
@@ -586,7 +680,13 @@ class Bridge:
         if kind is wire.Kind.BARS:
             self._bars_received(agg, message)
             return message.count
-        if kind is wire.Kind.ANNOUNCE:
+        if kind is wire.Kind.CLOCK:
+            if message.count:
+                clock = int(wire.records(message)["clock"].max())
+                agg.clock = clock if agg.clock is None else max(agg.clock, clock)
+        elif kind is wire.Kind.OUTAGE:
+            self._outage_reported(agg, message)
+        elif kind is wire.Kind.ANNOUNCE:
             self._announced(agg, message)
         elif kind is wire.Kind.HISTORY or kind is wire.Kind.SYMBOLS:
             self._replied(agg, message)
@@ -761,7 +861,12 @@ class Bridge:
             and agg.announce is not None
             and agg.announce.get("session") != announce.get("session")
         )
+        if restarted and not agg.silent:  # too quick to be seen silent: its history is lost
+            self._restarted_unseen(agg, announce)
         agg.announce = announce
+        if agg.silent:
+            self._heard_again(agg, announce)
+        self._outage_announced(agg, announce.get("outage"))
         if "from" not in announce:  # an agg from before "from": taken as whole
             agg.whole_after = -math.inf
         elif announce["from"] is None:  # not heard the proxy yet
@@ -779,6 +884,61 @@ class Bridge:
             )
             for channel in self.fanout.channels():
                 self._route_channel(channel)
+
+    def _restarted_unseen(self, agg: Agg, announce: dict[str, Any]) -> None:
+        s = agg.clock if agg.clock is not None else 0
+        start = announce.get("from")
+        e = int(start) if isinstance(start, int) else s
+        why = (
+            f"aggregator {agg.endpoint} restarted: the bars and history it held went with it; "
+            f"it serves bars again from {e}"
+        )
+        if self.feed.agg_down(agg, SILENT, s, why):
+            self.counters.outages.inc()
+            log.warning("%s", why)
+            self._feed_changed()
+        if self.feed.agg_up(agg, SILENT, e, why):
+            self._feed_changed()
+
+    def _outage_reported(self, agg: Agg, message: wire.Message) -> None:
+        """An OUTAGE message: the feed behind ``agg`` lost trades, or is whole again."""
+        try:
+            self._outage_announced(agg, wire.decode_json(message), reported=True)
+        except (WireError, KeyError, TypeError, ValueError) as exc:
+            self.counters.wire_errors.inc()
+            log.warning("bad OUTAGE from %s: %s", agg.endpoint, exc)
+
+    def _outage_announced(self, agg: Agg, outage: Any, *, reported: bool = False) -> None:
+        """An agg's outage state, from an OUTAGE message or (as a backstop for a message
+        missed while subscribing) its announce: ``{"state", "s", "e", "causes"}`` or None."""
+        if outage is None:
+            if (
+                not reported
+                and agg.clock is not None
+                and self.feed.agg_up(agg, OUTAGE, agg.clock, "the feed is whole again")
+            ):
+                self._feed_changed()
+            return
+        causes = tuple(str(cause) for cause in outage.get("causes") or ())
+        why = describe(causes) or "outage"
+        if outage["state"] == "down":
+            if self.feed.agg_down(agg, OUTAGE, int(outage["s"]), why):
+                self.counters.outages.inc()
+                log.warning(
+                    "aggregator %s reports an outage from feed clock %d: %s",
+                    agg.endpoint,
+                    int(outage["s"]),
+                    why,
+                )
+                self._feed_changed()
+        elif self.feed.agg_up(agg, OUTAGE, int(outage["e"]), f"outage over ({why})"):
+            log.info(
+                "aggregator %s: outage over, feed clock %d to %d",
+                agg.endpoint,
+                int(outage["s"]),
+                int(outage["e"]),
+            )
+            self._feed_changed()
 
     def _replied(self, agg: Agg, message: wire.Message) -> None:
         """A reply on this bridge's route: taken only as the answer to a request it has
@@ -1010,6 +1170,7 @@ class Bridge:
                         await asyncio.shield(writer)
             writer.cancel()
             del self.clients[client.id]
+            self.feed.forget_client(client)
             for channel in self.fanout.remove_client(client):
                 self._unroute_channel(channel)
             self.counters.bars_dropped.inc(client.backlog.clear())
@@ -1032,6 +1193,7 @@ class Bridge:
         channel = command.channel
         if self.fanout.subscribe(client, channel):
             self._route_channel(channel)
+        self._feed_changed(only=client)  # joining while its feed is down: feed_down now
         if command.since is not None:
             seam = self.fanout.hold(client, channel)
             self._spawn(self._send_history(client, channel, seam, command.since))

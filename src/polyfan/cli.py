@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from polyfan import config as cfg
+from polyfan import redact
 from polyfan.errors import ConfigError, PolyfanError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,7 +85,7 @@ def _run(run: Callable[[Any], int], config: Any) -> None:
     except PolyfanError as exc:
         if log.isEnabledFor(logging.DEBUG):
             log.exception("fatal")
-        click.echo(f"polyfan: {exc}", err=True)
+        click.echo(f"polyfan: {redact.mask_urls_in(str(exc))}", err=True)
         sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         status = 0
@@ -114,6 +115,7 @@ def main(log_level: str | None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact.install(logging.getLogger())  # no URL credentials in any line (docs/proxy.md)
     log.debug(
         "polyfan %s starting (pid %d)", click.get_current_context().invoked_subcommand, os.getpid()
     )
@@ -283,8 +285,35 @@ def agg(
     show_default=True,
     help="Processes sharing the port (SO_REUSEPORT), for many thousands of clients.",
 )
+@click.option(
+    "--max-handshakes",
+    type=click.IntRange(min=1),
+    default=cfg.BridgeConfig.max_handshakes,
+    show_default=True,
+    help="Connections still in the handshake at once, per process (docs/limits.md).",
+)
+@click.option(
+    "--max-handshakes-per-address",
+    type=click.IntRange(min=0),
+    default=cfg.BridgeConfig.max_handshakes_per_address,
+    show_default=True,
+    help="Of those, from one client address; 0: no cap (behind a reverse proxy).",
+)
+@click.option(
+    "--max-connections-per-address",
+    type=click.IntRange(min=0),
+    default=cfg.BridgeConfig.max_connections_per_address,
+    show_default=True,
+    help="Connections (handshakes and clients) from one client address; 0: no cap.",
+)
 def bridge(
-    sub: tuple[str, ...], listen: tuple[str, int], tokens: tuple[str, ...], workers: int
+    sub: tuple[str, ...],
+    listen: tuple[str, int],
+    tokens: tuple[str, ...],
+    workers: int,
+    max_handshakes: int,
+    max_handshakes_per_address: int,
+    max_connections_per_address: int,
 ) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
@@ -294,6 +323,9 @@ def bridge(
         listen=listen,
         tokens=cfg.read_tokens(os.environ, tokens),
         workers=workers,
+        max_handshakes=max_handshakes,
+        max_handshakes_per_address=max_handshakes_per_address,
+        max_connections_per_address=max_connections_per_address,
     )
     _run(role.run, config)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from polyfan.errors import ConfigError
+from polyfan.redact import mask_url
 
 DEFAULT_UPSTREAM = "wss://socket.massive.com/stocks"
 DEFAULT_PROXY_PUB = "tcp://127.0.0.1:8767"
@@ -106,8 +108,26 @@ def mask_secret(secret: str) -> str:
     return "****" + (secret[-4:] if len(secret) >= 12 else "")
 
 
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_url(value) if "://" in value or "@" in value else value
+    if isinstance(value, tuple):
+        return tuple(_masked(v) for v in value)
+    return value
+
+
+def _repr_masking_urls(self: Any) -> str:
+    """The dataclass repr, with URL credentials masked (secrets are ``repr=False`` already)."""
+    shown = ", ".join(
+        f"{f.name}={_masked(getattr(self, f.name))!r}" for f in fields(self) if f.repr
+    )
+    return f"{type(self).__name__}({shown})"
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
+    __repr__ = _repr_masking_urls
+
     api_key: str = field(repr=False)
     upstream: str = DEFAULT_UPSTREAM
     subscribe: str = "T.*"
@@ -117,6 +137,8 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class AggConfig:
+    __repr__ = _repr_masking_urls
+
     sub: tuple[str, ...] = (DEFAULT_PROXY_PUB,)
     pub: str = DEFAULT_AGG_PUB
     symbols: tuple[str, ...] | None = None  # None: every symbol
@@ -130,10 +152,16 @@ class AggConfig:
 
 @dataclass(frozen=True)
 class BridgeConfig:
+    __repr__ = _repr_masking_urls
+
     sub: tuple[str, ...] = (DEFAULT_AGG_PUB,)
     listen: tuple[str, int] = ("127.0.0.1", 8768)
     tokens: tuple[str, ...] = field(default=(), repr=False)
     workers: int = 1  # processes sharing the port (SO_REUSEPORT)
+    # New connections, per process (protocol.Limits has the rest of the bounds)
+    max_handshakes: int = 500
+    max_handshakes_per_address: int = 256  # 0: no cap
+    max_connections_per_address: int = 10_000  # 0: no cap
 
 
 @dataclass(frozen=True)
@@ -157,6 +185,8 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class TapConfig:
+    __repr__ = _repr_masking_urls
+
     endpoint: str
     prefixes: tuple[str, ...] = ()
     count: int | None = None

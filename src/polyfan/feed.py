@@ -276,8 +276,9 @@ class TradeDecoder:
         valid = np.ones(n, dtype=bool)
         checks = (
             ("symbol", ids >= 0),
-            ("price", np.isfinite(records["p"])),
-            ("size", np.isfinite(records["s"]) & (records["s"] >= 0)),
+            # within wire.MAX_PRICE / MAX_SIZE: a bar's sums stay finite (docs/limits.md)
+            ("price", (records["p"] > 0) & (records["p"] <= wire.MAX_PRICE)),
+            ("size", (records["s"] >= 0) & (records["s"] <= wire.MAX_SIZE)),
             ("future", records["t"] <= now_ms + FUTURE_LIMIT_MS),
         )
         for reason, ok in checks:

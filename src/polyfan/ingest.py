@@ -5,7 +5,8 @@ sequence state (gaps counted exactly as :class:`polyfan.wire.GapCounter` counts 
 session id is a publisher restart, not a loss) and the feed clock (the largest CLOCK seen, so it
 never runs backwards). ``decode(frames)`` returns the batch's trades in arrival order, each with
 its symbol id and the feed clock at its arrival, plus the control frames other than CLOCK
-(UPSTREAM, ...) for the caller to handle; ``decode_buffer(buffer, offsets, count)`` does the same
+(UPSTREAM, ...) and any control frame from a publisher session other than the one before it,
+for the caller to handle; ``decode_buffer(buffer, offsets, count)`` does the same
 for frames already in one buffer (the agg's compiled receive path). It is the same codec as :mod:`polyfan.wire`, compiled:
 the tests check the two agree frame for frame.
 """
@@ -23,6 +24,8 @@ from polyfan import kernels, wire
 from polyfan.config import SYMBOL_RE
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
+_INT64_MAX = int(np.iinfo(np.int64).max)
+SpecialHandler = Callable[[bytes, "int | None"], None]  # the frame, the clock before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,8 @@ class FrameDecoder:
         self.symbol_trades = np.zeros(64, dtype=np.int64)
         self.state = np.zeros(kernels.N_DECODER, dtype=np.int64)
         self.state[kernels.D_CLOCK] = _INT64_MIN
+        self.state[kernels.D_CLOSE_PAST] = _INT64_MAX
+        self.state[kernels.D_CLOSED_AT] = _INT64_MIN
         self._add_topic(wire.CONTROL.encode(), kernels.TOPIC_CONTROL)
         self._rehash(len(self._slots))  # loads the kernel now, not in the batch that needs it
         for symbol in symbols or ():
@@ -86,6 +91,19 @@ class FrameDecoder:
     def clock_wall(self) -> int:
         return int(self.state[kernels.D_CLOCK_WALL])
 
+    def close_past(self, clock: int | None) -> None:
+        """Note the first CLOCK from now on that takes the feed clock past ``clock`` (None:
+        none); :meth:`closed_at` tells it."""
+        self.state[kernels.D_CLOSE_PAST] = _INT64_MAX if clock is None else clock
+
+    def closed_at(self) -> int | None:
+        """The feed clock the CLOCK asked for by :meth:`close_past` made, once, else None."""
+        value = int(self.state[kernels.D_CLOSED_AT])
+        if value == _INT64_MIN:
+            return None
+        self.state[kernels.D_CLOSED_AT] = _INT64_MIN
+        return value
+
     @property
     def gaps(self) -> int:
         return int(self.state[kernels.D_GAPS])
@@ -93,6 +111,11 @@ class FrameDecoder:
     @property
     def bad_messages(self) -> int:
         return int(self.state[kernels.D_BAD])
+
+    @property
+    def rejected_trades(self) -> int:
+        """Trades outside ``wire.MAX_PRICE`` / ``MAX_SIZE``, dropped (also in bad_messages)."""
+        return int(self.state[kernels.D_REJECTED])
 
     @property
     def ignored_messages(self) -> int:
@@ -176,21 +199,31 @@ class FrameDecoder:
         """Decode received frames, in arrival order, into one batch of trades."""
         return self.decode_buffer(*join_frames(frames))
 
-    def decode_buffer(self, buffer: np.ndarray, offsets: np.ndarray, count: int) -> Batch:
+    def decode_buffer(
+        self,
+        buffer: np.ndarray,
+        offsets: np.ndarray,
+        count: int,
+        special: SpecialHandler | None = None,
+    ) -> Batch:
         """Decode ``count`` received frames held in one buffer (frame i is
         ``buffer[offsets[i]:offsets[i + 1]]``), in arrival order, into one batch of trades.
-        Nothing in the batch refers to ``buffer``: the caller may reuse it."""
+        With ``special``, each special frame is handed to it as it is met, with the feed
+        clock before it, instead of listed in the batch. Nothing in the batch refers
+        to ``buffer``: the caller may reuse it."""
         offsets = offsets[: count + 1]
         buf = buffer[: offsets[-1]]
         buf.flags.writeable = False  # one array type for the kernels, whoever owns the buffer
         room = len(buf) // kernels.TRADE_SIZE
         out = np.empty(room * kernels.TRADE_SIZE, dtype=np.uint8)
+        out_words = out.view(np.float64)
         symbols = np.empty(room, dtype=np.int64)
         clocks = np.empty(room, dtype=np.int64)
         specials = np.empty(count, dtype=np.int64)
         state = self.state
         state[kernels.D_TRADES] = 0
         state[kernels.D_SPECIALS] = 0
+        state[kernels.D_STOP_AT_SPECIALS] = special is not None
         start = 0
         while True:
             start = self._decode(
@@ -207,12 +240,24 @@ class FrameDecoder:
                 self.symbol_trades,
                 state,
                 out,
+                out_words,
                 symbols,
                 clocks,
                 specials,
             )
-            if start < 0:
+            if start == -1:
                 break
+            if start < -1:  # stopped after a special frame
+                frame = -(start + 2)
+                assert special is not None
+                before = int(state[kernels.D_SPECIAL_CLOCK])
+                special(
+                    buf[offsets[frame] : offsets[frame + 1]].tobytes(),
+                    None if before == _INT64_MIN else before,
+                )
+                state[kernels.D_SPECIALS] = 0
+                start = frame + 1
+                continue
             self._register_new_topics(buf, offsets, start)
         count = int(state[kernels.D_TRADES])
         return Batch(

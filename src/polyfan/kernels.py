@@ -417,11 +417,17 @@ KIND_TRADES = 1
 KIND_BARS = 2
 KIND_CLOCK = 3
 KIND_UPSTREAM = 4
-MAX_KIND = 7
+MAX_KIND = 8
 
 TOPIC_CONTROL = -1  # topic_sym value for the control topic
 TOPIC_IGNORED = -2  # a topic we do not use (counted, skipped)
 TOPIC_WIDTH = 128  # longest topic the table stores; longer ones are bad messages
+# A trade record as float64 words: p and s are words 1 and 2 (wire.TRADE_DTYPE).
+TRADE_WORDS = 7
+TRADE_P_WORD = 1
+TRADE_S_WORD = 2
+MAX_PRICE = 1e9  # wire.MAX_PRICE: a trade outside the bounds is dropped at decode, counted
+MAX_SIZE = 1e12  # wire.MAX_SIZE
 
 # decoder state entries
 D_CLOCK = 0  # the largest feed clock seen (monotonic)
@@ -432,7 +438,12 @@ D_SPECIALS = 4  # frames handed back to Python (UPSTREAM, ANNOUNCE ... on the co
 D_GAPS = 5
 D_BAD = 6
 D_IGNORED = 7
-N_DECODER = 8
+D_REJECTED = 8  # trades outside MAX_PRICE / MAX_SIZE (also counted in D_BAD, one each)
+D_CLOSE_PAST = 9  # a CLOCK that takes the clock past this value is noted in D_CLOSED_AT ...
+D_CLOSED_AT = 10  # ... (the clock it made; int64 min: none yet), and disarms D_CLOSE_PAST
+D_STOP_AT_SPECIALS = 11  # 1: return after each special frame, so the caller handles it in order
+D_SPECIAL_CLOCK = 12  # the clock before that frame (int64 min: none yet)
+N_DECODER = 13
 
 
 @njit(cache=True, inline="always")
@@ -551,6 +562,7 @@ def decode_frames(
     symbol_trades: np.ndarray,
     state: np.ndarray,
     out_trades: np.ndarray,
+    out_words: np.ndarray,
     out_sym: np.ndarray,
     out_clock: np.ndarray,
     specials: np.ndarray,
@@ -558,11 +570,18 @@ def decode_frames(
     """Decode frames ``start..`` of a batch (frame f is ``buf[offsets[f]:offsets[f + 1]]``).
 
     Trades are copied to ``out_trades`` (raw TRADE records) with their symbol id and the feed
-    clock at their arrival (the largest CLOCK seen before their frame). CLOCK records move the
-    clock. Other control frames are listed in ``specials`` for the caller. Sequence gaps are
-    counted per topic exactly as ``wire.GapCounter`` does. Malformed frames are counted and
-    skipped. Returns -1 when done, or the index of a frame whose topic is not in the table:
-    register it and call again from there.
+    clock at their arrival (the largest CLOCK seen before their frame); ``out_words`` is
+    ``out_trades`` viewed as float64. A trade outside ``MAX_PRICE`` / ``MAX_SIZE`` (a peer can
+    publish anything) is dropped and counted in D_REJECTED and D_BAD. CLOCK records move the
+    clock. Other control frames are listed in ``specials`` for the caller, and so is a control
+    frame from a publisher session other than the previous control frame's (a CLOCK is applied
+    as well); with ``D_STOP_AT_SPECIALS`` set, decoding stops after each of them. A CLOCK that
+    takes the clock past ``D_CLOSE_PAST`` notes the clock in ``D_CLOSED_AT`` (an outage
+    waiting for it ends there). Sequence gaps are counted per topic exactly as
+    ``wire.GapCounter`` does. Malformed frames are counted and skipped. Returns -1 when done,
+    the index of a frame whose topic is not in the table (register it and call again from
+    there), or ``-(f + 2)`` after special frame ``f`` when stopping at specials (handle it
+    and call again from ``f + 1``).
     """
     n = offsets.shape[0] - 1
     for f in range(start, n):
@@ -597,19 +616,36 @@ def decode_frames(
             return f
         session = _u64(buf, head + 8)
         seq = _u64(buf, head + 16)
+        sym = topic_sym[tid]
+        new_session = seen[tid] and last_session[tid] != session
         if seen[tid] and last_session[tid] == session and seq > last_seq[tid]:
             state[D_GAPS] += np.int64(seq - last_seq[tid] - np.uint64(1))
+        special = new_session and sym == TOPIC_CONTROL  # another publisher: the caller decides
+        clock_before = state[D_CLOCK] if state[D_HAS_CLOCK] else INT64_MIN
         seen[tid] = 1
         last_session[tid] = session
         last_seq[tid] = seq
-        sym = topic_sym[tid]
         if sym >= 0 and kind == KIND_TRADES:
             at = state[D_TRADES]
             out_trades[at * TRADE_SIZE : (at + count) * TRADE_SIZE] = buf[payload:end]
-            out_sym[at : at + count] = sym
-            out_clock[at : at + count] = state[D_CLOCK]
-            state[D_TRADES] = at + count
-            symbol_trades[sym] += count
+            kept = at
+            for r in range(at, at + count):
+                p = out_words[r * TRADE_WORDS + TRADE_P_WORD]
+                s = out_words[r * TRADE_WORDS + TRADE_S_WORD]
+                if 0.0 < p <= MAX_PRICE and 0.0 <= s <= MAX_SIZE:  # NaN fails
+                    if kept != r:
+                        out_trades[kept * TRADE_SIZE : (kept + 1) * TRADE_SIZE] = out_trades[
+                            r * TRADE_SIZE : (r + 1) * TRADE_SIZE
+                        ]
+                    kept += 1
+            rejected = at + count - kept
+            if rejected:
+                state[D_REJECTED] += rejected
+                state[D_BAD] += rejected
+            out_sym[at:kept] = sym
+            out_clock[at:kept] = state[D_CLOCK]
+            state[D_TRADES] = kept
+            symbol_trades[sym] += kept - at
         elif sym == TOPIC_CONTROL and kind == KIND_CLOCK:
             for r in range(count):
                 clock = _i64(buf, payload + r * CLOCK_SIZE)
@@ -617,11 +653,19 @@ def decode_frames(
                     state[D_CLOCK] = clock
                 state[D_CLOCK_WALL] = _i64(buf, payload + r * CLOCK_SIZE + 8)
                 state[D_HAS_CLOCK] = 1
+                if state[D_CLOCK] > state[D_CLOSE_PAST]:
+                    state[D_CLOSED_AT] = state[D_CLOCK]
+                    state[D_CLOSE_PAST] = INT64_MAX
         elif sym == TOPIC_CONTROL:
-            specials[state[D_SPECIALS]] = f
-            state[D_SPECIALS] += 1
+            special = True
         else:
             state[D_IGNORED] += 1
+        if special:
+            specials[state[D_SPECIALS]] = f
+            state[D_SPECIALS] += 1
+            if state[D_STOP_AT_SPECIALS]:
+                state[D_SPECIAL_CLOCK] = clock_before
+                return -(f + 2)
     return -1
 
 

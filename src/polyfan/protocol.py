@@ -54,6 +54,12 @@ class Limits:
     auth_timeout: float = 10.0  # seconds from connect to a successful auth, else close 1008
     api_max_limit: int = 10_000  # /api/bars?limit=
     api_default_limit: int = 600
+    # New connections, per process (with --workers N, per worker; docs/limits.md):
+    max_handshakes: int = 500  # connections accepted, not yet upgraded or answered
+    max_handshakes_per_address: int = 256  # ... from one client address (0: no cap)
+    max_connections_per_address: int = 10_000  # handshakes and clients of one address (0: no cap)
+    open_files_headroom: int = 256  # refuse new connections this close to RLIMIT_NOFILE
+    request_timeout: float = 5.0  # seconds from accept to a complete HTTP request, else closed
 
 
 @dataclass(frozen=True, slots=True, order=True)

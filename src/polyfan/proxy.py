@@ -49,6 +49,7 @@ from polyfan.feed import (
     TradeDecoder,
 )
 from polyfan.metrics import MetricsServer, Registry
+from polyfan.redact import mask_url, mask_urls_in
 
 log = logging.getLogger("polyfan.proxy")
 
@@ -90,6 +91,7 @@ _END = None  # marks the end of a connection's frames in the queue
 class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
+        self.upstream_shown = mask_url(config.upstream)  # what logs and errors say
         self.session_id = secrets.randbits(64)
         self.sequencer = wire.Sequencer(self.session_id)
         self.stats = FeedStats()
@@ -218,7 +220,7 @@ class Proxy:
                 "ready: publishing on %s (session %016x), connecting to %s, subscribing %s%s",
                 self.config.pub,
                 self.session_id,
-                self.config.upstream,
+                self.upstream_shown,
                 self.config.subscribe,
                 f", metrics on {self.config.metrics[0]}:{metrics_server.port}"
                 if metrics_server is not None and self.config.metrics is not None
@@ -274,15 +276,15 @@ class Proxy:
                 )
             except InvalidURI as exc:
                 raise ConfigError(
-                    f"--upstream: {self.config.upstream!r} is not a ws:// or wss:// URL"
+                    f"--upstream: {self.upstream_shown!r} is not a ws:// or wss:// URL"
                 ) from exc
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 self.m_connect_failures.value += 1
                 delay = self.backoff.next_delay()
                 log.warning(
                     "cannot connect to %s (%s); retrying in %.1f s",
-                    self.config.upstream,
-                    str(exc) or type(exc).__name__,
+                    self.upstream_shown,
+                    mask_urls_in(str(exc)) or type(exc).__name__,
                     delay,
                 )
                 await asyncio.sleep(delay)
@@ -290,7 +292,7 @@ class Proxy:
             if not first:
                 self.m_reconnects.value += 1
             first = False
-            log.info("connected to %s", self.config.upstream)
+            log.info("connected to %s", self.upstream_shown)
             self.backoff.connected(time.monotonic())
             connection = _Connection(
                 ws, Session(self.config.api_key, self.config.subscribe, self.decoder)
@@ -314,7 +316,11 @@ class Proxy:
                 )
             else:
                 delay = self.backoff.next_delay()
-                log.warning("upstream connection lost (%s); reconnecting in %.1f s", reason, delay)
+                log.warning(
+                    "upstream connection lost (%s); reconnecting in %.1f s",
+                    mask_urls_in(reason),
+                    delay,
+                )
             await asyncio.sleep(delay)
 
     def _check_subscribed(self, connection: _Connection) -> None:

@@ -29,6 +29,7 @@ import zmq
 from polyfan import wire
 from polyfan.config import TapConfig
 from polyfan.errors import ConfigError, WireError
+from polyfan.redact import mask_url
 
 log = logging.getLogger("polyfan.tap")
 
@@ -132,14 +133,16 @@ def run(config: TapConfig) -> int:
         try:
             sub.connect(config.endpoint)
         except zmq.ZMQError as exc:
-            raise ConfigError(f"ENDPOINT: cannot connect to {config.endpoint}: {exc}") from exc
+            raise ConfigError(
+                f"ENDPOINT: cannot connect to {mask_url(config.endpoint)}: {exc}"
+            ) from exc
         prefixes = config.prefixes or ("",)
         for prefix in prefixes:
             for topic in wire.subscription_prefixes(prefix):
                 sub.setsockopt(zmq.SUBSCRIBE, topic)
         log.info(
             "ready: tap connected to %s, subscribed to %s",
-            config.endpoint,
+            mask_url(config.endpoint),
             ", ".join(repr(p) for p in prefixes),
         )
         while not stopping and (config.count is None or seen < config.count):

@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     ANNOUNCE = 5
     HISTORY = 6
     SYMBOLS = 7
+    OUTAGE = 8  # an agg's outage began or ended (JSON, docs/wire.md)
 
 
 TRADE_DTYPE = np.dtype(
@@ -76,6 +77,22 @@ TRADE_DTYPE = np.dtype(
     ]
 )
 assert TRADE_DTYPE.itemsize == 56
+
+# Input bounds (docs/limits.md): no real trade comes near them, and within them every sum a bar
+# keeps stays finite. p * s <= 1e9 * 1e12 = 1e21, so even 10**12 trades in one bar sum to at
+# most 1e33 (volume: 1e24), against float64's 1.8e308. A trade outside them is bad input: the
+# proxy rejects it (reasons "price" / "size") and the agg drops it at decode (counted).
+MAX_PRICE = 1e9  # BRK.A trades near 7e5
+MAX_SIZE = 1e12  # the largest prints are ~1e8 shares
+
+
+def tradeable(records: np.ndarray) -> np.ndarray:
+    """Which TRADE_DTYPE records are within the input bounds: ``0 < p <= MAX_PRICE`` and
+    ``0 <= s <= MAX_SIZE`` (NaN fails both)."""
+    p, s = records["p"], records["s"]
+    with np.errstate(invalid="ignore"):
+        return (p > 0) & (p <= MAX_PRICE) & (s >= 0) & (s <= MAX_SIZE)
+
 
 BAR_FLAG_OUTAGE = 1  # the bar spans an upstream outage: trades may be missing
 BAR_FLAG_CARRIED = 2  # volume-only bar: o/h/l/c carried from the previous close

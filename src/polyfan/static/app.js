@@ -67,6 +67,7 @@ const state = {
   interval: null,
   generation: 0, // bumped on every channel switch; stale fetches and bars are dropped
   bars: [], // MB objects of the current channel, sorted by s, unique s
+  feedWindows: [], // {s, e} on the feed clock from feed_down / feed_up (e null while down)
   index: new Map(), // s -> position in bars
   precision: 2,
   olderLoading: false,
@@ -149,6 +150,40 @@ function toVolume(b) {
   return { time: chartTime(b.s, state.interval), value: b.v, color };
 }
 
+/** A feed-clock time as the status line shows it: HH:MM:SS.mmm UTC. */
+function feedTime(ms) {
+  return `${new Date(ms).toISOString().slice(11, 23)} UTC`;
+}
+
+/** Where the feed went down and came back (feed_down / feed_up), on the nearest bars. */
+function feedMarkers() {
+  const list = [];
+  const bars = state.bars;
+  if (!bars.length) return list;
+  const at = (ms, position, text) => {
+    let i = bars.findIndex((b) => b.s + state.interval > ms);
+    if (i < 0) i = bars.length - 1;
+    list.push({
+      time: chartTime(bars[i].s, state.interval),
+      position,
+      shape: position === "belowBar" ? "arrowUp" : "arrowDown",
+      color: COLORS.outage,
+      size: 1,
+      text,
+    });
+  };
+  for (const w of state.feedWindows) {
+    if (w.s > bars[bars.length - 1].s + state.interval) continue;
+    at(w.s, "aboveBar", "feed down");
+    if (w.e !== null) at(w.e, "belowBar", "feed up");
+  }
+  return list;
+}
+
+function allMarkers() {
+  return [...outageMarkers(), ...feedMarkers()].sort((a, b) => a.time - b.time);
+}
+
 function outageMarkers() {
   const list = [];
   for (const b of state.bars) {
@@ -184,7 +219,7 @@ function redraw() {
   applyPrecision();
   candles.setData(state.bars.map(toCandle));
   volume.setData(state.bars.map(toVolume));
-  markers.setMarkers(outageMarkers());
+  markers.setMarkers(allMarkers());
   renderLegend();
   $("stat-count").textContent = String(state.bars.length);
 }
@@ -227,7 +262,7 @@ function mergeBars(incoming) {
     candles.update(toCandle(b));
     volume.update(toVolume(b));
   }
-  if (appended.some((b) => b.outage)) markers.setMarkers(outageMarkers());
+  if (appended.some((b) => b.outage) || state.feedWindows.length) markers.setMarkers(allMarkers());
   if (appended.some((b) => pricePrecision([b]) > state.precision)) applyPrecision();
   if (state.hovered === null) renderLegend();
   $("stat-count").textContent = String(state.bars.length);
@@ -433,6 +468,28 @@ function onStatus(ev) {
       break;
     case "auth_success":
       break;
+    case "feed_down": {
+      // The feed behind our channels may be losing trades from ev.s on (CONTRACT §12).
+      const open = state.feedWindows.find((w) => w.e === null);
+      if (!open) state.feedWindows.push({ s: ev.s, e: null });
+      setConnection("feed down");
+      showMessage(`feed down since ${feedTime(ev.s)}: trades may be missing`);
+      markers.setMarkers(allMarkers());
+      break;
+    }
+    case "feed_up": {
+      const open = state.feedWindows.find((w) => w.e === null);
+      if (open) {
+        open.s = ev.s;
+        open.e = ev.e;
+      } else {
+        state.feedWindows.push({ s: ev.s, e: ev.e });
+      }
+      setConnection("live");
+      showMessage(`feed back; ${feedTime(ev.s)} to ${feedTime(ev.e)} may lack trades`);
+      markers.setMarkers(allMarkers());
+      break;
+    }
     case "auth_failed":
       state.authFailed = true;
       setConnection("auth failed");
@@ -646,6 +703,8 @@ globalThis.polyfan = {
     const box = chartBox.getBoundingClientRect();
     return { x: box.left + x, y: box.top + (y ?? 20) };
   },
+  /** The feed windows the page was told of (feed_down / feed_up), as {s, e}. */
+  feedWindows: () => state.feedWindows.map((w) => ({ ...w })),
   /** The outage markers drawn on the chart, as {s, text}. */
   markers: () => markers.markers().map((m) => ({ s: barStart(m.time, state.interval), text: m.text })),
   /** What the candle of bar s is painted with (the outage colour for outage bars). */

@@ -1,0 +1,190 @@
+"""When the feed behind an agg may have lost trades: outage windows, decided from what arrives.
+
+Pure: the agg's core reports what it saw (a batch's clock, a gap, another publisher session, an
+UPSTREAM down/up, the time it last heard anything from the proxy) and gets back the changes to
+publish. No sockets, no clocks of its own: times are passed in.
+
+An outage (CONTRACT.md §12) is a window ``[s, e]`` on the feed clock in which trades may have
+been missed. It begins when any of these is seen:
+
+- ``upstream``: the proxy reports its upstream connection down (at the clock it reports);
+- ``restart``: a control message from a publisher session not heard before (the proxy was
+  restarted: whatever it received before it died, and whatever the vendor sent while it was
+  down, never reached this agg);
+- ``gap``: messages lost between proxy and agg (a sequence gap);
+- ``silence``: nothing at all, not even the clock, from the proxy for ``silence_ms``.
+
+The window starts at the feed clock when the cause was seen (the last clock heard before it).
+It ends at the first clock after every cause has cleared that is past its start: an upstream
+clears when the proxy reports it up again, the others at once (the proxy is heard again). While
+an outage is open, further causes join it rather than open another. Every bar still open when it
+began (``e + grace > s``: a trade arriving then could still have been applied to it) and every
+bar that starts inside it (``s <= e``) carries ``outage``.
+
+An agg that starts (or restarts) cannot know what it missed before it first heard the proxy:
+:meth:`Outages.started` marks the bars still open then (a window ``[clock, clock]``), without
+counting an outage (there is no feed loss to report, only this agg's late start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SILENCE_MS = 2000  # nothing heard from the proxy for this long opens an outage
+SESSIONS_KEPT_MS = 60_000  # a publisher session not heard for this long is forgotten
+
+UPSTREAM = "upstream"
+RESTART = "restart"
+GAP = "gap"
+SILENCE = "silence"
+
+_DESCRIBED = {
+    UPSTREAM: "the proxy's upstream connection is down",
+    RESTART: "the proxy restarted",
+    GAP: "messages from the proxy were lost",
+    SILENCE: "nothing heard from the proxy",
+}
+
+
+def describe(causes: tuple[str, ...]) -> str:
+    """The causes in words, for logs and client statuses."""
+    return "; ".join(_DESCRIBED.get(cause, cause) for cause in causes)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An outage began (``e is None``) or ended, with its causes in the order they were seen."""
+
+    s: int
+    e: int | None
+    causes: tuple[str, ...]
+
+    @property
+    def began(self) -> bool:
+        return self.e is None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "state": "down" if self.e is None else "up",
+            "s": self.s,
+            "e": self.e,
+            "causes": list(self.causes),
+        }
+
+
+@dataclass(slots=True)
+class _Open:
+    s: int
+    causes: list[str]
+    upstream_down: bool = False
+
+
+@dataclass
+class Outages:
+    """The outage state of one agg's feed. Every method returns the changes it made."""
+
+    silence_ms: int = SILENCE_MS
+    began_total: int = 0  # outages begun (polyfan_agg_outages_total)
+    windows: list[tuple[int, int | None]] = field(
+        default_factory=list
+    )  # for the bars, oldest first
+    _open: _Open | None = None
+    _heard_at: int | None = None  # monotonic ms of the last message from the proxy
+    _first_heard_at: int | None = None  # sessions first seen within silence_ms of it: no restart
+    _sessions: dict[int, int] = field(default_factory=dict)  # publisher session -> heard at (ms)
+
+    # -- what it is now ---------------------------------------------------------------------
+
+    def is_open(self) -> bool:
+        return self._open is not None
+
+    def closes_past(self) -> int | None:
+        """The clock the first CLOCK must pass to end the open outage (None: none is open, or
+        its upstream is still down)."""
+        open_ = self._open
+        return None if open_ is None or open_.upstream_down else open_.s
+
+    def current(self) -> Change | None:
+        """The open outage, as its ``began`` change (None when the feed is whole)."""
+        if self._open is None:
+            return None
+        return Change(self._open.s, None, tuple(self._open.causes))
+
+    # -- what was seen ----------------------------------------------------------------------
+
+    def started(self, clock: int) -> None:
+        """This agg first heard the proxy at feed clock ``clock``: bars still open then may lack
+        earlier trades. Marked, not counted, not published."""
+        self.windows.append((clock, clock))
+
+    def heard(self, now_ms: int) -> None:
+        """A message (any) arrived from the proxy at monotonic ``now_ms``."""
+        self._heard_at = now_ms
+        if self._first_heard_at is None:
+            self._first_heard_at = now_ms
+
+    def session_seen(self, session: int, clock: int | None, now_ms: int) -> list[Change]:
+        """A control message of publisher ``session``; ``clock`` is the feed clock before it."""
+        known = self._sessions
+        self.heard(now_ms)
+        assert self._first_heard_at is not None
+        # Several proxies may publish to one agg: those heard from the start are not restarts.
+        new = session not in known and now_ms - self._first_heard_at >= self.silence_ms
+        known[session] = now_ms
+        for old in [s for s, at in known.items() if now_ms - at > SESSIONS_KEPT_MS]:
+            del known[old]
+        if new and clock is not None:
+            return self._begin(RESTART, clock)
+        return []
+
+    def lost(self, clock: int | None) -> list[Change]:
+        """Messages were lost (a sequence gap) while the feed clock was ``clock``."""
+        return [] if clock is None else self._begin(GAP, clock)
+
+    def upstream_down(self, clock: int) -> list[Change]:
+        changes = self._begin(UPSTREAM, clock)
+        assert self._open is not None
+        self._open.upstream_down = True
+        return changes
+
+    def upstream_up(self) -> list[Change]:
+        """The proxy is connected upstream again: the outage can end at the next clock."""
+        if self._open is not None:
+            self._open.upstream_down = False
+        return []
+
+    def silent(self, now_ms: int, clock: int | None) -> list[Change]:
+        """Check for silence at monotonic ``now_ms``; ``clock`` is the feed clock now."""
+        heard = self._heard_at
+        if heard is None or clock is None or now_ms - heard < self.silence_ms:
+            return []
+        if self._open is not None and SILENCE in self._open.causes:
+            return []
+        return self._begin(SILENCE, clock)
+
+    def clock_received(self, clock: int, now_ms: int) -> list[Change]:
+        """A CLOCK arrived and the feed clock is now ``clock``: the end of an open outage whose
+        causes have cleared, once the clock has moved past its start."""
+        self._heard_at = now_ms
+        open_ = self._open
+        if open_ is None or open_.upstream_down or clock <= open_.s:
+            return []
+        self._open = None
+        self.windows[-1] = (open_.s, clock)
+        return [Change(open_.s, clock, tuple(open_.causes))]
+
+    def forget_before(self, clock: int) -> None:
+        """Drop windows that ended before ``clock`` (no bar still open can overlap them)."""
+        self.windows = [w for w in self.windows if w[1] is None or w[1] >= clock]
+
+    # -- inside -----------------------------------------------------------------------------
+
+    def _begin(self, cause: str, clock: int) -> list[Change]:
+        if self._open is not None:
+            if cause not in self._open.causes:
+                self._open.causes.append(cause)
+            return []
+        self._open = _Open(clock, [cause])
+        self.began_total += 1
+        self.windows.append((clock, None))
+        return [Change(clock, None, (cause,))]

@@ -1,0 +1,254 @@
+"""Outages end to end, with real processes from the CLI: whatever dies, nothing is lost silently.
+
+A tap on the proxy sees the same message stream the agg sees; the reference bars computed from it
+(tests/reference.py) are the bars as they should be. After a ``kill -9`` of the proxy or of the
+agg, every bar that reaches a subscriber is either exactly the reference bar or carries
+``outage: true``, and every reference bar that never arrives lies inside a reported window.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import zmq
+
+from polyfan import wire
+from procs import Context, Proc, endpoint, free_port, scrape
+from reference import Bar, Clock, Trades, bar_from_record, reference_bars
+from test_agg_process import GRACE, INTERVALS, agg_args, tap_events
+from wsclient import Client, eventually
+
+KEY = {"MASSIVE_API_KEY": "test-key-123456"}
+
+
+@pytest.fixture
+def context() -> Iterator[Context]:
+    ctx = Context()
+    yield ctx
+    ctx.close()
+
+
+@dataclass
+class Stream:
+    """Everything one SUB socket receives, drained as it waits (every wait bounded)."""
+
+    sock: zmq.Socket[bytes]
+    tap: list[Clock | Trades] = field(default_factory=list)  # trades and clocks, from a proxy
+    bars: dict[tuple[str, int], list[Bar]] = field(default_factory=dict)  # from an agg
+    outages: list[dict[str, object]] = field(default_factory=list)
+    clock: int = 0
+
+    @classmethod
+    def open(cls, ctx: Context, address: str, *prefixes: bytes) -> Stream:
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        for prefix in prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        sock.connect(address)
+        return cls(sock)
+
+    def drain(self, timeout: float = 0.05) -> None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return
+        while True:
+            try:
+                message = wire.decode(self.sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self._take(message)
+
+    def _take(self, message: wire.Message) -> None:
+        if message.kind is wire.Kind.CLOCK:
+            self.clock = max([self.clock, *wire.records(message)["clock"].tolist()])
+        if message.kind is wire.Kind.BARS:
+            interval, symbol = message.topic.split(".", 1)
+            key = (symbol, int(interval.removesuffix("Ms")))
+            self.bars.setdefault(key, []).extend(map(bar_from_record, wire.records(message)))
+        elif message.kind is wire.Kind.OUTAGE:
+            self.outages.append(wire.decode_json(message))
+        else:
+            self.tap.extend(tap_events(message))
+
+
+def drain_until(
+    streams: list[Stream], condition: Callable[[], object], timeout: float, what: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        for stream in streams:
+            stream.drain(0.02)
+
+
+def drain_for(streams: list[Stream], seconds: float) -> None:
+    """Keep draining while the scenario runs its course (the downtime a test stages)."""
+    end = time.monotonic() + seconds
+    drain_until(streams, lambda: time.monotonic() >= end, seconds + 5, "the downtime")
+
+
+def assert_exact_or_marked(
+    published: dict[tuple[str, int], list[Bar]],
+    tap: list[Clock | Trades],
+    windows: list[tuple[int, int]],
+    since: int,
+    until: int,
+) -> int:
+    """Every published bar in ``[since, until)`` (closed by ``until`` on the feed clock) is the
+    reference bar exactly or carries outage; every missing reference bar overlaps a window.
+    Returns how many bars were marked."""
+    expected = reference_bars(tap, INTERVALS, GRACE).bars
+
+    def considered(interval: int, bar: Bar) -> bool:
+        return bar.s >= since and bar.s + interval + GRACE <= until
+
+    marked = 0
+    for key in sorted(set(published) | set(expected)):
+        interval = key[1]
+        mine = {b.s: b for b in published.get(key, []) if considered(interval, b)}
+        ref = {b.s: b for b in expected.get(key, []) if considered(interval, b)}
+        assert len(mine) == len([b for b in published.get(key, []) if considered(interval, b)])
+        for s, bar in mine.items():
+            if bar.flags & wire.BAR_FLAG_OUTAGE:
+                marked += 1
+                continue
+            assert s in ref, (key, bar, "published, unmarked, and not in the reference")
+            want = ref[s]
+            assert (bar.o, bar.h, bar.l, bar.c, bar.n) == (
+                want.o,
+                want.h,
+                want.l,
+                want.c,
+                want.n,
+            ), (
+                key,
+                bar,
+                want,
+            )
+            assert bar.v == pytest.approx(want.v, rel=1e-12), (key, bar, want)
+        for s in ref.keys() - mine.keys():
+            assert any(s <= hi and s + interval + GRACE > lo for lo, hi in windows), (
+                key,
+                ref[s],
+                "missing, and inside no reported window",
+                windows,
+            )
+    return marked
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+            return True
+    except OSError:  # 503 (HTTPError) while no aggregator is heard
+        return False
+
+
+def sim_args(port: int) -> list[str]:
+    return ["sim", "--listen", f"127.0.0.1:{port}", "--symbols", "12", "--rate", "800"]
+
+
+def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars(
+    tmp_path: Path, context: Context
+) -> None:
+    sim_port = free_port()
+    proxy_pub = endpoint("ipc", tmp_path, "proxy")
+    agg_pub = endpoint("ipc", tmp_path, "agg")
+    metrics = free_port()
+    proxy_args = ["proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub]
+    with (
+        Proc(*sim_args(sim_port)) as sim,
+        Proc(*proxy_args, env=KEY) as proxy,
+        Proc(*agg_args(proxy_pub, agg_pub, metrics)) as agg,
+    ):
+        sim.wait_for("ready:")
+        agg.wait_for("ready:")
+        tap = Stream.open(context, proxy_pub, b"T.", wire.CONTROL_TOPIC)
+        out = Stream.open(context, agg_pub, wire.CONTROL_TOPIC, b"100Ms.", b"250Ms.", b"1000Ms.")
+        streams = [tap, out]
+        drain_until(streams, lambda: tap.clock > 0 and out.bars, 20, "trades and bars")
+        since = tap.clock + max(INTERVALS) + GRACE  # bars the tap saw whole
+        drain_until(streams, lambda: out.clock > since + 1_000, 20, "a second of bars")
+        proxy.popen.kill()  # kill -9: no UPSTREAM down, no goodbye
+        proxy.popen.wait()
+        drain_until(streams, lambda: out.outages, 5, "the agg reporting the silence")
+        (down,) = out.outages
+        assert (down["state"], down["causes"]) == ("down", ["silence"])
+        drain_for(streams, 3.0 - 2.0)  # the proxy stays dead 3 s in all
+        with Proc(*proxy_args, env=KEY) as second:
+            second.wait_for("ready:")
+            drain_until(streams, lambda: len(out.outages) == 2, 15, "the outage's end")
+            up = out.outages[1]
+            assert up["state"] == "up" and up["s"] == down["s"]
+            assert up["causes"] == ["silence", "restart"]
+            assert isinstance(up["e"], int) and up["e"] > down["s"]
+            until = up["e"] + max(INTERVALS) + GRACE + 1_000
+            drain_until(streams, lambda: min(tap.clock, out.clock) > until, 20, "bars after it")
+            values = scrape(metrics)
+        windows = [(int(up["s"]), int(up["e"]))]
+        marked = assert_exact_or_marked(out.bars, tap.tap, windows, since, until)
+        assert marked > 0  # the bars open when it died, and those of the restart
+        assert values["polyfan_agg_outages_total"] == 1
+        assert "outage begins" in agg.output and "outage over" in agg.output
+
+
+async def test_an_agg_killed_and_restarted_is_told_to_clients_and_its_bars_are_exact_or_marked(
+    tmp_path: Path, context: Context
+) -> None:
+    sim_port, http = free_port(), free_port()
+    proxy_pub = endpoint("ipc", tmp_path, "proxy")
+    agg_pub = endpoint("ipc", tmp_path, "agg")
+    proxy_args = ["proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub]
+    bridge_args = ["bridge", "--sub", agg_pub, "--listen", f"127.0.0.1:{http}"]
+    channels = [f"{interval}Ms.*" for interval in INTERVALS]
+    with (
+        Proc(*sim_args(sim_port)) as sim,
+        Proc(*proxy_args, env=KEY) as proxy,
+        Proc(*agg_args(proxy_pub, agg_pub, free_port())) as agg,
+        Proc(*bridge_args) as bridge,
+    ):
+        for proc in (sim, proxy, agg, bridge):
+            proc.wait_for("ready:")
+        tap = Stream.open(context, proxy_pub, b"T.", wire.CONTROL_TOPIC)
+        await eventually(lambda: healthy(http), timeout=20, what="the bridge hearing the agg")
+        client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
+        await client.send({"action": "subscribe", "params": ",".join(channels)})
+        assert [e["status"] for e in await client.statuses(3)] == ["success"] * 3
+        first_bar = await client.until(lambda e: e["ev"] == "MB", timeout=20)
+        tap.drain()
+        since = max(tap.clock, first_bar["e"]) + max(INTERVALS) + GRACE
+        await client.until(lambda e: e["ev"] == "MB" and e["s"] > since + 1_000, timeout=20)
+        agg.popen.kill()  # kill -9
+        agg.popen.wait()
+        killed = time.monotonic()
+        down = await client.until(lambda e: e.get("status") == "feed_down", timeout=5)
+        assert time.monotonic() - killed < 3.0  # CONTRACT §12: within 3 s
+        tap.drain()
+        with Proc(*agg_args(proxy_pub, agg_pub, free_port())) as second:
+            second.wait_for("ready:")
+            up = await client.until(lambda e: e.get("status") == "feed_up", timeout=15)
+            assert up["s"] == down["s"] and up["e"] >= up["s"]
+            assert "restarted" in up["message"]
+            until = up["e"] + max(INTERVALS) + GRACE + 1_000
+            await client.until(lambda e: e["ev"] == "MB" and e["s"] > until + 1_000, timeout=20)
+            tap.drain()
+            health = scrape(http)
+        published: dict[tuple[str, int], list[Bar]] = {}
+        for event in client.events:
+            if event["ev"] == "MB":
+                bar = Bar(
+                    event["s"], event["o"], event["h"], event["l"], event["c"], event["v"],
+                    event["vw"], event["n"],
+                    wire.BAR_FLAG_OUTAGE if event.get("outage") else 0,
+                )  # fmt: skip
+                published.setdefault((event["sym"], event["interval"]), []).append(bar)
+        windows = [(int(down["s"]), int(up["e"]))]
+        marked = assert_exact_or_marked(published, tap.tap, windows, since, until)
+        assert marked > 0  # the new agg's first bars: it cannot know what came before it
+        assert health["polyfan_bridge_outages_total"] == 1
+        assert health["polyfan_bridge_feed_statuses_total"] == 2
+        await client.close()

@@ -236,8 +236,14 @@ def queued_bytes(fd: int) -> int:
 
 
 def _peer_events(core: Aggregator, monitor: zmq.Socket[bytes]) -> None:
-    """Connections opened and closed on the XPUB, from its monitor (value: the fd)."""
-    while True:
+    """Connections opened and closed on the XPUB, from its monitor (value: the fd).
+
+    libzmq writes a connection's ACCEPTED (and the DISCONNECTED of the one that held its
+    descriptor before) ahead of its first message, but on another socket: a peer's messages can
+    be read before the monitor's word of it. Reading ``ZMQ_EVENTS`` first makes the monitor
+    take every event written so far (a non-blocking recv looks only every ~1 ms), so called
+    after each XPUB message, this has seen that message's connection open."""
+    while int(monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
         try:
             event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
         except zmq.Again:
@@ -299,12 +305,14 @@ def _loop(
         if monitor in events:
             _peer_events(core, monitor)
         if pub in events:
-            _peer_events(core, monitor)  # a reused descriptor is a new peer before its messages
             for _ in range(1000):
                 try:
                     received = pub.recv(noblock, copy=False)
                 except again:
                     break
+                # its connection's ACCEPTED before the message is judged (a new peer, or a
+                # reused descriptor starting over), even one accepted during this pass
+                _peer_events(core, monitor)
                 frame = received.bytes
                 try:
                     fd = int(received.get(zmq.SRCFD))

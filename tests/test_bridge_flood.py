@@ -245,10 +245,33 @@ async def test_a_flood_from_forty_addresses_fills_at_most_the_handshake_cap_and_
     assert counters["polyfan_bridge_handshake_timeouts_total"] > 0, counters
 
 
+async def open_when_free(url: str) -> Client:
+    """A client, once the bridge has counted out this address's last connection (a closed
+    one is counted out when the bridge sees it close, a moment after the client did)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return await Client.open(url, token="t")
+        except InvalidMessage:  # reset at once: the address is still at its cap
+            assert time.monotonic() < deadline, "the address never got its place back"
+            await asyncio.sleep(0.05)
+
+
+def scrape_when_free(port: int) -> dict[str, float]:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return scrape(port)
+        except OSError:  # reset at once: the address is still at its cap
+            assert time.monotonic() < deadline, "the address never got its place back"
+            time.sleep(0.05)
+
+
 async def test_the_connection_caps_are_flags_and_past_them_connections_are_refused(
     agg: FakeAgg,
 ) -> None:
     port = free_port()
+    url = f"ws://127.0.0.1:{port}/"
     args = ["--max-handshakes", "7", "--max-handshakes-per-address", "0"]
     args += ["--max-connections-per-address", "3"]
     with Proc("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", *args) as bridge:
@@ -260,26 +283,12 @@ async def test_the_connection_caps_are_flags_and_past_them_connections_are_refus
             limits["max_handshakes_per_address"],
             limits["max_connections_per_address"],
         ) == (7, 0, 3)
-        clients = [await Client.open(f"ws://127.0.0.1:{port}/", token="t") for _ in range(3)]
+        clients = [await open_when_free(url) for _ in range(3)]
         with pytest.raises(InvalidMessage):  # a fourth from 127.0.0.1: reset at once
-            await Client.open(f"ws://127.0.0.1:{port}/", token="t")
+            await Client.open(url, token="t")
         await clients.pop().close()  # one place free: /metrics can be asked
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                values = scrape(port)
-                break
-            except OSError:  # the close not yet counted by the bridge
-                assert time.monotonic() < deadline, "the address never got its place back"
-                await asyncio.sleep(0.05)
+        values = await asyncio.to_thread(scrape_when_free, port)
         assert values["polyfan_bridge_refused_address_connections_total"] >= 1
-        deadline = time.monotonic() + 5
-        while True:  # the scrape's connection may not be counted out yet
-            try:
-                clients.append(await Client.open(f"ws://127.0.0.1:{port}/", token="t"))
-                break
-            except InvalidMessage:
-                assert time.monotonic() < deadline, "the address never got its place back"
-                await asyncio.sleep(0.05)
+        clients.append(await open_when_free(url))
         for client in clients:
             await client.close()

@@ -357,7 +357,8 @@ def test_page_draws_live_candles_within_5_seconds(open_page: Pages, bridge_url: 
     page, _ = open_page(f"{bridge_url}/")
     wait_for_candles(page, timeout=5.0)
     wait_until_live(page, timeout=max(0.1, 5.0 - (time.monotonic() - started)))
-    # The candles are drawn: the chart's canvases have pixels of the up or down colour.
+    # The candles are drawn: the chart's canvases have pixels of the up or down colour, or of
+    # the outage colour (the agg's first bars: it cannot know the trades before it started).
     drawn = page.evaluate(
         """() => [...document.querySelectorAll('#chart canvas')].some((canvas) => {
             const ctx = canvas.getContext('2d');
@@ -366,6 +367,7 @@ def test_page_draws_live_candles_within_5_seconds(open_page: Pages, bridge_url: 
             for (let i = 0; i < data.length; i += 4) {
                 const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
                 if ((r === 38 && g === 166 && b === 154) || (r === 239 && g === 83 && b === 80)) return true;
+                if (r === 181 && g === 140 && b === 255) return true;
             }
             return false;
         })"""

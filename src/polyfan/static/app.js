@@ -173,8 +173,7 @@ function feedMarkers() {
     });
   };
   for (const w of state.feedWindows) {
-    if (w.s > bars[bars.length - 1].s + state.interval) continue;
-    at(w.s, "aboveBar", "feed down");
+    at(w.s, "aboveBar", "feed down"); // on the last bar while none reaches past it yet
     if (w.e !== null) at(w.e, "belowBar", "feed up");
   }
   return list;

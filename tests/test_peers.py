@@ -10,7 +10,7 @@ import pytest
 from polyfan import wire
 from polyfan.aggregator import Aggregator
 from polyfan.config import AggConfig
-from polyfan.peers import PeerLimits, PeerTable, Verdict, subscription_problem
+from polyfan.peers import Bans, PeerLimits, PeerTable, Verdict, subscription_problem
 
 ROUTE = "0123456789abcdef" * 2
 INTERVALS = (100, 1_000)
@@ -135,3 +135,28 @@ def test_bad_requests_are_counted_and_logged_once_per_interval(
         core.peer_message(3, b"\x02not json")
     assert core.bad_requests_total.value == 5_000
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_a_banned_address_is_refused_until_its_time_is_up_and_ipc_is_never_banned() -> None:
+    bans = Bans(seconds=60.0)
+    assert bans.ban("127.0.0.2", now=100.0)
+    assert not bans.ban("127.0.0.2", now=110.0)  # already banned: extended, not new
+    assert bans.is_banned("127.0.0.2", now=169.9)
+    assert not bans.is_banned("127.0.0.2", now=170.0)
+    assert not bans.is_banned("127.0.0.3", now=110.0)
+    assert not bans.ban("", now=100.0)  # ipc: a local process has no address to ban
+    assert not bans.is_banned("", now=100.0)
+    assert bans.ban("10.0.0.9", now=500.0)
+    assert list(bans.until) == ["10.0.0.9"]  # expired entries are dropped on the next ban
+
+
+def test_disconnecting_a_peer_for_its_subscriptions_asks_for_a_ban() -> None:
+    table = PeerTable((100,), PeerLimits(max_subscriptions=2, max_total=10))
+    table.connected(7)
+    assert table.subscription(7, b"100Ms.A\x00", True).verdict is Verdict.ACCEPTED
+    assert table.subscription(7, b"100Ms.B\x00", True).verdict is Verdict.ACCEPTED
+    decision = table.subscription(7, b"100Ms.C\x00", True)
+    assert (decision.verdict, decision.disconnect, decision.ban) == (Verdict.DISCONNECT, 7, True)
+    table.connected(8)
+    spy = table.subscription(8, b"_rep.", True)
+    assert (spy.verdict, spy.disconnect, spy.ban) == (Verdict.DISCONNECT, 8, False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import gc
@@ -33,17 +34,20 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import numpy as np
 import zmq
 import zmq.utils.monitor
+from zmq.auth.thread import ThreadAuthenticator
 
 from polyfan import history, wire, zmqio
 from polyfan.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
 from polyfan.metrics import MetricsServer, Registry
+from polyfan.peers import Bans
 
 log = logging.getLogger("polyfan.agg")
 
@@ -143,6 +147,7 @@ def run(config: AggConfig) -> int:
     log.info("%s", io_note)
     metrics: MetricsServer | None = None
     monitor: zmq.Socket[bytes] | None = None
+    gatekeeper = Gatekeeper(context, core.bans)
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -166,6 +171,8 @@ def run(config: AggConfig) -> int:
         pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, for the allowances
         pub.setsockopt(zmq.MAXMSGSIZE, PEER_MAXMSGSIZE)
         pub.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
+        gatekeeper.start()
+        pub.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)  # every handshake asks the gatekeeper
         monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             pub.bind(config.pub)
@@ -210,11 +217,63 @@ def run(config: AggConfig) -> int:
                 pub.disable_monitor()
             monitor.close(0)
         pub.close(0)
+        gatekeeper.stop()
         context.term()
         for sig, handler in previous.items():  # last: a second signal must not cut this short
             signal.signal(sig, handler)
     log.info("stopped")
     return 0
+
+
+ZAP_DOMAIN = b"polyfan"
+HEAP_TRIM_FOR_S = 5.0  # after a disconnect, give freed memory back to the system for this long
+HEAP_TRIM_EVERY_S = 1.0  # ... at most this often
+
+
+class Gatekeeper(ThreadAuthenticator):
+    """pyzmq's ZAP handler (its own thread), refusing the handshakes of banned addresses."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], bans: Bans) -> None:
+        super().__init__(context, log=logging.getLogger("polyfan.agg.zap"))
+        self.bans = bans
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 6:
+            address = msg[3].decode("utf-8", "replace")
+            if self.bans.is_banned(address, time.monotonic()):
+                self._send_zap_reply(msg[1], b"400", b"banned for flooding subscriptions")
+                return
+        await super().handle_zap_message(msg)
+
+
+def _heap_trimmer() -> Callable[[], None]:
+    """glibc's malloc_trim: memory libzmq freed (a dropped peer's subscriptions) goes back to
+    the system instead of staying in the process; a no-op where there is no glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def trimmed() -> None:
+        trim(0)
+
+    return trimmed
+
+
+def _ban(core: Aggregator, address: str) -> None:
+    if core.bans.ban(address, time.monotonic()):
+        core.peers_banned_total.value += 1
+        core.warn_peers_banned(address)
+
+
+def peer_address(fd: int) -> str:
+    """The peer's IP address ("" for ipc, or when it is gone)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as peer:
+            address = peer.getpeername()
+    except OSError:
+        return ""
+    return str(address[0]) if isinstance(address, tuple) else ""
 
 
 def disconnect_peer(fd: int) -> None:
@@ -281,6 +340,8 @@ def _loop(
     now = time.monotonic()
     next_announce = now
     next_trim = now + TRIM_EVERY_S
+    trim_heap = _heap_trimmer()
+    trim_heap_until = next_heap_trim = 0.0
     next_report = now + THROUGHPUT_EVERY_S
     trades_at_report = 0.0
     bars_at_report = 0.0
@@ -325,7 +386,10 @@ def _loop(
                     log.exception("request %.200r failed; the agg carries on", frame)
                     continue
                 if outcome.disconnect is not None:
+                    if outcome.ban:
+                        _ban(core, peer_address(outcome.disconnect))
                     disconnect_peer(outcome.disconnect)
+                    trim_heap_until = time.monotonic() + HEAP_TRIM_FOR_S
                 if outcome.reply is not None:
                     send(outcome.reply)
         now = time.monotonic()
@@ -334,6 +398,9 @@ def _loop(
         if now >= next_announce:
             send(core.announce())
             next_announce = now + ANNOUNCE_EVERY_S
+        if now < trim_heap_until and now >= next_heap_trim:
+            trim_heap()
+            next_heap_trim = now + HEAP_TRIM_EVERY_S
         if now >= next_trim:
             for fd in core.peers.awaiting_replies():
                 core.peers.queue_seen(fd, queued_bytes(fd))

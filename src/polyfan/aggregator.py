@@ -76,6 +76,7 @@ class PeerOutcome:
 
     reply: bytes | None = None
     disconnect: int | None = None
+    ban: bool = False  # refuse the disconnected peer's address for a while (peers.Bans)
 
 
 _NOTHING = PeerOutcome()
@@ -185,6 +186,11 @@ class Aggregator:
             "Requests not answered: the peer had too many reply bytes in flight, or named a "
             "reply route it does not subscribe itself.",
         )
+        self.peers_banned_total = registry.counter(
+            "polyfan_agg_peers_banned_total",
+            "Peer addresses refused at the handshake for a while after flooding subscriptions.",
+        )
+        self.bans = peers.Bans()
         self.peers_disconnected_total = registry.counter(
             "polyfan_agg_peers_disconnected_total",
             "Peers the agg disconnected: one too many, over their subscription allowance, or "
@@ -484,10 +490,22 @@ class Aggregator:
             "%d ZeroMQ peers disconnected (the latest: " + reason.replace("%", "%%") + ")",
         )
 
+    def warn_peers_banned(self, address: str) -> None:
+        self._warn(
+            "bans",
+            int(self.peers_banned_total.value),
+            "%d peer addresses banned for "
+            + f"{self.bans.seconds:g} s for flooding subscriptions (the latest: {address})".replace(
+                "%", "%%"
+            ),
+        )
+
     def peer_message(self, fd: int, frame: bytes) -> PeerOutcome:
         """A frame from the XPUB sent by the peer on file descriptor ``fd`` (``ZMQ_SRCFD``;
         negative for the unsubscriptions ZeroMQ makes when a peer leaves)."""
-        if fd < 0 or self.peers.is_leaving(fd):
+        if fd < 0 or not self.peers.is_known(fd) or self.peers.is_leaving(fd):
+            # ZeroMQ's own unsubscriptions for a peer that left (no fd), or what a connection
+            # the monitor has seen close still had queued: judging it would start a new peer
             return _NOTHING
         if frame and frame[0] in (SUBSCRIBE, UNSUBSCRIBE):
             topic = frame[1:]
@@ -495,7 +513,7 @@ class Aggregator:
             if decision.verdict is peers.Verdict.DISCONNECT:
                 assert decision.disconnect is not None
                 self._peer_disconnected(decision.disconnect, f"{topic[:80]!r}: {decision.reason}")
-                return PeerOutcome(disconnect=decision.disconnect)
+                return PeerOutcome(disconnect=decision.disconnect, ban=decision.ban)
             if decision.verdict is peers.Verdict.REFUSED:
                 self.refused_subscriptions_total.value += 1
                 self._warn(

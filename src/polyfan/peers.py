@@ -14,6 +14,10 @@ its reply bytes still wait in the kernel; the table says what to do:
   already, and it costs the peer's allowance);
 - past ``max_subscriptions`` per peer, or when all peers together pass ``max_total`` (then the
   peer holding most goes), the peer is disconnected; so is a peer past ``max_peers``;
+- a peer disconnected for its subscriptions has its address **banned** for ``Bans.seconds``
+  (:class:`Bans`): the agg's ZAP handler refuses its handshakes, so its socket's reconnect
+  cannot replay the flood (ZeroMQ takes a peer's subscriptions in faster than any loop can
+  judge them; only a refused handshake stores none);
 - a reply is sent only while the peer's reply bytes in flight (sent since its socket's queue was
   last seen short) stay under ``reply_bytes_in_flight``; otherwise it is refused.
 
@@ -91,6 +95,7 @@ class Decision:
     verdict: Verdict
     reason: str = ""
     disconnect: int | None = None  # the peer (fd) to disconnect, if any
+    ban: bool = False  # and refuse its address for a while: it floods (see Bans)
 
 
 @dataclass
@@ -122,6 +127,10 @@ class PeerTable:
             peer = self.peers[fd] = Peer()
         return peer
 
+    def is_known(self, fd: int) -> bool:
+        """Whether ``fd`` is a connection the monitor said opened and has not said closed."""
+        return fd in self.peers
+
     def is_leaving(self, fd: int) -> bool:
         peer = self.peers.get(fd)
         return peer is not None and peer.leaving
@@ -150,7 +159,7 @@ class PeerTable:
         limits = self.limits
         if peer.subscriptions > limits.max_subscriptions:
             return Decision(
-                Verdict.DISCONNECT, f"over {limits.max_subscriptions} subscriptions", fd
+                Verdict.DISCONNECT, f"over {limits.max_subscriptions} subscriptions", fd, ban=True
             )
         if self.total > limits.max_total:
             largest = max(
@@ -161,6 +170,7 @@ class PeerTable:
                 Verdict.DISCONNECT,
                 f"all peers over {limits.max_total} subscriptions; it holds the most",
                 largest,
+                ban=True,
             )
         if route is not None:
             peer.routes.add(route.group(1).decode())
@@ -190,3 +200,26 @@ class PeerTable:
         peer = self.peers.get(fd)
         if peer is not None and queued < self.limits.drained_below:
             peer.reply_bytes = 0
+
+
+@dataclass
+class Bans:
+    """Client addresses refused at the handshake for a while: those of peers disconnected for
+    flooding subscriptions. An empty address (ipc: a local process) is never banned."""
+
+    seconds: float = 60.0
+    until: dict[str, float] = field(default_factory=dict)
+
+    def ban(self, address: str, now: float) -> bool:
+        """Refuse ``address`` until ``now + seconds``; True if it was not banned already."""
+        if not address:
+            return False
+        fresh = not self.is_banned(address, now)
+        for old in [a for a, until in self.until.items() if until <= now]:
+            del self.until[old]
+        self.until[address] = now + self.seconds
+        return fresh
+
+    def is_banned(self, address: str, now: float) -> bool:
+        """(Read only: the ZAP handler asks from its own thread.)"""
+        return self.until.get(address, now) > now

@@ -152,33 +152,45 @@ def sim_args(port: int) -> list[str]:
     return ["sim", "--listen", f"127.0.0.1:{port}", "--symbols", "12", "--rate", "800"]
 
 
-def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars(
+async def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars_and_clients_are_told(
     tmp_path: Path, context: Context
 ) -> None:
-    sim_port = free_port()
+    sim_port, http = free_port(), free_port()
     proxy_pub = endpoint("ipc", tmp_path, "proxy")
     agg_pub = endpoint("ipc", tmp_path, "agg")
     metrics = free_port()
     proxy_args = ["proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub]
+    bridge_args = ["bridge", "--sub", agg_pub, "--listen", f"127.0.0.1:{http}"]
     with (
         Proc(*sim_args(sim_port)) as sim,
         Proc(*proxy_args, env=KEY) as proxy,
         Proc(*agg_args(proxy_pub, agg_pub, metrics)) as agg,
+        Proc(*bridge_args) as bridge,
     ):
-        sim.wait_for("ready:")
-        agg.wait_for("ready:")
+        for proc in (sim, agg, bridge):
+            proc.wait_for("ready:")
         tap = Stream.open(context, proxy_pub, b"T.", wire.CONTROL_TOPIC)
         out = Stream.open(context, agg_pub, wire.CONTROL_TOPIC, b"100Ms.", b"250Ms.", b"1000Ms.")
         streams = [tap, out]
+        await eventually(lambda: healthy(http), timeout=20, what="the bridge hearing the agg")
+        client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
+        await client.send({"action": "subscribe", "params": "1000Ms.*"})
+        assert (await client.statuses(1))[0]["status"] == "success"
         drain_until(streams, lambda: tap.clock > 0 and out.bars, 20, "trades and bars")
         since = tap.clock + max(INTERVALS) + GRACE  # bars the tap saw whole
         drain_until(streams, lambda: out.clock > since + 1_000, 20, "a second of bars")
         proxy.popen.kill()  # kill -9: no UPSTREAM down, no goodbye
         proxy.popen.wait()
+        killed = time.monotonic()
+        told_down = await client.until(lambda e: e.get("status") == "feed_down", timeout=5)
+        assert time.monotonic() - killed < 3.0  # CONTRACT §12: within 3 s
         drain_until(streams, lambda: out.outages, 5, "the agg reporting the silence")
         (down,) = out.outages
         assert (down["state"], down["causes"]) == ("down", ["silence"])
-        drain_for(streams, 3.0 - 2.0)  # the proxy stays dead 3 s in all
+        assert (
+            told_down["s"] == down["s"] and "nothing heard from the proxy" in told_down["message"]
+        )
+        drain_for(streams, 3.0 - (time.monotonic() - killed))  # the proxy stays dead 3 s
         with Proc(*proxy_args, env=KEY) as second:
             second.wait_for("ready:")
             drain_until(streams, lambda: len(out.outages) == 2, 15, "the outage's end")
@@ -186,9 +198,12 @@ def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars(
             assert up["state"] == "up" and up["s"] == down["s"]
             assert up["causes"] == ["silence", "restart"]
             assert isinstance(up["e"], int) and up["e"] > down["s"]
+            told_up = await client.until(lambda e: e.get("status") == "feed_up", timeout=5)
+            assert (told_up["s"], told_up["e"]) == (up["s"], up["e"])
             until = up["e"] + max(INTERVALS) + GRACE + 1_000
             drain_until(streams, lambda: min(tap.clock, out.clock) > until, 20, "bars after it")
             values = scrape(metrics)
+        await client.close()
         windows = [(int(up["s"]), int(up["e"]))]
         marked = assert_exact_or_marked(out.bars, tap.tap, windows, since, until)
         assert marked > 0  # the bars open when it died, and those of the restart

@@ -229,3 +229,25 @@ def test_oversized_messages_and_limits_are_refused(tmp_path: Path, context: Cont
     warnings = [line for line in agg.lines if "WARNING" in line]
     assert len(warnings) <= 3, warnings
     fake.close()
+
+
+def test_the_peer_allowance_is_a_flag(tmp_path: Path, context: Context) -> None:
+    proxy_pub, agg_pub, port = agg_endpoints("tcp", tmp_path)
+    fake = FakeProxy(context, proxy_pub, session=5)
+    extra = ("--symbols", "AAPL", "--peer-subscriptions", "20")  # the collector holds ~12
+    with serving_agg(context, proxy_pub, agg_pub, port, *extra) as (agg, out):
+        peer = context.socket(zmq.XSUB)
+        peer.connect(agg_pub.replace("tcp://", "tcp://127.0.0.3:0;", 1))
+        for k in range(20):  # the allowance: kept
+            peer.send(b"\x01" + wire.bar_topic(100, f"S{k}"))
+        fake.probe(out, 0)
+        assert metric(port, "polyfan_agg_peers_disconnected_total") == 0
+        peer.send(b"\x01" + wire.bar_topic(100, "S20"))  # one past it
+        deadline = time.monotonic() + 10
+        while metric(port, "polyfan_agg_peers_banned_total") < 1:
+            assert time.monotonic() < deadline, "the peer past its allowance was not banned"
+            out.pump(0.05)
+        assert metric(port, "polyfan_agg_peers_disconnected_total") == 1
+        assert "127.0.0.3" in agg.output
+        assert agg.stop() == 0
+    fake.close()

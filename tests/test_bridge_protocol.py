@@ -799,7 +799,8 @@ async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_
         first.publish(500, "RS", rows[:3])
         assert await client.bars(3) == [expected_event("RS", 500, r) for r in rows[:3]]
         first.close()
-        with FakeAgg(endpoint) as second:  # a new session on the same address
+        # a new session on the same address, that has heard the proxy from T0 on
+        with FakeAgg(endpoint, listening_from=T0) as second:
             # ZeroMQ replays the bridge's subscriptions to the new publisher by itself.
             await asyncio.to_thread(second.wait_subscribed, b"500Ms.RS\x00", 10)
             await eventually(lambda: bridge.aggs[0].status()["session"] == second.session)
@@ -807,7 +808,7 @@ async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_
             # (quick enough not to be seen silent, or seen silent first: the same two statuses).
             down, up = await client.statuses(2)
             assert (down["status"], down["s"]) == ("feed_down", 0)  # no clock was relayed
-            assert (up["status"], up["s"], up["e"]) == ("feed_up", 0, 0)
+            assert (up["status"], up["s"], up["e"]) == ("feed_up", 0, T0)  # its bars from T0
             assert "restarted" in down["message"] + up["message"]
             second.publish(500, "RS", rows[3:])
             assert await client.bars(3) == [expected_event("RS", 500, r) for r in rows[3:]]

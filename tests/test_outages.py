@@ -108,3 +108,41 @@ def test_causes_read_as_words() -> None:
     assert describe((UPSTREAM, GAP)) == (
         "the proxy's upstream connection is down; messages from the proxy were lost"
     )
+
+
+def test_an_outage_opened_before_the_start_window_still_closes_itself() -> None:
+    # a gap (or an UPSTREAM down) in the agg's first batch opens a window before started()
+    # appends its own: closing must end the open one, not the last one
+    outages = Outages()
+    outages.lost(1_000)
+    outages.started(1_000)
+    assert outages.clock_received(1_200, 0) == [Change(1_000, 1_200, (GAP,))]
+    assert outages.windows == [(1_000, 1_200), (1_000, 1_000)]
+    outages.forget_before(5_000)
+    assert outages.windows == []
+
+
+def test_an_upstream_outage_lasts_at_least_the_upstream_downtime() -> None:
+    # a quiet market: the proxy's clock stands still while it is disconnected and creeps on
+    # by idle advance after it reconnects, so the first clock past the start comes early
+    outages = Outages()
+    outages.upstream_down(10_000, wall=50_000)
+    outages.upstream_up(wall=170_000)  # two minutes later
+    assert outages.clock_received(10_050, 0) == [Change(10_000, 130_000, (UPSTREAM,))]
+
+
+def test_a_proxy_restart_ends_an_upstream_outage_whose_up_was_missed() -> None:
+    outages = Outages(silence_ms=2_000)
+    heard_from(outages, 1, now_ms=0)
+    outages.upstream_down(8_000, wall=1)
+    assert outages.session_seen(2, 8_000, now_ms=10_000) == []  # joins the open outage
+    assert outages.clock_received(0, 10_100) == []  # the new proxy's clock before its trades
+    assert outages.clock_received(9_000, 10_200) == [Change(8_000, 9_000, (UPSTREAM, RESTART))]
+
+
+def test_the_first_publisher_session_is_known_without_a_decision() -> None:
+    outages = Outages(silence_ms=2_000)
+    outages.heard(0)
+    outages.session_heard(1, 0)
+    heard_from(outages, 1, now_ms=5_000)  # the same proxy later: no restart
+    assert outages.session_seen(2, 7_000, now_ms=6_000) == [Change(7_000, None, (RESTART,))]

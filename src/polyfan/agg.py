@@ -266,24 +266,53 @@ def _ban(core: Aggregator, address: str) -> None:
         core.warn_peers_banned(address)
 
 
-def peer_address(fd: int) -> str:
-    """The peer's IP address ("" for ipc, or when it is gone)."""
+def _peer_name(fd: int) -> object:
+    """Both ends of the connection on ``fd`` (None when it is gone): what tells a peer from
+    whatever holds the same descriptor number later."""
     try:
         with socket.socket(fileno=os.dup(fd)) as peer:
-            address = peer.getpeername()
+            return (peer.getsockname(), peer.getpeername())
     except OSError:
-        return ""
-    return str(address[0]) if isinstance(address, tuple) else ""
+        return None
 
 
-def disconnect_peer(fd: int) -> None:
-    """Shut a peer's connection down under libzmq, which then drops it (and everything it
-    subscribed) as if the peer had gone; the descriptor itself stays libzmq's to close."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as peer:
-            peer.shutdown(socket.SHUT_RDWR)
-    except OSError as exc:
-        log.debug("disconnecting peer fd %d: %s", fd, exc)
+class Connections:
+    """The XPUB's connections by descriptor, as the monitor reported them: the agg acts on a
+    descriptor (disconnects it, bans its address) only while it is still that connection."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, object] = {}
+
+    def opened(self, fd: int) -> None:
+        self.names[fd] = _peer_name(fd)
+
+    def closed(self, fd: int) -> None:
+        self.names.pop(fd, None)
+
+    def is_same(self, fd: int) -> bool:
+        name = self.names.get(fd)
+        return name is not None and name == _peer_name(fd)
+
+    def address(self, fd: int) -> str:
+        """The peer's IP address ("" for ipc, or when the descriptor is no longer it)."""
+        name = self.names.get(fd)
+        if not self.is_same(fd) or not isinstance(name, tuple):
+            return ""
+        peer = name[1]
+        return str(peer[0]) if isinstance(peer, tuple) else ""
+
+    def disconnect(self, fd: int) -> None:
+        """Shut the connection down under libzmq, which then drops it (and everything it
+        subscribed) as if the peer had gone; the descriptor itself stays libzmq's to close.
+        Nothing is done if the descriptor is no longer that connection."""
+        if not self.is_same(fd):
+            log.debug("peer fd %d is gone or another connection now: not disconnected", fd)
+            return
+        try:
+            with socket.socket(fileno=os.dup(fd)) as peer:
+                peer.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:
+            log.debug("disconnecting peer fd %d: %s", fd, exc)
 
 
 def queued_bytes(fd: int) -> int:
@@ -294,7 +323,7 @@ def queued_bytes(fd: int) -> int:
         return 0
 
 
-def _peer_events(core: Aggregator, monitor: zmq.Socket[bytes]) -> None:
+def _peer_events(core: Aggregator, monitor: zmq.Socket[bytes], connections: Connections) -> None:
     """Connections opened and closed on the XPUB, from its monitor (value: the fd).
 
     libzmq writes a connection's ACCEPTED (and the DISCONNECTED of the one that held its
@@ -309,9 +338,11 @@ def _peer_events(core: Aggregator, monitor: zmq.Socket[bytes]) -> None:
             return
         fd = int(event["value"])
         if event["event"] == zmq.EVENT_ACCEPTED:
+            connections.opened(fd)
             if not core.peer_connected(fd):
-                disconnect_peer(fd)
+                connections.disconnect(fd)
         else:
+            connections.closed(fd)
             core.peer_gone(fd)
 
 
@@ -333,6 +364,7 @@ def _loop(
     send = pub.send
     noblock = zmq.NOBLOCK
     again = zmq.Again
+    connections = Connections()
 
     def waiting() -> bool:
         return bool(sub.poll(0))
@@ -364,7 +396,7 @@ def _loop(
                 publish_delay.observe(time.perf_counter() - woke, len(out.series))
             core.batch_sent(out)  # the history, once the bars are out
         if monitor in events:
-            _peer_events(core, monitor)
+            _peer_events(core, monitor, connections)
         if pub in events:
             for _ in range(1000):
                 try:
@@ -373,7 +405,7 @@ def _loop(
                     break
                 # its connection's ACCEPTED before the message is judged (a new peer, or a
                 # reused descriptor starting over), even one accepted during this pass
-                _peer_events(core, monitor)
+                _peer_events(core, monitor, connections)
                 frame = received.bytes
                 try:
                     fd = int(received.get(zmq.SRCFD))
@@ -387,14 +419,15 @@ def _loop(
                     continue
                 if outcome.disconnect is not None:
                     if outcome.ban:
-                        _ban(core, peer_address(outcome.disconnect))
-                    disconnect_peer(outcome.disconnect)
+                        _ban(core, connections.address(outcome.disconnect))
+                    connections.disconnect(outcome.disconnect)
                     trim_heap_until = time.monotonic() + HEAP_TRIM_FOR_S
                 if outcome.reply is not None:
                     send(outcome.reply)
         now = time.monotonic()
-        for message in core.silence_checked(int(now * 1000)):
-            send(message)
+        if not waiting():  # (a long pass is not the proxy's silence)
+            for message in core.silence_checked(int(now * 1000)):
+                send(message)
         if now >= next_announce:
             send(core.announce())
             next_announce = now + ANNOUNCE_EVERY_S

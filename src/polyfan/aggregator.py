@@ -196,7 +196,10 @@ class Aggregator:
             "Peers the agg disconnected: one too many, over their subscription allowance, or "
             "subscribed to read other peers' replies.",
         )
-        self.peers = peers.PeerTable(self.intervals, peer_limits or peers.PeerLimits())
+        if peer_limits is None:
+            allowance = config.peer_subscriptions
+            peer_limits = peers.PeerLimits(max_subscriptions=allowance, max_total=10 * allowance)
+        self.peers = peers.PeerTable(self.intervals, peer_limits)
         self.open_bars_gauge = registry.gauge("polyfan_agg_open_bars", "Bars open now.")
         self.symbols_gauge = registry.gauge("polyfan_agg_symbols", "Symbols seen.")
         self.history_gauge = registry.gauge("polyfan_agg_history_series", "Series with history.")
@@ -257,6 +260,8 @@ class Aggregator:
         if self.listening_from is None and clock is not None:
             self.listening_from = clock
             outages.started(clock)
+        if decoder.control_session is not None:  # the first one is never a special
+            outages.session_heard(decoder.control_session, now_ms)
         self._outages_changed(changes)
         series, bars = self._bars_to_close()
         buffer, offsets, count = self._encode_closed(series, bars)
@@ -353,13 +358,13 @@ class Aggregator:
         changes = self.outages.session_seen(message.session, clock_before, now_ms)
         if message.kind is not wire.Kind.UPSTREAM:
             return changes
-        for state, clock, _ in wire.records(message).tolist():
+        for state, clock, wall in wire.records(message).tolist():
             if state == wire.UPSTREAM_DOWN:
                 log.warning("proxy reports the upstream down at feed clock %d", clock)
-                changes += self.outages.upstream_down(clock)
+                changes += self.outages.upstream_down(clock, wall)
             else:
                 log.info("proxy reports the upstream up again")
-                changes += self.outages.upstream_up()
+                changes += self.outages.upstream_up(wall)
         relay.append(
             self._encode(
                 wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, message.count, bytes(message.payload)

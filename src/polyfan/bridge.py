@@ -576,9 +576,13 @@ class Bridge:
 
     def _heard_again(self, agg: Agg, announce: dict[str, Any]) -> None:
         """A silent agg announces itself again (it announces every second): it is back,
-        restarted if its session changed."""
+        restarted if its session changed, once a restarted one has heard the proxy (its
+        bars start then: "from")."""
+        restarted = announce.get("session") != agg.silent_session
+        if restarted and not isinstance(announce.get("from"), int):
+            return  # not yet: a later announce says from when
         agg.silent = False
-        e, why = self._back_from(agg, announce.get("session") != agg.silent_session)
+        e, why = self._back_from(agg, restarted)
         if self.feed.agg_up(agg, SILENT, e, why):
             log.info("aggregator %s heard again: %s", agg.endpoint, why)
             self._feed_changed()
@@ -862,7 +866,7 @@ class Bridge:
             and agg.announce.get("session") != announce.get("session")
         )
         if restarted and not agg.silent:  # too quick to be seen silent: its history is lost
-            self._restarted_unseen(agg, announce)
+            self._restarted_unseen(agg)
         agg.announce = announce
         if agg.silent:
             self._heard_again(agg, announce)
@@ -885,19 +889,16 @@ class Bridge:
             for channel in self.fanout.channels():
                 self._route_channel(channel)
 
-    def _restarted_unseen(self, agg: Agg, announce: dict[str, Any]) -> None:
+    def _restarted_unseen(self, agg: Agg) -> None:
+        """An agg restarted too quickly to be seen silent: down from the last clock it relayed,
+        and back as a silent one comes back (:meth:`_heard_again`, called next)."""
         s = agg.clock if agg.clock is not None else 0
-        start = announce.get("from")
-        e = int(start) if isinstance(start, int) else s
-        why = (
-            f"aggregator {agg.endpoint} restarted: the bars and history it held went with it; "
-            f"it serves bars again from {e}"
-        )
+        why = f"aggregator {agg.endpoint} restarted: the bars and history it held went with it"
+        agg.silent = True
+        agg.silent_session = agg.session()  # the old one: the new announce is not stored yet
         if self.feed.agg_down(agg, SILENT, s, why):
             self.counters.outages.inc()
             log.warning("%s", why)
-            self._feed_changed()
-        if self.feed.agg_up(agg, SILENT, e, why):
             self._feed_changed()
 
     def _outage_reported(self, agg: Agg, message: wire.Message) -> None:
@@ -1140,10 +1141,10 @@ class Bridge:
                 for command in outcome.commands:
                     if isinstance(command, Subscribe):
                         self._open(client, command)
-                    elif isinstance(command, Unsubscribe) and self.fanout.unsubscribe(
-                        client, command.channel
-                    ):
-                        self._unroute_channel(command.channel)
+                    elif isinstance(command, Unsubscribe):
+                        if self.fanout.unsubscribe(client, command.channel):
+                            self._unroute_channel(command.channel)
+                        self._feed_changed(only=client)  # its feed may be whole without it
                 if outcome.close is not None:
                     client.close_after = outcome.close
                     client.wake.set()

@@ -227,6 +227,14 @@ def proxy(
     callback=_parsed(cfg.parse_duration_ms),
     help="Bars kept per symbol and interval for late joiners.",
 )
+@click.option(
+    "--peer-subscriptions",
+    type=click.IntRange(min=1),
+    default=cfg.AggConfig.peer_subscriptions,
+    show_default=True,
+    help="Subscriptions one ZeroMQ peer may hold (a bridge holds one per channel); past it "
+    "the peer is disconnected and its address refused for 60 s (docs/limits.md).",
+)
 @_metrics_option
 def agg(
     sub: tuple[str, ...],
@@ -237,6 +245,7 @@ def agg(
     conditions: str,
     conditions_file: Path | None,
     history: int,
+    peer_subscriptions: int,
     metrics: tuple[str, int] | None,
 ) -> None:
     """Build exact OHLCV bars from the proxy's trades and publish them."""
@@ -256,6 +265,7 @@ def agg(
         conditions=conditions,
         conditions_file=conditions_file,
         history_ms=history,
+        peer_subscriptions=peer_subscriptions,
         metrics=metrics,
     )
     _run(role.run, config)

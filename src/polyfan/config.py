@@ -147,6 +147,7 @@ class AggConfig:
     conditions: str = "polygon"
     conditions_file: Path | None = None
     history_ms: int = 3_600_000
+    peer_subscriptions: int = 20_000  # per ZeroMQ peer of --pub (peers.PeerLimits)
     metrics: tuple[str, int] | None = None
 
 

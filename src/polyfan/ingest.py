@@ -91,6 +91,11 @@ class FrameDecoder:
     def clock_wall(self) -> int:
         return int(self.state[kernels.D_CLOCK_WALL])
 
+    @property
+    def control_session(self) -> int | None:
+        """The publisher session of the last control message (None before the first)."""
+        return int(self._last_session[0]) if self._seen[0] else None
+
     def close_past(self, clock: int | None) -> None:
         """Note the first CLOCK from now on that takes the feed clock past ``clock`` (None:
         none); :meth:`closed_at` tells it."""

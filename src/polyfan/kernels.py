@@ -577,7 +577,7 @@ def decode_frames(
     frame from a publisher session other than the previous control frame's (a CLOCK is applied
     as well); with ``D_STOP_AT_SPECIALS`` set, decoding stops after each of them. A CLOCK that
     takes the clock past ``D_CLOSE_PAST`` notes the clock in ``D_CLOSED_AT`` (an outage
-    waiting for it ends there). Sequence gaps are counted per topic exactly as
+    waiting for it ends there), unless it is itself special (the caller judges it first). Sequence gaps are counted per topic exactly as
     ``wire.GapCounter`` does. Malformed frames are counted and skipped. Returns -1 when done,
     the index of a frame whose topic is not in the table (register it and call again from
     there), or ``-(f + 2)`` after special frame ``f`` when stopping at specials (handle it
@@ -653,7 +653,7 @@ def decode_frames(
                     state[D_CLOCK] = clock
                 state[D_CLOCK_WALL] = _i64(buf, payload + r * CLOCK_SIZE + 8)
                 state[D_HAS_CLOCK] = 1
-                if state[D_CLOCK] > state[D_CLOSE_PAST]:
+                if state[D_CLOCK] > state[D_CLOSE_PAST] and not special:
                     state[D_CLOSED_AT] = state[D_CLOCK]
                     state[D_CLOSE_PAST] = INT64_MAX
         elif sym == TOPIC_CONTROL:

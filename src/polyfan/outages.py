@@ -77,6 +77,8 @@ class _Open:
     s: int
     causes: list[str]
     upstream_down: bool = False
+    upstream_down_wall: int | None = None  # the proxy's wall time when it said down
+    at_least: int = 0  # the window ends no earlier (the upstream's downtime, on the feed clock)
 
 
 @dataclass
@@ -123,6 +125,10 @@ class Outages:
         if self._first_heard_at is None:
             self._first_heard_at = now_ms
 
+    def session_heard(self, session: int, now_ms: int) -> None:
+        """Publisher ``session`` was heard (no decision: the first session is only known)."""
+        self._sessions[session] = now_ms
+
     def session_seen(self, session: int, clock: int | None, now_ms: int) -> list[Change]:
         """A control message of publisher ``session``; ``clock`` is the feed clock before it."""
         known = self._sessions
@@ -133,24 +139,42 @@ class Outages:
         known[session] = now_ms
         for old in [s for s, at in known.items() if now_ms - at > SESSIONS_KEPT_MS]:
             del known[old]
-        if new and clock is not None:
-            return self._begin(RESTART, clock)
-        return []
+        if not new or clock is None:
+            return []
+        changes = self._begin(RESTART, clock)
+        assert self._open is not None
+        # A new proxy starts with its upstream not yet up and says "up" once it is; if that UP
+        # was missed (sent before this agg reconnected), the outage must still end: it ends
+        # at the first clock of the new proxy past its start, which needs trades flowing.
+        self._open.upstream_down = False
+        return changes
 
     def lost(self, clock: int | None) -> list[Change]:
         """Messages were lost (a sequence gap) while the feed clock was ``clock``."""
         return [] if clock is None else self._begin(GAP, clock)
 
-    def upstream_down(self, clock: int) -> list[Change]:
+    def upstream_down(self, clock: int, wall: int | None = None) -> list[Change]:
+        """The proxy reports its upstream down at feed clock ``clock`` (its wall time
+        ``wall``)."""
         changes = self._begin(UPSTREAM, clock)
         assert self._open is not None
         self._open.upstream_down = True
+        if self._open.upstream_down_wall is None:
+            self._open.upstream_down_wall = wall
         return changes
 
-    def upstream_up(self) -> list[Change]:
-        """The proxy is connected upstream again: the outage can end at the next clock."""
-        if self._open is not None:
-            self._open.upstream_down = False
+    def upstream_up(self, wall: int | None = None) -> list[Change]:
+        """The proxy is connected upstream again (at its wall time ``wall``): the outage can
+        end at the next clock past its start, and no earlier than its start plus the time the
+        upstream was down: the feed clock stands still while the proxy is disconnected, so in
+        a quiet market the next clock could be just past the start, leaving bars that lost
+        trades during the downtime unmarked."""
+        open_ = self._open
+        if open_ is not None:
+            open_.upstream_down = False
+            if wall is not None and open_.upstream_down_wall is not None:
+                downtime = max(0, wall - open_.upstream_down_wall)
+                open_.at_least = max(open_.at_least, open_.s + downtime)
         return []
 
     def silent(self, now_ms: int, clock: int | None) -> list[Change]:
@@ -170,8 +194,11 @@ class Outages:
         if open_ is None or open_.upstream_down or clock <= open_.s:
             return []
         self._open = None
-        self.windows[-1] = (open_.s, clock)
-        return [Change(open_.s, clock, tuple(open_.causes))]
+        end = max(clock, open_.at_least)
+        # the open window: not always the last (the agg's start window may follow it)
+        at = next(i for i, (_, hi) in enumerate(self.windows) if hi is None)
+        self.windows[at] = (open_.s, end)
+        return [Change(open_.s, end, tuple(open_.causes))]
 
     def forget_before(self, clock: int) -> None:
         """Drop windows that ended before ``clock`` (no bar still open can overlap them)."""

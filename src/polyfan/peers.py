@@ -45,7 +45,9 @@ _CONTROL = wire.CONTROL_TOPIC
 @dataclass(frozen=True, slots=True)
 class PeerLimits:
     max_peers: int = 64  # connections at once
-    max_subscriptions: int = 20_000  # per peer
+    # per peer (agg --peer-subscriptions): a bridge subscribes one topic per channel its
+    # clients hold; one whose clients hold more distinct channels needs it raised
+    max_subscriptions: int = 20_000
     max_total: int = 200_000  # all peers together
     reply_bytes_in_flight: int = 4 << 20  # per peer
     drained_below: int = 64 << 10  # socket queue under this: the peer reads, in flight is 0
@@ -166,11 +168,10 @@ class PeerTable:
                 (f for f, p in self.peers.items() if not p.leaving),
                 key=lambda f: self.peers[f].subscriptions,
             )
-            return Decision(
+            return Decision(  # not banned: the one holding most may be a busy bridge
                 Verdict.DISCONNECT,
                 f"all peers over {limits.max_total} subscriptions; it holds the most",
                 largest,
-                ban=True,
             )
         if route is not None:
             peer.routes.add(route.group(1).decode())

@@ -65,6 +65,13 @@ def _sub_option(default: str, what: str) -> Callable[[F], F]:
     )
 
 
+def _count_option(name: str, default: int, minimum: int, help: str) -> Callable[[F], F]:
+    """A whole-number flag with a lower bound and its default shown."""
+    return click.option(
+        name, type=click.IntRange(min=minimum), default=default, show_default=True, help=help
+    )
+
+
 _metrics_option = click.option(
     "--metrics",
     default=None,
@@ -288,33 +295,26 @@ def agg(
     multiple=True,
     help="Accepted client token; repeatable (env POLYFAN_TOKENS, comma-separated).",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Processes sharing the port (SO_REUSEPORT), for many thousands of clients.",
+@_count_option(
+    "--workers", 1, 1, "Processes sharing the port (SO_REUSEPORT), for many thousands of clients."
 )
-@click.option(
+@_count_option(
     "--max-handshakes",
-    type=click.IntRange(min=1),
-    default=cfg.BridgeConfig.max_handshakes,
-    show_default=True,
-    help="Connections still in the handshake at once, per process (docs/limits.md).",
+    cfg.BridgeConfig.max_handshakes,
+    1,
+    "Connections still in the handshake at once, per process (docs/limits.md).",
 )
-@click.option(
+@_count_option(
     "--max-handshakes-per-address",
-    type=click.IntRange(min=0),
-    default=cfg.BridgeConfig.max_handshakes_per_address,
-    show_default=True,
-    help="Of those, from one client address; 0: no cap (behind a reverse proxy).",
+    cfg.BridgeConfig.max_handshakes_per_address,
+    0,
+    "Of those, from one client address; 0: no cap (behind a reverse proxy).",
 )
-@click.option(
+@_count_option(
     "--max-connections-per-address",
-    type=click.IntRange(min=0),
-    default=cfg.BridgeConfig.max_connections_per_address,
-    show_default=True,
-    help="Connections (handshakes and clients) from one client address; 0: no cap.",
+    cfg.BridgeConfig.max_connections_per_address,
+    0,
+    "Connections (handshakes and clients) from one client address; 0: no cap.",
 )
 def bridge(
     sub: tuple[str, ...],

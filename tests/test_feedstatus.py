@@ -81,3 +81,27 @@ def test_a_client_that_left_is_forgotten_and_one_unserved_is_never_down() -> Non
     feed.forget_client("c1")
     feed.agg_up("agg1", SILENT, 2, "back")
     assert feed.statuses([("c1", {TSLA})], serving) == []
+
+
+def test_a_star_channel_of_shards_is_down_when_a_down_shard_serves_symbols_no_other_does() -> None:
+    feed: FeedStatus[str, str] = FeedStatus()
+    star = Channel(100, None)
+    shards = {"shard1": frozenset({"TSLA"}), "shard2": frozenset({"AAPL", "MSFT"})}
+    serving = served_by({star: ["shard1", "shard2"], AAPL: ["shard2"]})
+    clients = [("all", {star}), ("apple", {AAPL})]
+    feed.agg_down("shard1", SILENT, 4_000, "aggregator shard1 not heard")
+    ((client, down),) = feed.statuses(clients, serving, shards.get)
+    assert (client, down["status"], down["s"]) == ("all", "feed_down", 4_000)
+    assert "100Ms.*" in down["message"]
+    # replicas serving every symbol: one down leaves the star channel whole
+    replicas: FeedStatus[str, str] = FeedStatus()
+    replicas.agg_down("r1", SILENT, 1, "not heard")
+    everything = {"r1": None, "r2": None}
+    assert (
+        replicas.statuses([("all", {star})], served_by({star: ["r1", "r2"]}), everything.get) == []
+    )
+    # a down shard whose symbols another still serves: whole too
+    overlap: FeedStatus[str, str] = FeedStatus()
+    overlap.agg_down("a", SILENT, 1, "not heard")
+    serves = {"a": frozenset({"TSLA"}), "b": frozenset({"TSLA", "AAPL"})}
+    assert overlap.statuses([("all", {star})], served_by({star: ["a", "b"]}), serves.get) == []

@@ -604,7 +604,9 @@ class Bridge:
         clients = [only] if only is not None else list(self.clients.values())
         channels = self.fanout.channels_of
         for client, event in self.feed.statuses(
-            ((client, channels(client)) for client in clients), self.catalog.aggs_for
+            ((client, channels(client)) for client in clients),
+            self.catalog.aggs_for,
+            self.catalog.symbols_of,
         ):
             self.counters.feed_statuses.inc()
             self._push(client, encode_events([event]), 0)

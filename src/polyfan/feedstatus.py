@@ -80,11 +80,14 @@ class FeedStatus(Generic[A, C]):
         self,
         clients: Iterable[tuple[C, Collection[Channel]]],
         serving: Callable[[Channel], Collection[A]],
+        symbols: Callable[[A], frozenset[str] | None] | None = None,
     ) -> list[tuple[C, dict[str, Any]]]:
-        """The statuses each client must get now: ``(client, status event)``."""
+        """The statuses each client must get now: ``(client, status event)``. ``symbols``
+        says which symbols each agg serves (None: all), for ``<N>Ms.*`` channels served by
+        shards: such a channel is down when a down agg serves symbols no agg still up does."""
         out: list[tuple[C, dict[str, Any]]] = []
         for client, channels in clients:
-            down = self._channel_down(channels, serving)
+            down = self._channel_down(channels, serving, symbols)
             told = self._clients.get(client)
             if down is not None and told is None:
                 s, why, names = down
@@ -97,15 +100,25 @@ class FeedStatus(Generic[A, C]):
         return out
 
     def _channel_down(
-        self, channels: Collection[Channel], serving: Callable[[Channel], Collection[A]]
+        self,
+        channels: Collection[Channel],
+        serving: Callable[[Channel], Collection[A]],
+        symbols: Callable[[A], frozenset[str] | None] | None,
     ) -> tuple[int, str, list[str]] | None:
-        """``(s, why, channel names)`` for the client's channels whose every agg is down."""
+        """``(s, why, channel names)`` for the client's channels that are down."""
         found: list[tuple[int, str, str]] = []
         for channel in channels:
             aggs = serving(channel)
-            if not aggs or not all(self._aggs.get(agg) for agg in aggs):
+            down_aggs = [agg for agg in aggs if self._aggs.get(agg)]
+            if not down_aggs:
                 continue
-            downs = [down for agg in aggs for down in self._aggs[agg].values()]
+            if len(down_aggs) < len(aggs) and not (
+                channel.symbol is None
+                and symbols is not None
+                and _uncovered(down_aggs, [a for a in aggs if a not in down_aggs], symbols)
+            ):
+                continue  # a replica still up carries it
+            downs = [down for agg in down_aggs for down in self._aggs[agg].values()]
             first = min(downs, key=lambda down: down.s)
             found.append((first.s, first.why, channel.name))
         if not found:
@@ -122,6 +135,19 @@ class FeedStatus(Generic[A, C]):
         if not backs:
             return s, "the feed is back"
         return max(backs)
+
+
+def _uncovered(down: list[A], up: list[A], symbols: Callable[[A], frozenset[str] | None]) -> bool:
+    """Whether an agg that is down serves symbols no agg that is up serves."""
+    up_symbols = [symbols(agg) for agg in up]
+    if any(served is None for served in up_symbols):
+        return False  # an agg still up serves every symbol
+    covered = frozenset().union(*(served for served in up_symbols if served is not None))
+    for agg in down:
+        served = symbols(agg)
+        if served is None or not served <= covered:
+            return True
+    return False
 
 
 def feed_down(s: int, why: str, channels: list[str]) -> dict[str, Any]:

@@ -138,6 +138,11 @@ class Catalog(Generic[A]):
     def intervals(self) -> list[int]:
         return sorted({i for serves in self._aggs.values() for i in serves.intervals})
 
+    def symbols_of(self, agg: A) -> frozenset[str] | None:
+        """The symbols ``agg`` announced (None: every symbol, or not announced)."""
+        serves = self._aggs.get(agg)
+        return None if serves is None else serves.symbols
+
     def aggs_for(self, channel: Channel) -> list[A]:
         """Every aggregator that serves the channel, in the order they were first heard."""
         return [agg for agg, serves in self._aggs.items() if serves.serves(channel)]

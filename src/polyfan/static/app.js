@@ -461,6 +461,9 @@ function connect() {
 function onStatus(ev) {
   switch (ev.status) {
     case "connected":
+      // A window still open from before this connection: the bridge says feed_down again
+      // after the subscribe if it is still down (and a feed_up missed while away is unknown).
+      state.feedWindows = state.feedWindows.filter((w) => w.e !== null);
       send({ action: "auth", params: state.token });
       feed.authSent = true; // the server takes auth and subscribe back to back, in order
       subscribeCurrent();

@@ -257,6 +257,8 @@ async def test_an_agg_killed_and_restarted_is_told_to_clients_and_its_bars_are_e
             up = await client.until(lambda e: e.get("status") == "feed_up", timeout=15)
             assert up["s"] == down["s"] and up["e"] >= up["s"]
             assert "restarted" in up["message"]
+            # clients are told what happened, not where the bridge's aggregators live
+            assert agg_pub not in down["message"] + up["message"]
             until = up["e"] + max(INTERVALS) + GRACE + 1_000
             await client.until(lambda e: e["ev"] == "MB" and e["s"] > until + 1_000, timeout=20)
             tap.drain()

@@ -564,7 +564,7 @@ class Bridge:
             agg.silent = True
             agg.silent_session = agg.session()
             s = agg.clock if agg.clock is not None else 0
-            if self.feed.agg_down(agg, SILENT, s, f"aggregator {agg.endpoint} not heard"):
+            if self.feed.agg_down(agg, SILENT, s, "an aggregator of this feed is not heard"):
                 self.counters.outages.inc()
                 log.warning(
                     "aggregator %s not heard for %gs: its clients' feed is down unless a "
@@ -591,11 +591,11 @@ class Bridge:
         """Where a silent or restarted agg's bars start again, and what was lost."""
         clock = agg.clock if agg.clock is not None else 0
         if not restarted:
-            return clock, f"aggregator {agg.endpoint} heard again"
+            return clock, "the aggregator is heard again"
         start = (agg.announce or {}).get("from")
         e = int(start) if isinstance(start, int) else clock
         return e, (
-            f"aggregator {agg.endpoint} restarted: the bars and history it held went with it; "
+            "the aggregator restarted: the bars and history it held went with it; "
             f"it serves bars again from {e}"
         )
 
@@ -895,12 +895,14 @@ class Bridge:
         """An agg restarted too quickly to be seen silent: down from the last clock it relayed,
         and back as a silent one comes back (:meth:`_heard_again`, called next)."""
         s = agg.clock if agg.clock is not None else 0
-        why = f"aggregator {agg.endpoint} restarted: the bars and history it held went with it"
+        why = "the aggregator restarted: the bars and history it held went with it"
         agg.silent = True
         agg.silent_session = agg.session()  # the old one: the new announce is not stored yet
         if self.feed.agg_down(agg, SILENT, s, why):
             self.counters.outages.inc()
-            log.warning("%s", why)
+            log.warning(
+                "aggregator %s restarted: the bars and history it held went with it", agg.endpoint
+            )
             self._feed_changed()
 
     def _outage_reported(self, agg: Agg, message: wire.Message) -> None:

@@ -157,6 +157,34 @@ def healthy(port: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """Addresses and arguments of one sim -> proxy -> agg -> bridge run over ipc."""
+
+    sim_port: int
+    http: int
+    proxy_pub: str
+    agg_pub: str
+
+    @classmethod
+    def at(cls, tmp_path: Path) -> Pipeline:
+        return cls(
+            free_port(),
+            free_port(),
+            endpoint("ipc", tmp_path, "proxy"),
+            endpoint("ipc", tmp_path, "agg"),
+        )
+
+    @property
+    def proxy_args(self) -> list[str]:
+        upstream = f"ws://127.0.0.1:{self.sim_port}/stocks"
+        return ["proxy", "--upstream", upstream, "--pub", self.proxy_pub]
+
+    @property
+    def bridge_args(self) -> list[str]:
+        return ["bridge", "--sub", self.agg_pub, "--listen", f"127.0.0.1:{self.http}"]
+
+
 def sim_args(port: int) -> list[str]:
     return ["sim", "--listen", f"127.0.0.1:{port}", "--symbols", "12", "--rate", "800"]
 
@@ -164,12 +192,10 @@ def sim_args(port: int) -> list[str]:
 async def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars_and_clients_are_told(
     tmp_path: Path, context: Context
 ) -> None:
-    sim_port, http = free_port(), free_port()
-    proxy_pub = endpoint("ipc", tmp_path, "proxy")
-    agg_pub = endpoint("ipc", tmp_path, "agg")
+    p = Pipeline.at(tmp_path)
+    sim_port, http, proxy_pub, agg_pub = p.sim_port, p.http, p.proxy_pub, p.agg_pub
+    proxy_args, bridge_args = p.proxy_args, p.bridge_args
     metrics = free_port()
-    proxy_args = ["proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub]
-    bridge_args = ["bridge", "--sub", agg_pub, "--listen", f"127.0.0.1:{http}"]
     with (
         Proc(*sim_args(sim_port)) as sim,
         Proc(*proxy_args, env=KEY) as proxy,
@@ -223,11 +249,9 @@ async def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars_and
 async def test_an_agg_killed_and_restarted_is_told_to_clients_and_its_bars_are_exact_or_marked(
     tmp_path: Path, context: Context
 ) -> None:
-    sim_port, http = free_port(), free_port()
-    proxy_pub = endpoint("ipc", tmp_path, "proxy")
-    agg_pub = endpoint("ipc", tmp_path, "agg")
-    proxy_args = ["proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub]
-    bridge_args = ["bridge", "--sub", agg_pub, "--listen", f"127.0.0.1:{http}"]
+    p = Pipeline.at(tmp_path)
+    sim_port, http, proxy_pub, agg_pub = p.sim_port, p.http, p.proxy_pub, p.agg_pub
+    proxy_args, bridge_args = p.proxy_args, p.bridge_args
     channels = [f"{interval}Ms.*" for interval in INTERVALS]
     with (
         Proc(*sim_args(sim_port)) as sim,

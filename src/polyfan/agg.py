@@ -63,9 +63,9 @@ SNDHWM = 250_000
 # ZMQ_MAXMSGSIZE: what peers send upstream is subscriptions (a topic) and requests (a small JSON
 # object); anything longer disconnects the peer in libzmq itself.
 PEER_MAXMSGSIZE = 4096
-# Upstream messages taken from each peer's connection ahead of the loop judging them: libzmq
-# stores a subscription in its trie as it takes it in, so this bounds how far a flooding peer
-# gets past its allowance before the loop disconnects it (measured: docs/limits.md).
+# Upstream messages queued in each peer's pipe. It does not bound what a flooding peer gets
+# stored past its allowance: each poll or receive moves the whole pipe into the XPUB's own
+# unbounded queue (measured: docs/limits.md); the ban and CURVE do that.
 PEER_RCVHWM = 100
 # From the proxy: one message carries one symbol's trades of one drain (docs/wire.md): 64 MiB
 # is 1.2 million trades of one symbol in one pass, far beyond any real burst.

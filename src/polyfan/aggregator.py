@@ -136,8 +136,7 @@ class Aggregator:
         # serving the same channel prefers that agg's bars for them).
         self.listening_from: int | None = None
         self.outages = Outages()
-        # len(outages.windows) and whether one is open, as last given to the bars
-        self._windows_set: tuple[int, bool] = (0, False)
+        self._windows_revision = 0  # the outages' revision the bars last got
         self._warned: dict[str, tuple[float, int]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         registry = registry or Registry()
@@ -293,10 +292,9 @@ class Aggregator:
     def _outages_changed(self, changes: list[Change]) -> None:
         """Give the bars the windows when they changed, count and log the changes."""
         outages = self.outages
-        shape = (len(outages.windows), outages.is_open())
-        if changes or shape != self._windows_set:
+        if outages.revision != self._windows_revision:
             self.bars.set_outages(outages.windows)
-            self._windows_set = shape
+            self._windows_revision = outages.revision
         self.outages_total.value = outages.began_total
         for change in changes:
             if change.e is None:
@@ -455,10 +453,8 @@ class Aggregator:
         clock = self.decoder.clock
         if clock is not None:
             self.history.trim(clock, busy)
-            windows = len(self.outages.windows)
             self.outages.forget_before(self.bars.outages_needed_after(clock))
-            if len(self.outages.windows) != windows:
-                self._outages_changed([])
+            self._outages_changed([])
 
     # --- the XPUB side: subscriptions and requests --------------------------------------
 

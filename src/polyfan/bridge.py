@@ -113,6 +113,7 @@ HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (annou
 SILENT_AFTER = 2.0  # not heard for this long (it relays the clock 10 times a second, announces
 # every second): its channels' feed is down unless a replica carries them (feed_down)
 WATCH_EVERY = 0.25  # seconds between checks of who is heard
+RESTARTED = "the aggregator restarted: the bars and history it held went with it"
 WHOLE_MARGIN_MS = 1000  # an agg's bars up to this long after its announced "from" may be partial
 STAND_IN_WAIT = 1.0  # seconds such bars wait for another agg's whole copies before going out
 READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see Bridge._read)
@@ -561,18 +562,23 @@ class Bridge:
         if agg.heard_at is None:
             return
         if time.monotonic() - agg.heard_at >= SILENT_AFTER and not agg.silent:
-            agg.silent = True
-            agg.silent_session = agg.session()
-            s = agg.clock if agg.clock is not None else 0
-            if self.feed.agg_down(agg, SILENT, s, "an aggregator of this feed is not heard"):
-                self.counters.outages.inc()
-                log.warning(
-                    "aggregator %s not heard for %gs: its clients' feed is down unless a "
-                    "replica carries their channels",
-                    agg.endpoint,
-                    SILENT_AFTER,
-                )
-                self._feed_changed()
+            self._gone_silent(
+                agg,
+                "an aggregator of this feed is not heard",
+                f"not heard for {SILENT_AFTER:g}s: its clients' feed is down unless a replica "
+                "carries their channels",
+            )
+
+    def _gone_silent(self, agg: Agg, why: str, note: str) -> None:
+        """``agg`` is down from the last clock it relayed (``why`` for its clients, ``note``
+        for the log) until it announces itself again (:meth:`_heard_again`)."""
+        agg.silent = True
+        agg.silent_session = agg.session()
+        s = agg.clock if agg.clock is not None else 0
+        if self.feed.agg_down(agg, SILENT, s, why):
+            self.counters.outages.inc()
+            log.warning("aggregator %s %s", agg.endpoint, note)
+            self._feed_changed()
 
     def _heard_again(self, agg: Agg, announce: dict[str, Any]) -> None:
         """A silent agg announces itself again (it announces every second): it is back,
@@ -594,10 +600,7 @@ class Bridge:
             return clock, "the aggregator is heard again"
         start = (agg.announce or {}).get("from")
         e = int(start) if isinstance(start, int) else clock
-        return e, (
-            "the aggregator restarted: the bars and history it held went with it; "
-            f"it serves bars again from {e}"
-        )
+        return e, f"{RESTARTED}; it serves bars again from {e}"
 
     def _feed_changed(self, only: Client | None = None) -> None:
         """Send each client (or ``only`` that one) the feed_down / feed_up it is due."""
@@ -892,18 +895,10 @@ class Bridge:
                 self._route_channel(channel)
 
     def _restarted_unseen(self, agg: Agg) -> None:
-        """An agg restarted too quickly to be seen silent: down from the last clock it relayed,
-        and back as a silent one comes back (:meth:`_heard_again`, called next)."""
-        s = agg.clock if agg.clock is not None else 0
-        why = "the aggregator restarted: the bars and history it held went with it"
-        agg.silent = True
-        agg.silent_session = agg.session()  # the old one: the new announce is not stored yet
-        if self.feed.agg_down(agg, SILENT, s, why):
-            self.counters.outages.inc()
-            log.warning(
-                "aggregator %s restarted: the bars and history it held went with it", agg.endpoint
-            )
-            self._feed_changed()
+        """An agg restarted too quickly to be seen silent: down as a silent one (its old
+        session recorded: the new announce is not stored yet), back as one comes back
+        (:meth:`_heard_again`, called next)."""
+        self._gone_silent(agg, RESTARTED, RESTARTED.removeprefix("the aggregator "))
 
     def _outage_reported(self, agg: Agg, message: wire.Message) -> None:
         """An OUTAGE message: the feed behind ``agg`` lost trades, or is whole again."""

@@ -87,9 +87,9 @@ class Outages:
 
     silence_ms: int = SILENCE_MS
     began_total: int = 0  # outages begun (polyfan_agg_outages_total)
-    windows: list[tuple[int, int | None]] = field(
-        default_factory=list
-    )  # for the bars, oldest first
+    # for the bars, oldest first; ``revision`` is bumped whenever they change
+    windows: list[tuple[int, int | None]] = field(default_factory=list)
+    revision: int = 0
     _open: _Open | None = None
     _heard_at: int | None = None  # monotonic ms of the last message from the proxy
     _first_heard_at: int | None = None  # sessions first seen within silence_ms of it: no restart
@@ -118,6 +118,7 @@ class Outages:
         """This agg first heard the proxy at feed clock ``clock``: bars still open then may lack
         earlier trades. Marked, not counted, not published."""
         self.windows.append((clock, clock))
+        self.revision += 1
 
     def heard(self, now_ms: int) -> None:
         """A message (any) arrived from the proxy at monotonic ``now_ms``."""
@@ -198,11 +199,15 @@ class Outages:
         # the open window: not always the last (the agg's start window may follow it)
         at = next(i for i, (_, hi) in enumerate(self.windows) if hi is None)
         self.windows[at] = (open_.s, end)
+        self.revision += 1
         return [Change(open_.s, end, tuple(open_.causes))]
 
     def forget_before(self, clock: int) -> None:
         """Drop windows that ended before ``clock`` (no bar still open can overlap them)."""
-        self.windows = [w for w in self.windows if w[1] is None or w[1] >= clock]
+        kept = [w for w in self.windows if w[1] is None or w[1] >= clock]
+        if len(kept) != len(self.windows):
+            self.windows = kept
+            self.revision += 1
 
     # -- inside -----------------------------------------------------------------------------
 
@@ -214,4 +219,5 @@ class Outages:
         self._open = _Open(clock, [cause])
         self.began_total += 1
         self.windows.append((clock, None))
+        self.revision += 1
         return [Change(clock, None, (cause,))]

@@ -51,11 +51,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from polyfan import conditions, wire, zmqio
-from polyfan.aggregator import Aggregator
-from polyfan.bars import Bars
+from polyfan.bars import conditions
+from polyfan.bars.aggregator import Aggregator
+from polyfan.bars.state import Bars
 from polyfan.config import AggConfig
-from polyfan.ingest import FrameDecoder, join_frames, split_frames
+from polyfan.wire import codec, zmqio
+from polyfan.wire.ingest import FrameDecoder, join_frames, split_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from procs import free_port
@@ -73,7 +74,7 @@ def market(count: int, symbols: int, rate: float, seed: int = 1) -> tuple[np.nda
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, symbols + 1)
     sym = rng.choice(symbols, size=count, p=weights / weights.sum()).astype(np.int64)
-    trades = np.zeros(count, dtype=wire.TRADE_DTYPE)
+    trades = np.zeros(count, dtype=codec.TRADE_DTYPE)
     trades["t"] = T0 + (np.arange(count) * (1_000.0 / rate)).astype(np.int64)
     trades["t"] -= rng.integers(0, 50, count)  # disorder within the grace
     trades["p"] = np.round(10 + (sym % 500) + rng.normal(0, 0.05, count), 2)
@@ -104,15 +105,19 @@ def frames_for(
             j += 1
         seqs[s] = seqs.get(s, 0) + 1
         chunk = trades[i:j]
-        topic = wire.trade_topic(names[s])
-        frames.append(wire.encode(topic, wire.Kind.TRADES, 1, seqs[s], len(chunk), chunk.tobytes()))
+        topic = codec.trade_topic(names[s])
+        frames.append(
+            codec.encode(topic, codec.Kind.TRADES, 1, seqs[s], len(chunk), chunk.tobytes())
+        )
         top = int(chunk["t"].max())
         if top > clock + 10:
             clock = top
             clock_seq += 1
-            record = np.array([(clock, 0)], dtype=wire.CLOCK_DTYPE)
+            record = np.array([(clock, 0)], dtype=codec.CLOCK_DTYPE)
             frames.append(
-                wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, clock_seq, 1, record.tobytes())
+                codec.encode(
+                    codec.CONTROL_TOPIC, codec.Kind.CLOCK, 1, clock_seq, 1, record.tobytes()
+                )
             )
         i = j
     return frames
@@ -265,7 +270,7 @@ def subscribed(
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 0)
-    for prefix in wire.EVERYTHING_BUT_REPLIES:  # "" would read replies: the agg refuses it
+    for prefix in codec.EVERYTHING_BUT_REPLIES:  # "" would read replies: the agg refuses it
         sub.setsockopt(zmq.SUBSCRIBE, prefix)
     sub.connect(agg_pub)
     wall = 10**15 + 10**6 * len(agg_pub)  # probes of different aggs differ
@@ -273,11 +278,11 @@ def subscribed(
     while True:
         assert time.monotonic() < deadline, "agg never relayed the probe"
         wall += 1
-        record = np.array([(0, wall)], dtype=wire.CLOCK_DTYPE)
-        pub.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, wall, 1, record.tobytes()))
+        record = np.array([(0, wall)], dtype=codec.CLOCK_DTYPE)
+        pub.send(codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 7, wall, 1, record.tobytes()))
         while sub.poll(20):
-            message = wire.decode(sub.recv())
-            if message.kind is wire.Kind.CLOCK and wire.records(message)["wall"][0] == wall:
+            message = codec.decode(sub.recv())
+            if message.kind is codec.Kind.CLOCK and codec.records(message)["wall"][0] == wall:
                 return sub
 
 
@@ -294,11 +299,11 @@ def bulk_sender(
 def introduce(pub: zmq.Socket[bytes], names: list[str], t: int, session: int = 2) -> None:
     """One trade per symbol at ``t`` (sequence 1): the agg's topic tables grown, as minutes
     into a session, before anything is measured."""
-    warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    warm = np.zeros(1, dtype=codec.TRADE_DTYPE)
     warm["t"], warm["p"], warm["s"] = t, 1.0, 1.0
     for name in names:
         pub.send(
-            wire.encode(wire.trade_topic(name), wire.Kind.TRADES, session, 1, 1, warm.tobytes())
+            codec.encode(codec.trade_topic(name), codec.Kind.TRADES, session, 1, 1, warm.tobytes())
         )
 
 
@@ -427,8 +432,8 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         # tables grown, which the first sight of thousands of symbols costs once) and its
         # bars closed, before the clock starts; those bars are drained and not measured.
         introduce(pub, names, feed_start - 120_000, session=7)
-        record = np.array([(feed_start - 1, 0)], dtype=wire.CLOCK_DTYPE)
-        pub.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, 10**9, 1, record.tobytes()))
+        record = np.array([(feed_start - 1, 0)], dtype=codec.CLOCK_DTYPE)
+        pub.send(codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 7, 10**9, 1, record.tobytes()))
         while agg.metric("polyfan_agg_bars_total") < symbols * len(INTERVALS):
             time.sleep(0.05)
         while drain_messages()[2]:
@@ -460,18 +465,20 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
             for k in range(i, max(i, j)):
                 s = int(sym[k])
                 seqs[s] = seqs.get(s, 0) + 1
-                topic = wire.trade_topic(names[s])
+                topic = codec.trade_topic(names[s])
                 pub.send(
-                    wire.encode(topic, wire.Kind.TRADES, 7, seqs[s], 1, trades[k : k + 1].tobytes())
+                    codec.encode(
+                        topic, codec.Kind.TRADES, 7, seqs[s], 1, trades[k : k + 1].tobytes()
+                    )
                 )
             i = max(i, j)
             clock_seq += 1
-            record = np.array([(feed_now, 0)], dtype=wire.CLOCK_DTYPE)
+            record = np.array([(feed_now, 0)], dtype=codec.CLOCK_DTYPE)
             clock_values.append(feed_now)
             clock_times.append(time.perf_counter())
             pub.send(
-                wire.encode(
-                    wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, 10**9 + clock_seq, 1, record.tobytes()
+                codec.encode(
+                    codec.CONTROL_TOPIC, codec.Kind.CLOCK, 7, 10**9 + clock_seq, 1, record.tobytes()
                 )
             )
             if feed_now >= end:
@@ -488,11 +495,11 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         delays = []
         shortest = []
         for at, frame in received:
-            message = wire.decode(frame)
-            if message.kind is not wire.Kind.BARS:
+            message = codec.decode(frame)
+            if message.kind is not codec.Kind.BARS:
                 continue
             interval = int(message.topic.split("Ms.", 1)[0])
-            due = int(wire.records(message)["s"][-1]) + interval + GRACE
+            due = int(codec.records(message)["s"][-1]) + interval + GRACE
             k = bisect.bisect_left(clock_values, due)
             if k < len(clock_values):
                 delays.append((at - clock_times[k]) * 1000)
@@ -530,24 +537,26 @@ def bench_delay_single(rounds: int = 300) -> None:
         agg = Agg(f"ipc://{tmp}/p", f"ipc://{tmp}/a", free_port())
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         pub, sub = connected_pub(ctx, f"ipc://{tmp}/p", f"ipc://{tmp}/a")
-        trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+        trade = np.zeros(1, dtype=codec.TRADE_DTYPE)
         trade["p"], trade["s"] = 1.0, 1.0
         delays = []
         clock = T0
         for i in range(rounds):
             trade["t"] = clock + 10
             pub.send(
-                wire.encode(wire.trade_topic("X"), wire.Kind.TRADES, 9, i + 1, 1, trade.tobytes())
+                codec.encode(
+                    codec.trade_topic("X"), codec.Kind.TRADES, 9, i + 1, 1, trade.tobytes()
+                )
             )
             clock += 100_000
-            record = np.array([(clock, 0)], dtype=wire.CLOCK_DTYPE)
+            record = np.array([(clock, 0)], dtype=codec.CLOCK_DTYPE)
             started = time.perf_counter()
             pub.send(
-                wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 9, i + 1, 1, record.tobytes())
+                codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 9, i + 1, 1, record.tobytes())
             )
             while True:
                 assert sub.poll(5_000), "no bar"
-                if wire.decode(sub.recv()).kind is wire.Kind.BARS:
+                if codec.decode(sub.recv()).kind is codec.Kind.BARS:
                     delays.append((time.perf_counter() - started) * 1000)
                     break
             while sub.poll(2):
@@ -573,13 +582,16 @@ def bench_delay_core(rate: float = 3_000, symbols: int = 5_000, seconds: int = 6
     trades, sym = market(int(rate * seconds), symbols, rate=rate, seed=3)
     names = [f"S{i}" for i in range(symbols)]
     core = Aggregator(AggConfig(intervals_ms=INTERVALS, grace_ms=GRACE))
-    warm = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    warm = np.zeros(1, dtype=codec.TRADE_DTYPE)
     warm["t"], warm["p"], warm["s"] = T0 - 600_000, 1.0, 1.0  # within the input bounds
     start = int(trades["t"].min())
-    closing = np.array([(start - 1, 0)], dtype=wire.CLOCK_DTYPE)  # the warm-up bars close here
+    closing = np.array([(start - 1, 0)], dtype=codec.CLOCK_DTYPE)  # the warm-up bars close here
     core.frames_received(
-        [wire.encode(wire.trade_topic(n), wire.Kind.TRADES, 2, 1, 1, warm.tobytes()) for n in names]
-        + [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 1, 1, closing.tobytes())]
+        [
+            codec.encode(codec.trade_topic(n), codec.Kind.TRADES, 2, 1, 1, warm.tobytes())
+            for n in names
+        ]
+        + [codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 2, 1, 1, closing.tobytes())]
     )
     seqs: dict[int, int] = {}
     i = 0
@@ -591,14 +603,14 @@ def bench_delay_core(rate: float = 3_000, symbols: int = 5_000, seconds: int = 6
         for k in range(i, j):
             s = int(sym[k])
             seqs[s] = seqs.get(s, 0) + 1
-            topic = wire.trade_topic(names[s])
+            topic = codec.trade_topic(names[s])
             frames.append(
-                wire.encode(topic, wire.Kind.TRADES, 7, seqs[s], 1, trades[k : k + 1].tobytes())
+                codec.encode(topic, codec.Kind.TRADES, 7, seqs[s], 1, trades[k : k + 1].tobytes())
             )
         i = j
-        record = np.array([(now, 0)], dtype=wire.CLOCK_DTYPE)
+        record = np.array([(now, 0)], dtype=codec.CLOCK_DTYPE)
         frames.append(
-            wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 7, step + 1, 1, record.tobytes())
+            codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 7, step + 1, 1, record.tobytes())
         )
         batch = join_frames(frames)
         started = time.perf_counter()
@@ -648,7 +660,7 @@ def bench_startup(runs: int = 5) -> None:
 
 
 def bench_zmqio(count: int = 1_000_000) -> None:
-    messages = [b"T.S%d\0" % (i % 5_000) + bytes(wire.HEADER.size + 2 * 56) for i in range(count)]
+    messages = [b"T.S%d\0" % (i % 5_000) + bytes(codec.HEADER.size + 2 * 56) for i in range(count)]
     buffer, offsets, n = join_frames(messages)
     buffer = buffer.copy()
     paths: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_bridge.py --clients 5000 --seconds 20 --workers 2
 
 A scripted aggregator (a real ZeroMQ XPUB in this process, speaking the agg protocol with
-polyfan.wire) publishes one bar on each of 5 channels of ``500Ms`` every ``--period`` seconds
+polyfan.wire.codec) publishes one bar on each of 5 channels of ``500Ms`` every ``--period`` seconds
 (0.5 s: the real cadence). Each bar's ``vw`` field carries its publish time
 (``time.perf_counter()``: CLOCK_MONOTONIC, the same clock in every process on Linux). The
 bridge is a real ``polyfan bridge`` subprocess; the clients are spread over ``--procs``
@@ -58,7 +58,7 @@ import numpy as np
 import orjson
 import zmq
 
-from polyfan import wire
+from polyfan.wire import codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from procs import free_port
@@ -113,7 +113,7 @@ class Agg(threading.Thread):
         super().__init__(daemon=True)
         self.period = period
         self.session = secrets.randbits(63)
-        self.seq = wire.Sequencer(self.session)
+        self.seq = codec.Sequencer(self.session)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.SNDHWM, 0)
@@ -132,11 +132,11 @@ class Agg(threading.Thread):
             "history": 3_600_000,
         }
         self.socket.send(
-            wire.encode_json(
-                wire.CONTROL_TOPIC,
-                wire.Kind.ANNOUNCE,
+            codec.encode_json(
+                codec.CONTROL_TOPIC,
+                codec.Kind.ANNOUNCE,
                 self.session,
-                self.seq.next(wire.CONTROL_TOPIC),
+                self.seq.next(codec.CONTROL_TOPIC),
                 body,
             )
         )
@@ -145,9 +145,9 @@ class Agg(threading.Thread):
         next_announce = 0.0
         next_bar = time.monotonic()
         s = int(time.time() * 1000) // INTERVAL * INTERVAL
-        row = np.zeros(1, dtype=wire.BAR_DTYPE)
+        row = np.zeros(1, dtype=codec.BAR_DTYPE)
         row["o"], row["h"], row["l"], row["c"], row["v"], row["n"] = 10.0, 10.5, 9.5, 10.25, 100, 3
-        topics = [wire.bar_topic(INTERVAL, symbol) for symbol in SYMBOLS]
+        topics = [codec.bar_topic(INTERVAL, symbol) for symbol in SYMBOLS]
         while not self.stopping.is_set():
             now = time.monotonic()
             if now >= next_announce:
@@ -155,7 +155,7 @@ class Agg(threading.Thread):
                 next_announce = now + 1.0
             while self.socket.poll(0):
                 message = self.socket.recv()
-                if message == b"\x01" + wire.CONTROL_TOPIC:
+                if message == b"\x01" + codec.CONTROL_TOPIC:
                     self.announce()
             if self.publishing.is_set() and now >= next_bar:
                 next_bar += self.period
@@ -165,8 +165,8 @@ class Agg(threading.Thread):
                 row["vw"] = published  # publish time, read by the clients
                 payload = row.tobytes()
                 messages = [
-                    wire.encode(
-                        topic, wire.Kind.BARS, self.session, self.seq.next(topic), 1, payload
+                    codec.encode(
+                        topic, codec.Kind.BARS, self.session, self.seq.next(topic), 1, payload
                     )
                     for topic in topics
                 ]

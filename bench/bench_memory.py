@@ -29,10 +29,10 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_agg import GRACE, INTERVALS, T0, frames_for, grouped, market
-from polyfan import wire
 from polyfan.agg import TRIM_EVERY_S, warm_up
-from polyfan.aggregator import Aggregator
+from polyfan.bars.aggregator import Aggregator
 from polyfan.config import AggConfig
+from polyfan.wire import codec
 
 TICK = b"tick"
 END = b"end"
@@ -108,9 +108,9 @@ def measure(hours: float, rate: float, symbols: int) -> None:
         if child.wait() != 0:
             raise SystemExit("the feeding process failed")
     end = T0 + int(hours * 3600 * 1000) + 120_000
-    record = np.array([(end, 0)], dtype=wire.CLOCK_DTYPE)
+    record = np.array([(end, 0)], dtype=codec.CLOCK_DTYPE)
     core.frames_received(
-        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 1, 1, record.tobytes())]
+        [codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 2, 1, 1, record.tobytes())]
     )
     core.tick()
     held_mb, peak_mb = status_mb("VmRSS"), status_mb("VmHWM")
@@ -128,9 +128,9 @@ def measure(hours: float, rate: float, symbols: int) -> None:
         f"{'/'.join(f'{r:,}' for r in history.rows)}; fed in {elapsed:.0f} s"
     )
     # The market closes: two hours later every bar is past the retention.
-    record = np.array([(end + 7_200_000, 0)], dtype=wire.CLOCK_DTYPE)
+    record = np.array([(end + 7_200_000, 0)], dtype=codec.CLOCK_DTYPE)
     core.frames_received(
-        [wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 2, 2, 1, record.tobytes())]
+        [codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 2, 2, 1, record.tobytes())]
     )
     for _ in range(64):  # sweeps enough to visit every series
         core.tick()

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_proxy.py [--trades 3000000] [--symbols 500]
 
 1. Parse-only ceilings of the same frames, in this process: ``orjson.loads``, msgspec's typed
-   decode, and the proxy's whole decode (``feed.TradeDecoder``: parse, validate, records,
+   decode, and the proxy's whole decode (``upstream.TradeDecoder``: parse, validate, records,
    group by symbol).
 2. ZeroMQ single frame vs multipart for trade-sized messages (PUB -> SUB over ipc).
 3. End to end: a local WebSocket server (a child process) sends the frames as fast as the proxy
@@ -31,9 +31,10 @@ import msgspec
 import orjson
 import zmq
 
-from polyfan import feed, feedscan, wire
+from polyfan.feed import scan, upstream
 from polyfan.market import Market
 from polyfan.sim import status
+from polyfan.wire import codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from procs import free_port
@@ -59,7 +60,7 @@ def best_rate(run: object, trades: int, repeat: int = 3) -> float:
 
 def parse_ceilings(frames: list[bytes]) -> None:
     trades = len(frames) * FRAME_EVENTS
-    typed = msgspec.json.Decoder(list[feed.Trade | feed.Status])
+    typed = msgspec.json.Decoder(list[upstream.Trade | upstream.Status])
     now = int(time.time() * 1000)
 
     def with_orjson() -> None:
@@ -71,39 +72,39 @@ def parse_ceilings(frames: list[bytes]) -> None:
             typed.decode(f)
 
     def with_scanner() -> None:
-        table = feedscan.SymbolTable()
-        columns = feedscan.Columns(trades + 1)
+        table = scan.SymbolTable()
+        columns = scan.Columns(trades + 1)
         row = 0
         for f in frames:
             row = columns.scan(f, row, table)
 
     def proxy_decode_per_frame() -> None:
-        decoder = feed.TradeDecoder()
+        decoder = upstream.TradeDecoder()
         for f in frames:
             decoder.decode([f], now)
 
     def proxy_decode_batched() -> None:
-        decoder = feed.TradeDecoder()
+        decoder = upstream.TradeDecoder()
         for i in range(0, len(frames), 64):
             decoder.decode(frames[i : i + 64], now)
 
-    feedscan.warm_up()
+    scan.warm_up()
     print(f"parse only, {len(frames)} frames of {FRAME_EVENTS} trades ({trades:,} trades):")
     for name, run in (
         ("orjson.loads", with_orjson),
         ("msgspec typed decode list[Trade|Status]", with_msgspec),
         ("feedscan numba scanner alone", with_scanner),
-        ("feed.TradeDecoder, one frame per call", proxy_decode_per_frame),
-        ("feed.TradeDecoder, 64 frames per call", proxy_decode_batched),
+        ("upstream.TradeDecoder, one frame per call", proxy_decode_per_frame),
+        ("upstream.TradeDecoder, 64 frames per call", proxy_decode_batched),
     ):
         print(f"  {name:45s} {best_rate(run, trades) / 1e6:6.2f} M trades/s")
 
 
 def zmq_frames(count: int = 300_000) -> None:
     """Single frame ``topic\\0 header payload`` vs multipart ``[topic\\0, header payload]``."""
-    records = bytes(wire.TRADE_DTYPE.itemsize * 3)  # a typical message: 3 trades
-    topic = wire.trade_topic("AAPL")
-    header = wire.HEADER.pack(wire.VERSION, wire.Kind.TRADES, 0, 3, 1, 1)
+    records = bytes(codec.TRADE_DTYPE.itemsize * 3)  # a typical message: 3 trades
+    topic = codec.trade_topic("AAPL")
+    header = codec.HEADER.pack(codec.VERSION, codec.Kind.TRADES, 0, 3, 1, 1)
     print(
         f"ZeroMQ PUB->SUB over ipc, {count:,} messages of {len(topic) + 24 + len(records)} bytes:"
     )
@@ -212,7 +213,7 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
             )
             command = [sys.executable, "-c", code]
         proxy = subprocess.Popen(command, env=env)
-        while not sub.poll(100) or wire.decode(sub.recv()).kind is not wire.Kind.CLOCK:
+        while not sub.poll(100) or codec.decode(sub.recv()).kind is not codec.Kind.CLOCK:
             pass  # the SUB has joined once the proxy's clock arrives: then the frames may flow
         server.stdin.write("go\n")
         server.stdin.flush()
@@ -221,7 +222,7 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
         cpu_first = cpu_last = 0.0
         first = last = 0.0
         messages = 0
-        lost = wire.GapCounter()
+        lost = codec.GapCounter()
         try:
             while received < total:
                 if not sub.poll(20_000):
@@ -229,7 +230,7 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
                     break
                 frame = sub.recv()
                 end = frame.index(0)
-                if frame[end + 2] != wire.Kind.TRADES:
+                if frame[end + 2] != codec.Kind.TRADES:
                     continue
                 if not received:
                     first = time.perf_counter()

@@ -10,7 +10,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
-const vendor = join(root, "src", "polyfan", "static", "vendor");
+const vendor = join(root, "src", "polyfan", "web", "static", "vendor");
 
 // [package, file inside the package, name under static/vendor/]
 const assets = [
@@ -32,5 +32,5 @@ for (const [pkg, file, name] of assets) {
   }
   copyFileSync(source, join(vendor, name));
   const { version } = JSON.parse(readFileSync(join(pkgDir, "package.json"), "utf8"));
-  console.error(`build-assets: ${pkg}@${version} ${file} -> src/polyfan/static/vendor/${name}`);
+  console.error(`build-assets: ${pkg}@${version} ${file} -> src/polyfan/web/static/vendor/${name}`);
 }

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from polyfan import wire
+from polyfan.wire import codec
 
 
 def bar_rows(
     interval: int, start: int, count: int, *, price: float = 100.0, flags: int = 0
 ) -> np.ndarray:
     """``count`` consecutive bars from ``start``, with exact binary fractions for prices."""
-    rows = np.zeros(count, dtype=wire.BAR_DTYPE)
+    rows = np.zeros(count, dtype=codec.BAR_DTYPE)
     k = np.arange(count)
     rows["s"] = start + k * interval
     rows["o"] = price + k * 0.25
@@ -57,7 +57,7 @@ def expected_event(symbol: str, interval: int, row: np.void) -> dict[str, Any]:
         "s": int(row["s"]),
         "e": int(row["s"]) + interval,
     }
-    if int(row["flags"]) & wire.BAR_FLAG_OUTAGE:
+    if int(row["flags"]) & codec.BAR_FLAG_OUTAGE:
         event["outage"] = True
     return event
 
@@ -76,7 +76,7 @@ class FakeAgg:
         self.session = secrets.randbits(63)
         self.intervals = list(intervals)
         self.symbols = None if symbols is None else list(symbols)
-        self.sequencer = wire.Sequencer(self.session)
+        self.sequencer = codec.Sequencer(self.session)
         self.history: dict[str, list[np.ndarray]] = {}
         self.trades: dict[str, int] = {}
         self.subscriptions: list[bytes] = []  # every (un)subscribe seen, in order
@@ -188,8 +188,8 @@ class FakeAgg:
     def _announce(self) -> None:
         self._socket.send(
             self.sequencer.encode_json(
-                wire.CONTROL_TOPIC,
-                wire.Kind.ANNOUNCE,
+                codec.CONTROL_TOPIC,
+                codec.Kind.ANNOUNCE,
                 {
                     "session": self.session,
                     "intervals": self.intervals,
@@ -202,32 +202,32 @@ class FakeAgg:
         )
 
     def _publish_bars(self, interval: int, symbol: str, rows: np.ndarray) -> None:
-        self.history.setdefault(wire.bar_channel(interval, symbol), []).append(rows)
-        topic = wire.bar_topic(interval, symbol)
-        self._socket.send(self.sequencer.encode(topic, wire.Kind.BARS, len(rows), rows.tobytes()))
+        self.history.setdefault(codec.bar_channel(interval, symbol), []).append(rows)
+        topic = codec.bar_topic(interval, symbol)
+        self._socket.send(self.sequencer.encode(topic, codec.Kind.BARS, len(rows), rows.tobytes()))
 
     def _upstream(self, message: bytes) -> None:
         if message[:1] in (b"\x00", b"\x01"):
             with self._cond:
                 self.subscriptions.append(message)
                 self._cond.notify_all()
-            if message == b"\x01" + wire.CONTROL_TOPIC:
+            if message == b"\x01" + codec.CONTROL_TOPIC:
                 self._announce()
             return
-        request = wire.decode_request(message)
+        request = codec.decode_request(message)
         with self._cond:
             self.requests.append(request)
             self._cond.notify_all()
         if not self.answer_requests:
             return
-        topic = wire.reply_topic(request["reply"])
+        topic = codec.reply_topic(request["reply"])
         seq = self.sequencer.next(topic)
         if request.get("op", "bars") == "symbols":
             ranked = sorted(self.trades.items(), key=lambda kv: (-kv[1], kv[0]))
             self._socket.send(
-                wire.encode_json(
+                codec.encode_json(
                     topic,
-                    wire.Kind.SYMBOLS,
+                    codec.Kind.SYMBOLS,
                     self.session,
                     seq,
                     {"id": request["id"], "symbols": [list(kv) for kv in ranked]},
@@ -238,14 +238,14 @@ class FakeAgg:
         # sent on this requester's route (for another channel) under the requester's next id.
         channel = self.answer_instead.get(request["channel"], request["channel"])
         interval_text, _, symbol = channel.partition("Ms.")
-        status = wire.HistoryStatus.OK
-        bars = np.zeros(0, dtype=wire.BAR_DTYPE)
+        status = codec.HistoryStatus.OK
+        bars = np.zeros(0, dtype=codec.BAR_DTYPE)
         if not interval_text.isdigit() or symbol in ("", "*"):
-            status = wire.HistoryStatus.BAD_REQUEST
+            status = codec.HistoryStatus.BAD_REQUEST
         elif int(interval_text) not in self.intervals:
-            status = wire.HistoryStatus.INTERVAL_NOT_SERVED
+            status = codec.HistoryStatus.INTERVAL_NOT_SERVED
         elif self.symbols is not None and symbol not in self.symbols:
-            status = wire.HistoryStatus.SYMBOL_NOT_SERVED
+            status = codec.HistoryStatus.SYMBOL_NOT_SERVED
         else:
             stored = self.history.get(channel)
             if stored:
@@ -257,7 +257,7 @@ class FakeAgg:
                 if request.get("limit") is not None:
                     bars = bars[-int(request["limit"]) :] if request["limit"] else bars[:0]
         self._socket.send(
-            wire.encode_history(
-                topic, self.session, seq, request["id"], status, bars, wire.channel_check(channel)
+            codec.encode_history(
+                topic, self.session, seq, request["id"], status, bars, codec.channel_check(channel)
             )
         )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from polyfan import wire
+from polyfan.wire import codec
 from procs import Context, scrape
 from reference import Trade
 from test_agg_process import FakeProxy, Requester, agg_endpoints, serving_agg
@@ -59,21 +59,21 @@ def test_a_peer_cannot_read_or_answer_another_peers_replies(
         fake.probe(out, 20_000)
         spy = context.socket(zmq.XSUB)
         spy.connect(agg_pub)
-        spy.send(b"\x01" + wire.CONTROL_TOPIC)
+        spy.send(b"\x01" + codec.CONTROL_TOPIC)
         assert spy.poll(5_000)  # connected: the announce
         spy.send(b"\x01_rep.")  # every reply, the bridge's included
         bridge = Requester(context, agg_pub, ROUTE)
         # the forger names the bridge's route, for another channel
         forger = Requester(context, agg_pub, "ab" * 16)
-        forger.xsub.send(wire.encode_request({"id": 7, "reply": ROUTE, "channel": "100Ms.NVDA"}))
+        forger.xsub.send(codec.encode_request({"id": 7, "reply": ROUTE, "channel": "100Ms.NVDA"}))
         reply = bridge.ask({"id": 7, "channel": "100Ms.AAL", "limit": 10})
-        _, status, bars = wire.records_from_history(reply)
-        assert (status, bars["o"].tolist()) == (wire.HistoryStatus.OK, [12.0])
-        assert wire.history_channel_check(reply) == wire.channel_check("100Ms.AAL")
+        _, status, bars = codec.records_from_history(reply)
+        assert (status, bars["o"].tolist()) == (codec.HistoryStatus.OK, [12.0])
+        assert codec.history_channel_check(reply) == codec.channel_check("100Ms.AAL")
         assert not bridge.xsub.poll(300)  # no second reply: the forged one was not answered
         spied = []
         while spy.poll(300):
-            spied.append(wire.decode(spy.recv()).topic)
+            spied.append(codec.decode(spy.recv()).topic)
         assert not [topic for topic in spied if topic.startswith("_rep.")]
         metrics = scrape(port)
         assert metrics["polyfan_agg_peers_disconnected_total"] >= 1
@@ -169,26 +169,26 @@ def test_unread_history_replies_leave_the_agg_bounded(tmp_path: Path, context: C
     fake = FakeProxy(context, proxy_pub, session=5)
     with serving_agg(context, proxy_pub, agg_pub, port, "--symbols", "AAPL") as (agg, out):
         fake.probe(out, 0)
-        trades = np.zeros(20_000, dtype=wire.TRADE_DTYPE)
+        trades = np.zeros(20_000, dtype=codec.TRADE_DTYPE)
         trades["t"] = 1_000 + 100 * np.arange(20_000)
         trades["p"], trades["s"] = 5.0, 1.0
         for chunk in np.split(trades, 10):
-            fake.send(wire.trade_topic("AAPL"), wire.Kind.TRADES, chunk)
+            fake.send(codec.trade_topic("AAPL"), codec.Kind.TRADES, chunk)
         fake.probe(out, 3_000_000)
         reader = Requester(context, agg_pub, ROUTE)
         reply = reader.ask({"id": 1, "channel": "100Ms.AAPL", "limit": 20_000})
-        assert wire.records_from_history(reply)[2].size == 20_000  # 1.28 MB a reply
+        assert codec.records_from_history(reply)[2].size == 20_000  # 1.28 MB a reply
         lazy = context.socket(zmq.XSUB)
         lazy.setsockopt(zmq.RCVHWM, 1)
         lazy.setsockopt(zmq.RCVBUF, 4096)
         lazy.connect(agg_pub)
-        lazy.send(b"\x01" + wire.reply_topic("cd" * 16))
-        lazy.send(b"\x01" + wire.CONTROL_TOPIC)
+        lazy.send(b"\x01" + codec.reply_topic("cd" * 16))
+        lazy.send(b"\x01" + codec.CONTROL_TOPIC)
         assert lazy.poll(5_000)
         before = rss_mb(agg.popen.pid)
         for i in range(400):
             request = {"id": i, "reply": "cd" * 16, "channel": "100Ms.AAPL", "limit": 20_000}
-            lazy.send(wire.encode_request(request))
+            lazy.send(codec.encode_request(request))
         deadline = time.monotonic() + 10
         peak = before
         while metric(port, "polyfan_agg_refused_requests_total") < 300:
@@ -200,7 +200,7 @@ def test_unread_history_replies_leave_the_agg_bounded(tmp_path: Path, context: C
         assert peak - before < 60, (before, peak)  # 400 unread would be 512 MB
         # the reading peer is still served
         reply = reader.ask({"id": 2, "channel": "100Ms.AAPL", "limit": 5})
-        assert wire.records_from_history(reply)[2].size == 5
+        assert codec.records_from_history(reply)[2].size == 5
         assert agg.stop() == 0
     fake.close()
 
@@ -212,7 +212,7 @@ def test_oversized_messages_and_limits_are_refused(tmp_path: Path, context: Cont
         fake.probe(out, 0)
         requester = Requester(context, agg_pub, ROUTE)
         reply = requester.ask({"id": 1, "channel": "100Ms.AAPL", "limit": 10**18})
-        assert wire.records_from_history(reply)[1] is wire.HistoryStatus.BAD_REQUEST
+        assert codec.records_from_history(reply)[1] is codec.HistoryStatus.BAD_REQUEST
         for sent in range(500, 5_001, 500):  # in steps: the XSUB drops past its send mark
             for _ in range(500):
                 requester.xsub.send(b"\x02not json")
@@ -239,10 +239,10 @@ def test_the_peer_allowance_is_a_flag(tmp_path: Path, context: Context) -> None:
         peer = context.socket(zmq.XSUB)
         peer.connect(agg_pub.replace("tcp://", "tcp://127.0.0.3:0;", 1))
         for k in range(20):  # the allowance: kept
-            peer.send(b"\x01" + wire.bar_topic(100, f"S{k}"))
+            peer.send(b"\x01" + codec.bar_topic(100, f"S{k}"))
         fake.probe(out, 0)
         assert metric(port, "polyfan_agg_peers_disconnected_total") == 0
-        peer.send(b"\x01" + wire.bar_topic(100, "S20"))  # one past it
+        peer.send(b"\x01" + codec.bar_topic(100, "S20"))  # one past it
         deadline = time.monotonic() + 10
         while metric(port, "polyfan_agg_peers_banned_total") < 1:
             assert time.monotonic() < deadline, "the peer past its allowance was not banned"

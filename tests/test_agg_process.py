@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
-from polyfan import wire
+from polyfan.wire import codec
 from procs import Context, Proc, endpoint, free_port, scrape
 from reference import Bar, Clock, Trade, Trades, bar_from_record, reference_bars
 
@@ -50,17 +50,17 @@ class Subscriber:
             self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
         self.sock.connect(address)
 
-    def receive(self, timeout: float) -> wire.Message | None:
+    def receive(self, timeout: float) -> codec.Message | None:
         if not self.sock.poll(int(timeout * 1000)):
             return None
-        return wire.decode(self.sock.recv())
+        return codec.decode(self.sock.recv())
 
 
 class AggOutput:
     """Everything an agg publishes, collected from a SUB subscribed to all of it."""
 
     def __init__(self, ctx: Context, address: str) -> None:
-        self.sub = Subscriber(ctx, address, *wire.EVERYTHING_BUT_REPLIES)
+        self.sub = Subscriber(ctx, address, *codec.EVERYTHING_BUT_REPLIES)
         self.bars: dict[tuple[str, int], list[Bar]] = {}
         self.by_session: dict[int, dict[tuple[str, int], list[Bar]]] = {}
         self.seqs: dict[str, list[tuple[int, int]]] = {}
@@ -74,20 +74,20 @@ class AggOutput:
         if message is None:
             return False
         self.seqs.setdefault(message.topic, []).append((message.session, message.seq))
-        if message.kind is wire.Kind.BARS:
+        if message.kind is codec.Kind.BARS:
             interval_text, symbol = message.topic.split(".", 1)
             key = (symbol, int(interval_text.removesuffix("Ms")))
-            bars = [bar_from_record(r) for r in wire.records(message)]
+            bars = [bar_from_record(r) for r in codec.records(message)]
             self.bars.setdefault(key, []).extend(bars)
             self.by_session.setdefault(message.session, {}).setdefault(key, []).extend(bars)
-        elif message.kind is wire.Kind.CLOCK:
-            for clock, wall in wire.records(message).tolist():
+        elif message.kind is codec.Kind.CLOCK:
+            for clock, wall in codec.records(message).tolist():
                 self.clock = clock
                 self.clock_walls.add(wall)
-        elif message.kind is wire.Kind.ANNOUNCE:
-            self.announces.append(wire.decode_json(message))
-        elif message.kind is wire.Kind.UPSTREAM:
-            self.upstream.extend(tuple(r) for r in wire.records(message).tolist())
+        elif message.kind is codec.Kind.ANNOUNCE:
+            self.announces.append(codec.decode_json(message))
+        elif message.kind is codec.Kind.UPSTREAM:
+            self.upstream.extend(tuple(r) for r in codec.records(message).tolist())
         return True
 
     def pump_until(
@@ -132,16 +132,16 @@ class Requester:
         self.reply = reply
         self.xsub = ctx.socket(zmq.XSUB)
         self.xsub.connect(address)
-        self.xsub.send(b"\x01" + wire.reply_topic(reply))
-        self.xsub.send(b"\x01" + wire.CONTROL_TOPIC)
+        self.xsub.send(b"\x01" + codec.reply_topic(reply))
+        self.xsub.send(b"\x01" + codec.CONTROL_TOPIC)
         assert self.xsub.poll(5_000), "no announce on the XSUB"
 
-    def ask(self, request: dict[str, object]) -> wire.Message:
-        self.xsub.send(wire.encode_request({"reply": self.reply, **request}))
+    def ask(self, request: dict[str, object]) -> codec.Message:
+        self.xsub.send(codec.encode_request({"reply": self.reply, **request}))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if self.xsub.poll(100):
-                message = wire.decode(self.xsub.recv())
+                message = codec.decode(self.xsub.recv())
                 if message.topic == f"_rep.{self.reply}":
                     return message
         raise AssertionError(f"no reply to {request}")
@@ -234,11 +234,11 @@ def script_frames(rng: random.Random, count: int, base: int) -> tuple[list[str],
     return frames, base + step * 6
 
 
-def tap_events(message: wire.Message) -> list[Clock | Trades]:
-    if message.kind is wire.Kind.CLOCK:
-        return [Clock(clock) for clock, _ in wire.records(message).tolist()]
-    if message.kind is wire.Kind.TRADES:
-        records = wire.records(message)
+def tap_events(message: codec.Message) -> list[Clock | Trades]:
+    if message.kind is codec.Kind.CLOCK:
+        return [Clock(clock) for clock, _ in codec.records(message).tolist()]
+    if message.kind is codec.Kind.TRADES:
+        records = codec.records(message)
         trades = tuple(
             Trade(
                 int(r["t"]), float(r["p"]), float(r["s"]), tuple(int(c) for c in r["c"][: r["nc"]])
@@ -273,7 +273,7 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
     ):
         proxy.wait_for("ready:")
         agg.wait_for("ready:")
-        tap = Subscriber(context, proxy_pub, b"T.", wire.CONTROL_TOPIC)
+        tap = Subscriber(context, proxy_pub, b"T.", codec.CONTROL_TOPIC)
         output = AggOutput(context, agg_pub)
         output.pump_until(
             lambda: output.announces and output.clock is not None,
@@ -338,8 +338,8 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         busiest = sorted(output.bars, key=lambda k: -len(output.bars[k]))[:6]
         for number, (symbol, interval) in enumerate(busiest):
             reply = ask({"id": number, "channel": f"{interval}Ms.{symbol}"})
-            request_id, status, bars = wire.records_from_history(reply)
-            assert (request_id, status) == (number, wire.HistoryStatus.OK)
+            request_id, status, bars = codec.records_from_history(reply)
+            assert (request_id, status) == (number, codec.HistoryStatus.OK)
             assert [bar_from_record(b) for b in bars] == output.bars[(symbol, interval)]
         # killing and restarting the proxy is a new session, not a loss
         assert proxy.stop() == 0
@@ -377,34 +377,34 @@ class FakeProxy:
                     raise
                 time.sleep(0.01)
         self.session = session
-        self.sequencer = wire.Sequencer(session)
+        self.sequencer = codec.Sequencer(session)
         self.wall = session * 1_000_000  # probe walls never repeat across fake proxies
 
-    def send(self, topic: bytes, kind: wire.Kind, records: np.ndarray, skip: int = 0) -> None:
+    def send(self, topic: bytes, kind: codec.Kind, records: np.ndarray, skip: int = 0) -> None:
         seq = self.sequencer.next(topic)
         for _ in range(skip):
             seq = self.sequencer.next(topic)
-        self.pub.send(wire.encode(topic, kind, self.session, seq, len(records), records.tobytes()))
+        self.pub.send(codec.encode(topic, kind, self.session, seq, len(records), records.tobytes()))
 
     def trades(self, symbol: str, trades: tuple[Trade, ...], skip: int = 0) -> None:
-        records = np.zeros(len(trades), dtype=wire.TRADE_DTYPE)
+        records = np.zeros(len(trades), dtype=codec.TRADE_DTYPE)
         for i, trade in enumerate(trades):
             records[i]["t"], records[i]["p"], records[i]["s"] = trade.t, trade.p, trade.size
             records[i]["nc"] = len(trade.codes)
             records[i]["c"][: len(trade.codes)] = trade.codes
-        self.send(wire.trade_topic(symbol), wire.Kind.TRADES, records, skip)
+        self.send(codec.trade_topic(symbol), codec.Kind.TRADES, records, skip)
 
     def clock(self, clock: int) -> None:
         self.wall += 1
         self.send(
-            wire.CONTROL_TOPIC, wire.Kind.CLOCK, np.array([(clock, self.wall)], wire.CLOCK_DTYPE)
+            codec.CONTROL_TOPIC, codec.Kind.CLOCK, np.array([(clock, self.wall)], codec.CLOCK_DTYPE)
         )
 
     def upstream(self, state: int, clock: int, wall: int) -> None:
         self.send(
-            wire.CONTROL_TOPIC,
-            wire.Kind.UPSTREAM,
-            np.array([(state, clock, wall)], wire.UPSTREAM_DTYPE),
+            codec.CONTROL_TOPIC,
+            codec.Kind.UPSTREAM,
+            np.array([(state, clock, wall)], codec.UPSTREAM_DTYPE),
         )
 
     def publish(self, events: list[Clock | Trades]) -> None:
@@ -582,30 +582,30 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
         fake.trades("AAPL", (Trade(10_050, 5.0, 10), Trade(10_950, 6.0, 10)))
         fake.trades("AAPLX", (Trade(10_960, 9.0, 10),))  # not subscribed: filtered at the publisher
         fake.clock(10_960)
-        fake.upstream(wire.UPSTREAM_DOWN, 10_960, 50_000)
-        fake.upstream(wire.UPSTREAM_UP, 10_960, 12_030)
+        fake.upstream(codec.UPSTREAM_DOWN, 10_960, 50_000)
+        fake.upstream(codec.UPSTREAM_UP, 10_960, 12_030)
         fake.clock(12_050)  # the first clock past its start after the up ends the outage
         fake.trades("AAPL", (Trade(12_000, 7.0, 10), Trade(12_400, 8.0, 10)))
         fake.trades("A", (Trade(12_000, 1.5, 3, (37,)),))
         fake.probe(output, 20_000)
         assert output.upstream == [
-            (wire.UPSTREAM_DOWN, 10_960, 50_000),
-            (wire.UPSTREAM_UP, 10_960, 12_030),
+            (codec.UPSTREAM_DOWN, 10_960, 50_000),
+            (codec.UPSTREAM_UP, 10_960, 12_030),
         ]
         flags = {
             (k[1], b.s): b.flags for k, bars in output.bars.items() if k[0] == "AAPL" for b in bars
         }
         assert flags == {
             (100, 10_000): 0,
-            (100, 10_900): wire.BAR_FLAG_OUTAGE,
-            (100, 12_000): wire.BAR_FLAG_OUTAGE,
+            (100, 10_900): codec.BAR_FLAG_OUTAGE,
+            (100, 12_000): codec.BAR_FLAG_OUTAGE,
             (100, 12_400): 0,
             (250, 10_000): 0,
-            (250, 10_750): wire.BAR_FLAG_OUTAGE,
-            (250, 12_000): wire.BAR_FLAG_OUTAGE,
+            (250, 10_750): codec.BAR_FLAG_OUTAGE,
+            (250, 12_000): codec.BAR_FLAG_OUTAGE,
             (250, 12_250): 0,
-            (1_000, 10_000): wire.BAR_FLAG_OUTAGE,
-            (1_000, 12_000): wire.BAR_FLAG_OUTAGE,
+            (1_000, 10_000): codec.BAR_FLAG_OUTAGE,
+            (1_000, 12_000): codec.BAR_FLAG_OUTAGE,
         }
         assert not any(symbol == "AAPLX" for symbol, _ in output.bars)
 
@@ -622,25 +622,25 @@ def test_outages_mark_bars_and_are_relayed_and_history_is_served(
                 "limit": 600,
             }
         )
-        request_id, status, bars = wire.records_from_history(reply)
-        assert (request_id, status) == (1, wire.HistoryStatus.OK)
+        request_id, status, bars = codec.records_from_history(reply)
+        assert (request_id, status) == (1, codec.HistoryStatus.OK)
         assert [bar_from_record(b) for b in bars] == output.bars[("AAPL", 100)][1:]
-        request_id, status, bars = wire.records_from_history(
+        request_id, status, bars = codec.records_from_history(
             ask({"id": 2, "channel": "1000Ms.AAPL", "limit": 1})
         )
-        assert (request_id, status, bars["s"].tolist()) == (2, wire.HistoryStatus.OK, [12_000])
+        assert (request_id, status, bars["s"].tolist()) == (2, codec.HistoryStatus.OK, [12_000])
         statuses = {
-            channel: wire.records_from_history(ask({"id": 3, "channel": channel}))[1]
+            channel: codec.records_from_history(ask({"id": 3, "channel": channel}))[1]
             for channel in ("500Ms.AAPL", "100Ms.TSLA", "100Ms.*", "nonsense", "100Ms.BRK.A")
         }
         assert statuses == {
-            "500Ms.AAPL": wire.HistoryStatus.INTERVAL_NOT_SERVED,
-            "100Ms.TSLA": wire.HistoryStatus.SYMBOL_NOT_SERVED,
-            "100Ms.*": wire.HistoryStatus.BAD_REQUEST,
-            "nonsense": wire.HistoryStatus.BAD_REQUEST,
-            "100Ms.BRK.A": wire.HistoryStatus.OK,
+            "500Ms.AAPL": codec.HistoryStatus.INTERVAL_NOT_SERVED,
+            "100Ms.TSLA": codec.HistoryStatus.SYMBOL_NOT_SERVED,
+            "100Ms.*": codec.HistoryStatus.BAD_REQUEST,
+            "nonsense": codec.HistoryStatus.BAD_REQUEST,
+            "100Ms.BRK.A": codec.HistoryStatus.OK,
         }
-        symbols = wire.decode_json(ask({"id": 4, "op": "symbols"}))
+        symbols = codec.decode_json(ask({"id": 4, "op": "symbols"}))
         assert symbols == {"id": 4, "op": "symbols", "symbols": [["AAPL", 4], ["A", 1]]}
         assert agg.stop() == 0
     fake.close()

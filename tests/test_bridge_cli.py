@@ -20,7 +20,7 @@ import zmq
 from massive import WebSocketClient
 
 from fake_agg import FakeAgg, bar_rows, expected_event
-from polyfan import wire
+from polyfan.wire import codec
 from procs import Proc, free_port, scrape
 from wsclient import Client
 
@@ -209,10 +209,10 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
             deadline = time.monotonic() + 4.0
             while time.monotonic() < deadline:
                 while sub.poll(0):
-                    message = wire.decode(sub.recv())
+                    message = codec.decode(sub.recv())
                     interval, _, symbol = message.topic.partition("Ms.")
                     reference.extend(
-                        expected_event(symbol, int(interval), row) for row in wire.records(message)
+                        expected_event(symbol, int(interval), row) for row in codec.records(message)
                     )
                 with contextlib.suppress(TimeoutError):
                     received.append(await client.next_event(timeout=0.05))
@@ -229,10 +229,10 @@ async def test_real_pipeline_client_gets_exactly_what_the_agg_published_and_api_
                     )
             await asyncio.sleep(0.3)
             while sub.poll(0):
-                message = wire.decode(sub.recv())
+                message = codec.decode(sub.recv())
                 interval, _, symbol = message.topic.partition("Ms.")
                 reference.extend(
-                    expected_event(symbol, int(interval), row) for row in wire.records(message)
+                    expected_event(symbol, int(interval), row) for row in codec.records(message)
                 )
             received.extend(client.pending())
             sub.close()
@@ -319,9 +319,9 @@ async def test_replica_aggs_each_bar_once_in_order_and_bars_carry_on_when_one_is
 
             def take_reference() -> None:
                 while sub.poll(0):
-                    message = wire.decode(sub.recv())
+                    message = codec.decode(sub.recv())
                     symbol = message.topic.partition("Ms.")[2]
-                    reference.extend(expected_event(symbol, 100, r) for r in wire.records(message))
+                    reference.extend(expected_event(symbol, 100, r) for r in codec.records(message))
 
             exact = await Client.open(f"ws://127.0.0.1:{port}/", token="x")
             star = await Client.open(f"ws://127.0.0.1:{port}/", token="x")

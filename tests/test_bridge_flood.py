@@ -25,7 +25,7 @@ import pytest
 from websockets.exceptions import InvalidMessage
 
 from fake_agg import FakeAgg, bar_rows
-from polyfan.protocol import Limits
+from polyfan.fanout.protocol import Limits
 from procs import Proc, free_port, scrape
 from wsclient import Client
 

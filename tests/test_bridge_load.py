@@ -18,7 +18,7 @@ from websockets.uri import parse_uri
 from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan.bridge import Bridge
 from polyfan.config import BridgeConfig
-from polyfan.protocol import Limits
+from polyfan.fanout.protocol import Limits
 from procs import Proc, free_port, scrape
 from wsclient import Client, eventually
 

@@ -23,10 +23,10 @@ from websockets.exceptions import ConnectionClosed
 
 from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan import bridge as bridge_module
-from polyfan import wire
 from polyfan.bridge import PASS_LOG_ENV, Bridge
 from polyfan.config import BridgeConfig
-from polyfan.protocol import Limits
+from polyfan.fanout.protocol import Limits
+from polyfan.wire import codec
 from procs import free_port
 from wsclient import Client, eventually
 
@@ -265,8 +265,8 @@ async def test_bars_arrive_as_mb_events_exactly(bridge: Bridge, agg: FakeAgg) ->
     rows["v"][1] = 12.5  # fractional shares stay fractional
     rows["v"][2] = 0
     rows["vw"][2] = np.nan  # no volume: vw null
-    rows["flags"][3] = wire.BAR_FLAG_OUTAGE
-    rows["flags"][4] = wire.BAR_FLAG_CARRIED
+    rows["flags"][3] = codec.BAR_FLAG_OUTAGE
+    rows["flags"][4] = codec.BAR_FLAG_CARRIED
     agg.publish(100, "TSLA", rows)
     events = await client.bars(5)
     assert events == [expected_event("TSLA", 100, r) for r in rows]
@@ -611,10 +611,10 @@ async def test_a_topic_s_bars_reach_clients_in_order_whichever_agg_s_pass_delive
 async def test_lost_bar_messages_are_counted_as_gaps(bridge: Bridge, agg: FakeAgg) -> None:
     client = await Client.open(url(bridge))
     await subscribed(client, agg, "500Ms.GAP")
-    topic = wire.bar_topic(500, "GAP")
+    topic = codec.bar_topic(500, "GAP")
     rows = bar_rows(500, T0, 3)
     for seq, row in ((1, rows[:1]), (4, rows[1:2]), (5, rows[2:3])):
-        agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, seq, 1, row.tobytes()))
+        agg.publish_raw(codec.encode(topic, codec.Kind.BARS, 42, seq, 1, row.tobytes()))
     assert await client.bars(3) == [expected_event("GAP", 500, r) for r in rows]
     assert counter(bridge, "polyfan_bridge_gaps_total") == 2
     await client.close()
@@ -628,19 +628,19 @@ async def test_a_bar_in_flight_after_its_last_client_left_is_no_gap_later(
     when the last client left (it is counted as unwanted, not as a fresh start)."""
     client = await Client.open(url(bridge))
     await subscribed(client, agg, "500Ms.LATE")
-    topic = wire.bar_topic(500, "LATE")
+    topic = codec.bar_topic(500, "LATE")
     rows = bar_rows(500, T0, 3)
-    agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, 1, 1, rows[:1].tobytes()))
+    agg.publish_raw(codec.encode(topic, codec.Kind.BARS, 42, 1, 1, rows[:1].tobytes()))
     assert await client.bars(1) == [expected_event("LATE", 500, rows[0])]
     await client.send({"action": "unsubscribe", "params": "500Ms.LATE"})
     assert (await client.next_event())["message"] == "unsubscribed to: 500Ms.LATE"
     await asyncio.to_thread(agg.wait_unsubscribed, b"500Ms.LATE\x00")
     # The message the agg sent just before it saw the unsubscribe, arriving now:
-    in_flight = wire.encode(topic, wire.Kind.BARS, 42, 2, 1, rows[1:2].tobytes())
+    in_flight = codec.encode(topic, codec.Kind.BARS, 42, 2, 1, rows[1:2].tobytes())
     bridge._received(bridge.aggs[0], in_flight)
     assert counter(bridge, "polyfan_bridge_bars_unwanted_total") == 1
     await subscribed(client, agg, "500Ms.LATE")
-    agg.publish_raw(wire.encode(topic, wire.Kind.BARS, 42, 7, 1, rows[2:].tobytes()))
+    agg.publish_raw(codec.encode(topic, codec.Kind.BARS, 42, 7, 1, rows[2:].tobytes()))
     assert await client.bars(1) == [expected_event("LATE", 500, rows[2])]
     assert counter(bridge, "polyfan_bridge_gaps_total") == 0
     await client.close()
@@ -877,7 +877,7 @@ async def test_history_is_not_asked_of_an_agg_that_has_gone_silent(
         assert b"no aggregator serving it is heard" in body
         with FakeAgg(endpoint) as second:
             await eventually(lambda: bridge.aggs[0].is_heard(), timeout=10)
-            await asyncio.to_thread(second.wait_subscribed, wire.CONTROL_TOPIC, 10)
+            await asyncio.to_thread(second.wait_subscribed, codec.CONTROL_TOPIC, 10)
             assert second.requests == []
     finally:
         await bridge.stop()

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from polyfan.config import SYMBOL_RE
-from polyfan.feed import TradeDecoder
+from polyfan.feed.upstream import TradeDecoder
 from polyfan.market import ANCHORS, MAX_DISORDER_MS, Market
 
 NOW = 1_781_622_376_000

@@ -13,8 +13,8 @@ import orjson
 import pytest
 import zmq
 
-from polyfan import wire
 from polyfan.sim import read_record
+from polyfan.wire import codec
 from procs import Proc, endpoint, free_port, scrape
 
 KEY = "test-key-0123456789-WXYZ"
@@ -30,8 +30,8 @@ class Subscriber:
         self.socket.setsockopt(zmq.RCVHWM, 1_000_000)
         self.socket.connect(address)
         for prefix in prefixes:
-            self.socket.setsockopt(zmq.SUBSCRIBE, wire.subscription_prefix(prefix))
-        self.messages: list[wire.Message] = []
+            self.socket.setsockopt(zmq.SUBSCRIBE, codec.subscription_prefix(prefix))
+        self.messages: list[codec.Message] = []
 
     def receive_until(self, done: Callable[[Subscriber], bool], timeout: float = TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -39,13 +39,13 @@ class Subscriber:
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"timed out; received {len(self.messages)} messages"
             if self.socket.poll(int(min(remaining, 0.2) * 1000)):
-                self.messages.append(wire.decode(self.socket.recv()))
+                self.messages.append(codec.decode(self.socket.recv()))
 
-    def of_kind(self, kind: wire.Kind) -> list[wire.Message]:
+    def of_kind(self, kind: codec.Kind) -> list[codec.Message]:
         return [m for m in self.messages if m.kind is kind]
 
     def trade_count(self) -> int:
-        return sum(m.count for m in self.of_kind(wire.Kind.TRADES))
+        return sum(m.count for m in self.of_kind(codec.Kind.TRADES))
 
     def close(self) -> None:
         self.socket.close(0)
@@ -72,7 +72,7 @@ def subscriber() -> Iterator[Subscribe]:
 
 def expected_records(events: list[dict[str, Any]]) -> np.ndarray:
     """What the proxy must publish for valid events, built independently of feed.py."""
-    records = np.zeros(len(events), wire.TRADE_DTYPE)
+    records = np.zeros(len(events), codec.TRADE_DTYPE)
     for i, e in enumerate(events):
         codes = e.get("c") or []
         size = float(e["ds"]) if "ds" in e else float(e["s"])
@@ -99,9 +99,9 @@ def sent_trades(record: Path) -> dict[str, list[dict[str, Any]]]:
     return by_symbol
 
 
-def received_trades(sub: Subscriber) -> dict[str, list[wire.Message]]:
-    by_topic: dict[str, list[wire.Message]] = {}
-    for message in sub.of_kind(wire.Kind.TRADES):
+def received_trades(sub: Subscriber) -> dict[str, list[codec.Message]]:
+    by_topic: dict[str, list[codec.Message]] = {}
+    for message in sub.of_kind(codec.Kind.TRADES):
         by_topic.setdefault(message.topic, []).append(message)
     return by_topic
 
@@ -117,7 +117,7 @@ def start_proxy(upstream: str, pub: str, metrics: int, *extra: str, key: str = K
 
 def joined(sub: Subscriber) -> bool:
     """The SUB's subscriptions are live once the proxy's clock (published 10x/s) arrives."""
-    return bool(sub.of_kind(wire.Kind.CLOCK))
+    return bool(sub.of_kind(codec.Kind.CLOCK))
 
 
 def stop(proc: Proc) -> None:
@@ -149,7 +149,7 @@ def test_subscribers_receive_exactly_the_trades_the_sim_sent(
         sent = sent_trades(record)
         total = sum(len(events) for events in sent.values())
         everything.receive_until(lambda s: s.trade_count() >= total)
-        everything.receive_until(lambda s: s.messages[-1].kind is wire.Kind.CLOCK)
+        everything.receive_until(lambda s: s.messages[-1].kind is codec.Kind.CLOCK)
         only_a.receive_until(lambda s: s.trade_count() >= len(sent["A"]))
         assert scrape(metrics)["polyfan_proxy_trades_total"] == total
         stop(proxy)
@@ -161,19 +161,19 @@ def test_subscribers_receive_exactly_the_trades_the_sim_sent(
     for symbol, events in sent.items():
         messages = received[f"T.{symbol}"]
         assert [m.seq for m in messages] == list(range(1, len(messages) + 1))
-        got = np.concatenate([wire.records(m) for m in messages])
+        got = np.concatenate([codec.records(m) for m in messages])
         assert got.tobytes() == expected_records(events).tobytes(), symbol
     # T.A never receives T.AAPL (nor T.AA): filtered at the publisher by the terminated topic.
-    assert {m.topic for m in only_a.of_kind(wire.Kind.TRADES)} == {"T.A"}
-    a_records = np.concatenate([wire.records(m) for m in only_a.of_kind(wire.Kind.TRADES)])
+    assert {m.topic for m in only_a.of_kind(codec.Kind.TRADES)} == {"T.A"}
+    a_records = np.concatenate([codec.records(m) for m in only_a.of_kind(codec.Kind.TRADES)])
     assert a_records.tobytes() == expected_records(sent["A"]).tobytes()
     # every trade message is followed by a clock at least as late as its trades
     pending = 0
     for message in everything.messages:
-        if message.kind is wire.Kind.TRADES:
-            pending = max(pending, int(wire.records(message)["t"].max()))
-        elif message.kind is wire.Kind.CLOCK and pending:
-            assert wire.records(message)["clock"][0] >= pending
+        if message.kind is codec.Kind.TRADES:
+            pending = max(pending, int(codec.records(message)["t"].max()))
+        elif message.kind is codec.Kind.CLOCK and pending:
+            assert codec.records(message)["clock"][0] >= pending
             pending = 0
     assert pending == 0
 
@@ -196,11 +196,11 @@ def test_proxy_reconnects_resubscribes_and_carries_on_after_the_sim_drops_it(
 
             def upstream(state: int) -> Callable[[Subscriber], bool]:
                 return lambda s: any(
-                    wire.records(m)["state"][0] == state for m in s.of_kind(wire.Kind.UPSTREAM)
+                    codec.records(m)["state"][0] == state for m in s.of_kind(codec.Kind.UPSTREAM)
                 )
 
-            sub.receive_until(upstream(wire.UPSTREAM_DOWN))
-            sub.receive_until(upstream(wire.UPSTREAM_UP))
+            sub.receive_until(upstream(codec.UPSTREAM_DOWN))
+            sub.receive_until(upstream(codec.UPSTREAM_UP))
             before = sub.trade_count()
             sub.receive_until(lambda s: s.trade_count() >= before + 500)
             values = scrape(metrics)
@@ -219,16 +219,16 @@ def test_proxy_reconnects_resubscribes_and_carries_on_after_the_sim_drops_it(
     # down is published after the last trade of the lost connection, up before the first new
     # one: trades before the down, none between it and the up, trades after the up
     states = [
-        (index, int(wire.records(m)["state"][0]))
+        (index, int(codec.records(m)["state"][0]))
         for index, m in enumerate(sub.messages)
-        if m.kind is wire.Kind.UPSTREAM
+        if m.kind is codec.Kind.UPSTREAM
     ]
-    down = next(index for index, state in states if state == wire.UPSTREAM_DOWN)
-    up = next(index for index, state in states if index > down and state == wire.UPSTREAM_UP)
+    down = next(index for index, state in states if state == codec.UPSTREAM_DOWN)
+    up = next(index for index, state in states if index > down and state == codec.UPSTREAM_UP)
     kinds = [m.kind for m in sub.messages]
-    assert wire.Kind.TRADES in kinds[:down]
-    assert wire.Kind.TRADES not in kinds[down:up]
-    assert wire.Kind.TRADES in kinds[up:]
+    assert codec.Kind.TRADES in kinds[:down]
+    assert codec.Kind.TRADES not in kinds[down:up]
+    assert codec.Kind.TRADES in kinds[up:]
 
 
 def test_a_wrong_key_exits_2_after_one_attempt_without_printing_the_key(tmp_path: Path) -> None:
@@ -291,7 +291,7 @@ def test_garbage_frames_are_counted_and_every_valid_trade_still_arrives(
     received = received_trades(sub)
     assert set(received) == {f"T.{symbol}" for symbol in by_symbol}
     for symbol, events in by_symbol.items():
-        got = np.concatenate([wire.records(m) for m in received[f"T.{symbol}"]])
+        got = np.concatenate([codec.records(m) for m in received[f"T.{symbol}"]])
         assert got.tobytes() == expected_records(events).tobytes()
     # not JSON, not an array, elements not objects (x3), bad price, bad symbol, future
     assert values["polyfan_proxy_bad_messages_total"] == 8
@@ -325,8 +325,8 @@ def test_max_connections_cools_down_a_minute_and_ctrl_c_still_stops_at_once(
             sim.wait_for("ready:")
             sub.receive_until(
                 lambda s: any(
-                    wire.records(m)["state"][0] == wire.UPSTREAM_DOWN
-                    for m in s.of_kind(wire.Kind.UPSTREAM)
+                    codec.records(m)["state"][0] == codec.UPSTREAM_DOWN
+                    for m in s.of_kind(codec.Kind.UPSTREAM)
                 )
             )
             match = proxy.wait_for(r"cooling down (\d+) s before reconnecting")
@@ -354,8 +354,8 @@ def test_feed_clock_follows_wall_time_when_quiet_and_freezes_while_disconnected(
 
         def clocks() -> list[tuple[int, int]]:
             return [
-                tuple(wire.records(m)[0].tolist())  # type: ignore[misc]
-                for m in sub.of_kind(wire.Kind.CLOCK)
+                tuple(codec.records(m)[0].tolist())  # type: ignore[misc]
+                for m in sub.of_kind(codec.Kind.CLOCK)
             ]
 
         with Proc("sim", "--listen", f"127.0.0.1:{port}", "--script", str(script)) as sim:
@@ -368,16 +368,16 @@ def test_feed_clock_follows_wall_time_when_quiet_and_freezes_while_disconnected(
             first_clock, first_wall = advancing[0]
             assert all(c - first_clock == w - first_wall for c, w in advancing)
             stop(sim)
-        sub.receive_until(lambda s: bool(s.of_kind(wire.Kind.UPSTREAM)[1:]))  # up, then down
-        down = sub.of_kind(wire.Kind.UPSTREAM)[-1]
-        state, frozen, _ = wire.records(down)[0].tolist()
-        assert state == wire.UPSTREAM_DOWN
+        sub.receive_until(lambda s: bool(s.of_kind(codec.Kind.UPSTREAM)[1:]))  # up, then down
+        down = sub.of_kind(codec.Kind.UPSTREAM)[-1]
+        state, frozen, _ = codec.records(down)[0].tolist()
+        assert state == codec.UPSTREAM_DOWN
         seen = len(sub.messages)
         sub.receive_until(
-            lambda s: len([m for m in s.messages[seen:] if m.kind is wire.Kind.CLOCK]) >= 5
+            lambda s: len([m for m in s.messages[seen:] if m.kind is codec.Kind.CLOCK]) >= 5
         )
         after = [
-            wire.records(m)["clock"][0] for m in sub.messages[seen:] if m.kind is wire.Kind.CLOCK
+            codec.records(m)["clock"][0] for m in sub.messages[seen:] if m.kind is codec.Kind.CLOCK
         ]
         assert after == [frozen] * len(after)
         stop(proxy)

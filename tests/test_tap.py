@@ -13,7 +13,7 @@ import orjson
 import pytest
 import zmq
 
-from polyfan import wire
+from polyfan.wire import codec
 from procs import Proc, endpoint
 
 SESSION = 0x9F3A_0000_0000_0001
@@ -48,26 +48,26 @@ def json_lines(output: str) -> list[dict[str, Any]]:
 
 def test_tap_decodes_every_kind_and_filters_by_prefix(xpub: tuple[zmq.Socket[Any], str]) -> None:
     socket, address = xpub
-    trades = np.zeros(2, wire.TRADE_DTYPE)
+    trades = np.zeros(2, codec.TRADE_DTYPE)
     trades["t"] = [1_000, 1_001]
     trades["p"] = [10.5, 10.25]
     trades["s"] = [100, 0.5]
     trades["nc"] = [0, 2]
     trades["c"][1, :2] = [14, 37]
     trades["x"] = [4, 12]
-    bars = np.zeros(1, wire.BAR_DTYPE)
-    bars[0] = (1_000, 10.5, 10.5, 10.25, 10.25, 100.5, math.nan, 2, wire.BAR_FLAG_CARRIED)
-    clock = np.array([(1_500, 1_501)], wire.CLOCK_DTYPE)
-    upstream = np.array([(wire.UPSTREAM_DOWN, 1_500, 1_502)], wire.UPSTREAM_DTYPE)
+    bars = np.zeros(1, codec.BAR_DTYPE)
+    bars[0] = (1_000, 10.5, 10.5, 10.25, 10.25, 100.5, math.nan, 2, codec.BAR_FLAG_CARRIED)
+    clock = np.array([(1_500, 1_501)], codec.CLOCK_DTYPE)
+    upstream = np.array([(codec.UPSTREAM_DOWN, 1_500, 1_502)], codec.UPSTREAM_DTYPE)
     messages = [
-        wire.encode(wire.trade_topic("AAPL"), wire.Kind.TRADES, SESSION, 1, 2, trades.tobytes()),
-        wire.encode(wire.trade_topic("A"), wire.Kind.TRADES, SESSION, 1, 2, trades.tobytes()),
-        wire.encode(wire.bar_topic(500, "A"), wire.Kind.BARS, SESSION, 1, 1, bars.tobytes()),
-        wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, SESSION, 1, 1, clock.tobytes()),
-        wire.encode(wire.CONTROL_TOPIC, wire.Kind.UPSTREAM, SESSION, 2, 1, upstream.tobytes()),
-        wire.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, SESSION, 3, {"grace": 250}),
-        wire.encode_history(wire.reply_topic("ab"), SESSION, 1, 17, wire.HistoryStatus.OK, bars),
-        wire.encode(wire.trade_topic("A"), wire.Kind.TRADES, SESSION, 4, 2, trades.tobytes()),
+        codec.encode(codec.trade_topic("AAPL"), codec.Kind.TRADES, SESSION, 1, 2, trades.tobytes()),
+        codec.encode(codec.trade_topic("A"), codec.Kind.TRADES, SESSION, 1, 2, trades.tobytes()),
+        codec.encode(codec.bar_topic(500, "A"), codec.Kind.BARS, SESSION, 1, 1, bars.tobytes()),
+        codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, SESSION, 1, 1, clock.tobytes()),
+        codec.encode(codec.CONTROL_TOPIC, codec.Kind.UPSTREAM, SESSION, 2, 1, upstream.tobytes()),
+        codec.encode_json(codec.CONTROL_TOPIC, codec.Kind.ANNOUNCE, SESSION, 3, {"grace": 250}),
+        codec.encode_history(codec.reply_topic("ab"), SESSION, 1, 17, codec.HistoryStatus.OK, bars),
+        codec.encode(codec.trade_topic("A"), codec.Kind.TRADES, SESSION, 4, 2, trades.tobytes()),
     ]
     with Proc("tap", address, "T.A", "500Ms.A", "_ctl", "_rep.", "--count", "7") as tap:
         wait_for_subscriptions(socket, 4)
@@ -82,7 +82,7 @@ def test_tap_decodes_every_kind_and_filters_by_prefix(xpub: tuple[zmq.Socket[Any
     ]  # fmt: skip
     bar = {
         "ev": "MB", "o": 10.5, "h": 10.5, "l": 10.25, "c": 10.25, "v": 100.5, "vw": None,
-        "n": 2, "s": 1000, "flags": wire.BAR_FLAG_CARRIED,
+        "n": 2, "s": 1000, "flags": codec.BAR_FLAG_CARRIED,
     }  # fmt: skip
     assert lines == [
         {"topic": "T.A", "kind": "trades", **header, "seq": 1, "sym": "A", "trades": expected_trades},
@@ -105,14 +105,16 @@ def test_tap_with_no_prefix_receives_everything_but_replies_and_stops_on_ctrl_c(
     """Everything but other peers' replies: an agg disconnects a peer that subscribes to a
     prefix of ``_rep.`` (the empty prefix included), so the tap spells "everything" without."""
     socket, address = xpub
-    bar = np.zeros(1, wire.BAR_DTYPE)
+    bar = np.zeros(1, codec.BAR_DTYPE)
     with Proc("tap", address) as tap:
         tap.wait_for("ready:")
-        wait_for_subscriptions(socket, len(wire.EVERYTHING_BUT_REPLIES))
-        socket.send(wire.encode_json(wire.reply_topic("x"), wire.Kind.SYMBOLS, 1, 1, {"id": 1}))
-        socket.send(wire.encode_json(wire.CONTROL_TOPIC, wire.Kind.ANNOUNCE, 1, 1, {"id": 2}))
-        socket.send(wire.encode(wire.bar_topic(500, "X"), wire.Kind.BARS, 1, 1, 1, bar.tobytes()))
-        socket.send(wire.encode(wire.trade_topic("X"), wire.Kind.TRADES, 1, 1, 0, b""))
+        wait_for_subscriptions(socket, len(codec.EVERYTHING_BUT_REPLIES))
+        socket.send(codec.encode_json(codec.reply_topic("x"), codec.Kind.SYMBOLS, 1, 1, {"id": 1}))
+        socket.send(codec.encode_json(codec.CONTROL_TOPIC, codec.Kind.ANNOUNCE, 1, 1, {"id": 2}))
+        socket.send(
+            codec.encode(codec.bar_topic(500, "X"), codec.Kind.BARS, 1, 1, 1, bar.tobytes())
+        )
+        socket.send(codec.encode(codec.trade_topic("X"), codec.Kind.TRADES, 1, 1, 0, b""))
         tap.wait_for('"topic":"T.X"')
         assert tap.stop() == 0
     assert [line["topic"] for line in json_lines(tap.output)] == ["_ctl", "500Ms.X", "T.X"]
@@ -129,12 +131,12 @@ def test_a_control_message_without_its_record_is_a_warning_not_a_crash(
     xpub: tuple[zmq.Socket[Any], str],
 ) -> None:
     socket, address = xpub
-    clock = np.array([(1_500, 1_501)], wire.CLOCK_DTYPE)
+    clock = np.array([(1_500, 1_501)], codec.CLOCK_DTYPE)
     with Proc("tap", address, "_ctl", "--count", "2") as tap:
         wait_for_subscriptions(socket, 1)
-        socket.send(wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, SESSION, 1, 0, b""))
+        socket.send(codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, SESSION, 1, 0, b""))
         socket.send(
-            wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, SESSION, 2, 1, clock.tobytes())
+            codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, SESSION, 2, 1, clock.tobytes())
         )
         assert tap.wait() == 0, tap.output
     assert "undecodable message: CLOCK message carries 0 records, not 1" in tap.output

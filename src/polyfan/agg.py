@@ -9,11 +9,11 @@ A synchronous poll loop over two sockets:
   the announce go out, and subscriptions and history requests come in. Each upstream message
   is handed to the core with the file descriptor of the connection it came on (``ZMQ_SRCFD``),
   and a monitor socket reports connections opening and closing, so the core keeps per-peer
-  allowances (:mod:`polyfan.peers`); a peer past them is disconnected by shutting its socket
+  allowances (:mod:`polyfan.wire.peers`); a peer past them is disconnected by shutting its socket
   down (libzmq has no call to drop one peer of a bound socket).
 
 Both per-message loops (drain the SUB, publish each bar message) are compiled calls into the
-libzmq pyzmq loaded (:mod:`polyfan.zmqio`), or pyzmq's own ``recv`` / ``send`` when that library
+libzmq pyzmq loaded (:mod:`polyfan.wire.zmqio`), or pyzmq's own ``recv`` / ``send`` when that library
 cannot be used: one INFO line at start says which.
 
 The poll timeout is short so SIGINT/SIGTERM stop the loop within 2 s; both exit with status 0.
@@ -42,12 +42,13 @@ import zmq
 import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
-from polyfan import history, wire, zmqio
-from polyfan.aggregator import Aggregator
+from polyfan.bars import history
+from polyfan.bars.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
 from polyfan.metrics import MetricsServer, Registry
-from polyfan.peers import Bans
+from polyfan.wire import codec, zmqio
+from polyfan.wire.peers import Bans
 
 log = logging.getLogger("polyfan.agg")
 
@@ -84,19 +85,19 @@ def warm_up(
     """Run every kernel once through a throwaway core (and load the receive and send kernels),
     so no batch waits for numba to load."""
     core = Aggregator(dataclasses.replace(config, symbols=None), session=1)
-    trade = np.zeros(1, dtype=wire.TRADE_DTYPE)
+    trade = np.zeros(1, dtype=codec.TRADE_DTYPE)
     trade["t"], trade["p"], trade["s"] = 1_000, 1.0, 1.0
-    clock = np.array([(10**9, 0)], dtype=wire.CLOCK_DTYPE)
+    clock = np.array([(10**9, 0)], dtype=codec.CLOCK_DTYPE)
     core.frames_received(
         [
-            wire.encode(wire.trade_topic("WARM"), wire.Kind.TRADES, 1, 1, 1, trade.tobytes()),
-            wire.encode(wire.CONTROL_TOPIC, wire.Kind.CLOCK, 1, 1, 1, clock.tobytes()),
+            codec.encode(codec.trade_topic("WARM"), codec.Kind.TRADES, 1, 1, 1, trade.tobytes()),
+            codec.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 1, 1, 1, clock.tobytes()),
         ]
     )
     core.tick()
     interval = config.intervals_ms[0]
     core.request_received(
-        {"id": 1, "reply": "0" * wire.REPLY_ROUTE_HEX, "channel": f"{interval}Ms.WARM", "since": 0}
+        {"id": 1, "reply": "0" * codec.REPLY_ROUTE_HEX, "channel": f"{interval}Ms.WARM", "since": 0}
     )
     history.warm_up()  # the one bar above never fills a record: pack, walk and decode too
     if receiver is not None:
@@ -160,12 +161,12 @@ def run(config: AggConfig) -> int:
         # the SUB's send high-water mark (1,000 by default): a long --symbols list would lose
         # topics, the control topic first (ZeroMQ sends them in byte order; "_" follows "T").
         sub.setsockopt(zmq.SNDHWM, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, wire.CONTROL_TOPIC)
+        sub.setsockopt(zmq.SUBSCRIBE, codec.CONTROL_TOPIC)
         if config.symbols is None:
             sub.setsockopt(zmq.SUBSCRIBE, b"T.")
         else:
             for symbol in config.symbols:
-                sub.setsockopt(zmq.SUBSCRIBE, wire.trade_topic(symbol))
+                sub.setsockopt(zmq.SUBSCRIBE, codec.trade_topic(symbol))
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, SNDHWM)
         pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, for the allowances

@@ -1,6 +1,6 @@
 """``polyfan bridge``: bars from the aggregators to WebSocket clients, plus HTTP on the same port.
 
-The shell around :mod:`polyfan.protocol` (what clients say) and :mod:`polyfan.fanout` (who gets
+The shell around :mod:`polyfan.fanout.protocol` (what clients say) and :mod:`polyfan.fanout.subscriptions` (who gets
 what). It moves bytes and decides nothing about content:
 
 - one ZeroMQ XSUB socket per ``--sub`` aggregator, subscribed to ``_ctl`` (the aggregator's
@@ -10,7 +10,7 @@ what). It moves bytes and decides nothing about content:
 - one reader task per aggregator drains the waiting messages, encodes each bar once and, per
   group of clients with the same channels, builds one JSON frame and serializes it once as a
   WebSocket frame. A client that keeps up gets it written straight to its socket; otherwise it
-  goes into the client's bounded :class:`~polyfan.fanout.Backlog`, drained by the client's
+  goes into the client's bounded :class:`~polyfan.fanout.subscriptions.Backlog`, drained by the client's
   writer task. No client is ever awaited by the loop that serves the others; a client whose
   backlog passes its bound is closed with 1013.
 - HTTP (``/``, ``/static/...``, ``/api/bars``, ``/api/symbols``, ``/api/info``, ``/healthz``,
@@ -50,15 +50,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from polyfan import wire
+from polyfan.bars.outages import describe
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
-from polyfan.fanout import Arrival, Backlog, Fanout, Seam, chunked
-from polyfan.feedstatus import OUTAGE, SILENT, FeedStatus
-from polyfan.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
-from polyfan.metrics import Registry
-from polyfan.outages import describe
-from polyfan.protocol import (
+from polyfan.fanout.feedstatus import OUTAGE, SILENT, FeedStatus
+from polyfan.fanout.protocol import (
     AUTH_TIMEOUT,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
@@ -68,9 +64,9 @@ from polyfan.protocol import (
     BarsQuery,
     Catalog,
     Channel,
+    ClientSession,
     Limits,
     ParamError,
-    Session,
     Subscribe,
     Unsubscribe,
     encode_bars,
@@ -80,6 +76,10 @@ from polyfan.protocol import (
     parse_bar_topic,
     parse_bars_query,
 )
+from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
+from polyfan.metrics import Registry
+from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
+from polyfan.wire import codec
 
 if TYPE_CHECKING:
     from polyfan.workers import Worker
@@ -106,7 +106,7 @@ def _without_client_data(record: logging.LogRecord) -> bool:
 
 _ws_log.addFilter(_without_client_data)
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent / "web" / "static"
 WARN_EVERY_S = 5.0  # a continuing problem is one WARNING per this many seconds, with its count
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
@@ -249,7 +249,7 @@ class Agg:
     endpoint: str
     socket: zmq.asyncio.Socket
     sync: zmq.Socket[bytes]  # the same socket, sync: only the reader drains with it
-    gaps: wire.GapCounter = field(default_factory=wire.GapCounter)
+    gaps: codec.GapCounter = field(default_factory=codec.GapCounter)
     announce: dict[str, Any] | None = None
     heard_at: float | None = None  # monotonic time of the last message
     upstream_up: bool | None = None
@@ -313,11 +313,11 @@ class Agg:
 class Pending:
     """A request sent to an agg, waiting for its reply."""
 
-    future: asyncio.Future[wire.Message]
+    future: asyncio.Future[codec.Message]
     agg: Agg
-    kind: wire.Kind
+    kind: codec.Kind
     channel: str
-    check: int  # wire.channel_check of the channel asked
+    check: int  # codec.channel_check of the channel asked
 
 
 @dataclass(eq=False)
@@ -326,7 +326,7 @@ class Client:
 
     id: int
     ws: ServerConnection
-    session: Session
+    session: ClientSession
     backlog: Backlog
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     close_after: tuple[int, str] | None = None  # close once the backlog is written
@@ -376,8 +376,8 @@ class Bridge:
         self.aggs: list[Agg] = []
         # 128 random bits: the agg answers only the peer that subscribes the route itself, and
         # nobody can subscribe a shorter prefix of it (docs/limits.md).
-        self.reply_id = secrets.token_hex(wire.REPLY_ROUTE_HEX // 2)
-        self.reply_topic = wire.reply_topic(self.reply_id)
+        self.reply_id = secrets.token_hex(codec.REPLY_ROUTE_HEX // 2)
+        self.reply_topic = codec.reply_topic(self.reply_id)
         self._requests: dict[int, Pending] = {}
         self._bad_replies_warned: tuple[float, float] = (-math.inf, 0.0)
         self._ids = itertools.count(1)
@@ -423,13 +423,13 @@ class Bridge:
                 socket.close()
                 raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
             agg = Agg(endpoint, socket, zmq.Socket.shadow(socket.underlying))
-            agg.subscribe(wire.CONTROL_TOPIC)
+            agg.subscribe(codec.CONTROL_TOPIC)
             agg.subscribe(self.reply_topic)
             self.aggs.append(agg)
             self._spawn(self._read(agg))
         host, port = self.config.listen
         # Every new connection is admitted or refused before it costs more than its socket
-        # (polyfan.gate; caps per process, docs/limits.md).
+        # (polyfan.web.gate; caps per process, docs/limits.md).
         gate = Gate(self.limits, self.counters.gate, connection_budget(self.limits))
         self.registry.on_collect(gate.collect)
         self._gate = gate
@@ -678,7 +678,7 @@ class Bridge:
     def _received(self, agg: Agg, frame: bytes) -> int:
         """Handle one message; return how many bars it carried."""
         try:
-            message = wire.decode(frame)
+            message = codec.decode(frame)
         except WireError as exc:
             self.counters.wire_errors.inc()
             if self.debug:
@@ -686,31 +686,31 @@ class Bridge:
             return 0
         agg.heard_at = time.monotonic()
         kind = message.kind
-        if kind is wire.Kind.BARS:
+        if kind is codec.Kind.BARS:
             self._bars_received(agg, message)
             return message.count
-        if kind is wire.Kind.CLOCK:
+        if kind is codec.Kind.CLOCK:
             if message.count:
-                clock = int(wire.records(message)["clock"].max())
+                clock = int(codec.records(message)["clock"].max())
                 agg.clock = clock if agg.clock is None else max(agg.clock, clock)
-        elif kind is wire.Kind.OUTAGE:
+        elif kind is codec.Kind.OUTAGE:
             self._outage_reported(agg, message)
-        elif kind is wire.Kind.ANNOUNCE:
+        elif kind is codec.Kind.ANNOUNCE:
             self._announced(agg, message)
-        elif kind is wire.Kind.HISTORY or kind is wire.Kind.SYMBOLS:
+        elif kind is codec.Kind.HISTORY or kind is codec.Kind.SYMBOLS:
             self._replied(agg, message)
-        elif kind is wire.Kind.UPSTREAM:
-            state = int(wire.records(message)["state"][-1]) if message.count else None
-            agg.upstream_up = state == wire.UPSTREAM_UP
+        elif kind is codec.Kind.UPSTREAM:
+            state = int(codec.records(message)["state"][-1]) if message.count else None
+            agg.upstream_up = state == codec.UPSTREAM_UP
         return 0
 
-    def _bars_received(self, agg: Agg, message: wire.Message) -> None:
+    def _bars_received(self, agg: Agg, message: codec.Message) -> None:
         parsed = parse_bar_topic(message.topic)
         if parsed is None:
             self.counters.wire_errors.inc()
             return
         interval, symbol = parsed
-        records = wire.records(message)
+        records = codec.records(message)
         self.counters.bars_received.inc(len(records))
         topics = agg.topics
         if (message.topic + "\0").encode() not in topics and (
@@ -854,9 +854,9 @@ class Bridge:
             self._forward(topic, *parsed, records)
         self._deliver_queued()
 
-    def _announced(self, agg: Agg, message: wire.Message) -> None:
+    def _announced(self, agg: Agg, message: codec.Message) -> None:
         try:
-            announce = wire.decode_json(message)
+            announce = codec.decode_json(message)
             intervals = frozenset(int(i) for i in announce["intervals"])
             symbols = announce.get("symbols")
             serves = AggServes(intervals, None if symbols is None else frozenset(symbols))
@@ -900,10 +900,10 @@ class Bridge:
         (:meth:`_heard_again`, called next)."""
         self._gone_silent(agg, RESTARTED, RESTARTED.removeprefix("the aggregator "))
 
-    def _outage_reported(self, agg: Agg, message: wire.Message) -> None:
+    def _outage_reported(self, agg: Agg, message: codec.Message) -> None:
         """An OUTAGE message: the feed behind ``agg`` lost trades, or is whole again."""
         try:
-            self._outage_announced(agg, wire.decode_json(message), reported=True)
+            self._outage_announced(agg, codec.decode_json(message), reported=True)
         except (WireError, KeyError, TypeError, ValueError) as exc:
             self.counters.wire_errors.inc()
             log.warning("bad OUTAGE from %s: %s", agg.endpoint, exc)
@@ -940,16 +940,16 @@ class Bridge:
             )
             self._feed_changed()
 
-    def _replied(self, agg: Agg, message: wire.Message) -> None:
+    def _replied(self, agg: Agg, message: codec.Message) -> None:
         """A reply on this bridge's route: taken only as the answer to a request it has
         waiting, from the agg it asked, of the kind and for the channel it asked."""
         check = None
         try:
-            if message.kind is wire.Kind.HISTORY:
-                request_id = wire.records_from_history(message)[0]
-                check = wire.history_channel_check(message)
+            if message.kind is codec.Kind.HISTORY:
+                request_id = codec.records_from_history(message)[0]
+                check = codec.history_channel_check(message)
             else:
-                request_id = int(wire.decode_json(message)["id"])
+                request_id = int(codec.decode_json(message)["id"])
         except (WireError, KeyError, TypeError, ValueError):
             self.counters.wire_errors.inc()
             return
@@ -981,22 +981,22 @@ class Bridge:
             log.warning("%d replies ignored (the latest: %s)", total - warned_total, problem)
             self._bad_replies_warned = (now, total)
 
-    async def _request(self, agg: Agg, body: dict[str, Any]) -> wire.Message:
+    async def _request(self, agg: Agg, body: dict[str, Any]) -> codec.Message:
         request_id = secrets.randbits(64)  # unguessable: nobody can answer it ahead of the agg
         while request_id in self._requests:
             request_id = secrets.randbits(64)
-        future: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[codec.Message] = asyncio.get_running_loop().create_future()
         op = body.get("op", "bars")
         channel = body.get("channel")
         self._requests[request_id] = Pending(
             future,
             agg,
-            wire.Kind.SYMBOLS if op == "symbols" else wire.Kind.HISTORY,
+            codec.Kind.SYMBOLS if op == "symbols" else codec.Kind.HISTORY,
             str(channel),
-            wire.channel_check(channel),
+            codec.channel_check(channel),
         )
         self.counters.history_requests.inc()
-        agg.send(wire.encode_request({"id": request_id, "reply": self.reply_id, **body}))
+        agg.send(codec.encode_request({"id": request_id, "reply": self.reply_id, **body}))
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 return await future
@@ -1122,7 +1122,7 @@ class Bridge:
         client = Client(
             next(self._ids),
             ws,
-            Session(self.config.tokens, self.limits, loop.time()),
+            ClientSession(self.config.tokens, self.limits, loop.time()),
             Backlog(self.limits.backlog_bytes),
         )
         self.clients[client.id] = client
@@ -1217,8 +1217,8 @@ class Bridge:
                         "limit": limit,
                     },
                 )
-                _, reply_status, bars = wire.records_from_history(reply)
-                if reply_status is not wire.HistoryStatus.OK:
+                _, reply_status, bars = codec.records_from_history(reply)
+                if reply_status is not codec.HistoryStatus.OK:
                     problem = f"{channel.name}: history unavailable ({reply_status.name}); live bars follow"
                 else:
                     rows = bars.tolist()
@@ -1288,8 +1288,8 @@ class Bridge:
             )
         except TimeoutError:
             return _json(504, {"error": f"{channel.name}: the aggregator did not answer"})
-        _, reply_status, bars = wire.records_from_history(reply)
-        if reply_status is not wire.HistoryStatus.OK:
+        _, reply_status, bars = codec.records_from_history(reply)
+        if reply_status is not codec.HistoryStatus.OK:
             return _json(404, {"error": f"{channel.name}: {reply_status.name}"})
         parts = encode_bars(channel.interval, channel.symbol or "", bars.tolist())
         return _response(200, join_events(parts), "application/json")
@@ -1304,7 +1304,7 @@ class Bridge:
             if isinstance(reply, BaseException):
                 continue
             try:
-                for symbol, trades in wire.decode_json(reply)["symbols"]:
+                for symbol, trades in codec.decode_json(reply)["symbols"]:
                     counts[symbol] = max(counts.get(symbol, 0), int(trades))
             except (WireError, KeyError, TypeError, ValueError):
                 self.counters.wire_errors.inc()

@@ -157,10 +157,11 @@ def _browsable(host: str) -> str:
 def compile_kernels() -> None:
     """Compile and cache the numba kernels of the proxy and the agg (bin/_bootstrap runs this
     after installing), so that the first ``polyfan demo`` serves within seconds."""
-    from polyfan import agg, feedscan
+    from polyfan import agg
     from polyfan.config import AggConfig
+    from polyfan.feed import scan
 
-    feedscan.warm_up()
+    scan.warm_up()
     agg.warm_up(AggConfig())
 
 

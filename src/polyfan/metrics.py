@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 
-from polyfan.admission import RefusalLog
+from polyfan.web.admission import RefusalLog
 
 log = logging.getLogger("polyfan.metrics")
 

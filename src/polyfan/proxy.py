@@ -32,24 +32,25 @@ import zmq
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from polyfan import feedscan, wire
 from polyfan.backoff import Backoff
 from polyfan.config import ProxyConfig
 from polyfan.errors import ConfigError
-from polyfan.feed import (
+from polyfan.feed import scan
+from polyfan.feed.upstream import (
     Action,
     Authenticated,
     FeedClock,
     FeedStats,
     Problem,
-    Session,
     StatusReceived,
     Subscribed,
     TradeBatch,
     TradeDecoder,
+    UpstreamSession,
 )
 from polyfan.metrics import MetricsServer, Registry
 from polyfan.redact import mask_url, mask_urls_in
+from polyfan.wire import codec
 
 log = logging.getLogger("polyfan.proxy")
 
@@ -77,7 +78,7 @@ class _Connection:
 
     __slots__ = ("action", "finished", "session", "up", "ws")
 
-    def __init__(self, ws: ClientConnection, session: Session) -> None:
+    def __init__(self, ws: ClientConnection, session: UpstreamSession) -> None:
         self.ws = ws
         self.session = session
         self.up = False  # subscription confirmed
@@ -93,7 +94,7 @@ class Proxy:
         self.config = config
         self.upstream_shown = mask_url(config.upstream)  # what logs and errors say
         self.session_id = secrets.randbits(64)
-        self.sequencer = wire.Sequencer(self.session_id)
+        self.sequencer = codec.Sequencer(self.session_id)
         self.stats = FeedStats()
         self.decoder = TradeDecoder(self.stats)
         self.clock = FeedClock()
@@ -179,20 +180,20 @@ class Proxy:
 
     def publish_trades(self, batch: TradeBatch) -> None:
         self.m_trades.value += batch.count  # before sending, as in _send
-        encode, send, trades = self.sequencer.encode, self._send, wire.Kind.TRADES
+        encode, send, trades = self.sequencer.encode, self._send, codec.Kind.TRADES
         for topic, records in zip(batch.topics, batch.records, strict=True):
             send(encode(topic, trades, len(records), records.tobytes()))
 
     def publish_clock(self, now_ms: int) -> None:
-        record = np.array([(self.clock.read(now_ms), now_ms)], wire.CLOCK_DTYPE)
-        self._publish_control(wire.Kind.CLOCK, record)
+        record = np.array([(self.clock.read(now_ms), now_ms)], codec.CLOCK_DTYPE)
+        self._publish_control(codec.Kind.CLOCK, record)
 
     def publish_upstream(self, state: int, now_ms: int) -> None:
-        record = np.array([(state, self.clock.read(now_ms), now_ms)], wire.UPSTREAM_DTYPE)
-        self._publish_control(wire.Kind.UPSTREAM, record)
+        record = np.array([(state, self.clock.read(now_ms), now_ms)], codec.UPSTREAM_DTYPE)
+        self._publish_control(codec.Kind.UPSTREAM, record)
 
-    def _publish_control(self, kind: wire.Kind, record: np.ndarray) -> None:
-        self._send(self.sequencer.encode(wire.CONTROL_TOPIC, kind, 1, record.tobytes()))
+    def _publish_control(self, kind: codec.Kind, record: np.ndarray) -> None:
+        self._send(self.sequencer.encode(codec.CONTROL_TOPIC, kind, 1, record.tobytes()))
 
     # --- the tasks ----------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class Proxy:
             except zmq.ZMQError as exc:
                 raise ConfigError(f"--pub: cannot bind {self.config.pub}: {exc}") from exc
             self._pub = pub
-            feedscan.warm_up()
+            scan.warm_up()
             if self.config.metrics is not None:
                 host, port = self.config.metrics
                 try:
@@ -295,7 +296,7 @@ class Proxy:
             log.info("connected to %s", self.upstream_shown)
             self.backoff.connected(time.monotonic())
             connection = _Connection(
-                ws, Session(self.config.api_key, self.config.subscribe, self.decoder)
+                ws, UpstreamSession(self.config.api_key, self.config.subscribe, self.decoder)
             )
             self._connection = connection
             deadline = asyncio.get_running_loop().call_later(
@@ -421,7 +422,7 @@ class Proxy:
                 if event.first:
                     connection.up = True
                     self.clock.subscribed(now)
-                    self.publish_upstream(wire.UPSTREAM_UP, now)
+                    self.publish_upstream(codec.UPSTREAM_UP, now)
             elif type(event) is Authenticated:
                 log.info("authenticated upstream (%s)", event.message)
             elif type(event) is StatusReceived:
@@ -445,7 +446,7 @@ class Proxy:
         if connection.up:
             connection.up = False
             self.clock.disconnected(now)
-            self.publish_upstream(wire.UPSTREAM_DOWN, now)
+            self.publish_upstream(codec.UPSTREAM_DOWN, now)
         if not connection.finished.done():
             connection.finished.set_result(connection.action)
 

@@ -26,10 +26,10 @@ from typing import Any
 import orjson
 import zmq
 
-from polyfan import wire
 from polyfan.config import TapConfig
 from polyfan.errors import ConfigError, WireError
 from polyfan.redact import mask_url
+from polyfan.wire import codec
 
 log = logging.getLogger("polyfan.tap")
 
@@ -61,14 +61,14 @@ def _bars(records: Any, symbol: str | None, interval: int | None) -> list[dict[s
     return bars
 
 
-def _only_record(message: wire.Message) -> Any:
-    rows = wire.records(message).tolist()
+def _only_record(message: codec.Message) -> Any:
+    rows = codec.records(message).tolist()
     if len(rows) != 1:
         raise WireError(f"{message.kind.name} message carries {len(rows)} records, not 1")
     return rows[0]
 
 
-def describe(message: wire.Message) -> dict[str, Any]:
+def describe(message: codec.Message) -> dict[str, Any]:
     """A JSON-ready description of one decoded message."""
     kind = message.kind
     out: dict[str, Any] = {
@@ -77,10 +77,10 @@ def describe(message: wire.Message) -> dict[str, Any]:
         "session": f"{message.session:016x}",
         "seq": message.seq,
     }
-    if kind is wire.Kind.TRADES:
+    if kind is codec.Kind.TRADES:
         out["sym"] = message.topic.removeprefix("T.")
         trades = []
-        for t, p, s, q, trft, trfi, x, z, nc, c, _ in wire.records(message).tolist():
+        for t, p, s, q, trft, trfi, x, z, nc, c, _ in codec.records(message).tolist():
             trades.append(
                 {
                     "t": t,
@@ -95,21 +95,21 @@ def describe(message: wire.Message) -> dict[str, Any]:
                 }
             )
         out["trades"] = trades
-    elif kind is wire.Kind.BARS:
+    elif kind is codec.Kind.BARS:
         channel = _bar_channel(message.topic)
         symbol, interval = channel if channel is not None else (None, None)
-        out["bars"] = _bars(wire.records(message), symbol, interval)
-    elif kind is wire.Kind.CLOCK:
+        out["bars"] = _bars(codec.records(message), symbol, interval)
+    elif kind is codec.Kind.CLOCK:
         clock, wall = _only_record(message)
         out.update(clock=clock, wall=wall)
-    elif kind is wire.Kind.UPSTREAM:
+    elif kind is codec.Kind.UPSTREAM:
         state, clock, wall = _only_record(message)
-        out.update(state="up" if state == wire.UPSTREAM_UP else "down", clock=clock, wall=wall)
-    elif kind is wire.Kind.HISTORY:
-        request_id, status, bars = wire.records_from_history(message)
+        out.update(state="up" if state == codec.UPSTREAM_UP else "down", clock=clock, wall=wall)
+    elif kind is codec.Kind.HISTORY:
+        request_id, status, bars = codec.records_from_history(message)
         out.update(id=request_id, status=status.name, bars=_bars(bars, None, None))
     else:  # ANNOUNCE, SYMBOLS: JSON payloads
-        out["value"] = wire.decode_json(message)
+        out["value"] = codec.decode_json(message)
     return out
 
 
@@ -126,7 +126,7 @@ def run(config: TapConfig) -> int:
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    gaps = wire.GapCounter()
+    gaps = codec.GapCounter()
     out = sys.stdout.buffer
     seen = 0
     try:
@@ -138,7 +138,7 @@ def run(config: TapConfig) -> int:
             ) from exc
         prefixes = config.prefixes or ("",)
         for prefix in prefixes:
-            for topic in wire.subscription_prefixes(prefix):
+            for topic in codec.subscription_prefixes(prefix):
                 sub.setsockopt(zmq.SUBSCRIBE, topic)
         log.info(
             "ready: tap connected to %s, subscribed to %s",
@@ -151,7 +151,7 @@ def run(config: TapConfig) -> int:
             frame = sub.recv()
             seen += 1
             try:
-                message = wire.decode(frame)
+                message = codec.decode(frame)
                 described = describe(message)
             except WireError as exc:
                 log.warning("undecodable message: %s", exc)

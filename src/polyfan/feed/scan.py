@@ -1,0 +1,418 @@
+"""A numba scanner for Polygon trade frames: JSON bytes straight into trade columns.
+
+The proxy's hot path. It handles the shape the vendor actually sends — a JSON array of flat
+``T`` objects whose keys are among ``ev sym i x p s ds c t pt q z trfi trft`` — and nothing
+else: the moment a frame holds anything it is not sure about (a status, another ``ev``, an
+unknown key, a string escape, an exponent, a null, a number with more than 15 significant
+digits, a value out of range, a missing field...) it gives up on the whole frame and
+``feed.TradeDecoder`` decodes that frame with msgspec instead, which validates and counts
+everything. So the scanner never decides that a trade is invalid; it only accepts trades it can
+read exactly, and it must produce exactly what the msgspec path would (tests/test_feedscan.py
+compares the two on generated frames).
+
+Numbers are converted with Clinger's fast path: a decimal with at most 15 significant digits
+and at most 22 fraction digits is ``mantissa / 10**k`` with both operands exact doubles, so one
+IEEE division gives the correctly rounded value, the same double that ``float(text)`` gives.
+
+Symbols are interned in an open-addressing table kept in NumPy arrays (:class:`SymbolTable`),
+so each trade leaves the scanner with a small integer symbol id; ids are shared with the
+msgspec path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from polyfan.wire import codec
+
+MAX_SYMBOL = 32
+TABLE_SLOTS = 1 << 18
+MAX_SYMBOLS = TABLE_SLOTS // 2
+MIN_TRADE_BYTES = 24  # no trade object the scanner accepts is shorter: bounds rows per frame
+
+_SYMBOL_BYTES = np.zeros(256, np.bool_)
+for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.:/_-":
+    _SYMBOL_BYTES[_c] = True
+_POW10 = np.array([10.0**k for k in range(23)])
+
+BAIL = -1
+
+
+def warm_up() -> None:
+    """Compile the scanner now (about 3 s the first time, then cached) rather than on a trade."""
+    Columns(4).scan(b'[{"ev":"T","sym":"A","p":1.5,"s":1,"t":1,"c":[1]}]', 0, SymbolTable())
+
+
+class SymbolTable:
+    """Symbol bytes -> small integer id, in arrays the scanner can use."""
+
+    def __init__(self) -> None:
+        self.slots = np.full(TABLE_SLOTS, -1, np.int64)  # slot -> symbol id
+        self.names = np.zeros((MAX_SYMBOLS, MAX_SYMBOL), np.uint8)  # id -> bytes
+        self.lengths = np.zeros(MAX_SYMBOLS, np.int64)
+        self.count = np.zeros(1, np.int64)  # symbols interned so far
+
+    def intern(self, symbol: bytes) -> int:
+        """The id of a valid symbol (interning it), or -1 if invalid or the table is full."""
+        data = np.frombuffer(symbol, np.uint8)
+        return int(
+            _intern(
+                data, 0, len(data), self.slots, self.names, self.lengths, self.count, _SYMBOL_BYTES
+            )
+        )
+
+    def name(self, symbol_id: int) -> str:
+        return bytes(self.names[symbol_id, : self.lengths[symbol_id]]).decode()
+
+
+class Columns:
+    """Preallocated trade columns for one drain; the scanner fills rows ``[0, n)``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.t = np.empty(capacity, np.int64)
+        self.p = np.empty(capacity, np.float64)
+        self.s = np.empty(capacity, np.float64)
+        self.q = np.empty(capacity, np.int64)
+        self.trft = np.empty(capacity, np.int64)
+        self.trfi = np.empty(capacity, np.int64)
+        self.x = np.empty(capacity, np.int64)
+        self.z = np.empty(capacity, np.int64)
+        self.nc = np.empty(capacity, np.uint8)
+        self.c = np.zeros((capacity, codec.MAX_CONDITIONS), np.uint8)
+        self.ids = np.empty(capacity, np.int64)
+
+    def scan(self, frame: bytes, row: int, table: SymbolTable) -> int:
+        """Scan one frame into rows from ``row``; the next free row, or ``BAIL``."""
+        return int(
+            scan_frame(
+                np.frombuffer(frame, np.uint8), row, self.t, self.p, self.s, self.q, self.trft,
+                self.trfi, self.x, self.z, self.nc, self.c, self.ids,
+                table.slots, table.names, table.lengths, table.count,
+                _SYMBOL_BYTES, _POW10,
+            )
+        )  # fmt: skip
+
+    def records(self, n: int) -> np.ndarray:
+        records = np.zeros(n, codec.TRADE_DTYPE)
+        for name in ("t", "p", "s", "q", "trft", "trfi", "x", "z", "nc", "c"):
+            records[name] = getattr(self, name)[:n]
+        return records
+
+
+@njit(cache=True, error_model="numpy")
+def _intern(buf, start, end, slots, names, lengths, count, symbol_bytes):  # type: ignore[no-untyped-def]
+    """The id of the symbol in ``buf[start:end]``, interning it; -1 if it is not a valid symbol.
+
+    Characters are checked only when a symbol is first seen: a symbol found in the table was
+    valid when it went in.
+    """
+    length = end - start
+    if length < 1 or length > MAX_SYMBOL:
+        return -1
+    h = 5381  # djb2, kept to 32 bits: no overflow compiled or not (NUMBA_DISABLE_JIT=1)
+    for i in range(start, end):
+        h = (h * 33 + int(buf[i])) & 0xFFFFFFFF
+    mask = slots.shape[0] - 1
+    slot = (h ^ (h >> 15)) & mask
+    while True:
+        sid = slots[slot]
+        if sid < 0:
+            break
+        if lengths[sid] == length:
+            same = True
+            for i in range(length):
+                if names[sid, i] != buf[start + i]:
+                    same = False
+                    break
+            if same:
+                return sid
+        slot = (slot + 1) & mask
+    for i in range(start, end):
+        if not symbol_bytes[buf[i]]:
+            return -1
+    sid = count[0]
+    if sid >= names.shape[0]:
+        return -1
+    count[0] = sid + 1
+    slots[slot] = sid
+    lengths[sid] = length
+    for i in range(length):
+        names[sid, i] = buf[start + i]
+    return sid
+
+
+@njit(cache=True, error_model="numpy")
+def _skip_ws(buf, i, n):  # type: ignore[no-untyped-def]
+    while i < n and (buf[i] == 32 or buf[i] == 10 or buf[i] == 13 or buf[i] == 9):
+        i += 1
+    return i
+
+
+@njit(cache=True, error_model="numpy")
+def _number(buf, i, n, pow10):  # type: ignore[no-untyped-def]
+    """A JSON number at ``i``: (ok, is_integer, integer, float, next index)."""
+    negative = False
+    if i < n and buf[i] == 45:  # -
+        negative = True
+        i += 1
+    start = i
+    mantissa = 0
+    digits = 0
+    while i < n and 48 <= buf[i] <= 57:
+        if digits > 0 or buf[i] != 48:
+            digits += 1
+        mantissa = mantissa * 10 + (int(buf[i]) - 48)
+        i += 1
+        if digits > 18:
+            return False, False, 0, 0.0, i
+    int_digits = i - start
+    if int_digits == 0 or (int_digits > 1 and buf[start] == 48):
+        return False, False, 0, 0.0, i  # no digits, or a leading zero
+    fraction = 0
+    whole = mantissa
+    zero_fraction = True  # "40.0", as ds usually is: no division needed
+    if i < n and buf[i] == 46:  # .
+        i += 1
+        while i < n and 48 <= buf[i] <= 57:
+            if buf[i] != 48:
+                zero_fraction = False
+            if digits > 0 or buf[i] != 48:
+                digits += 1
+            mantissa = mantissa * 10 + (int(buf[i]) - 48)
+            fraction += 1
+            i += 1
+            if digits > 15 or fraction > 22:
+                return False, False, 0, 0.0, i
+        if fraction == 0:
+            return False, False, 0, 0.0, i
+    if i < n and (buf[i] == 101 or buf[i] == 69):  # e E: leave to msgspec
+        return False, False, 0, 0.0, i
+    if zero_fraction and fraction > 0:
+        value = float(whole)
+        return True, False, 0, -value if negative else value, i  # -0.0 stays -0.0
+    if negative:
+        mantissa = -mantissa
+    if fraction == 0:
+        if digits > 15:  # an integer, but too long to be an exact float
+            return True, True, mantissa, np.nan, i
+        return True, True, mantissa, float(mantissa), i
+    return True, False, 0, mantissa / pow10[fraction], i
+
+
+@njit(cache=True, error_model="numpy")
+def _integer(buf, i, n):  # type: ignore[no-untyped-def]
+    """A JSON integer at ``i`` (at most 18 digits): (ok, value, next index)."""
+    negative = False
+    if i < n and buf[i] == 45:  # -
+        negative = True
+        i += 1
+    start = i
+    value = 0
+    while i < n and 48 <= buf[i] <= 57:
+        value = value * 10 + (int(buf[i]) - 48)
+        i += 1
+    digits = i - start
+    if digits == 0 or digits > 18 or (digits > 1 and buf[start] == 48):
+        return False, 0, i
+    if i < n and (buf[i] == 46 or buf[i] == 101 or buf[i] == 69):  # . e E: not an integer
+        return False, 0, i
+    return True, -value if negative else value, i
+
+
+@njit(cache=True, error_model="numpy")
+def _string_end(buf, i, n):  # type: ignore[no-untyped-def]
+    """Index of the closing quote of a string whose content starts at ``i``; -1 to bail."""
+    while i < n:
+        b = buf[i]
+        if b == 34:
+            return i
+        if b == 92 or b < 32:  # escapes and control characters: leave to msgspec
+            return -1
+        i += 1
+    return -1
+
+
+@njit(cache=True, error_model="numpy")
+def scan_frame(  # type: ignore[no-untyped-def]
+    buf, row, t_out, p_out, s_out, q_out, trft_out, trfi_out, x_out, z_out, nc_out, c_out,
+    id_out, slots, names, lengths, count, symbol_bytes, pow10,
+):  # fmt: skip
+    n = buf.shape[0]
+    capacity = t_out.shape[0]
+    i = _skip_ws(buf, 0, n)
+    if i >= n or buf[i] != 91:  # [
+        return -1
+    i = _skip_ws(buf, i + 1, n)
+    if i < n and buf[i] == 93:  # ]
+        i = _skip_ws(buf, i + 1, n)
+        return row if i == n else -1
+    while True:
+        if i >= n or buf[i] != 123 or row >= capacity:  # {
+            return -1
+        i += 1
+        is_trade = False
+        sym_id = -1
+        price = np.nan
+        size_s = np.nan
+        size_ds = np.nan
+        t = -1
+        q = 0
+        trft = 0
+        trfi = 0
+        x = 0
+        z = 0
+        nc = 0
+        for k in range(8):
+            c_out[row, k] = 0
+        while True:
+            i = _skip_ws(buf, i, n)
+            if i >= n or buf[i] != 34:
+                return -1
+            key = i + 1
+            i = _string_end(buf, key, n)
+            if i < 0:
+                return -1
+            length = i - key
+            k0 = buf[key]
+            k1 = buf[key + 1] if length > 1 else 0
+            i = _skip_ws(buf, i + 1, n)
+            if i >= n or buf[i] != 58:  # :
+                return -1
+            i = _skip_ws(buf, i + 1, n)
+            if i >= n:
+                return -1
+            if length == 2 and k0 == 101 and k1 == 118:  # ev
+                if i + 2 >= n or buf[i] != 34 or buf[i + 1] != 84 or buf[i + 2] != 34:
+                    return -1  # anything but "T"
+                is_trade = True
+                i += 3
+            elif length == 3 and k0 == 115 and k1 == 121 and buf[key + 2] == 109:  # sym
+                if buf[i] != 34:
+                    return -1
+                end = _string_end(buf, i + 1, n)
+                if end < 0:
+                    return -1
+                sym_id = _intern(buf, i + 1, end, slots, names, lengths, count, symbol_bytes)
+                if sym_id < 0:
+                    return -1
+                i = end + 1
+            elif length == 2 and k0 == 100 and k1 == 115:  # ds
+                if buf[i] != 34:
+                    return -1
+                ok, _, _, value, end = _number(buf, i + 1, n, pow10)
+                if not ok or end >= n or buf[end] != 34 or not value >= 0:
+                    return -1
+                size_ds = value
+                i = end + 1
+            elif length == 1 and k0 == 99:  # c
+                if buf[i] != 91:
+                    return -1
+                i = _skip_ws(buf, i + 1, n)
+                if i < n and buf[i] == 93:
+                    i += 1
+                else:
+                    while True:
+                        ok, is_int, code, _, i = _number(buf, i, n, pow10)
+                        if not ok or not is_int or code < 0 or code > 255 or nc >= 8:
+                            return -1
+                        c_out[row, nc] = code
+                        nc += 1
+                        i = _skip_ws(buf, i, n)
+                        if i >= n:
+                            return -1
+                        if buf[i] == 93:
+                            i += 1
+                            break
+                        if buf[i] != 44:
+                            return -1
+                        i = _skip_ws(buf, i + 1, n)
+            elif length == 2 and k0 == 112 and k1 == 116:  # pt: an integer, not published
+                ok, _, i = _integer(buf, i, n)
+                if not ok:
+                    return -1
+            elif length == 1 and k0 == 105:  # i: a string, not published
+                if buf[i] != 34:
+                    return -1
+                end = _string_end(buf, i + 1, n)
+                if end < 0:
+                    return -1
+                i = end + 1
+            else:
+                if length == 1 and k0 == 112:  # p
+                    ok, _, _, value, i = _number(buf, i, n, pow10)
+                    if not ok or not value > 0:
+                        return -1
+                    price = value
+                    integer = 0
+                else:
+                    ok, integer, i = _integer(buf, i, n)
+                    if not ok:
+                        return -1
+                if length == 1 and k0 == 112:  # p
+                    pass
+                elif length == 1 and k0 == 115:  # s
+                    if integer < 0 or integer > 999_999_999_999_999:  # exact as a double
+                        return -1
+                    size_s = float(integer)
+                elif length == 1 and k0 == 116:  # t
+                    if integer < 0:
+                        return -1
+                    t = integer
+                elif length == 1 and k0 == 113:  # q
+                    q = integer
+                elif length == 1 and k0 == 120:  # x
+                    if integer < 0 or integer > 65535:
+                        return -1
+                    x = integer
+                elif length == 1 and k0 == 122:  # z
+                    if integer < 0 or integer > 255:
+                        return -1
+                    z = integer
+                elif length == 4 and k0 == 116 and k1 == 114 and buf[key + 2] == 102:  # trf.
+                    if buf[key + 3] == 105:  # trfi
+                        if integer < 0 or integer > 65535:
+                            return -1
+                        trfi = integer
+                    elif buf[key + 3] == 116:  # trft
+                        trft = integer
+                    else:
+                        return -1
+                else:
+                    return -1  # an unknown key: leave to msgspec
+            i = _skip_ws(buf, i, n)
+            if i >= n:
+                return -1
+            if buf[i] == 44:  # ,
+                i += 1
+                continue
+            if buf[i] == 125:  # }
+                i += 1
+                break
+            return -1
+        if not is_trade or sym_id < 0 or price != price or t < 0:
+            return -1
+        size = size_ds if size_ds == size_ds else size_s
+        if size != size:
+            return -1
+        t_out[row] = t
+        p_out[row] = price
+        s_out[row] = size
+        q_out[row] = q
+        trft_out[row] = trft
+        trfi_out[row] = trfi
+        x_out[row] = x
+        z_out[row] = z
+        nc_out[row] = nc
+        id_out[row] = sym_id
+        row += 1
+        i = _skip_ws(buf, i, n)
+        if i >= n:
+            return -1
+        if buf[i] == 44:
+            i = _skip_ws(buf, i + 1, n)
+            continue
+        if buf[i] == 93:
+            i = _skip_ws(buf, i + 1, n)
+            return row if i == n else -1
+        return -1

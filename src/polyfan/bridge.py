@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
@@ -80,9 +80,7 @@ from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.metrics import Registry
 from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
 from polyfan.wire import codec
-
-if TYPE_CHECKING:
-    from polyfan.workers import Worker
+from polyfan.workers import Worker, run_workers
 
 log = logging.getLogger("polyfan.bridge")
 # websockets logs every connection and HTTP request at INFO: per-message detail for a server
@@ -1429,8 +1427,17 @@ def run(config: BridgeConfig) -> int:
     """``polyfan bridge``: serve until SIGINT/SIGTERM; exit status 0."""
     raise_open_files_limit()
     if config.workers > 1:
-        from polyfan.workers import run_workers
 
-        return run_workers(config, config.workers)
+        async def serve(worker: Worker, ready: Any) -> None:
+            await serve_until_stopped(config, worker=worker, ready=ready)
+
+        return run_workers(config, config.workers, serve, counter_names())
     asyncio.run(serve_until_stopped(config))
     return 0
+
+
+def counter_names() -> list[str]:
+    """The names of the bridge's counters, in the order its workers share them."""
+    registry = Registry()
+    Counters(registry)
+    return list(registry.values())

@@ -22,7 +22,7 @@ import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any
 
@@ -60,29 +60,26 @@ class Worker:
         self.table = table
 
 
-def counter_names() -> list[str]:
-    from polyfan.bridge import Counters
-    from polyfan.metrics import Registry
-
-    registry = Registry()
-    Counters(registry)
-    return list(registry.values())
+Serve = Callable[[Worker, Any], Coroutine[Any, Any, None]]
 
 
-def run_workers(config: BridgeConfig, workers: int) -> int:
-    """Fork ``workers`` bridges on one port and supervise them; exit status 0, or 1 if one dies."""
-    from polyfan.bridge import serve_until_stopped
+def run_workers(config: BridgeConfig, workers: int, serve: Serve, counters: Sequence[str]) -> int:
+    """Fork ``workers`` bridges on one port and supervise them; exit status 0, or 1 if one dies.
 
+    ``serve(worker, ready)`` runs one bridge until SIGTERM and puts ``worker.index`` on
+    ``ready`` once it serves; ``counters`` names the columns of the shared counter table. Both
+    come from the bridge (this module imports nothing of it).
+    """
     if config.listen[1] == 0:
         raise ConfigError("--listen: give a port (not 0) with --workers; they share it")
     context = multiprocessing.get_context("fork")
-    table = SharedTable(workers, counter_names())
+    table = SharedTable(workers, counters)
     ready: Any = context.SimpleQueue()
 
     def work(index: int) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
-        asyncio.run(serve_until_stopped(config, worker=Worker(index, workers, table), ready=ready))
+        asyncio.run(serve(Worker(index, workers, table), ready))
 
     stopping = False
 

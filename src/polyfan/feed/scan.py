@@ -7,7 +7,7 @@ unknown key, a string escape, an exponent, a null, a number with more than 15 si
 digits, a value out of range, a missing field...) it gives up on the whole frame and
 ``feed.TradeDecoder`` decodes that frame with msgspec instead, which validates and counts
 everything. So the scanner never decides that a trade is invalid; it only accepts trades it can
-read exactly, and it must produce exactly what the msgspec path would (tests/test_feedscan.py
+read exactly, and it must produce exactly what the msgspec path would (tests/feed/test_scan.py
 compares the two on generated frames).
 
 Numbers are converted with Clinger's fast path: a decimal with at most 15 significant digits

@@ -8,7 +8,15 @@ from pathlib import Path
 import polyfan
 
 PACKAGE = Path(polyfan.__file__).parent
-PURE = ("polyfan.fanout.", "polyfan.bars.outages", "polyfan.web.admission")
+PURE = (
+    "polyfan.wire.codec",
+    "polyfan.wire.ingest",
+    "polyfan.wire.peers",
+    "polyfan.feed.",
+    "polyfan.bars.",
+    "polyfan.fanout.",
+    "polyfan.web.admission",
+)
 IO_MODULES = ("asyncio", "zmq", "websockets", "click", "socket")
 
 

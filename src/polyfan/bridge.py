@@ -1,7 +1,8 @@
 """``polyfan bridge``: bars from the aggregators to WebSocket clients, plus HTTP on the same port.
 
-The shell around :mod:`polyfan.fanout.protocol` (what clients say) and :mod:`polyfan.fanout.subscriptions` (who gets
-what). It moves bytes and decides nothing about content:
+The shell around :mod:`polyfan.fanout.protocol` (what clients say), :mod:`polyfan.fanout.subscriptions` (who gets
+what) and :mod:`polyfan.fanout.replicas` (which aggregator's copy of a bar goes out when several
+serve a channel). It moves bytes and decides nothing about content:
 
 - one ZeroMQ XSUB socket per ``--sub`` aggregator, subscribed to ``_ctl`` (the aggregator's
   ANNOUNCE says which intervals and symbols it serves) and to this bridge's reply topic; bar
@@ -76,6 +77,7 @@ from polyfan.fanout.protocol import (
     parse_bar_topic,
     parse_bars_query,
 )
+from polyfan.fanout.replicas import STAND_IN_WAIT, Replica, Replicas
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.metrics import Registry
 from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
@@ -112,8 +114,6 @@ SILENT_AFTER = 2.0  # not heard for this long (it relays the clock 10 times a se
 # every second): its channels' feed is down unless a replica carries them (feed_down)
 WATCH_EVERY = 0.25  # seconds between checks of who is heard
 RESTARTED = "the aggregator restarted: the bars and history it held went with it"
-WHOLE_MARGIN_MS = 1000  # an agg's bars up to this long after its announced "from" may be partial
-STAND_IN_WAIT = 1.0  # seconds such bars wait for another agg's whole copies before going out
 READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see Bridge._read)
 DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 COALESCE_MS = 1  # a pass takes the bars that follow its first with gaps under this ...
@@ -249,22 +249,31 @@ class Agg:
     sync: zmq.Socket[bytes]  # the same socket, sync: only the reader drains with it
     gaps: codec.GapCounter = field(default_factory=codec.GapCounter)
     announce: dict[str, Any] | None = None
-    heard_at: float | None = None  # monotonic time of the last message
+    replica: Replica = field(default_factory=Replica)  # what the replica rules know of it
     upstream_up: bool | None = None
     was_heard: bool | None = None  # as last reported by the watcher (None: not yet)
     topics: set[bytes] = field(default_factory=set)  # subscribed ZeroMQ prefixes
     seen: set[str] = field(default_factory=set)  # bar topics received (for gap counting)
-    whole_after: float = math.inf  # its bars with s <= this may be partial (announce "from")
     clock: int | None = None  # the feed clock it last relayed
     silent_session: int | None = None  # its session when it fell silent (None: it is heard)
     silent: bool = False
+
+    @property
+    def heard_at(self) -> float | None:
+        """Monotonic time of its last message."""
+        return self.replica.heard_at
+
+    @property
+    def whole_after(self) -> float:
+        """Its bars with ``s`` at or before this may be partial (announce "from")."""
+        return self.replica.whole_after
 
     def session(self) -> int | None:
         value = (self.announce or {}).get("session")
         return value if isinstance(value, int) else None
 
     def is_heard(self) -> bool:
-        return self.heard_at is not None and time.monotonic() - self.heard_at < HEARD_WITHIN
+        return self.replica.is_heard(time.monotonic(), HEARD_WITHIN)
 
     def send(self, frame: bytes) -> None:
         """Subscriptions and requests upstream (the XSUB's send queue is unbounded: see
@@ -384,9 +393,7 @@ class Bridge:
         self._server: Server | None = None
         self._gate: Gate | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
-        self._delivered: dict[str, int] = {}  # bar topic -> start of the newest bar forwarded
-        # bar topic -> (since, bars awaiting another agg's whole copies), oldest first
-        self._stand_ins: dict[str, tuple[float, np.ndarray]] = {}
+        self.replicas = Replicas(self._replicas_serving)  # the replica rules' state
         self._arrivals: list[Arrival] = []  # bars forwarded, not yet delivered (_forward)
         self.debug = log.isEnabledFor(logging.DEBUG)
         # bench/bench_bridge.py's hook: one line per fan-out pass (pid, perf_counter of its
@@ -526,7 +533,7 @@ class Bridge:
         started = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_EVERY)
-            if self._stand_ins:
+            if self.replicas.has_stand_ins():
                 try:
                     self._flush_stand_ins()
                 except Exception:  # a bug must not stop the watcher
@@ -682,7 +689,7 @@ class Bridge:
             if self.debug:
                 log.debug("from %s: %s", agg.endpoint, exc)
             return 0
-        agg.heard_at = time.monotonic()
+        agg.replica.heard(time.monotonic())
         kind = message.kind
         if kind is codec.Kind.BARS:
             self._bars_received(agg, message)
@@ -723,24 +730,28 @@ class Bridge:
         if len(records) == 0:
             return
         topic = message.topic
-        first = int(records["s"][0])
-        delivered = self._delivered.get(topic)
-        if (
-            (delivered is not None and first <= delivered)
-            or first <= agg.whole_after
-            or topic in self._stand_ins
-        ):
-            records = self._sort_out(agg, topic, Channel(interval, symbol), records, delivered)
-            if len(records) == 0:
-                return
-        self._forward(topic, interval, symbol, records)
+        decision = self.replicas.bars_received(
+            agg.replica, message.session, topic, records, time.monotonic(), HEARD_WITHIN
+        )
+        if decision.redundant:
+            self.counters.bars_redundant.inc(decision.redundant)
+        if decision.stood_in:
+            self.counters.bars_stood_in.inc(decision.stood_in)
+            log.warning(
+                "%s: %d bar(s) held for a whole copy from another aggregator go out as they are "
+                "(they may lack trades): %s has no copy of them",
+                topic,
+                decision.stood_in,
+                agg.endpoint,
+            )
+        if len(decision.forward):
+            self._forward(interval, symbol, decision.forward)
 
-    def _forward(self, topic: str, interval: int, symbol: str, records: np.ndarray) -> None:
+    def _forward(self, interval: int, symbol: str, records: np.ndarray) -> None:
         """Queue bars for clients. Whoever delivers next (any agg's reader at the end of its
         pass, or the stand-in flush) delivers everything queued, in the order it was queued:
         a topic's bars reach clients in ``s`` order whichever agg and pass they came through.
         """
-        self._delivered[topic] = int(records["s"][-1])
         rows = records.tolist()
         parts = encode_bars(interval, symbol, rows)
         self._arrivals.append(
@@ -754,102 +765,29 @@ class Bridge:
         arrivals, self._arrivals = self._arrivals, []
         return self._deliver(arrivals)
 
-    def _sort_out(
-        self, agg: Agg, topic: str, channel: Channel, records: np.ndarray, delivered: int | None
-    ) -> np.ndarray:
-        """With several aggs serving a channel (replicas), the bars of one message to forward.
-
-        - Bars at or before the newest forwarded on the topic came from another agg first:
-          counted redundant.
-        - Bars this agg may have made partial (it started listening at or after their start)
-          are held as stand-ins while another heard agg listened from before them: that agg's
-          whole copies replace them. While stand-ins are held, this agg's later bars on the
-          topic wait with them (forwarding one would pass the whole copies still to come).
-        - A message from an agg whole for the stand-ins settles them: the ones it has a copy
-          of are redundant; those older than its newest bar that it has no copy of go out
-          with it, in ``s`` order (counted as stood in); newer ones stay held.
-        - What waited ``STAND_IN_WAIT`` goes out as it is (:meth:`_flush_stand_ins`).
-        """
-        redundant = self.counters.bars_redundant
-        if delivered is not None and int(records["s"][0]) <= delivered:
-            if int(records["s"][-1]) <= delivered:
-                redundant.inc(len(records))
-                return records[:0]
-            fresh = records[records["s"] > delivered]
-            redundant.inc(len(records) - len(fresh))
-            records = fresh
-        held = self._stand_ins.get(topic)
-        oldest = int(records["s"][0])  # the oldest bar in question: this message's or held
-        if held is not None:
-            oldest = min(oldest, int(held[1]["s"][0]))
-        if oldest <= agg.whole_after and any(  # not whole for them, and another agg is
-            other is not agg and other.is_heard() and other.whole_after < oldest
-            for other in self.catalog.aggs_for(channel)
-        ):
-            self._hold(topic, records)
-            return records[:0]
-        if held is None:
-            return records
-        del self._stand_ins[topic]
-        since, stand_ins = held
-        last = int(records["s"][-1])
-        later = stand_ins[stand_ins["s"] > last]
-        if len(later):
-            self._stand_ins[topic] = (since, later)
-        due = stand_ins[stand_ins["s"] <= last]
-        covered = np.isin(due["s"], records["s"])
-        redundant.inc(int(covered.sum()))
-        released = due[~covered]
-        if not len(released):
-            return records
-        self.counters.bars_stood_in.inc(len(released))
-        log.warning(
-            "%s: %d bar(s) held for a whole copy from another aggregator go out as they are "
-            "(they may lack trades): %s has no copy of them",
-            topic,
-            len(released),
-            agg.endpoint,
-        )
-        merged = np.concatenate([released, records])
-        return merged[np.argsort(merged["s"], kind="stable")]
-
-    def _hold(self, topic: str, records: np.ndarray) -> None:
-        """Add bars to a topic's stand-ins (a start already held keeps its first copy)."""
-        held = self._stand_ins.get(topic)
-        if held is None:
-            self._stand_ins[topic] = (time.monotonic(), records)
-            return
-        since, stand_ins = held
-        new = records[~np.isin(records["s"], stand_ins["s"])]
-        self.counters.bars_redundant.inc(len(records) - len(new))
-        if len(new):
-            merged = np.concatenate([stand_ins, new])
-            self._stand_ins[topic] = (since, merged[np.argsort(merged["s"], kind="stable")])
+    def _replicas_serving(self, topic: str) -> list[Replica]:
+        """The replica rules' view of the aggs that serve a bar topic's channel."""
+        parsed = parse_bar_topic(topic)
+        if parsed is None:
+            return []
+        return [agg.replica for agg in self.catalog.aggs_for(Channel(*parsed))]
 
     def _flush_stand_ins(self) -> None:
         """Send the stand-ins that waited ``STAND_IN_WAIT`` for a whole copy in vain."""
-        now = time.monotonic()
-        for topic, (since, records) in list(self._stand_ins.items()):
-            if now - since < STAND_IN_WAIT:
+        for release in self.replicas.stand_ins_due(time.monotonic(), STAND_IN_WAIT):
+            self.counters.bars_redundant.inc(release.redundant)
+            parsed = parse_bar_topic(release.topic)
+            if not len(release.forward) or parsed is None:
                 continue
-            del self._stand_ins[topic]
-            delivered = self._delivered.get(topic)
-            if delivered is not None:
-                fresh = records[records["s"] > delivered]
-                self.counters.bars_redundant.inc(len(records) - len(fresh))
-                records = fresh
-            parsed = parse_bar_topic(topic)
-            if not len(records) or parsed is None:
-                continue
-            self.counters.bars_stood_in.inc(len(records))
+            self.counters.bars_stood_in.inc(len(release.forward))
             log.warning(
                 "%s: no whole copy of %d bar(s) came from another aggregator within %gs; "
                 "sending them as they are (they may lack trades)",
-                topic,
-                len(records),
+                release.topic,
+                len(release.forward),
                 STAND_IN_WAIT,
             )
-            self._forward(topic, *parsed, records)
+            self._forward(*parsed, release.forward)
         self._deliver_queued()
 
     def _announced(self, agg: Agg, message: codec.Message) -> None:
@@ -874,12 +812,7 @@ class Bridge:
         if agg.silent:
             self._heard_again(agg, announce)
         self._outage_announced(agg, announce.get("outage"))
-        if "from" not in announce:  # an agg from before "from": taken as whole
-            agg.whole_after = -math.inf
-        elif announce["from"] is None:  # not heard the proxy yet
-            agg.whole_after = math.inf
-        else:
-            agg.whole_after = int(announce["from"]) + WHOLE_MARGIN_MS
+        agg.replica.announced(announce)
         self.catalog.update(agg, serves)
         if first or restarted:
             log.info(
@@ -1014,7 +947,7 @@ class Bridge:
 
     def _serving_aggs(self, channel: Channel) -> list[Agg]:
         """Every agg that serves the channel, in ``--sub`` order: shards by symbol, or
-        replicas whose bars are deduplicated by start (see :meth:`_unrepeated`)."""
+        replicas whose bars are deduplicated by start (:mod:`polyfan.fanout.replicas`)."""
         served = self.catalog.aggs_for(channel)
         return [agg for agg in self.aggs if agg in served]
 

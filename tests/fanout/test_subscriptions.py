@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyfan.fanout.protocol import Channel
@@ -273,3 +273,81 @@ def test_two_since_requests_each_get_history_and_no_live_bar_is_lost() -> None:
         0, 500, 1000, 1500, 2000
     )
     assert per_client(fan, (500, "TSLA", bars(2500))) == {1: parts(2500)}
+
+
+CHANNELS = [TSLA, AAPL, EVERY, Channel(1000, "TSLA")]
+
+
+def by_name(channel: Channel) -> tuple[int, str]:
+    return channel.interval, channel.symbol or ""
+
+
+def test_a_client_on_a_symbol_and_on_star_of_one_interval_can_leave() -> None:
+    """Channel(500, None) and Channel(500, "TSLA") do not compare: the table orders them
+    itself, ``*`` first."""
+    fan: Fanout[int] = Fanout()
+    fan.subscribe(1, TSLA)
+    fan.subscribe(1, EVERY)
+    fan.subscribe(2, Channel(100, "ZZZ"))
+    assert fan.channels() == [Channel(100, "ZZZ"), EVERY, TSLA]
+    assert fan.remove_client(1) == [EVERY, TSLA]
+    assert fan.channels() == [Channel(100, "ZZZ")]
+
+
+Op = tuple[str, int, int]  # (subscribe | unsubscribe | remove, client, channel index)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["subscribe", "unsubscribe", "remove"]),
+            st.integers(0, 3),
+            st.integers(0, len(CHANNELS) - 1),
+        ),
+        max_size=40,
+    )
+)
+def test_any_subscribes_and_unsubscribes_keep_the_table_consistent(ops: list[Op]) -> None:
+    """Against a plain model (client -> channels): first / last client reported exactly when
+    a channel gains its first or loses its last, channel -> clients and client -> channels
+    agree, ``has_subscribers`` and ``channels`` say so, and one pass gives each client every
+    bar of its channels (exact or star) once, in one frame."""
+    fan: Fanout[int] = Fanout()
+    model: dict[int, set[Channel]] = {}
+
+    def on(channel: Channel) -> set[int]:
+        return {client for client, channels in model.items() if channel in channels}
+
+    for op, client, index in ops:
+        channel = CHANNELS[index]
+        if op == "subscribe":
+            first = not on(channel)
+            assert fan.subscribe(client, channel) is first
+            model.setdefault(client, set()).add(channel)
+        elif op == "unsubscribe":
+            was_on = on(channel)
+            last = was_on == {client}
+            assert fan.unsubscribe(client, channel) is last
+            model.get(client, set()).discard(channel)
+        else:
+            before = {channel: on(channel) for channel in CHANNELS}
+            emptied = fan.remove_client(client)
+            model.pop(client, None)
+            assert emptied == sorted((c for c in CHANNELS if before[c] == {client}), key=by_name)
+        for channel in CHANNELS:
+            assert fan.has_subscribers(channel) is bool(on(channel))
+        assert fan.channels() == sorted((c for c in CHANNELS if on(c)), key=by_name)
+        for someone in range(4):
+            assert fan.channels_of(someone) == model.get(someone, set())
+    got = per_client(fan, (500, "TSLA", bars(0)), (500, "AAPL", bars(0, sym="AAPL")))
+    wanted: dict[int, list[bytes]] = {}
+    for client, channels in model.items():
+        mine = [
+            part
+            for sym, part in (("TSLA", parts(0)), ("AAPL", parts(0, sym="AAPL")))
+            if Channel(500, sym) in channels or EVERY in channels
+        ]
+        if mine:
+            wanted[client] = [p for ps in mine for p in ps]
+    assert got == wanted

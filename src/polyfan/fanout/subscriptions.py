@@ -34,6 +34,12 @@ Arrival = tuple[int, str, Sequence[tuple[int, bytes]]]  # interval, symbol, [(s,
 C = TypeVar("C", bound=Hashable)
 
 
+def _in_order(channel: Channel) -> tuple[int, str]:
+    """Channels by interval, then ``*`` before the symbols (``Channel``'s own order cannot
+    compare a ``*`` channel, whose symbol is None, with another of the same interval)."""
+    return channel.interval, "" if channel.symbol is None else channel.symbol
+
+
 class Fanout(Generic[C]):
     """Subscription table and ``since`` seams for every client of one bridge."""
 
@@ -95,7 +101,7 @@ class Fanout(Generic[C]):
         """Forget a client; return the channels it was the last client of."""
         emptied = [
             channel
-            for channel in sorted(self._channels.get(client, ()))
+            for channel in sorted(self._channels.get(client, ()), key=_in_order)
             if self.unsubscribe(client, channel)
         ]
         self._channels.pop(client, None)
@@ -106,7 +112,7 @@ class Fanout(Generic[C]):
 
     def channels(self) -> list[Channel]:
         """Every channel with at least one client."""
-        return sorted(self._clients)
+        return sorted(self._clients, key=_in_order)
 
     def channels_of(self, client: C) -> set[Channel]:
         return set(self._channels.get(client, ()))

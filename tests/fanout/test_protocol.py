@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from polyfan.fanout.protocol import (
     AggServes,
@@ -404,3 +406,83 @@ def test_bad_bars_queries_name_the_parameter(query: dict[str, list[str]], messag
     with pytest.raises(ParamError) as info:
         parse_bars_query(query, Limits())
     assert str(info.value) == message
+
+
+# -- any sequence of frames: the session's channels and commands agree -------------------------
+
+ITEMS = ["500Ms.TSLA", "500Ms.AAPL", "100Ms.*", "500Ms.NOPE", "700Ms.TSLA", "bad", " "]
+Frame = tuple[str, list[str], int | None]  # (action, channel items, since)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["subscribe", "unsubscribe"]),
+            st.lists(st.sampled_from(ITEMS), min_size=1, max_size=4),
+            st.none() | st.just(1000),
+        ),
+        max_size=25,
+    ),
+)
+def test_any_subscribes_and_unsubscribes_keep_channels_and_commands_consistent(
+    limit: int, frames: list[Frame]
+) -> None:
+    """Against a plain model: one answer per channel named, in order (an error for one not
+    served, malformed, over the limit, or ``since`` on ``*``); the session's channels stay
+    within the limit; the commands, replayed as the shell does, open each channel once and
+    close only what is open, so they always rebuild exactly the session's channels; errors
+    are counted."""
+    c = catalog(intervals=(100, 500), symbols=["TSLA", "AAPL"])
+    s = authed(max_subscriptions=limit)
+    model: set[Channel] = set()
+    opened: set[Channel] = set()  # what the commands have opened (the Fanout's view)
+    for action, items, since in frames:
+        body: dict[str, Any] = {"action": action, "params": ",".join(items)}
+        if since is not None:
+            body["since"] = since
+        out = s.receive(orjson.dumps(body), 0.0, c)
+        named = [item.strip() for item in items if item.strip()]
+        if not named:  # nothing but blanks: one error for the frame
+            assert [e["status"] for e in out.events] == ["error"]
+            assert (out.commands, out.bad_requests) == ([], 1)
+            continue
+        expected: list[str] = []
+        commands: list[Subscribe | Unsubscribe] = []
+        for item in named:
+            try:
+                channel = parse_channel(item)
+            except ChannelError:
+                expected.append("error")
+                continue
+            if action == "unsubscribe":
+                expected.append("success")
+                if channel in model:
+                    model.discard(channel)
+                    commands.append(Unsubscribe(channel))
+                continue
+            if (
+                c.why_not_served(channel) is not None
+                or (since is not None and channel.symbol is None)
+                or (channel not in model and len(model) >= limit)
+            ):
+                expected.append("error")
+            else:
+                expected.append("success")
+                if channel not in model or since is not None:
+                    commands.append(Subscribe(channel, since))
+                model.add(channel)
+        assert [e["status"] for e in out.events] == expected
+        assert out.commands == commands
+        assert out.bad_requests == expected.count("error")
+        assert out.close is None
+        for command in out.commands:
+            if isinstance(command, Subscribe):
+                assert command.since is not None or command.channel not in opened
+                opened.add(command.channel)
+            else:
+                assert command.channel in opened
+                opened.discard(command.channel)
+        assert s.channels == model == opened
+        assert len(s.channels) <= limit

@@ -27,7 +27,12 @@ The rules, for the bars of one topic from the aggregators serving its channel:
 - Stand-ins that waited ``STAND_IN_WAIT`` seconds (from the first one held on the topic) go out
   as they are, counted as stood in (:meth:`Replicas.stand_ins_due`).
 
-So a topic's bars go out in ``s`` order, each start once.
+So a topic's bars go out in ``s`` order, each start once, a whole copy whenever a heard agg
+whole for the bar sends it before the wait ends, whatever the order the links' messages
+interleave in (tests/fanout/test_replicas.py checks it for three replicas that start late and
+restart). A bar no agg has whole and that arrives after a newer one went out is dropped
+(counted redundant): order wins; with bars closing on one feed clock, that takes a link
+lagging the others by more than a bar.
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ class Replicas:
         sent under ``session``, at ``now``; a link counts as heard ``heard_within`` seconds."""
         if not len(records):
             return Decision(records)
-        first = int(records["s"][0])
+        starts = records["s"]
+        first = int(starts[0])
         delivered = self._delivered.get(topic)
         whole_after = replica.whole_after if session == replica.session else math.inf
         if (
@@ -140,7 +146,7 @@ class Replicas:
             return self._sort_out(
                 replica, whole_after, topic, records, delivered, now, heard_within
             )
-        self._delivered[topic] = int(records["s"][-1])
+        self._delivered[topic] = int(starts[-1])
         return Decision(records)
 
     def stand_ins_due(self, now: float, wait: float = STAND_IN_WAIT) -> list[Release]:

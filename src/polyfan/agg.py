@@ -40,8 +40,8 @@ from types import FrameType
 import numpy as np
 import zmq
 import zmq.utils.monitor
-from zmq.auth.thread import ThreadAuthenticator
 
+from polyfan import curve
 from polyfan.bars import history
 from polyfan.bars.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
@@ -148,7 +148,12 @@ def run(config: AggConfig) -> int:
     log.info("%s", io_note)
     metrics: MetricsServer | None = None
     monitor: zmq.Socket[bytes] | None = None
-    gatekeeper = Gatekeeper(context, core.bans)
+    gatekeeper = Gatekeeper(context, core.bans, config, core)
+    client = curve.Client(config.curve, "agg", list(config.sub))
+    pair = None if config.curve.secret is None else curve.load_pair(config.curve.secret)
+    if config.curve.allow is not None:
+        curve.check_allow_dir(config.curve.allow)
+    watch: curve.HandshakeWatch | None = None
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -174,14 +179,21 @@ def run(config: AggConfig) -> int:
         pub.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
         gatekeeper.start()
         pub.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)  # every handshake asks the gatekeeper
+        if config.pub.startswith("tcp://"):
+            curve.heartbeats(pub)
+        if pair is not None and config.curve.allow is not None:
+            curve.serve_curve(pub, pair)
+        else:
+            curve.warn_open_tcp("agg", [config.pub])
+        watch = client.watch(sub)
         monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             pub.bind(config.pub)
         except zmq.ZMQError as exc:
             raise ConfigError(f"--pub: cannot bind {config.pub}: {exc}") from exc
-        for endpoint in config.sub:
+        for index, endpoint in enumerate(config.sub):
             try:
-                sub.connect(endpoint)
+                client.connect(sub, index, endpoint)
             except zmq.ZMQError as exc:
                 raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
         metrics_note = ""
@@ -219,6 +231,8 @@ def run(config: AggConfig) -> int:
             monitor.close(0)
         pub.close(0)
         gatekeeper.stop()
+        if watch is not None:
+            watch.close()
         context.term()
         for sig, handler in previous.items():  # last: a second signal must not cut this short
             signal.signal(sig, handler)
@@ -226,25 +240,31 @@ def run(config: AggConfig) -> int:
     return 0
 
 
-ZAP_DOMAIN = b"polyfan"
+ZAP_DOMAIN = curve.ZAP_DOMAIN.encode()
 HEAP_TRIM_FOR_S = 5.0  # after a disconnect, give freed memory back to the system for this long
 HEAP_TRIM_EVERY_S = 1.0  # ... at most this often
 
 
-class Gatekeeper(ThreadAuthenticator):
-    """pyzmq's ZAP handler (its own thread), refusing the handshakes of banned addresses."""
+class Gatekeeper(curve.Authenticator):
+    """pyzmq's ZAP handler (its own thread): refuses the handshakes of banned addresses, and
+    with ``--curve-allow`` every key not allowed."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], bans: Bans) -> None:
-        super().__init__(context, log=logging.getLogger("polyfan.agg.zap"))
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        bans: Bans,
+        config: AggConfig,
+        core: Aggregator,
+    ) -> None:
+        super().__init__(
+            context, config.curve.allow, core.auth_refused_total.inc, "polyfan.agg.zap"
+        )
         self.bans = bans
 
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        if len(msg) >= 6:
-            address = msg[3].decode("utf-8", "replace")
-            if self.bans.is_banned(address, time.monotonic()):
-                self._send_zap_reply(msg[1], b"400", b"banned for flooding subscriptions")
-                return
-        await super().handle_zap_message(msg)
+    def refusal(self, address: str) -> bytes | None:
+        if self.bans.is_banned(address, time.monotonic()):
+            return b"banned for flooding subscriptions"
+        return None
 
 
 def _heap_trimmer() -> Callable[[], None]:

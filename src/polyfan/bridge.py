@@ -51,6 +51,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from polyfan import curve
 from polyfan.bars.outages import describe
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError, WireError
@@ -381,6 +382,7 @@ class Bridge:
         self.fanout: Fanout[Client] = Fanout()
         self.clients: dict[int, Client] = {}
         self.aggs: list[Agg] = []
+        self._watches: list[curve.HandshakeWatch] = []  # CURVE handshakes, per --sub
         # 128 random bits: the agg answers only the peer that subscribes the route itself, and
         # nobody can subscribe a shorter prefix of it (docs/limits.md).
         self.reply_id = secrets.token_hex(codec.REPLY_ROUTE_HEX // 2)
@@ -413,7 +415,8 @@ class Bridge:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        for endpoint in self.config.sub:
+        client = curve.Client(self.config.curve, "bridge", list(self.config.sub))
+        for index, endpoint in enumerate(self.config.sub):
             socket = self._context.socket(zmq.XSUB)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.RCVHWM, 100_000)
@@ -422,8 +425,11 @@ class Bridge:
             # after an agg restart. What queues here is bounded by the channels subscribed and
             # the clients' request rate limits.
             socket.setsockopt(zmq.SNDHWM, 0)
+            watch = client.watch(socket)
+            if watch is not None:
+                self._watches.append(watch)
             try:
-                socket.connect(endpoint)
+                client.connect(socket, index, endpoint)
             except zmq.ZMQError as exc:
                 socket.close()
                 raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
@@ -488,6 +494,8 @@ class Bridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for agg in self.aggs:
             agg.socket.close(linger=0)
+        for watch in self._watches:
+            watch.close()
         self._context.term()
         if self._gate is not None:
             self._gate.close()

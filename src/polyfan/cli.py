@@ -65,6 +65,42 @@ def _sub_option(default: str, what: str) -> Callable[[F], F]:
     )
 
 
+_CURVE_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _curve_options(*, binds: bool, connects: bool) -> Callable[[F], F]:
+    """--curve-secret, and --curve-allow for a role that binds, --curve-server for one that
+    connects (CONTRACT.md §8)."""
+
+    def decorate(f: F) -> F:
+        if connects:
+            f = click.option(
+                "--curve-server",
+                "curve_servers",
+                metavar="FILE",
+                multiple=True,
+                type=_CURVE_FILE,
+                help="The server's public certificate (NAME.key): one for every --sub in "
+                "order, or one for all.",
+            )(f)
+        if binds:
+            f = click.option(
+                "--curve-allow",
+                metavar="DIR",
+                type=click.Path(exists=True, file_okay=False, path_type=Path),
+                help="Directory of the public certificates (*.key) allowed to connect; "
+                "re-read when it changes.",
+            )(f)
+        return click.option(
+            "--curve-secret",
+            metavar="FILE",
+            type=_CURVE_FILE,
+            help="This role's CURVE key pair (NAME.key_secret from `polyfan keys`).",
+        )(f)
+
+    return decorate
+
+
 def _count_option(name: str, default: int, minimum: int, help: str) -> Callable[[F], F]:
     """A whole-number flag with a lower bound and its default shown."""
     return click.option(
@@ -158,12 +194,15 @@ def main(log_level: str | None) -> None:
     help="ZeroMQ PUB endpoint to bind.",
 )
 @_metrics_option
+@_curve_options(binds=True, connects=False)
 def proxy(
     upstream: str,
     api_key_file: Path | None,
     subscribe: str,
     pub: str,
     metrics: tuple[str, int] | None,
+    curve_secret: Path | None,
+    curve_allow: Path | None,
 ) -> None:
     """Hold the one upstream connection and republish every trade on ZeroMQ."""
     from polyfan import proxy as role
@@ -174,6 +213,7 @@ def proxy(
         subscribe=subscribe,
         pub=pub,
         metrics=metrics,
+        curve=_call(cfg.curve_config, curve_secret, curve_allow, binds=True, connects=False),
     )
     _run(role.run, config)
 
@@ -243,6 +283,7 @@ def proxy(
     "the peer is disconnected and its address refused for 60 s (docs/limits.md).",
 )
 @_metrics_option
+@_curve_options(binds=True, connects=True)
 def agg(
     sub: tuple[str, ...],
     pub: str,
@@ -254,6 +295,9 @@ def agg(
     history: int,
     peer_subscriptions: int,
     metrics: tuple[str, int] | None,
+    curve_secret: Path | None,
+    curve_allow: Path | None,
+    curve_servers: tuple[Path, ...],
 ) -> None:
     """Build exact OHLCV bars from the proxy's trades and publish them."""
     from polyfan import agg as role
@@ -274,6 +318,15 @@ def agg(
         history_ms=history,
         peer_subscriptions=peer_subscriptions,
         metrics=metrics,
+        curve=_call(
+            cfg.curve_config,
+            curve_secret,
+            curve_allow,
+            curve_servers,
+            subs=len(sub),
+            binds=True,
+            connects=True,
+        ),
     )
     _run(role.run, config)
 
@@ -316,6 +369,7 @@ def agg(
     0,
     "Connections (handshakes and clients) from one client address; 0: no cap.",
 )
+@_curve_options(binds=False, connects=True)
 def bridge(
     sub: tuple[str, ...],
     listen: tuple[str, int],
@@ -324,6 +378,8 @@ def bridge(
     max_handshakes: int,
     max_handshakes_per_address: int,
     max_connections_per_address: int,
+    curve_secret: Path | None,
+    curve_servers: tuple[Path, ...],
 ) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
@@ -336,6 +392,14 @@ def bridge(
         max_handshakes=max_handshakes,
         max_handshakes_per_address=max_handshakes_per_address,
         max_connections_per_address=max_connections_per_address,
+        curve=_call(
+            cfg.curve_config,
+            curve_secret,
+            servers=curve_servers,
+            subs=len(sub),
+            binds=False,
+            connects=True,
+        ),
     )
     _run(role.run, config)
 
@@ -465,7 +529,14 @@ def demo(listen: tuple[str, int], symbols: int, rate: float) -> None:
 @click.option(
     "--count", type=click.IntRange(min=1), default=None, help="Exit after this many messages."
 )
-def tap(endpoint: str, prefixes: tuple[str, ...], count: int | None) -> None:
+@_curve_options(binds=False, connects=True)
+def tap(
+    endpoint: str,
+    prefixes: tuple[str, ...],
+    count: int | None,
+    curve_secret: Path | None,
+    curve_servers: tuple[Path, ...],
+) -> None:
     """Print what a polyfan PUB endpoint publishes, one JSON object per line.
 
     PREFIXES as users type them: T.TSLA, T. (or T.*), 500Ms.TSLA (default: everything).
@@ -476,5 +547,39 @@ def tap(endpoint: str, prefixes: tuple[str, ...], count: int | None) -> None:
         endpoint=endpoint,
         prefixes=prefixes,
         count=count,
+        curve=_call(
+            cfg.curve_config,
+            curve_secret,
+            servers=curve_servers,
+            subs=1,
+            binds=False,
+            connects=True,
+        ),
     )
     _run(role.run, config)
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Where to write NAME.key and NAME.key_secret.",
+)
+def keys(name: str, directory: Path) -> None:
+    """Write a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret (secret, 0600).
+
+    Prints the two paths and the public key, never the secret.
+    """
+    from polyfan import curve
+
+    try:
+        public_path, secret_path, public = curve.write_pair(name, directory)
+    except PolyfanError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"public key file: {public_path}")
+    click.echo(f"secret key file: {secret_path} (mode 0600; never share it)")
+    click.echo(f"public key: {public.decode()}")

@@ -125,6 +125,49 @@ def _repr_masking_urls(self: Any) -> str:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE key files (CONTRACT.md §8); every path empty: plain ZeroMQ."""
+
+    secret: Path | None = None  # this role's pair (.key_secret)
+    allow: Path | None = None  # roles that bind: public certificates allowed to connect
+    servers: tuple[Path, ...] = ()  # roles that connect: one server certificate, or one per --sub
+
+    def server_for(self, index: int) -> Path | None:
+        if not self.servers:
+            return None
+        return self.servers[0] if len(self.servers) == 1 else self.servers[index]
+
+
+def curve_config(
+    secret: Path | None,
+    allow: Path | None = None,
+    servers: tuple[Path, ...] = (),
+    *,
+    subs: int = 0,
+    binds: bool,
+    connects: bool,
+) -> CurveConfig:
+    """Check that the CURVE flags a role got go together; a usage error names what is missing."""
+    if allow is not None and secret is None:
+        raise ConfigError("--curve-allow needs --curve-secret (this role's own key pair)")
+    if servers and secret is None:
+        raise ConfigError("--curve-server needs --curve-secret (this role's own key pair)")
+    if secret is not None:
+        if binds and not connects and allow is None:
+            raise ConfigError("--curve-secret needs --curve-allow")
+        if connects and not binds and not servers:
+            raise ConfigError("--curve-secret needs --curve-server")
+        if allow is None and not servers:
+            raise ConfigError("--curve-secret needs --curve-allow or --curve-server")
+    if servers and len(servers) not in (1, subs):
+        raise ConfigError(
+            f"--curve-server: give one for every --sub ({subs}) in order, or one for all; "
+            f"got {len(servers)}"
+        )
+    return CurveConfig(secret, allow, servers)
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     __repr__ = _repr_masking_urls
 
@@ -133,6 +176,7 @@ class ProxyConfig:
     subscribe: str = "T.*"
     pub: str = DEFAULT_PROXY_PUB
     metrics: tuple[str, int] | None = None
+    curve: CurveConfig = CurveConfig()
 
 
 @dataclass(frozen=True)
@@ -149,6 +193,7 @@ class AggConfig:
     history_ms: int = 3_600_000
     peer_subscriptions: int = 20_000  # per ZeroMQ peer of --pub (peers.PeerLimits)
     metrics: tuple[str, int] | None = None
+    curve: CurveConfig = CurveConfig()
 
 
 @dataclass(frozen=True)
@@ -163,6 +208,7 @@ class BridgeConfig:
     max_handshakes: int = 500
     max_handshakes_per_address: int = 256  # 0: no cap
     max_connections_per_address: int = 10_000  # 0: no cap
+    curve: CurveConfig = CurveConfig()
 
 
 @dataclass(frozen=True)
@@ -191,3 +237,4 @@ class TapConfig:
     endpoint: str
     prefixes: tuple[str, ...] = ()
     count: int | None = None
+    curve: CurveConfig = CurveConfig()

@@ -32,6 +32,7 @@ import zmq
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from polyfan import curve
 from polyfan.backoff import Backoff
 from polyfan.config import ProxyConfig
 from polyfan.errors import ConfigError
@@ -136,6 +137,9 @@ class Proxy:
             "polyfan_proxy_unknown_events_total", "Upstream events of a type polyfan skips."
         )
         self.m_statuses = r.counter("polyfan_proxy_statuses_total", "Upstream statuses, by status.")
+        self.m_auth_refused = r.counter(
+            "polyfan_proxy_auth_refused_total", "ZeroMQ handshakes refused (CURVE, --curve-allow)."
+        )
         self.m_reconnects = r.counter(
             "polyfan_proxy_reconnects_total", "Upstream connections made after the first."
         )
@@ -203,6 +207,9 @@ class Proxy:
         pub.setsockopt(zmq.SNDHWM, SNDHWM)
         pub.setsockopt(zmq.LINGER, 0)
         metrics_server: MetricsServer | None = None
+        authenticator = curve.server_side(
+            context, pub, self.config.curve, "proxy", self.config.pub, self.m_auth_refused.inc
+        )
         try:
             try:
                 pub.bind(self.config.pub)
@@ -246,6 +253,8 @@ class Proxy:
             if metrics_server is not None:
                 metrics_server.close()
             pub.close(0)
+            if authenticator is not None:
+                authenticator.stop()
             context.term()
             log.info(
                 "stopped: %d trades published, %d bad messages, %d reconnects",

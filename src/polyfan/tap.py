@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import zmq
 
+from polyfan import curve
 from polyfan.config import TapConfig
 from polyfan.errors import ConfigError, WireError
 from polyfan.redact import mask_url
@@ -114,8 +115,10 @@ def describe(message: codec.Message) -> dict[str, Any]:
 
 
 def run(config: TapConfig) -> int:
+    client = curve.Client(config.curve, "tap", [config.endpoint])
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
+    watch = client.watch(sub)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 1_000_000)
     sub.setsockopt(zmq.SNDHWM, 0)  # subscriptions beyond it would be dropped silently
@@ -131,7 +134,7 @@ def run(config: TapConfig) -> int:
     seen = 0
     try:
         try:
-            sub.connect(config.endpoint)
+            client.connect(sub, 0, config.endpoint)
         except zmq.ZMQError as exc:
             raise ConfigError(
                 f"ENDPOINT: cannot connect to {mask_url(config.endpoint)}: {exc}"
@@ -167,6 +170,8 @@ def run(config: TapConfig) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         sub.close(0)
+        if watch is not None:
+            watch.close()
         context.term()
         for sig, handler in previous.items():  # last: a second signal must not cut this short
             signal.signal(sig, handler)

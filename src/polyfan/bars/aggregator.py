@@ -187,6 +187,10 @@ class Aggregator:
             "Requests not answered: the peer had too many reply bytes in flight, or named a "
             "reply route it does not subscribe itself.",
         )
+        self.auth_refused_total = registry.counter(
+            "polyfan_agg_auth_refused_total",
+            "ZeroMQ handshakes refused: a key not in --curve-allow, or a banned address.",
+        )
         self.peers_banned_total = registry.counter(
             "polyfan_agg_peers_banned_total",
             "Peer addresses refused at the handshake for a while after flooding subscriptions.",

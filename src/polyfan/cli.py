@@ -6,11 +6,13 @@ and exit with the error's status; tracebacks only at debug level.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +24,124 @@ from polyfan.errors import ConfigError, PolyfanError
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("polyfan")
+RAW = "polyfan.raw"  # ctx.meta key: option values as given, before parsing
+PRINT_CONFIG = "polyfan.print_config"
+SECRET_PARAMS = frozenset({"tokens", "api_key"})  # masked by --print-config
+
+
+class RoleCommand(click.Command):
+    """A role's command: every flag also from ``POLYFAN_<ROLE>_<FLAG>`` and the ``--config``
+    file's ``[role]`` table, and ``--print-config`` to show the effective configuration."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["--print-config"],
+                is_flag=True,
+                expose_value=False,
+                callback=_remember_print_config,
+                help="Print the effective configuration as TOML (secrets masked) and exit.",
+            )
+        )
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.meta.get(PRINT_CONFIG):
+            click.echo(config_toml(ctx), nl=False)
+            ctx.exit(0)
+        return super().invoke(ctx)
+
+
+def _remember_print_config(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    ctx.meta[PRINT_CONFIG] = value
+
+
+def config_toml(ctx: click.Context) -> str:
+    """The command's effective flags as one TOML table, as given (durations as typed)."""
+    raw = ctx.meta.get(RAW, {})
+    lines = [f"[{ctx.info_name}]"]
+    assert isinstance(ctx.command, click.Command)
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in (None, "print_config", "help"):
+            continue
+        name = param.name
+        value = raw.get(name, ctx.params.get(name))
+        if value is None or value == ():
+            lines.append(f"# {_flag_name(param)} not set")
+            continue
+        if name in SECRET_PARAMS:
+            value = "****" if isinstance(value, str) else ["****" for _ in value]
+        lines.append(f"{_flag_name(param)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _flag_name(param: click.Option) -> str:
+    longest = max(param.opts, key=len)
+    return longest.lstrip("-")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(redact.mask_url(str(value)), ensure_ascii=False)
+
+
+class JsonFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per line (CONTRACT.md §9)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, tz=UTC)
+        line: dict[str, Any] = {
+            "ts": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "role": self.role,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _load_config_file(path: Path, group: click.Group) -> dict[str, dict[str, Any]]:
+    """``--config FILE``: one TOML table per role, keys as the flags are spelled."""
+    import tomllib
+
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    default_map: dict[str, dict[str, Any]] = {}
+    for role, table in data.items():
+        command = group.commands.get(role)
+        if command is None or not isinstance(table, dict):
+            raise click.BadParameter(
+                f"{path}: [{role}] is not a role ({', '.join(sorted(group.commands))})",
+                param_hint="--config",
+            )
+        names = {
+            flag.lstrip("-"): param.name
+            for param in command.params
+            if isinstance(param, click.Option)
+            for flag in param.opts
+        }
+        for key, value in table.items():
+            name = names.get(key) or names.get(key.replace("_", "-"))
+            if name is None or name == "print_config":
+                raise click.BadParameter(
+                    f"{path}: [{role}] has no flag {key!r}", param_hint="--config"
+                )
+            default_map.setdefault(role, {})[name] = value
+    return default_map
 
 
 def _parsed(parse: Callable[..., Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -29,6 +149,8 @@ def _parsed(parse: Callable[..., Any]) -> Callable[[click.Context, click.Paramet
     (each value of a repeatable option); its :class:`ConfigError` becomes a usage error."""
 
     def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if param.name is not None:  # as given, for --print-config
+            ctx.meta.setdefault(RAW, {})[param.name] = value
         if value is None:
             return None
         name = (
@@ -135,15 +257,35 @@ def _run(run: Callable[[Any], int], config: Any) -> None:
     sys.exit(status)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "POLYFAN"}
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default=None,
     help="Log level (default info; env POLYFAN_LOG).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line (ts, level, role, logger, msg).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file, one table per role ([agg], [bridge] ...); flags and environment win.",
+)
 @click.version_option(package_name="polyfan")
-def main(log_level: str | None) -> None:
+@click.pass_context
+def main(
+    ctx: click.Context, log_level: str | None, log_format: str, config_file: Path | None
+) -> None:
     """polyfan: fan out one Polygon/Massive trade feed over ZeroMQ and serve sub-second bars."""
     # Each command handles SIGTERM itself once it runs; until then (imports, numba's cache,
     # binding) it must stop cleanly too (CONTRACT §2).
@@ -153,22 +295,26 @@ def main(log_level: str | None) -> None:
         raise click.UsageError(
             f"POLYFAN_LOG: {level.lower()!r} is not debug, info, warning or error"
         )
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if config_file is not None:
+        assert isinstance(ctx.command, click.Group)
+        ctx.default_map = _load_config_file(config_file, ctx.command)
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(ctx.invoked_subcommand or "polyfan"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     redact.install(logging.getLogger())  # no URL credentials in any line (docs/proxy.md)
     log.debug(
         "polyfan %s starting (pid %d)", click.get_current_context().invoked_subcommand, os.getpid()
     )
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @click.option(
     "--upstream",
     metavar="URL",
-    envvar="POLYFAN_UPSTREAM",
+    envvar=["POLYFAN_UPSTREAM", "POLYFAN_PROXY_UPSTREAM"],
     default=cfg.DEFAULT_UPSTREAM,
     show_default=True,
     help="Upstream WebSocket URL (env POLYFAN_UPSTREAM).",
@@ -218,7 +364,7 @@ def proxy(
     _run(role.run, config)
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @_sub_option(cfg.DEFAULT_PROXY_PUB, "Proxy")
 @click.option(
     "--pub",
@@ -331,7 +477,7 @@ def agg(
     _run(role.run, config)
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @_sub_option(cfg.DEFAULT_AGG_PUB, "Aggregator")
 @click.option(
     "--listen",
@@ -416,7 +562,7 @@ def _sim_symbols(text: str, *, name: str = "--symbols") -> int | tuple[str, ...]
     return symbols
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @click.option(
     "--listen",
     metavar="HOST:PORT",
@@ -488,7 +634,7 @@ def sim(
     _run(role.run, config)
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @click.option(
     "--listen",
     metavar="HOST:PORT",
@@ -523,7 +669,7 @@ def demo(listen: tuple[str, int], symbols: int, rate: float) -> None:
     _run(role.run, config)
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @click.argument("endpoint", callback=_parsed(cfg.validate_endpoint))
 @click.argument("prefixes", nargs=-1)
 @click.option(
@@ -559,7 +705,7 @@ def tap(
     _run(role.run, config)
 
 
-@main.command()
+@main.command(cls=RoleCommand)
 @click.argument("name")
 @click.option(
     "--dir",

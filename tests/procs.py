@@ -62,7 +62,9 @@ def endpoint(transport: str, tmp_path: Path, name: str) -> str:
 class Proc:
     """A polyfan subprocess whose combined output is collected line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, netns: str | None = None
+    ) -> None:
         full_env = dict(os.environ)
         full_env.setdefault("POLYFAN_LOG", "info")
         full_env.update(env or {})
@@ -70,7 +72,7 @@ class Proc:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.popen = subprocess.Popen(
-            [*POLYFAN, *args],
+            [*(["ip", "netns", "exec", netns] if netns else []), *POLYFAN, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

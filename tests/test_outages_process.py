@@ -179,8 +179,13 @@ def assert_exact_or_marked(
 
 
 def healthy(port: int) -> bool:
+    return healthy_at(f"127.0.0.1:{port}")
+
+
+def healthy_at(address: str) -> bool:
+    """Whether the bridge at HOST:PORT answers /healthz with 200 (it hears an aggregator)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=2):
             return True
     except OSError:  # 503 (HTTPError) while no aggregator is heard
         return False

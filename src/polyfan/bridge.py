@@ -610,6 +610,13 @@ class Bridge:
         """Where a silent or restarted agg's bars start again, and what was lost."""
         clock = agg.clock if agg.clock is not None else 0
         if not restarted:
+            # An outage that began and ended while this bridge was cut off from the agg
+            # (partitioned, not restarted) reached it only in the announce: the window told
+            # to clients covers it.
+            last = (agg.announce or {}).get("last_outage") or {}
+            since = self.feed.down_since(agg)
+            if isinstance(last.get("e"), int) and since is not None and last["e"] > since:
+                clock = max(clock, int(last["e"]))
             return clock, "the aggregator is heard again"
         start = (agg.announce or {}).get("from")
         e = int(start) if isinstance(start, int) else clock
@@ -817,9 +824,10 @@ class Bridge:
         if restarted and not agg.silent:  # too quick to be seen silent: its history is lost
             self._restarted_unseen(agg)
         agg.announce = announce
+        # its outage first: one still open keeps the feed down past the silence's end
+        self._outage_announced(agg, announce.get("outage"))
         if agg.silent:
             self._heard_again(agg, announce)
-        self._outage_announced(agg, announce.get("outage"))
         agg.replica.announced(announce)
         self.catalog.update(agg, serves)
         if first or restarted:

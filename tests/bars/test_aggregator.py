@@ -112,6 +112,7 @@ def test_a_control_subscription_gets_an_announce(core: Aggregator) -> None:
             "history": 3_600_000,
             "from": None,  # nothing heard yet
             "outage": None,
+            "last_outage": None,
         }
     assert core.upstream_received(b"\x01100Ms.AAPL\x00") is None
     assert core.upstream_received(b"\x00_ctl\x00") is None

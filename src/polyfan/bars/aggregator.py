@@ -474,6 +474,7 @@ class Aggregator:
             "history": self.config.history_ms,
             "from": self.listening_from,
             "outage": None if (now := self.outages.current()) is None else now.as_json(),
+            "last_outage": None if (last := self.outages.last_closed) is None else last.as_json(),
         }
         return self.sequencer.encode_json(codec.CONTROL_TOPIC, codec.Kind.ANNOUNCE, value)
 

@@ -91,6 +91,9 @@ class Outages:
     windows: list[tuple[int, int | None]] = field(default_factory=list)
     revision: int = 0
     _open: _Open | None = None
+    # the latest outage that ended: in the announce, for a subscriber that was cut off from
+    # this agg while it began and ended (its OUTAGE messages never reached it)
+    last_closed: Change | None = None
     _heard_at: int | None = None  # monotonic ms of the last message from the proxy
     _first_heard_at: int | None = None  # sessions first seen within silence_ms of it: no restart
     _sessions: dict[int, int] = field(default_factory=dict)  # publisher session -> heard at (ms)
@@ -200,7 +203,8 @@ class Outages:
         at = next(i for i, (_, hi) in enumerate(self.windows) if hi is None)
         self.windows[at] = (open_.s, end)
         self.revision += 1
-        return [Change(open_.s, end, tuple(open_.causes))]
+        self.last_closed = Change(open_.s, end, tuple(open_.causes))
+        return [self.last_closed]
 
     def forget_before(self, clock: int) -> None:
         """Drop windows that ended before ``clock`` (no bar still open can overlap them)."""

@@ -1,0 +1,247 @@
+"""Three hosts over tcp with CURVE, as network namespaces joined by veth pairs, and a cut link.
+
+The "hosts" are network namespaces on one switch (a Linux bridge in a fourth namespace):
+``feed`` runs sim and proxy, ``aggs`` an agg, ``edge`` the bridge; the test itself is a fourth
+host (the root namespace, on the same switch) holding a CURVE tap on the proxy (the reference)
+and a WebSocket client of the bridge. Cutting a host's switch port (``ip link set DEV down``)
+drops its packets with no FIN and no RST, as a pulled cable does.
+
+What must hold (CONTRACT.md §8, §12): while the agg's host is cut off, the client is told
+``feed_down``; after the link returns, every process reconnects by itself (ZeroMQ heartbeats
+close the dead connections), the client is told ``feed_up``, and every bar it got is exactly
+the reference bar or carries ``outage``, and every reference bar it did not get lies inside
+the window it was told about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from polyfan.wire import codec
+from procs import Context, Proc
+from reference import Bar
+from test_agg_process import GRACE, INTERVALS
+from test_outages_process import Stream, assert_exact_or_marked, drain_until, healthy_at
+from wsclient import Client, eventually
+
+KEY = {"MASSIVE_API_KEY": "test-key-123456"}
+SUBNET = "10.77.0"
+HOSTS = {"feed": 1, "aggs": 2, "edge": 3}
+ME = 254  # the test's own address on the switch
+PREFIX = f"pf{os.getpid() % 10_000}"  # namespace and link names, unique per test run
+CUT_S = 10.0  # CONTRACT §8: a 10 s cut with no FIN or RST
+RECOVER_S = 15.0  # the stated bound: bars flow again within this after the link returns
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root (CI runs as root)"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    probe = f"{PREFIX}probe"
+    try:
+        ip("netns", "add", probe)
+        ip("netns", "del", probe)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return f"cannot create a network namespace here: {exc}"
+    return None
+
+
+pytestmark = pytest.mark.skipif((reason := netns_unavailable()) is not None, reason=reason or "")
+
+
+class Network:
+    """The switch, the three host namespaces and the test's own port, removed on close."""
+
+    def __init__(self) -> None:
+        self.switch = f"{PREFIX}sw"
+        self.hosts = {name: f"{PREFIX}{name}" for name in HOSTS}
+        self.ports = {name: f"{PREFIX}p{name}"[:15] for name in [*HOSTS, "me"]}
+        ip("netns", "add", self.switch)
+        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.switch, "link", "set", "br0", "up")
+        for name, host in self.hosts.items():
+            ip("netns", "add", host)
+            ip("-n", host, "link", "set", "lo", "up")
+            self._plug(name, host, HOSTS[name])
+        self._plug("me", None, ME)
+
+    def _plug(self, name: str, host: str | None, number: int) -> None:
+        inside, port = f"{PREFIX}i{name}"[:15], self.ports[name]
+        ip("link", "add", inside, "type", "veth", "peer", "name", port)
+        ip("link", "set", port, "netns", self.switch)
+        ip("-n", self.switch, "link", "set", port, "master", "br0")
+        ip("-n", self.switch, "link", "set", port, "up")
+        where = [] if host is None else ["-n", host]
+        if host is not None:
+            ip("link", "set", inside, "netns", host)
+        ip(*where, "addr", "add", f"{SUBNET}.{number}/24", "dev", inside)
+        ip(*where, "link", "set", inside, "up")
+
+    def cut(self, name: str) -> None:
+        ip("-n", self.switch, "link", "set", self.ports[name], "down")
+
+    def mend(self, name: str) -> None:
+        ip("-n", self.switch, "link", "set", self.ports[name], "up")
+
+    def close(self) -> None:
+        for host in [*self.hosts.values(), self.switch]:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                ip("netns", "del", host)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            ip("link", "del", f"{PREFIX}ime"[:15])
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    net = Network()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def context() -> Iterator[Context]:
+    ctx = Context()
+    yield ctx
+    ctx.close()
+
+
+def make_keys(directory: Path, *names: str) -> None:
+    for name in names:
+        done = subprocess.run(
+            [sys.executable, "-m", "polyfan", "keys", name, "--dir", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def allow(keys: Path, directory: Path, *names: str) -> Path:
+    directory.mkdir()
+    for name in names:
+        shutil.copy(keys / f"{name}.key", directory / f"{name}.key")
+    return directory
+
+
+def curve_stream(ctx: Context, address: str, keys: Path, server: str, *prefixes: bytes) -> Stream:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    public, secret = zmq.auth.load_certificate(str(keys / "test.key_secret"))
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.curve_serverkey = zmq.auth.load_certificate(str(keys / f"{server}.key"))[0]
+    for prefix in prefixes:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    sock.connect(address)
+    return Stream(sock)
+
+
+def client_bars(events: list[dict[str, object]]) -> dict[tuple[str, int], list[Bar]]:
+    published: dict[tuple[str, int], list[Bar]] = {}
+    for e in events:
+        if e.get("ev") == "MB":
+            bar = Bar(
+                e["s"], e["o"], e["h"], e["l"], e["c"], e["v"], e["vw"], e["n"],  # type: ignore[arg-type]
+                codec.BAR_FLAG_OUTAGE if e.get("outage") else 0,
+            )  # fmt: skip
+            published.setdefault((str(e["sym"]), int(e["interval"])), []).append(bar)  # type: ignore[call-overload]
+    return published
+
+
+async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
+    network: Network, context: Context, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, "proxy", "agg", "bridge", "test")
+    proxy_allow = allow(keys, tmp_path / "proxy-allow", "agg", "test")
+    agg_allow = allow(keys, tmp_path / "agg-allow", "bridge", "test")
+    feed, aggs, edge = (f"{SUBNET}.{HOSTS[n]}" for n in ("feed", "aggs", "edge"))
+    proxy_pub, agg_pub, http = f"tcp://{feed}:8767", f"tcp://{aggs}:8769", 8768
+    sim_args = ["sim", "--listen", "127.0.0.1:8766", "--symbols", "12", "--rate", "800"]
+    proxy_args = [
+        "proxy", "--upstream", "ws://127.0.0.1:8766/stocks", "--pub", proxy_pub,
+        "--curve-secret", str(keys / "proxy.key_secret"), "--curve-allow", str(proxy_allow),
+    ]  # fmt: skip
+    agg_args = [
+        "agg", "--sub", proxy_pub, "--pub", agg_pub, "--grace", f"{GRACE}ms",
+        *(a for i in INTERVALS for a in ("--interval", f"{i}ms")),
+        "--curve-secret", str(keys / "agg.key_secret"), "--curve-allow", str(agg_allow),
+        "--curve-server", str(keys / "proxy.key"),
+    ]  # fmt: skip
+    bridge_args = [
+        "bridge", "--sub", agg_pub, "--listen", f"{edge}:{http}",
+        "--curve-secret", str(keys / "bridge.key_secret"), "--curve-server", str(keys / "agg.key"),
+    ]  # fmt: skip
+    hosts = network.hosts
+    with (
+        Proc(*sim_args, netns=hosts["feed"]) as sim,
+        Proc(*proxy_args, env=KEY, netns=hosts["feed"]) as proxy,
+        Proc(*agg_args, netns=hosts["aggs"]) as agg,
+        Proc(*bridge_args, netns=hosts["edge"]) as bridge,
+    ):
+        for proc in (sim, proxy, agg, bridge):
+            proc.wait_for("ready:")
+        tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
+        channels = ",".join(f"{i}Ms.*" for i in INTERVALS)
+        await eventually(
+            lambda: healthy_at(f"{edge}:{http}"), timeout=30, what="the bridge hearing the agg"
+        )
+        client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
+        await client.send({"action": "subscribe", "params": channels})
+        assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
+        first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
+        drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
+        since = max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE  # the tap saw whole
+        await client.until(lambda e: e.get("ev") == "MB" and e["s"] > since + 1_000, timeout=20)
+
+        network.cut("aggs")  # no FIN, no RST: its packets just stop
+        cut_at = time.monotonic()
+        down = await client.until(lambda e: e.get("status") == "feed_down", timeout=5)
+        told_down_after = time.monotonic() - cut_at
+        drain_until([tap], lambda: time.monotonic() - cut_at >= CUT_S, CUT_S + 5, "the cut")
+        network.mend("aggs")
+        mended_at = time.monotonic()
+        up = await client.until(lambda e: e.get("status") == "feed_up", timeout=RECOVER_S)
+        told_up_after = time.monotonic() - mended_at
+        until = int(up["e"]) + max(INTERVALS) + GRACE + 1_000
+        await client.until(
+            lambda e: e.get("ev") == "MB" and e["s"] > until + 1_000, timeout=RECOVER_S
+        )
+        recovered_after = time.monotonic() - mended_at
+        drain_until([tap], lambda: tap.clock > until + 2_000, 10, "the tap after the window")
+        await client.close()
+        print(
+            f"feed_down {told_down_after:.1f} s after the cut; feed_up {told_up_after:.1f} s and "
+            f"bars past the window {recovered_after:.1f} s after the link returned"
+        )
+        for proc in (bridge, agg, proxy, sim):  # nothing hangs: each stops cleanly
+            assert proc.stop() == 0, proc.output[-2000:]
+    assert told_down_after < 3.0  # CONTRACT §12
+    # every window the client was told of: the cut, and the sequence gaps each topic shows as
+    # its first message after the cut arrives (the agg reports each as it finds it)
+    ups = [e for e in client.events if e.get("status") == "feed_up"]
+    windows = [(int(e["s"]), int(e["e"])) for e in ups]  # type: ignore[call-overload]
+    assert windows[0][0] == int(down["s"]) and windows[0][1] > windows[0][0]
+    published = client_bars(client.events)
+    marked = assert_exact_or_marked(
+        published, tap.tap, windows, since, until, restarted_from=None, tap_missed=tap.tap_missed
+    )
+    assert marked > 0  # the bars open while the agg heard nothing
+    assert "handshake" not in agg.output + bridge.output  # CURVE never refused a peer of ours

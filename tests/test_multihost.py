@@ -37,7 +37,7 @@ from wsclient import Client, eventually
 
 KEY = {"MASSIVE_API_KEY": "test-key-123456"}
 SUBNET = "10.77.0"
-HOSTS = {"feed": 1, "aggs": 2, "edge": 3}
+HOSTS = {"feed": 1, "aggs": 2, "edge": 3, "aggs2": 4}
 ME = 254  # the test's own address on the switch
 PREFIX = f"pf{os.getpid() % 10_000}"  # namespace and link names, unique per test run
 CUT_S = 10.0  # CONTRACT §8: a 10 s cut with no FIN or RST
@@ -153,6 +153,16 @@ def curve_stream(ctx: Context, address: str, keys: Path, server: str, *prefixes:
     return Stream(sock)
 
 
+SIM_ARGS = ["sim", "--listen", "127.0.0.1:8766", "--symbols", "12", "--rate", "800"]
+
+
+def proxy_args(pub: str, keys: Path, allowed: Path) -> list[str]:
+    return [
+        "proxy", "--upstream", "ws://127.0.0.1:8766/stocks", "--pub", pub,
+        "--curve-secret", str(keys / "proxy.key_secret"), "--curve-allow", str(allowed),
+    ]  # fmt: skip
+
+
 def client_bars(events: list[dict[str, object]]) -> dict[tuple[str, int], list[Bar]]:
     published: dict[tuple[str, int], list[Bar]] = {}
     for e in events:
@@ -174,11 +184,6 @@ async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
     agg_allow = allow(keys, tmp_path / "agg-allow", "bridge", "test")
     feed, aggs, edge = (f"{SUBNET}.{HOSTS[n]}" for n in ("feed", "aggs", "edge"))
     proxy_pub, agg_pub, http = f"tcp://{feed}:8767", f"tcp://{aggs}:8769", 8768
-    sim_args = ["sim", "--listen", "127.0.0.1:8766", "--symbols", "12", "--rate", "800"]
-    proxy_args = [
-        "proxy", "--upstream", "ws://127.0.0.1:8766/stocks", "--pub", proxy_pub,
-        "--curve-secret", str(keys / "proxy.key_secret"), "--curve-allow", str(proxy_allow),
-    ]  # fmt: skip
     agg_args = [
         "agg", "--sub", proxy_pub, "--pub", agg_pub, "--grace", f"{GRACE}ms",
         *(a for i in INTERVALS for a in ("--interval", f"{i}ms")),
@@ -191,8 +196,8 @@ async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
     ]  # fmt: skip
     hosts = network.hosts
     with (
-        Proc(*sim_args, netns=hosts["feed"]) as sim,
-        Proc(*proxy_args, env=KEY, netns=hosts["feed"]) as proxy,
+        Proc(*SIM_ARGS, netns=hosts["feed"]) as sim,
+        Proc(*proxy_args(proxy_pub, keys, proxy_allow), env=KEY, netns=hosts["feed"]) as proxy,
         Proc(*agg_args, netns=hosts["aggs"]) as agg,
         Proc(*bridge_args, netns=hosts["edge"]) as bridge,
     ):
@@ -245,3 +250,73 @@ async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
     )
     assert marked > 0  # the bars open while the agg heard nothing
     assert "handshake" not in agg.output + bridge.output  # CURVE never refused a peer of ours
+
+
+async def test_one_agg_host_cut_off_while_its_replica_carries_on_costs_clients_nothing(
+    network: Network, context: Context, tmp_path: Path
+) -> None:
+    """Two aggs on two hosts serve the same channels; one host is cut for 10 s and returns.
+    The client is never told its feed is down, and gets every bar exactly once, exact."""
+    keys = tmp_path / "keys"
+    make_keys(keys, "proxy", "agg", "bridge", "test")
+    proxy_allow = allow(keys, tmp_path / "proxy-allow", "agg", "test")
+    agg_allow = allow(keys, tmp_path / "agg-allow", "bridge", "test")
+    feed, edge = f"{SUBNET}.{HOSTS['feed']}", f"{SUBNET}.{HOSTS['edge']}"
+    proxy_pub, http = f"tcp://{feed}:8767", 8768
+    agg_pubs = [f"tcp://{SUBNET}.{HOSTS[h]}:8769" for h in ("aggs", "aggs2")]
+
+    def agg_args(pub: str) -> list[str]:
+        return [
+            "agg", "--sub", proxy_pub, "--pub", pub, "--grace", f"{GRACE}ms",
+            *(a for i in INTERVALS for a in ("--interval", f"{i}ms")),
+            "--curve-secret", str(keys / "agg.key_secret"), "--curve-allow", str(agg_allow),
+            "--curve-server", str(keys / "proxy.key"),
+        ]  # fmt: skip
+
+    hosts = network.hosts
+    with (
+        Proc(*SIM_ARGS, netns=hosts["feed"]) as sim,
+        Proc(*proxy_args(proxy_pub, keys, proxy_allow), env=KEY, netns=hosts["feed"]) as proxy,
+        Proc(*agg_args(agg_pubs[0]), netns=hosts["aggs"]) as agg1,
+        Proc(*agg_args(agg_pubs[1]), netns=hosts["aggs2"]) as agg2,
+        Proc(
+            "bridge", *(a for pub in agg_pubs for a in ("--sub", pub)),
+            "--listen", f"{edge}:{http}", "--curve-secret", str(keys / "bridge.key_secret"),
+            "--curve-server", str(keys / "agg.key"),
+            netns=hosts["edge"],
+        ) as bridge,
+    ):  # fmt: skip
+        for proc in (sim, proxy, agg1, agg2, bridge):
+            proc.wait_for("ready:")
+        tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
+        await eventually(lambda: healthy_at(f"{edge}:{http}"), timeout=30, what="the bridge")
+        client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
+        await client.send(
+            {"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)}
+        )
+        assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
+        first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
+        drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
+        # both aggs whole from here: each listened from before it
+        since = max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE + 2_000
+        await client.until(lambda e: e.get("ev") == "MB" and e["s"] > since + 1_000, timeout=20)
+        network.cut("aggs")
+        cut_at = time.monotonic()
+        drain_until([tap], lambda: time.monotonic() - cut_at >= CUT_S, CUT_S + 5, "the cut")
+        network.mend("aggs")
+        await eventually(
+            lambda: "heard again" in bridge.output, timeout=RECOVER_S, what="agg 1 heard again"
+        )
+        until = tap.clock - max(INTERVALS) - GRACE - 1_000
+        await client.until(lambda e: e.get("ev") == "MB" and e["s"] > until + 1_000, timeout=20)
+        drain_until([tap], lambda: tap.clock > until + 3_000, 10, "the tap after the window")
+        await client.close()
+        for proc in (bridge, agg1, agg2, proxy, sim):
+            assert proc.stop() == 0, proc.output[-2000:]
+    assert not [e for e in client.events if str(e.get("status", "")).startswith("feed_")]
+    published = client_bars(client.events)
+    marked = assert_exact_or_marked(
+        published, tap.tap, [(0, 0)], since, until, tap_missed=tap.tap_missed
+    )
+    assert marked == 0  # the replica was whole for every bar: none marked, none missing
+    assert "not heard" in bridge.output  # the bridge did see agg 1 go

@@ -15,11 +15,14 @@ the window it was told about.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,3 +323,145 @@ async def test_one_agg_host_cut_off_while_its_replica_carries_on_costs_clients_n
     )
     assert marked == 0  # the replica was whole for every bar: none marked, none missing
     assert "not heard" in bridge.output  # the bridge did see agg 1 go
+
+
+class FaultyRelay:
+    """A TCP relay that delays what it forwards, as a slow and lossy path does: 100 ms ± 30 ms
+    each way, and 2% of chunks held a further 200 ms (what a lost segment costs TCP: a
+    retransmission; bytes are never dropped, TCP would not let them be). Order is kept."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], seed: int = 7) -> None:
+        self.listen, self.target = listen, target
+        self.random = random.Random(seed)
+        self.chunks = 0
+        self.held = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._connected, *self.listen)
+        )
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        released = 0.0
+
+        async def release() -> None:
+            while True:
+                at, chunk = await queue.get()
+                if not chunk:
+                    writer.close()
+                    return
+                await asyncio.sleep(max(0.0, at - loop.time()))
+                writer.write(chunk)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(release())
+        try:
+            while chunk := await reader.read(65536):
+                self.chunks += 1
+                delay = 0.1 + self.random.uniform(-0.03, 0.03)
+                if self.random.random() < 0.02:
+                    self.held += 1
+                    delay += 0.2
+                released = max(released, loop.time() + delay)  # in order, as TCP delivers
+                queue.put_nowait((released, chunk))
+        finally:
+            queue.put_nowait((released, b""))
+            await sender
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+async def test_a_slow_lossy_path_between_proxy_and_agg_still_gives_exact_bars(
+    network: Network, context: Context, tmp_path: Path
+) -> None:
+    """100 ms ± 30 ms of delay and 2% of chunks held as retransmissions are, between proxy and
+    agg, under the grace: the bars closed on the feed clock are exact, none marked, and the
+    client hears no feed status."""
+    keys = tmp_path / "keys"
+    make_keys(keys, "proxy", "agg", "bridge", "test")
+    proxy_allow = allow(keys, tmp_path / "proxy-allow", "agg", "test")
+    agg_allow = allow(keys, tmp_path / "agg-allow", "bridge", "test")
+    feed, aggs, edge = (f"{SUBNET}.{HOSTS[n]}" for n in ("feed", "aggs", "edge"))
+    proxy_pub, agg_pub, http = f"tcp://{feed}:8767", f"tcp://{aggs}:8769", 8768
+    relay = FaultyRelay((f"{SUBNET}.{ME}", 18767), (feed, 8767))
+    hosts = network.hosts
+    try:
+        with (
+            Proc(*SIM_ARGS, netns=hosts["feed"]) as sim,
+            Proc(*proxy_args(proxy_pub, keys, proxy_allow), env=KEY, netns=hosts["feed"]) as proxy,
+            Proc(
+                "agg", "--sub", f"tcp://{SUBNET}.{ME}:18767", "--pub", agg_pub,
+                "--grace", f"{GRACE}ms", *(a for i in INTERVALS for a in ("--interval", f"{i}ms")),
+                "--curve-secret", str(keys / "agg.key_secret"), "--curve-allow", str(agg_allow),
+                "--curve-server", str(keys / "proxy.key"),
+                netns=hosts["aggs"],
+            ) as agg,
+            Proc(
+                "bridge", "--sub", agg_pub, "--listen", f"{edge}:{http}",
+                "--curve-secret", str(keys / "bridge.key_secret"),
+                "--curve-server", str(keys / "agg.key"),
+                netns=hosts["edge"],
+            ) as bridge,
+        ):  # fmt: skip
+            for proc in (sim, proxy, agg, bridge):
+                proc.wait_for("ready:")
+            tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
+            await eventually(lambda: healthy_at(f"{edge}:{http}"), timeout=30, what="the bridge")
+            client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
+            await client.send(
+                {"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)}
+            )
+            assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
+            first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
+            drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
+            since = max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE
+            until = since + 8_000
+            await client.until(lambda e: e.get("ev") == "MB" and e["s"] > until + 1_000, timeout=30)
+            drain_until([tap], lambda: tap.clock > until + 3_000, 10, "the tap after the run")
+            await client.close()
+            for proc in (bridge, agg, proxy, sim):
+                assert proc.stop() == 0, proc.output[-2000:]
+    finally:
+        relay.close()
+    print(f"relay: {relay.chunks} chunks, {relay.held} held as retransmissions")
+    assert relay.held > 0
+    assert not [e for e in client.events if str(e.get("status", "")).startswith("feed_")]
+    marked = assert_exact_or_marked(
+        client_bars(client.events), tap.tap, [(0, 0)], since, until, tap_missed=tap.tap_missed
+    )
+    assert marked == 0
+    assert "outage" not in agg.output

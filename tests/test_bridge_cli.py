@@ -151,6 +151,19 @@ def test_a_port_in_use_is_a_clear_error() -> None:
             assert "Traceback" not in bridge.output
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_is_a_clear_error(workers: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["bridge", "--sub", "tcp://127.0.0.1:1", "--listen", f"127.0.0.1:{free_port()}"]
+        with Proc(*args, "--workers", workers, "--metrics", f"127.0.0.1:{port}") as bridge:
+            assert bridge.wait(15) == 2
+            assert f"--metrics: cannot listen on 127.0.0.1:{port}" in bridge.output
+            assert "Traceback" not in bridge.output
+
+
 def test_a_bad_sub_endpoint_is_a_usage_error() -> None:
     with Proc("bridge", "--sub", "localhost:8769") as bridge:
         assert bridge.wait(15) == 2

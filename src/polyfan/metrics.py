@@ -286,7 +286,7 @@ class _Borrowed(Collector):
 
 
 class MetricsServer:
-    """``GET /metrics`` (and ``/``) for the proxy and the agg: an asyncio server on one
+    """``GET /metrics`` (and ``/``) behind ``--metrics``: an asyncio server on one
     background thread, whatever the number of connections (docs/limits.md, "Metrics servers").
 
     At most ``MAX_CONNECTIONS`` at once. Past that a new connection takes the place of the

@@ -45,7 +45,7 @@ from polyfan.bars import history
 from polyfan.bars.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
-from polyfan.metrics import MetricsServer, Registry
+from polyfan.metrics import MetricsServer, Registry, listen
 from polyfan.wire import codec, zmqio
 from polyfan.wire.peers import Bans
 
@@ -173,11 +173,7 @@ def run(config: AggConfig) -> int:
                 raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
         metrics_note = ""
         if config.metrics is not None:
-            host, port = config.metrics
-            try:
-                metrics = MetricsServer(registry, host, port)
-            except OSError as exc:
-                raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {exc}") from exc
+            metrics = listen(config.metrics, registry)
             metrics.start()
             metrics_note = f", metrics http://{config.metrics[0]}:{metrics.port}/metrics"
         # Everything made so far (numba's and llvmlite's object graphs above all) lives as

@@ -49,7 +49,7 @@ from polyfan.feed.upstream import (
     TradeDecoder,
     UpstreamSession,
 )
-from polyfan.metrics import MetricsServer, Registry
+from polyfan.metrics import MetricsServer, Registry, listen
 from polyfan.redact import mask_url, mask_urls_in
 from polyfan.wire import codec
 
@@ -221,11 +221,7 @@ class Proxy:
             self._pub = pub
             scan.warm_up()
             if self.config.metrics is not None:
-                host, port = self.config.metrics
-                try:
-                    metrics_server = MetricsServer(self.registry, host, port)
-                except OSError as exc:
-                    raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {exc}") from exc
+                metrics_server = listen(self.config.metrics, self.registry)
                 metrics_server.start()
             log.info(
                 "ready: publishing on %s (session %016x), connecting to %s, subscribing %s%s",

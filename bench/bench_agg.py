@@ -438,7 +438,7 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
             time.sleep(0.05)
         while drain_messages()[2]:
             pass
-        warmed = agg.histogram("polyfan_agg_publish_delay_seconds")
+        warmed = agg.histogram("polyfan_agg_bar_delay_seconds")
 
         def receive() -> None:
             while not stop.is_set():
@@ -510,7 +510,7 @@ def bench_delay(rate: float = 3_000, symbols: int = 5_000, seconds: float = 10.0
         inside = [
             (bound, count - before)
             for (bound, count), (_, before) in zip(
-                agg.histogram("polyfan_agg_publish_delay_seconds"), warmed, strict=True
+                agg.histogram("polyfan_agg_bar_delay_seconds"), warmed, strict=True
             )
         ]
         print(

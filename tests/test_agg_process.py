@@ -325,12 +325,11 @@ def test_sim_proxy_agg_bars_match_the_reference_exactly_once(
         assert values["polyfan_agg_unknown_conditions_total"] == expected.unknown
         assert values["polyfan_agg_gaps_total"] == 0
         assert values["polyfan_agg_bars_total"] == sum(len(b) for b in expected.bars.values())
-        # one observation per bar published
-        assert values["polyfan_agg_publish_delay_seconds_count"] == values["polyfan_agg_bars_total"]
-        assert (
-            values['polyfan_agg_publish_delay_seconds_bucket{le="+Inf"}']
-            == (values["polyfan_agg_publish_delay_seconds_count"])
-        )
+        # one observation per bar published (publish_delay: the same histogram's older name)
+        for name in ("polyfan_agg_bar_delay_seconds", "polyfan_agg_publish_delay_seconds"):
+            assert values[f"{name}_count"] == values["polyfan_agg_bars_total"]
+            assert values[f'{name}_bucket{{le="+Inf"}}'] == values[f"{name}_count"]
+            assert values[f'{name}_bucket{{le="1.0"}}'] <= values[f"{name}_count"]
         # The history answers with the very bars published, older ones from packed
         # blocks (every series with 16 bars or more is packed within a tick or two).
         assert scrape(agg_metrics)["polyfan_agg_history_packed_bytes"] > 0

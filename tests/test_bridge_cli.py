@@ -151,6 +151,19 @@ def test_a_port_in_use_is_a_clear_error() -> None:
             assert "Traceback" not in bridge.output
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_is_a_clear_error(workers: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["bridge", "--sub", "tcp://127.0.0.1:1", "--listen", f"127.0.0.1:{free_port()}"]
+        with Proc(*args, "--workers", workers, "--metrics", f"127.0.0.1:{port}") as bridge:
+            assert bridge.wait(15) == 2
+            assert f"--metrics: cannot listen on 127.0.0.1:{port}" in bridge.output
+            assert "Traceback" not in bridge.output
+
+
 def test_a_bad_sub_endpoint_is_a_usage_error() -> None:
     with Proc("bridge", "--sub", "localhost:8769") as bridge:
         assert bridge.wait(15) == 2
@@ -384,9 +397,9 @@ def children_of(pid: int) -> list[int]:
 async def test_workers_share_the_port_and_every_client_gets_every_bar_and_counters_add_up(
     agg: FakeAgg,
 ) -> None:
-    port = free_port()
+    port, metrics = free_port(), free_port()
     args = ("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", "--workers", "2")
-    with Proc(*args) as bridge:
+    with Proc(*args, "--metrics", f"127.0.0.1:{metrics}") as bridge:
         bridge.wait_for("ready: serving .* with 2 workers")
         assert bridge.output.count("no --token configured") == 1
         assert len(children_of(bridge.popen.pid)) == 2
@@ -408,18 +421,24 @@ async def test_workers_share_the_port_and_every_client_gets_every_bar_and_counte
         for client in clients:
             assert await client.bars(10) == expected
 
-        def counters_add_up() -> bool:
+        def counters_add_up(port: int) -> bool:
             values = scrape(port)
             return (
                 values["polyfan_bridge_clients"] == 200
                 and values["polyfan_bridge_bars_sent_total"] == 2000
                 and values["polyfan_bridge_connections_total"] == 200
+                # every bar written to a client observed once, whichever worker wrote it
+                and values["polyfan_bridge_delivery_seconds_count"] == 2000
+                and values['polyfan_bridge_delivery_seconds_bucket{le="+Inf"}'] == 2000
             )
 
-        deadline = time.monotonic() + 5
-        while not await asyncio.to_thread(counters_add_up):
-            assert time.monotonic() < deadline, "summed counters"
-            await asyncio.sleep(0.1)
+        # the client port (any worker) and --metrics (the parent) give the same sums
+        for where in (port, metrics):
+            deadline = time.monotonic() + 5
+            while not await asyncio.to_thread(counters_add_up, where):
+                assert time.monotonic() < deadline, f"summed counters on port {where}"
+                await asyncio.sleep(0.1)
+        assert scrape(metrics)["process_cpu_seconds_total"] >= 0
         assert (await asyncio.to_thread(http_json, port, "/healthz"))["clients"] == 200
         started = time.monotonic()
         assert await asyncio.to_thread(bridge.stop) == 0

@@ -302,6 +302,30 @@ async def test_the_pass_log_has_a_line_per_fan_out_pass_with_its_writes_and_bars
     assert sum(int(line[4]) for line in lines) == 3
 
 
+async def test_every_bar_written_to_a_client_is_one_delivery_observation(
+    bridge: Bridge, agg: FakeAgg
+) -> None:
+    clients = [await Client.open(url(bridge)) for _ in range(2)]
+    for client in clients:
+        await subscribed(client, agg, "100Ms.TSLA")
+    rows = bar_rows(100, T0, 4)
+    started = time.monotonic()
+    agg.publish(100, "TSLA", rows[:1])
+    agg.publish(100, "TSLA", rows[1:])
+    for client in clients:
+        assert await client.bars(4) == [expected_event("TSLA", 100, r) for r in rows]
+    waited = time.monotonic() - started
+    delivery, counters = bridge.counters.delivery, bridge.counters
+    assert delivery.count == counters.bars_sent.value == 8
+    assert 0 < delivery.sum <= 8 * waited  # each from its arrival to its write, in the wait
+    assert sum(delivery.counts) == 8
+    text = bridge.render_metrics().decode()
+    assert "\npolyfan_bridge_delivery_seconds_count 8.0\n" in text
+    assert '\npolyfan_bridge_delivery_seconds_bucket{le="+Inf"} 8.0\n' in text
+    for client in clients:
+        await client.close()
+
+
 async def test_star_channel_gets_every_symbol_once_even_with_an_exact_channel(
     bridge: Bridge, agg: FakeAgg
 ) -> None:

@@ -21,7 +21,6 @@ The poll timeout is short so SIGINT/SIGTERM stop the loop within 2 s; both exit 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import dataclasses
@@ -46,7 +45,7 @@ from polyfan.bars import history
 from polyfan.bars.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
-from polyfan.metrics import MetricsServer, Registry
+from polyfan.metrics import MetricsServer, Registry, listen
 from polyfan.wire import codec, zmqio
 from polyfan.wire.peers import Bans
 
@@ -104,30 +103,6 @@ def warm_up(
         receiver.warm_up()
     if sender is not None:
         sender.warm_up()
-
-
-class Histogram:
-    """A Prometheus histogram made of registry counters (``_bucket{le=...}``, ``_sum``, ``_count``)."""
-
-    def __init__(self, registry: Registry, name: str, help: str, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.buckets = registry.counter(f"{name}_bucket", help)
-        self.sum = registry.counter(f"{name}_sum", help)
-        self.count = registry.counter(f"{name}_count", help)
-        registry.on_collect(self._collect)
-
-    def observe(self, value: float, times: int = 1) -> None:
-        """Record ``value`` ``times`` times (once per bar of a batch, for instance)."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += times
-        self.sum.value += value * times
-        self.count.value += times
-
-    def _collect(self) -> None:
-        total = 0
-        for bound, count in zip((*self.bounds, "+Inf"), self.counts, strict=True):
-            total += count
-            self.buckets.labels[f'le="{bound}"'] = total
 
 
 class _Stop:
@@ -198,11 +173,7 @@ def run(config: AggConfig) -> int:
                 raise ConfigError(f"--sub: cannot connect to {endpoint}: {exc}") from exc
         metrics_note = ""
         if config.metrics is not None:
-            host, port = config.metrics
-            try:
-                metrics = MetricsServer(registry, host, port)
-            except OSError as exc:
-                raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {exc}") from exc
+            metrics = listen(config.metrics, registry)
             metrics.start()
             metrics_note = f", metrics http://{config.metrics[0]}:{metrics.port}/metrics"
         # Everything made so far (numba's and llvmlite's object graphs above all) lives as
@@ -398,13 +369,7 @@ def _loop(
     next_report = now + THROUGHPUT_EVERY_S
     trades_at_report = 0.0
     bars_at_report = 0.0
-    publish_delay = Histogram(
-        core.registry,
-        "polyfan_agg_publish_delay_seconds",
-        "Per bar: from its batch (with the CLOCK that closed it) read off the socket to the "
-        "batch's last bar sent.",
-        (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.01, 0.025, 0.05, 0.1),
-    )
+    bar_delay = core.bar_delay
     while not stop.requested:
         events = dict(poller.poll(POLL_MS))
         if sub in events:
@@ -414,7 +379,7 @@ def _loop(
             for message in out.control:
                 send(message)
             if out.count:
-                publish_delay.observe(time.perf_counter() - woke, len(out.series))
+                bar_delay.observe(time.perf_counter() - woke, len(out.series))
             core.batch_sent(out)  # the history, once the bars are out
         if monitor in events:
             _peer_events(core, monitor, connections)

@@ -80,7 +80,7 @@ from polyfan.fanout.protocol import (
 )
 from polyfan.fanout.replicas import STAND_IN_WAIT, Replica, Replicas
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
-from polyfan.metrics import Registry
+from polyfan.metrics import CONTENT_TYPE, Registry, listen
 from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
 from polyfan.wire import codec
 from polyfan.workers import Worker, run_workers
@@ -119,6 +119,11 @@ READ_POLL_MS = 100  # the reader re-checks its socket at least this often (see B
 DRAIN_MAX_BARS = 2000  # bars handled per pass before clients get their frames
 COALESCE_MS = 1  # a pass takes the bars that follow its first with gaps under this ...
 COALESCE_MAX_S = 0.005  # ... for at most this long
+# polyfan_bridge_delivery_seconds's bucket bounds
+DELIVERY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0,
+)  # fmt: skip
 HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
@@ -237,6 +242,13 @@ class Counters:
         self.feed_statuses = registry.counter(
             "polyfan_bridge_feed_statuses_total",
             "feed_down and feed_up statuses sent to clients.",
+        )
+        self.delivery = registry.histogram(
+            "polyfan_bridge_delivery_seconds",
+            "Per live bar written to a client: from its arrival at the bridge (the oldest bar "
+            "of its fan-out pass) to its write to the client's socket (the pass's write, or "
+            "from its client's backlog: from its queuing to its write).",
+            DELIVERY_BUCKETS,
         )
         self.gate = GateCounters(registry)
 
@@ -397,6 +409,7 @@ class Bridge:
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self.replicas = Replicas(self._replicas_serving)  # the replica rules' state
         self._arrivals: list[Arrival] = []  # bars forwarded, not yet delivered (_forward)
+        self._arrived_at = 0.0  # time.monotonic() when the oldest of them arrived
         self.debug = log.isEnabledFor(logging.DEBUG)
         # bench/bench_bridge.py's hook: one line per fan-out pass (pid, perf_counter of its
         # first read and of its last write, frames written, bars), appended to this file.
@@ -767,6 +780,8 @@ class Bridge:
         pass, or the stand-in flush) delivers everything queued, in the order it was queued:
         a topic's bars reach clients in ``s`` order whichever agg and pass they came through.
         """
+        if not self._arrivals:
+            self._arrived_at = time.monotonic()  # the pass's oldest bar (delivery histogram)
         rows = records.tolist()
         parts = encode_bars(interval, symbol, rows)
         self._arrivals.append(
@@ -778,7 +793,7 @@ class Bridge:
         if not self._arrivals:
             return 0
         arrivals, self._arrivals = self._arrivals, []
-        return self._deliver(arrivals)
+        return self._deliver(arrivals, self._arrived_at)
 
     def _replicas_serving(self, topic: str) -> list[Replica]:
         """The replica rules' view of the aggs that serve a bar topic's channel."""
@@ -987,10 +1002,11 @@ class Bridge:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def _deliver(self, arrivals: list[Arrival]) -> int:
+    def _deliver(self, arrivals: list[Arrival], arrived_at: float | None = None) -> int:
         """One pass: each group's bars become one JSON frame, framed once for the wire, and
         written to every client of the group that keeps up (queued for the others). Returns
-        how many frames were written."""
+        how many frames were written. ``arrived_at`` (``time.monotonic()``): when the oldest
+        of these bars arrived, for the delivery histogram."""
         frames = bars_sent = 0
         for parts, receivers in self.fanout.deliveries(arrivals):
             frame = join_events(parts)
@@ -1005,6 +1021,8 @@ class Bridge:
                     self._queue(client, frame, bars)
         self.counters.frames_sent.inc(frames)
         self.counters.bars_sent.inc(bars_sent)
+        if arrived_at is not None and bars_sent:
+            self.counters.delivery.observe(time.monotonic() - arrived_at, bars_sent)
         return frames
 
     def _push(self, client: Client, frame: bytes, bars: int) -> None:
@@ -1048,7 +1066,9 @@ class Bridge:
             while True:
                 await client.wake.wait()
                 client.wake.clear()
-                while (item := client.backlog.pop()) is not None:
+                while (queued_at := client.backlog.oldest()) is not None:
+                    item = client.backlog.pop()
+                    assert item is not None
                     frame, bars = item
                     try:
                         await ws.send(frame, text=True)
@@ -1057,6 +1077,8 @@ class Bridge:
                         raise
                     self.counters.frames_sent.inc()
                     self.counters.bars_sent.inc(bars)
+                    if bars:
+                        self.counters.delivery.observe(time.monotonic() - queued_at, bars)
                 if client.close_after is not None:
                     await ws.close(*client.close_after)
                     return
@@ -1282,8 +1304,11 @@ class Bridge:
         return _json(200 if heard else 503, body)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Response:
-        body = self.registry.render(self.totals()).encode()
-        return _response(200, body, "text/plain; version=0.0.4; charset=utf-8")
+        return _response(200, self.render_metrics(), CONTENT_TYPE)
+
+    def render_metrics(self) -> bytes:
+        """``/metrics``: the whole bridge's (every worker's) metrics, Prometheus text."""
+        return self.registry.render(self.totals())
 
     _routes: ClassVar[dict[str, Callable[[Bridge, dict[str, list[str]]], Awaitable[Response]]]] = {
         "/": _index,
@@ -1350,14 +1375,33 @@ async def serve_until_stopped(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # --metrics (one process; with --workers the parent serves it, polyfan.workers): rendered
+    # on the bridge's loop, which owns what the metrics read, for the server's thread.
+    metrics = None
+    if config.metrics is not None and worker is None:
+        metrics = listen(config.metrics, lambda: _on_loop(loop, bridge.render_metrics))
     await bridge.start()
+    if metrics is not None and config.metrics is not None:
+        metrics.start()
+        log.info("metrics on http://%s:%d/metrics", config.metrics[0], metrics.port)
     if ready is not None and worker is not None:
         ready.put(worker.index)
     try:
         await stop.wait()
     finally:
         log.info("stopping: %d clients", len(bridge.clients))
+        if metrics is not None:
+            metrics.close()
         await bridge.stop()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[[], bytes]) -> bytes:
+    """``call()`` run on ``loop`` for another thread, waited for (at most 5 s)."""
+
+    async def run() -> bytes:
+        return call()
+
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
 
 
 def raise_open_files_limit() -> int:
@@ -1380,13 +1424,14 @@ def run(config: BridgeConfig) -> int:
         async def serve(worker: Worker, ready: Any) -> None:
             await serve_until_stopped(config, worker=worker, ready=ready)
 
-        return run_workers(config, config.workers, serve, counter_names())
+        return run_workers(config, config.workers, serve, counters())
     asyncio.run(serve_until_stopped(config))
     return 0
 
 
-def counter_names() -> list[str]:
-    """The names of the bridge's counters, in the order its workers share them."""
+def counters() -> Registry:
+    """A registry with the bridge's metrics declared: the columns its workers share (every
+    sample, histogram buckets included), and what the parent renders their sums through."""
     registry = Registry()
     Counters(registry)
-    return list(registry.values())
+    return registry

@@ -516,6 +516,7 @@ def agg(
     "Connections (handshakes and clients) from one client address; 0: no cap.",
 )
 @_curve_options(binds=False, connects=True)
+@_metrics_option
 def bridge(
     sub: tuple[str, ...],
     listen: tuple[str, int],
@@ -526,6 +527,7 @@ def bridge(
     max_connections_per_address: int,
     curve_secret: Path | None,
     curve_servers: tuple[Path, ...],
+    metrics: tuple[str, int] | None,
 ) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
@@ -546,6 +548,7 @@ def bridge(
             binds=False,
             connects=True,
         ),
+        metrics=metrics,
     )
     _run(role.run, config)
 

@@ -209,6 +209,7 @@ class BridgeConfig:
     max_handshakes_per_address: int = 256  # 0: no cap
     max_connections_per_address: int = 10_000  # 0: no cap
     curve: CurveConfig = CurveConfig()
+    metrics: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

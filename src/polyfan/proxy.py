@@ -49,7 +49,7 @@ from polyfan.feed.upstream import (
     TradeDecoder,
     UpstreamSession,
 )
-from polyfan.metrics import MetricsServer, Registry
+from polyfan.metrics import MetricsServer, Registry, listen
 from polyfan.redact import mask_url, mask_urls_in
 from polyfan.wire import codec
 
@@ -126,8 +126,8 @@ class Proxy:
             "polyfan_proxy_bad_messages_total",
             "Upstream frames, elements and trades skipped as malformed or invalid.",
         )
-        self.m_rejected = r.counter(
-            "polyfan_proxy_rejected_trades_total", "Trades rejected, by reason."
+        self.m_rejected = r.labeled(
+            "polyfan_proxy_rejected_trades_total", "Trades rejected, by reason.", "reason"
         )
         self.m_future = r.counter(
             "polyfan_proxy_future_trades_total",
@@ -136,7 +136,9 @@ class Proxy:
         self.m_unknown = r.counter(
             "polyfan_proxy_unknown_events_total", "Upstream events of a type polyfan skips."
         )
-        self.m_statuses = r.counter("polyfan_proxy_statuses_total", "Upstream statuses, by status.")
+        self.m_statuses = r.labeled(
+            "polyfan_proxy_statuses_total", "Upstream statuses, by status.", "status"
+        )
         self.m_auth_refused = r.counter(
             "polyfan_proxy_auth_refused_total", "ZeroMQ handshakes refused (CURVE, --curve-allow)."
         )
@@ -167,8 +169,9 @@ class Proxy:
         self.m_unknown.value = stats.unknown_events
         # runs on the metrics thread: dict() copies atomically under the GIL, iteration would not
         rejected, statuses = dict(stats.rejected), dict(stats.statuses)
-        self.m_rejected.labels = {f'reason="{k}"': v for k, v in rejected.items() if v}
-        self.m_statuses.labels = {f'status="{k}"': v for k, v in statuses.items()}
+        self.m_rejected.values = {k: float(v) for k, v in rejected.items() if v}
+        # any status string upstream sends: bounded and escaped as they are exported
+        self.m_statuses.values = {k: float(v) for k, v in statuses.items()}
         connection = self._connection
         self.m_connected.value = int(connection is not None and connection.up)
         self.m_clock.value = self.clock.read(wall_ms())
@@ -218,11 +221,7 @@ class Proxy:
             self._pub = pub
             scan.warm_up()
             if self.config.metrics is not None:
-                host, port = self.config.metrics
-                try:
-                    metrics_server = MetricsServer(self.registry, host, port)
-                except OSError as exc:
-                    raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {exc}") from exc
+                metrics_server = listen(self.config.metrics, self.registry)
                 metrics_server.start()
             log.info(
                 "ready: publishing on %s (session %016x), connecting to %s, subscribing %s%s",

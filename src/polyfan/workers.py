@@ -12,6 +12,11 @@ workers stop within 2 s; if a worker dies, the others are stopped and the bridge
 Counters stay whole: each worker copies its counter values into its row of a shared table
 (:class:`SharedTable`) every 250 ms and whenever it answers ``/metrics``, ``/healthz`` or
 ``/api/info``, which report the sum over all workers (other workers' rows at most 250 ms old).
+The histograms (``polyfan_bridge_delivery_seconds``) are shared the same way, one column per
+bucket: bucket counts, sums and counts add up exactly, so the bridge's histogram is the one of
+all its workers' observations. ``--metrics HOST:PORT`` is served by the parent from the table
+(its ``process_*`` metrics are the parent's own); ``/metrics`` on the client port by whichever
+worker takes the request (the same sums; ``process_*`` of that worker).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 
 from polyfan.config import BridgeConfig
 from polyfan.errors import ConfigError
+from polyfan.metrics import Registry, listen
 
 log = logging.getLogger("polyfan.bridge")
 
@@ -63,17 +69,21 @@ class Worker:
 Serve = Callable[[Worker, Any], Coroutine[Any, Any, None]]
 
 
-def run_workers(config: BridgeConfig, workers: int, serve: Serve, counters: Sequence[str]) -> int:
+def run_workers(config: BridgeConfig, workers: int, serve: Serve, counters: Registry) -> int:
     """Fork ``workers`` bridges on one port and supervise them; exit status 0, or 1 if one dies.
 
     ``serve(worker, ready)`` runs one bridge until SIGTERM and puts ``worker.index`` on
-    ``ready`` once it serves; ``counters`` names the columns of the shared counter table. Both
-    come from the bridge (this module imports nothing of it).
+    ``ready`` once it serves; ``counters``, a registry with the bridge's metrics declared, names
+    the columns of the shared table (its samples) and renders the table's sums for
+    ``--metrics``. Both come from the bridge (this module imports nothing of it).
     """
     if config.listen[1] == 0:
         raise ConfigError("--listen: give a port (not 0) with --workers; they share it")
     context = multiprocessing.get_context("fork")
-    table = SharedTable(workers, counters)
+    table = SharedTable(workers, list(counters.values()))
+    metrics = None
+    if config.metrics is not None:  # bound now, started once the workers are forked
+        metrics = listen(config.metrics, lambda: counters.render(table.totals()))
     ready: Any = context.SimpleQueue()
 
     def work(index: int) -> None:
@@ -94,6 +104,8 @@ def run_workers(config: BridgeConfig, workers: int, serve: Serve, counters: Sequ
             process = context.Process(target=work, args=(index,), name=f"bridge-worker-{index}")
             process.start()
             processes.append(process)
+        if metrics is not None:
+            metrics.start()
         waiting = set(range(workers))
         while waiting and not stopping:
             if not ready.empty():
@@ -124,6 +136,8 @@ def run_workers(config: BridgeConfig, workers: int, serve: Serve, counters: Sequ
         log.error("%s; stopping the other workers", exc)
         return 1
     finally:
+        if metrics is not None:
+            metrics.close()
         _stop(processes)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

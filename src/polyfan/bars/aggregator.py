@@ -44,6 +44,11 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
 BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
 BAR_SIZE = codec.BAR_DTYPE.itemsize
+# polyfan_agg_bar_delay_seconds's bucket bounds: sub-millisecond to a stalled second
+BAR_DELAY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0,
+)  # fmt: skip
 SUBSCRIBE = 1
 UNSUBSCRIBE = 0
 
@@ -211,6 +216,18 @@ class Aggregator:
         self.packed_gauge = registry.gauge(
             "polyfan_agg_history_packed_bytes",
             "Bytes of history in packed records (live log segments).",
+        )
+        self.bar_delay = registry.histogram(
+            "polyfan_agg_bar_delay_seconds",
+            "Per bar: from the moment the feed clock passed its end plus the grace (the agg "
+            "woke to read the batch carrying that CLOCK) to its publication (the batch's bars "
+            "sent).",
+            BAR_DELAY_BUCKETS,
+        )
+        registry.alias(
+            "polyfan_agg_publish_delay_seconds",
+            "The same observations as polyfan_agg_bar_delay_seconds (its earlier name).",
+            self.bar_delay,
         )
         registry.on_collect(self._collect)
 

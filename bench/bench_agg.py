@@ -16,6 +16,8 @@ Parts (all by default):
   each drain once it ends, so a bar's arrival is the end of the drain that brought it;
   ``delay-burst`` at 30,000 trades/s; ``delay-single`` with one open bar at a time;
   ``delay-core`` the core's own work per closing batch, in-process.
+- ``zmq-curve``: the ``zmq`` part at 16 trades a message over tcp loopback, plain and with CURVE
+  on the proxy -> agg link, alternating in one run: what CURVE costs the agg.
 - ``memory``: resident memory of the agg core after an hour of feed time at ~3,000 trades/s over
   10,000 skewed symbols, with the default 6 intervals and 1 h of history (bench_memory.py).
 - ``startup``: ``polyfan agg`` start to its ``ready:`` line, numba cache warm.
@@ -50,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.auth
 
 from polyfan.bars import conditions
 from polyfan.bars.aggregator import Aggregator
@@ -347,6 +350,59 @@ def bench_zmq(symbols: int = 5_000, sizes: tuple[int, ...] = (4, 16, 64)) -> Non
             pub.close(0)
             ctx.term()
             agg.stop()
+
+
+def bench_zmq_curve(symbols: int = 5_000, per_message: int = 16, rounds: int = 2) -> None:
+    """``zmq-curve``: the ``zmq`` part at 16 trades a message over tcp loopback, plain and with
+    CURVE on the proxy -> agg link (this script's PUB a CURVE server, the agg its client),
+    alternating in one run."""
+    count = 1_000_000
+    trades, sym = market(count, symbols, rate=200_000, seed=2)
+    names = [f"S{i}" for i in range(symbols)]
+    g_trades, g_sym = grouped(trades, sym, per_message)
+    frames = frames_for(g_trades, g_sym, per_message, names)
+    buffer, offsets, n_frames = join_frames(frames)
+    buffer = buffer.copy()
+    with tempfile.TemporaryDirectory() as tmp:
+        server_public, server_secret = zmq.auth.load_certificate(
+            zmq.auth.create_certificates(tmp, "proxy")[1]
+        )
+        agg_secret = zmq.auth.create_certificates(tmp, "agg")[1]
+        for _ in range(rounds):
+            for curve in (False, True):
+                proxy, agg_pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+                extra = []
+                if curve:
+                    extra = ["--curve-secret", agg_secret, "--curve-server", f"{tmp}/proxy.key"]
+                agg = Agg(proxy, agg_pub, free_port(), *extra)
+                ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+                pub = ctx.socket(zmq.PUB)
+                pub.setsockopt(zmq.SNDHWM, 0)
+                pub.setsockopt(zmq.LINGER, 0)
+                if curve:
+                    pub.curve_secretkey, pub.curve_publickey = server_secret, server_public
+                    pub.curve_server = True
+                pub.bind(proxy)
+                subscribed(ctx, pub, agg_pub).close(0)
+                publish, _ = bulk_sender(pub)
+                introduce(pub, names, T0 - 600_000)
+                while agg.metric("polyfan_agg_trades_total") < symbols:
+                    time.sleep(0.05)
+                cpu = agg.cpu_seconds()
+                started = time.perf_counter()
+                publish(buffer, offsets, n_frames)
+                while agg.metric("polyfan_agg_trades_total") < count + symbols:
+                    time.sleep(0.05)
+                elapsed = time.perf_counter() - started
+                cpu = agg.cpu_seconds() - cpu
+                print(
+                    f"zmq-curve: {'CURVE' if curve else 'plain'}: {count / elapsed:,.0f} trades/s "
+                    f"received and aggregated over tcp, {count / cpu:,.0f} trades per CPU-second "
+                    f"of the agg ({per_message} trades/message, {len(frames):,} messages)"
+                )
+                pub.close(0)
+                ctx.term()
+                agg.stop()
 
 
 def bench_zmq_shards(shards: int = 2, symbols: int = 5_000, per_message: int = 16) -> None:
@@ -716,6 +772,7 @@ PARTS = {
     "zmq": bench_zmq,
     "zmq-hot": lambda: bench_zmq(symbols=500, sizes=(16,)),
     "zmq-shards": bench_zmq_shards,
+    "zmq-curve": bench_zmq_curve,
     "delay": bench_delay,
     "delay-burst": lambda: bench_delay(rate=30_000),
     "delay-single": bench_delay_single,

@@ -30,6 +30,7 @@ from pathlib import Path
 import msgspec
 import orjson
 import zmq
+import zmq.auth
 
 from polyfan.feed import scan, upstream
 from polyfan.market import Market
@@ -181,7 +182,11 @@ async def serve_frames(port: int, path: Path, repeat: int) -> None:
         await done.wait()
 
 
-def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) -> None:
+def end_to_end(
+    frames: list[bytes], repeat: int, profile: Path | None = None, curve: bool | None = None
+) -> None:
+    """``curve``: None, the proxy's PUB on ipc; False, on tcp loopback; True, on tcp with CURVE
+    (an allow directory holding this script's key)."""
     total = len(frames) * FRAME_EVENTS * repeat
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frames"
@@ -196,15 +201,26 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
         assert server.stdin is not None
         assert server.stdout is not None
         server.stdout.readline()
-        address = f"ipc://{tmp}/proxy"
+        address = f"ipc://{tmp}/proxy" if curve is None else f"tcp://127.0.0.1:{free_port()}"
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, 0)
         sub.setsockopt(zmq.LINGER, 0)
+        curve_args: list[str] = []
+        if curve:
+            allow = Path(tmp) / "allow"
+            allow.mkdir()
+            proxy_secret = zmq.auth.create_certificates(tmp, "proxy")[1]
+            bench_secret_file = zmq.auth.create_certificates(str(allow), "bench")[1]
+            public, secret = zmq.auth.load_certificate(bench_secret_file)
+            sub.curve_publickey, sub.curve_secretkey = public, secret
+            sub.curve_serverkey = zmq.auth.load_certificate(f"{tmp}/proxy.key")[0]
+            Path(bench_secret_file).unlink()  # only public keys in the allow directory
+            curve_args = ["--curve-secret", proxy_secret, "--curve-allow", str(allow)]
         sub.connect(address)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         env = dict(os.environ, MASSIVE_API_KEY="bench", POLYFAN_LOG="warning")
-        args = ["proxy", "--upstream", f"ws://127.0.0.1:{port}", "--pub", address]
+        args = ["proxy", "--upstream", f"ws://127.0.0.1:{port}", "--pub", address, *curve_args]
         command = [sys.executable, "-m", "polyfan", *args]
         if profile is not None:  # cProfile.run dumps the stats when the CLI exits
             code = (
@@ -250,7 +266,9 @@ def end_to_end(frames: list[bytes], repeat: int, profile: Path | None = None) ->
             context.term()
         elapsed = last - first
         print(
-            f"end to end through `polyfan proxy` (subprocess, ipc PUB): {received:,} trades in "
+            f"end to end through `polyfan proxy` (subprocess, "
+            f"{'ipc' if curve is None else 'tcp CURVE' if curve else 'tcp plain'} PUB): "
+            f"{received:,} trades in "
             f"{messages:,} messages, {elapsed:.2f} s: {received / elapsed / 1e6:.2f} M trades/s "
             f"({received / messages:.0f} trades/message, {lost.lost} messages lost)"
         )
@@ -277,7 +295,18 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, default=500)
     parser.add_argument("--skip-zmq", action="store_true", help="skip the single/multipart test")
     parser.add_argument("--profile", type=Path, help="cProfile the proxy; write stats here")
+    parser.add_argument(
+        "--curve", type=int, metavar="ROUNDS", default=0,
+        help="instead: end to end over tcp, plain and CURVE alternating, ROUNDS times",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.curve:
+        frames = make_frames(2_000, args.symbols)
+        repeat = max(1, args.trades // (len(frames) * FRAME_EVENTS))
+        for _ in range(args.curve):
+            for curve in (False, True):
+                end_to_end(frames, repeat, curve=curve)
+        return
     frames = make_frames(2_000, args.symbols)
     print(f"machine: {os.cpu_count()} cores; {args.symbols} symbols; Zipf-skewed activity")
     parse_ceilings(frames)

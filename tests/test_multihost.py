@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from polyfan.wire import codec
 from procs import Context, Proc
 from reference import Bar
 from test_agg_process import GRACE, INTERVALS
-from test_outages_process import Stream, assert_exact_or_marked, drain_until, healthy_at
+from test_outages_process import Stream, assert_exact_or_marked, drain_until
 from wsclient import Client, eventually
 
 KEY = {"MASSIVE_API_KEY": "test-key-123456"}
@@ -166,6 +168,16 @@ def proxy_args(pub: str, keys: Path, allowed: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def serving(address: str) -> bool:
+    """The bridge at HOST:PORT has heard an agg's announce (its intervals): it takes
+    subscriptions (before that, /healthz may already answer 200 on a CLOCK alone)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=2) as response:
+            return bool(json.loads(response.read()).get("intervals"))
+    except OSError:
+        return False
+
+
 def client_bars(events: list[dict[str, object]]) -> dict[tuple[str, int], list[Bar]]:
     published: dict[tuple[str, int], list[Bar]] = {}
     for e in events:
@@ -209,7 +221,7 @@ async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
         tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
         channels = ",".join(f"{i}Ms.*" for i in INTERVALS)
         await eventually(
-            lambda: healthy_at(f"{edge}:{http}"), timeout=30, what="the bridge hearing the agg"
+            lambda: serving(f"{edge}:{http}"), timeout=30, what="the bridge hearing the agg"
         )
         client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
         await client.send({"action": "subscribe", "params": channels})
@@ -292,7 +304,7 @@ async def test_one_agg_host_cut_off_while_its_replica_carries_on_costs_clients_n
         for proc in (sim, proxy, agg1, agg2, bridge):
             proc.wait_for("ready:")
         tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
-        await eventually(lambda: healthy_at(f"{edge}:{http}"), timeout=30, what="the bridge")
+        await eventually(lambda: serving(f"{edge}:{http}"), timeout=30, what="the bridge")
         client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
         await client.send(
             {"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)}
@@ -440,7 +452,7 @@ async def test_a_slow_lossy_path_between_proxy_and_agg_still_gives_exact_bars(
             for proc in (sim, proxy, agg, bridge):
                 proc.wait_for("ready:")
             tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
-            await eventually(lambda: healthy_at(f"{edge}:{http}"), timeout=30, what="the bridge")
+            await eventually(lambda: serving(f"{edge}:{http}"), timeout=30, what="the bridge")
             client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
             await client.send(
                 {"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)}

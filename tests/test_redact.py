@@ -137,5 +137,6 @@ def test_config_reprs_never_show_url_credentials() -> None:
     assert "tok" not in repr(BridgeConfig(tokens=("tok",)))
     assert (
         repr(TapConfig("tcp://x:pw@h:1"))
-        == "TapConfig(endpoint='tcp://x:****@h:1', prefixes=(), count=None)"
+        == "TapConfig(endpoint='tcp://x:****@h:1', prefixes=(), count=None, "
+        "curve=CurveConfig(secret=None, allow=None, servers=()))"
     )

@@ -226,8 +226,9 @@ def finish(request: Request, response: Response, *, gzipped: bytes | None = None
         headers.append(("ETag", etag))
         if etag_matches(request.headers.get("if-none-match", ""), etag):
             return Response(304, b"", response.content_type, headers + response.headers)
-    headers.append(("Content-Type", response.content_type))
-    headers.append(("Content-Length", str(len(body))))
+    if response.status != 204:  # RFC 9110: a 204 has neither
+        headers.append(("Content-Type", response.content_type))
+        headers.append(("Content-Length", str(len(body))))
     return Response(response.status, body, response.content_type, headers + response.headers, etag)
 
 

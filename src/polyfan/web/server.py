@@ -93,7 +93,7 @@ class HttpFront(asyncio.Protocol):
     def __init__(self, server: HttpServer, ws: UpgradedConnection) -> None:
         self.server = server
         self.ws = ws
-        self.http = HttpConnection()
+        self.http: HttpConnection | None = HttpConnection()  # None once upgraded
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.address = ""
@@ -128,10 +128,11 @@ class HttpFront(asyncio.Protocol):
         self._task = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
-        if not self.admitted or self.released or self.draining:
+        http = self.http
+        if not self.admitted or self.released or self.draining or http is None:
             return
-        self.http.receive_data(data)
-        if self.http.buffered > MAX_BUFFERED and self.transport is not None:
+        http.receive_data(data)
+        if http.buffered > MAX_BUFFERED and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake.set()
@@ -139,7 +140,7 @@ class HttpFront(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.draining:
             return False  # the answer is written: close
-        if self.admitted and not self.released:
+        if self.admitted and not self.released and self.http is not None:
             self.http.receive_data(b"")
             self._wake.set()
         return True  # answer what was asked, then close
@@ -200,10 +201,11 @@ class HttpFront(asyncio.Protocol):
 
     async def _serve(self) -> None:
         transport = self.transport
-        assert transport is not None
+        http = self.http
+        assert transport is not None and http is not None
         try:
             while not transport.is_closing():
-                event = self.http.next_event()
+                event = http.next_event()
                 if event is None:
                     if self._reading_paused:
                         self._reading_paused = False
@@ -223,9 +225,9 @@ class HttpFront(asyncio.Protocol):
                 if self.request is None:
                     self.request = event
                 if event.is_upgrade and self.server.router.origins.allows(event):
-                    self._upgrade(transport)
+                    self._upgrade(transport, http.hand_over())
                     return
-                if not await self._answer(transport, event):
+                if not await self._answer(transport, http, event):
                     return
                 self._timer = self.loop.call_later(
                     self.server.gate.limits.request_timeout, self._timed_out
@@ -236,7 +238,9 @@ class HttpFront(asyncio.Protocol):
             log.exception("unexpected error answering HTTP from %s", self.address)
             transport.abort()
 
-    async def _answer(self, transport: asyncio.Transport, request: Request) -> bool:
+    async def _answer(
+        self, transport: asyncio.Transport, http: HttpConnection, request: Request
+    ) -> bool:
         """Answer one request; False when the connection is to close."""
         self.server.on_request()
         try:
@@ -248,9 +252,9 @@ class HttpFront(asyncio.Protocol):
             response = finish(request, response)
         if transport.is_closing():
             return False
-        transport.write(self.http.send(response))
+        transport.write(http.send(response))
         self.handshake_over()
-        if self.http.must_close():
+        if http.must_close():
             transport.close()
             return False
         if self._writing_paused:
@@ -272,12 +276,18 @@ class HttpFront(asyncio.Protocol):
             self._reading_paused = False
             transport.resume_reading()
 
-    def _upgrade(self, transport: asyncio.Transport) -> None:
-        """Give the socket, and the bytes of the upgrade request onwards, to websockets."""
-        data = self.http.hand_over()
+    def _upgrade(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Give the socket, and the bytes of the upgrade request onwards, to websockets.
+
+        The front stays as the gate's record of the connection (websockets' connection tells
+        it when the handshake is over and when the socket closes); what it needed for HTTP is
+        let go, so 5,000 clients hold no parser, task or event for the collector to walk."""
         self.upgraded = True
         self.server.fronts.discard(self)
+        self.http = None
+        self._task = None
         ws = self.ws
+        del self.ws
         ws.front = self
         transport.set_protocol(ws)
         ws.connection_made(transport)

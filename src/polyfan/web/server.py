@@ -93,7 +93,7 @@ class HttpFront(asyncio.Protocol):
     def __init__(self, server: HttpServer, ws: UpgradedConnection) -> None:
         self.server = server
         self.ws = ws
-        self.http: HttpConnection | None = HttpConnection()  # None once upgraded
+        self.http: HttpConnection | None = None  # from admission until the upgrade
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.address = ""
@@ -123,6 +123,7 @@ class HttpFront(asyncio.Protocol):
             return
         self.admitted = True
         self.in_handshake = True
+        self.http = HttpConnection()  # not before: a refused flood costs as little as it can
         self.server.fronts.add(self)
         self._timer = self.loop.call_later(gate.limits.request_timeout, self._timed_out)
         self._task = self.loop.create_task(self._serve())

@@ -9,6 +9,7 @@ import signal
 import socket
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,34 @@ def test_a_bad_sub_endpoint_is_a_usage_error() -> None:
     with Proc("bridge", "--sub", "localhost:8769") as bridge:
         assert bridge.wait(15) == 2
         assert "--sub" in bridge.output
+
+
+def test_a_bad_allow_origin_is_a_usage_error() -> None:
+    with Proc("bridge", "--allow-origin", "app.example") as bridge:
+        assert bridge.wait(15) == 2
+        assert "--allow-origin" in bridge.output and "Traceback" not in bridge.output
+
+
+def _status_and_cors(port: int, origin: str) -> tuple[int, str | None]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/info", headers={"Origin": origin}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Access-Control-Allow-Origin"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Access-Control-Allow-Origin"]
+
+
+def test_allow_origin_flags_list_the_pages_that_may_use_the_bridge(agg: FakeAgg) -> None:
+    port = free_port()
+    listed = ["--allow-origin", "https://a.example", "--allow-origin", "https://b.example:8443"]
+    with Proc("bridge", "--sub", agg.endpoint, "--listen", f"127.0.0.1:{port}", *listed) as bridge:
+        bridge.wait_for("ready:")
+        assert _status_and_cors(port, "https://a.example") == (200, "https://a.example")
+        assert _status_and_cors(port, "https://b.example:8443") == (200, "https://b.example:8443")
+        assert _status_and_cors(port, f"http://127.0.0.1:{port}") == (200, None)
+        assert _status_and_cors(port, "https://c.example") == (403, None)
 
 
 # -- the real pipeline ---------------------------------------------------------------------------

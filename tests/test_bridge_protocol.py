@@ -794,7 +794,7 @@ async def test_index_and_static_files_are_served_without_traversal(bridge: Bridg
 async def test_raw_http_request_without_upgrade_is_answered(bridge: Bridge) -> None:
     def raw() -> bytes:
         with socket.create_connection(("127.0.0.1", bridge.port), timeout=5) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -908,7 +908,7 @@ async def test_history_is_not_asked_of_an_agg_that_has_gone_silent(
 
 
 async def test_page_assets_are_served_with_their_content_types(bridge: Bridge) -> None:
-    from polyfan import bridge as module
+    from polyfan.web import routes as module
 
     for name, ctype in (
         ("app.js", "text/javascript; charset=utf-8"),
@@ -924,7 +924,7 @@ async def test_page_assets_are_served_with_their_content_types(bridge: Bridge) -
 async def test_without_built_assets_the_index_is_a_placeholder_that_says_so(
     bridge: Bridge, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
-    from polyfan import bridge as module
+    from polyfan.web import routes as module
 
     monkeypatch.setattr(module, "STATIC", tmp_path)
     status, ctype, body = await get(bridge, "/")

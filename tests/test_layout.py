@@ -16,6 +16,7 @@ PURE = (
     "polyfan.bars.",
     "polyfan.fanout.",
     "polyfan.web.admission",
+    "polyfan.web.http",
 )
 IO_MODULES = ("asyncio", "zmq", "websockets", "click", "socket")
 

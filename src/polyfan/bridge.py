@@ -14,20 +14,19 @@ serve a channel). It moves bytes and decides nothing about content:
   goes into the client's bounded :class:`~polyfan.fanout.subscriptions.Backlog`, drained by the client's
   writer task. No client is ever awaited by the loop that serves the others; a client whose
   backlog passes its bound is closed with 1013.
-- HTTP (``/``, ``/static/...``, ``/api/bars``, ``/api/symbols``, ``/api/info``, ``/healthz``,
-  ``/metrics``) is answered in websockets' ``process_request``; any WebSocket upgrade on any
-  path is the client protocol.
+- HTTP is :mod:`polyfan.web`'s (:mod:`~polyfan.web.server` in front of websockets, h11
+  parsing, :mod:`~polyfan.web.routes` answering); this shell gives it the handlers that read
+  the live state (``/api/bars``, ``/api/symbols``, ``/api/info``, ``/healthz``, ``/metrics``).
+  Any WebSocket upgrade on any path is the client protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import itertools
 import logging
 import math
-import mimetypes
 import os
 import resource
 import secrets
@@ -35,20 +34,14 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from http import HTTPStatus
-from pathlib import Path
-from typing import Any, ClassVar, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, cast
 
 import numpy as np
-import orjson
 import zmq
 import zmq.asyncio
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from polyfan import curve
@@ -68,7 +61,6 @@ from polyfan.fanout.protocol import (
     Channel,
     ClientSession,
     Limits,
-    ParamError,
     Subscribe,
     Unsubscribe,
     encode_bars,
@@ -82,6 +74,9 @@ from polyfan.fanout.replicas import STAND_IN_WAIT, Replica, Replicas
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.metrics import CONTENT_TYPE, Registry, listen
 from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
+from polyfan.web.http import Origins, Response, json_response
+from polyfan.web.routes import Handler, Router
+from polyfan.web.server import HttpServer
 from polyfan.wire import codec
 from polyfan.workers import Worker, run_workers
 
@@ -107,7 +102,6 @@ def _without_client_data(record: logging.LogRecord) -> bool:
 
 _ws_log.addFilter(_without_client_data)
 
-STATIC = Path(__file__).parent / "web" / "static"
 WARN_EVERY_S = 5.0  # a continuing problem is one WARNING per this many seconds, with its count
 REQUEST_TIMEOUT = 5.0  # seconds to wait for an aggregator's history or symbols reply
 HEARD_WITHIN = 5.0  # an aggregator heard from this recently counts as up (announce: every 1 s)
@@ -133,27 +127,6 @@ PING_INTERVAL = 20.0  # keepalive: a ping this often ...
 PING_TIMEOUT = 20.0  # ... and a client that has not answered it this long after is closed (1011)
 CLOSE_INTERNAL_ERROR = 1011  # websockets' close code for a keepalive timeout
 PASS_LOG_ENV = "POLYFAN_BRIDGE_PASS_LOG"  # a file to log every fan-out pass to (benchmarks)
-
-_PLACEHOLDER = b"""<!doctype html><meta charset="utf-8"><title>polyfan</title>
-<h1>polyfan bridge</h1><p>The chart page assets are not built. The bridge serves the
-WebSocket protocol on any path and the HTTP API: <a href="/api/info">/api/info</a>,
-<a href="/api/symbols">/api/symbols</a>, <a href="/healthz">/healthz</a>,
-<a href="/metrics">/metrics</a>.</p>
-"""
-
-_CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".map": "application/json",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-    ".ico": "image/x-icon",
-    ".woff2": "font/woff2",
-    ".txt": "text/plain; charset=utf-8",
-}
 
 
 class Counters:
@@ -406,6 +379,7 @@ class Bridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
         self._gate: Gate | None = None
+        self._http: HttpServer | None = None
         self._channel_aggs: dict[Channel, list[Agg]] = {}
         self.replicas = Replicas(self._replicas_serving)  # the replica rules' state
         self._arrivals: list[Arrival] = []  # bars forwarded, not yet delivered (_forward)
@@ -457,14 +431,26 @@ class Bridge:
         gate = Gate(self.limits, self.counters.gate, connection_budget(self.limits))
         self.registry.on_collect(gate.collect)
         self._gate = gate
+        # HTTP/1.1 in front of websockets (polyfan.web.server): requests are answered there,
+        # an upgrade is handed to websockets' connection.
+        router = Router(
+            self._http_handlers(),
+            Origins(self.config.allow_origins),
+            on_bad_request=self.counters.bad_requests.inc,
+        )
+        self._http = HttpServer(
+            gate,
+            router,
+            on_request=self.counters.http_requests.inc,
+            on_bad_request=self.counters.bad_requests.inc,
+        )
         try:
             self._server = await serve(
                 self._serve_client,
                 host,
                 port,
-                create_connection=gate.connection_class,
+                create_connection=cast(Any, self._http.create_connection),
                 open_timeout=OPEN_TIMEOUT,
-                process_request=self._http,
                 compression=None,
                 max_size=self.limits.max_frame_bytes,
                 write_limit=64 * 1024,
@@ -497,6 +483,8 @@ class Bridge:
         )
 
     async def stop(self) -> None:
+        if self._http is not None:
+            self._http.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(TimeoutError):
@@ -1208,31 +1196,16 @@ class Bridge:
         for frame, count in chunked(parts, HISTORY_FRAME_BARS):
             self._push(client, frame, count)
 
-    # -- HTTP ----------------------------------------------------------------------------------
+    # -- HTTP (polyfan.web: the router answers, these handlers read the live state) ------------
 
-    async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
-        if "websocket" in request.headers.get("Upgrade", "").lower():
-            return None
-        self.counters.http_requests.inc()
-        url = urlsplit(request.path)
-        path = unquote(url.path)
-        query = parse_qs(url.query, keep_blank_values=True)
-        try:
-            handler = self._routes.get(path)
-            if handler is not None:
-                return await handler(self, query)
-            if path.startswith("/static/"):
-                return _static(path[len("/static/") :])
-            return _json(404, {"error": f"{path}: not found"})
-        except ParamError as exc:
-            self.counters.bad_requests.inc()
-            return _json(400, {"error": str(exc)})
-
-    async def _index(self, query: dict[str, list[str]]) -> Response:
-        page = STATIC / "index.html"
-        if page.is_file():
-            return _response(200, page.read_bytes(), _CONTENT_TYPES[".html"])
-        return _response(200, _PLACEHOLDER, _CONTENT_TYPES[".html"])
+    def _http_handlers(self) -> dict[str, Handler]:
+        return {
+            "/api/bars": self._api_bars,
+            "/api/symbols": self._api_symbols,
+            "/api/info": self._api_info,
+            "/healthz": self._healthz,
+            "/metrics": self._metrics,
+        }
 
     async def _api_bars(self, query: dict[str, list[str]]) -> Response:
         bars_query: BarsQuery = parse_bars_query(query, self.limits)
@@ -1240,28 +1213,34 @@ class Bridge:
         problem = self.catalog.why_not_served(channel)
         if problem is not None:
             self.counters.bad_requests.inc()
-            return _json(404 if self.aggs and self.catalog.intervals else 503, {"error": problem})
+            return json_response(
+                404 if self.aggs and self.catalog.intervals else 503, {"error": problem}
+            )
         aggs = self._answering_aggs(channel)
         if not aggs:
-            return _json(503, {"error": f"{channel.name}: no aggregator serving it is heard"})
+            return json_response(
+                503, {"error": f"{channel.name}: no aggregator serving it is heard"}
+            )
         try:
             reply = await self._request(
                 aggs[0],
                 {
                     "op": "bars",
                     "channel": channel.name,
-                    "since": None,
+                    "since": bars_query.since,
                     "before": bars_query.before,
                     "limit": bars_query.limit,
                 },
             )
         except TimeoutError:
-            return _json(504, {"error": f"{channel.name}: the aggregator did not answer"})
+            return json_response(504, {"error": f"{channel.name}: the aggregator did not answer"})
         _, reply_status, bars = codec.records_from_history(reply)
         if reply_status is not codec.HistoryStatus.OK:
-            return _json(404, {"error": f"{channel.name}: {reply_status.name}"})
+            return json_response(404, {"error": f"{channel.name}: {reply_status.name}"})
         parts = encode_bars(channel.interval, channel.symbol or "", bars.tolist())
-        return _response(200, join_events(parts), "application/json")
+        return Response(
+            200, join_events(parts), "application/json", [("Cache-Control", "no-store")]
+        )
 
     async def _api_symbols(self, query: dict[str, list[str]]) -> Response:
         heard = [agg for agg in self.aggs if agg.is_heard()]  # a silent one would cost 5 s
@@ -1278,10 +1257,10 @@ class Bridge:
             except (WireError, KeyError, TypeError, ValueError):
                 self.counters.wire_errors.inc()
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-        return _json(200, [{"sym": symbol, "trades": trades} for symbol, trades in ranked])
+        return json_response(200, [{"sym": symbol, "trades": trades} for symbol, trades in ranked])
 
     async def _api_info(self, query: dict[str, list[str]]) -> Response:
-        return _json(
+        return json_response(
             200,
             {
                 "intervals": self.catalog.intervals,
@@ -1301,61 +1280,19 @@ class Bridge:
             "aggs_heard": heard,
             "intervals": self.catalog.intervals,
         }
-        return _json(200 if heard else 503, body)
+        return json_response(200 if heard else 503, body)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Response:
-        return _response(200, self.render_metrics(), CONTENT_TYPE)
+        return Response(200, self.render_metrics(), CONTENT_TYPE, [("Cache-Control", "no-store")])
 
     def render_metrics(self) -> bytes:
         """``/metrics``: the whole bridge's (every worker's) metrics, Prometheus text."""
         return self.registry.render(self.totals())
 
-    _routes: ClassVar[dict[str, Callable[[Bridge, dict[str, list[str]]], Awaitable[Response]]]] = {
-        "/": _index,
-        "/index.html": _index,
-        "/api/bars": _api_bars,
-        "/api/symbols": _api_symbols,
-        "/api/info": _api_info,
-        "/healthz": _healthz,
-        "/metrics": _metrics,
-    }
-
 
 def _text_frame(payload: bytes) -> bytes:
     """A complete, unmasked WebSocket text frame, as a server sends it with no extensions."""
     return Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
-
-
-def _response(status: int, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Connection", "close"),
-            ("Content-Length", str(len(body))),
-            ("Content-Type", content_type),
-            ("Cache-Control", "no-cache"),
-        ]
-    )
-    return Response(status, HTTPStatus(status).phrase, headers, body)
-
-
-def _json(status: int, value: Any) -> Response:
-    return _response(status, orjson.dumps(value), "application/json")
-
-
-def _static(relative: str) -> Response:
-    """A file under ``polyfan/static``; never anything outside it."""
-    root = STATIC.resolve()
-    try:
-        path = (root / relative).resolve()
-    except (OSError, ValueError):
-        return _json(404, {"error": "not found"})
-    if not path.is_relative_to(root) or not path.is_file():
-        return _json(404, {"error": f"/static/{relative}: not found"})
-    content_type = _CONTENT_TYPES.get(path.suffix) or (
-        mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    )
-    return _response(200, path.read_bytes(), content_type)
 
 
 def _peer(ws: ServerConnection) -> str:

@@ -517,6 +517,15 @@ def agg(
 )
 @_curve_options(binds=False, connects=True)
 @_metrics_option
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    metavar="ORIGIN",
+    multiple=True,
+    callback=_parsed(cfg.parse_origin),
+    help="A web page origin (scheme://host[:port], or *) allowed to use the bridge besides "
+    "its own; repeatable. Requests and WebSocket handshakes from other origins get 403.",
+)
 def bridge(
     sub: tuple[str, ...],
     listen: tuple[str, int],
@@ -528,6 +537,7 @@ def bridge(
     curve_secret: Path | None,
     curve_servers: tuple[Path, ...],
     metrics: tuple[str, int] | None,
+    allow_origins: tuple[str, ...],
 ) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
@@ -549,6 +559,7 @@ def bridge(
             connects=True,
         ),
         metrics=metrics,
+        allow_origins=allow_origins,
     )
     _run(role.run, config)
 

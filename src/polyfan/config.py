@@ -56,6 +56,16 @@ def parse_host_port(text: str, *, name: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def parse_origin(text: str, *, name: str = "--allow-origin") -> str:
+    """A web origin as browsers send it (``https://app.example:8443``), or ``*`` for any."""
+    if text == "*":
+        return text
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+        raise ConfigError(f"{name}: {text!r} is not an origin like https://host[:port] or *")
+    return text.rstrip("/")
+
+
 def parse_symbols(text: str, *, name: str = "--symbols") -> tuple[str, ...] | None:
     """``*`` means every symbol (``None``); otherwise a comma list of valid tickers."""
     if text.strip() == "*":
@@ -210,6 +220,8 @@ class BridgeConfig:
     max_connections_per_address: int = 10_000  # 0: no cap
     curve: CurveConfig = CurveConfig()
     metrics: tuple[str, int] | None = None
+    # Origin headers allowed besides the bridge's own ("*": any); others get 403
+    allow_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

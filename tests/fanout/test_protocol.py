@@ -362,6 +362,9 @@ def test_bars_query_defaults_and_values() -> None:
     assert parse_bars_query(
         {"channel": ["500Ms.TSLA"], "before": ["9223372036854775807"]}, limits
     ) == BarsQuery(Channel(500, "TSLA"), 600, 2**63 - 1)
+    assert parse_bars_query(
+        {"channel": ["500Ms.TSLA"], "from": ["1000"], "to": ["2000"]}, limits
+    ) == BarsQuery(Channel(500, "TSLA"), 600, 2000, 1000)
 
 
 @pytest.mark.parametrize(
@@ -398,8 +401,14 @@ def test_bars_query_defaults_and_values() -> None:
         ),
         (
             {"channel": ["500Ms.A"], "since": ["1"]},
-            "since: unknown parameter; use channel, limit and before",
+            "since: unknown parameter; use channel, limit, from, to and before",
         ),
+        ({"channel": ["500Ms.A"], "from": ["x"]}, "from: 'x' is not Unix milliseconds"),
+        (
+            {"channel": ["500Ms.A"], "to": ["5"], "before": ["5"]},
+            "to: give to or before, not both (they mean the same)",
+        ),
+        ({"channel": ["500Ms.A"], "from": ["5"], "to": ["5"]}, "from: 5 is not before to 5"),
     ],
 )
 def test_bad_bars_queries_name_the_parameter(query: dict[str, list[str]], message: str) -> None:

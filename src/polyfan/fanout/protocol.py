@@ -408,11 +408,13 @@ class ParamError(ValueError):
 class BarsQuery:
     channel: Channel
     limit: int
-    before: int | None
+    before: int | None  # bars with s < before (``to`` or ``before``)
+    since: int | None = None  # bars with s >= since (``from``)
 
 
 def parse_bars_query(query: dict[str, list[str]], limits: Limits) -> BarsQuery:
-    """``/api/bars?channel=500Ms.TSLA&limit=600&before=MS`` (``urllib.parse.parse_qs`` output)."""
+    """``/api/bars?channel=500Ms.TSLA&limit=600&before=MS`` or ``&from=MS&to=MS`` (bars with
+    ``from <= s < to``; ``before`` is another name for ``to``), from ``urllib.parse.parse_qs``."""
 
     def one(name: str) -> str | None:
         values = query.get(name)
@@ -440,16 +442,24 @@ def parse_bars_query(query: dict[str, list[str]], limits: Limits) -> BarsQuery:
                 f"limit: {limit_text!r} is not an integer from 1 to {limits.api_max_limit}"
             )
         limit = value
-    before = None
-    before_text = one("before")
-    if before_text is not None:
-        before = _milliseconds(before_text)
-        if before is None:
-            raise ParamError(f"before: {before_text!r} is not Unix milliseconds")
-    unknown = sorted(set(query) - {"channel", "limit", "before"})
+    if "before" in query and "to" in query:
+        raise ParamError("to: give to or before, not both (they mean the same)")
+    bounds: dict[str, int | None] = {}
+    for name in ("from", "to", "before"):
+        text = one(name)
+        bounds[name] = None if text is None else _milliseconds(text)
+        if text is not None and bounds[name] is None:
+            raise ParamError(f"{name}: {text!r} is not Unix milliseconds")
+    since = bounds["from"]
+    before = bounds["to"] if bounds["to"] is not None else bounds["before"]
+    if since is not None and before is not None and since >= before:
+        raise ParamError(f"from: {since} is not before to {before}")
+    unknown = sorted(set(query) - {"channel", "limit", "before", "from", "to"})
     if unknown:
-        raise ParamError(f"{unknown[0]}: unknown parameter; use channel, limit and before")
-    return BarsQuery(channel, limit, before)
+        raise ParamError(
+            f"{unknown[0]}: unknown parameter; use channel, limit, from, to and before"
+        )
+    return BarsQuery(channel, limit, before, since)
 
 
 def _milliseconds(text: str) -> int | None:

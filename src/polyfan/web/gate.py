@@ -1,8 +1,7 @@
 """The bridge's door: carries out :mod:`polyfan.web.admission`'s decision for every new connection.
 
-A shell around websockets' asyncio server (``serve(..., create_connection=...)``): its
-:class:`~websockets.asyncio.server.ServerConnection` subclass asks the :class:`Gate` in
-``connection_made``, before websockets starts its handler task or reads a byte. A refused
+The bridge's HTTP front (:class:`polyfan.web.server.HttpFront`, the asyncio protocol of every
+accepted socket) asks the :class:`Gate` in ``connection_made``, before it reads a byte. A refused
 connection is reset at once (``SO_LINGER`` 0, then ``abort()``: no FIN_WAIT, no TIME_WAIT),
 counted and logged, rate-limited; it never holds a task or a buffer. An admitted one is closed
 if its HTTP request is not complete within ``Limits.request_timeout``, and websockets'
@@ -18,10 +17,7 @@ import os
 import resource
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
-
-from websockets.asyncio.connection import Connection
-from websockets.asyncio.server import ServerConnection
+from typing import TYPE_CHECKING, Protocol
 
 from polyfan.web.admission import Admission, Admit, Refusal, RefusalLog
 
@@ -103,7 +99,7 @@ def connection_budget(limits: Limits, backlog: int = LISTEN_BACKLOG) -> int:
 
 
 class Gate:
-    """Admission for one bridge process; ``connection_class`` goes to websockets' ``serve``."""
+    """Admission for one bridge process: counts in, and the connections in the handshake."""
 
     def __init__(self, limits: Limits, counters: GateCounters, max_connections: int) -> None:
         self.limits = limits
@@ -116,21 +112,14 @@ class Gate:
         )
         self.refusals = RefusalLog(REFUSAL_LOG_EVERY)
         # address -> its connections in the handshake, oldest first (the eviction order)
-        self.handshaking: dict[str, dict[GatedConnection, None]] = {}
+        self.handshaking: dict[str, dict[Door, None]] = {}
         self._flush: asyncio.TimerHandle | None = None
-        gate = self
-
-        class BridgeConnection(GatedConnection):
-            pass
-
-        BridgeConnection.gate = gate
-        self.connection_class: type[ServerConnection] = BridgeConnection
 
     def collect(self) -> None:
         self.counters.handshakes.value = self.admission.handshakes
         self.counters.connections.value = self.admission.connections
 
-    def admit(self, connection: GatedConnection, address: str) -> bool:
+    def admit(self, connection: Door, address: str) -> bool:
         decision = self.admission.admit(address)
         if isinstance(decision, Refusal):
             self.counters.refused.inc()
@@ -151,19 +140,20 @@ class Gate:
         victim.released = True
         self.counters.evicted.inc()
         self._note("evicted", decision.evict, victim.loop)
-        _reset(victim.transport)
+        if victim.transport is not None:
+            reset(victim.transport)
 
-    def _forget(self, connection: GatedConnection) -> None:
+    def _forget(self, connection: Door) -> None:
         waiting = self.handshaking[connection.address]
         del waiting[connection]
         if not waiting:
             del self.handshaking[connection.address]
 
-    def handshake_over(self, connection: GatedConnection) -> None:
+    def handshake_over(self, connection: Door) -> None:
         self._forget(connection)
         self.admission.handshake_over(connection.address)
 
-    def closed(self, connection: GatedConnection, *, in_handshake: bool) -> None:
+    def closed(self, connection: Door, *, in_handshake: bool) -> None:
         if in_handshake:
             self._forget(connection)
         self.admission.closed(connection.address, in_handshake=in_handshake)
@@ -188,65 +178,22 @@ class Gate:
             self._flush = None
 
 
-class GatedConnection(ServerConnection):
-    """websockets' server connection, admitted by a :class:`Gate` before it starts."""
+class Door(Protocol):
+    """A connection as the gate sees it (:class:`polyfan.web.server.HttpFront`)."""
 
-    gate: Gate
-    address = ""
-    admitted = False
-    released = False  # counted out already (evicted, or closed)
-    in_handshake = False
-    _request_timer: asyncio.TimerHandle | None = None
+    address: str
+    released: bool
+    loop: asyncio.AbstractEventLoop
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer: Any = transport.get_extra_info("peername")
-        self.address = peer[0] if isinstance(peer, tuple) and peer else str(peer)
-        if not self.gate.admit(self, self.address):
-            # asyncio's side of the connection only: no handler task, nothing read.
-            Connection.connection_made(self, transport)
-            _reset(transport)
-            return
-        self.admitted = True
-        self.in_handshake = True
-        super().connection_made(transport)
-        self._request_timer = self.loop.call_later(
-            self.gate.limits.request_timeout, self._request_timed_out
-        )
+    @property
+    def request(self) -> object | None:
+        """Its first HTTP request, None until it is complete."""
 
-    def _request_timed_out(self) -> None:
-        self._request_timer = None
-        if self.request is None and self.in_handshake and not self.released:
-            self.gate.counters.request_timeouts.inc()
-            _reset(self.transport)
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().handshake(*args, **kwargs)
-        finally:
-            self._handshake_over()
-
-    def _handshake_over(self) -> None:
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
-        if self.in_handshake:
-            self.in_handshake = False
-            if not self.released:
-                self.gate.handshake_over(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.admitted and not self.released:
-            self.released = True
-            in_handshake = self.in_handshake
-            self.in_handshake = False
-            if self._request_timer is not None:
-                self._request_timer.cancel()
-                self._request_timer = None
-            self.gate.closed(self, in_handshake=in_handshake)
-        super().connection_lost(exc)
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
 
 
-def _reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.BaseTransport) -> None:
     """Close at once with a RST: the kernel frees the socket without FIN_WAIT or TIME_WAIT."""
     sock = transport.get_extra_info("socket")
     if sock is not None:

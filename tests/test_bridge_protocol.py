@@ -63,8 +63,12 @@ def url(bridge: Bridge, path: str = "/") -> str:
 
 
 def http_get(bridge: Bridge, path: str) -> tuple[int, str, bytes]:
+    """GET with the bridge's first token, if it has any (CONTRACT §8)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{bridge.port}{path}")
+    if bridge.config.tokens:
+        request.add_header("Authorization", f"Bearer {bridge.config.tokens[0]}")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{bridge.port}{path}", timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, r.headers["Content-Type"], r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers["Content-Type"], exc.read()

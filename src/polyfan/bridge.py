@@ -145,6 +145,10 @@ class Counters:
             "polyfan_bridge_bad_requests_total",
             "Client frames and HTTP requests answered with an error (or a 1008/1009 close).",
         )
+        self.http_unauthorized = registry.counter(
+            "polyfan_bridge_http_unauthorized_total",
+            "HTTP requests refused with 401: --token is set and none of them came with it.",
+        )
         self.bars_received = registry.counter(
             "polyfan_bridge_bars_received_total", "Bars received from aggregators."
         )
@@ -437,6 +441,8 @@ class Bridge:
             self._http_handlers(),
             Origins(self.config.allow_origins),
             on_bad_request=self.counters.bad_requests.inc,
+            tokens=self.config.tokens,
+            on_unauthorized=self.counters.http_unauthorized.inc,
         )
         self._http = HttpServer(
             gate,

@@ -402,3 +402,34 @@ async def test_openapi_document_is_valid_openapi_3_1_and_describes_the_api(
     assert params == {"channel", "limit", "from", "to", "before"}
     limit = next(p for p in spec["paths"]["/api/bars"]["get"]["parameters"] if p["name"] == "limit")
     assert limit["schema"]["maximum"] == bridge.limits.api_max_limit
+
+
+async def test_with_tokens_every_path_but_the_page_static_files_and_healthz_needs_one(
+    agg: FakeAgg,
+) -> None:
+    """CONTRACT §8: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``; 401 otherwise."""
+    bridge = Bridge(
+        BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0), tokens=("tok-1", "tok-2"))
+    )
+    await bridge.start()
+    try:
+        await eventually(lambda: bridge.catalog.intervals, what="the agg's announce")
+        for path in ("/", "/static/app.js", "/healthz"):
+            assert (await ask(bridge, request("GET", path))).status == 200, path
+        guarded = ("/api/bars?channel=100Ms.AAPL", "/api/symbols", "/api/info", "/metrics",
+                   "/api/openapi.json")  # fmt: skip
+        for path in guarded:
+            refused = await ask(bridge, request("GET", path))
+            assert refused.status == 401, path
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            wrong = await ask(bridge, request("GET", path, "Authorization: Bearer tok-3"))
+            assert wrong.status == 401, path
+            bearer = await ask(bridge, request("GET", path, "Authorization: Bearer tok-2"))
+            assert bearer.status == 200, path
+            joiner = "&" if "?" in path else "?"
+            assert (await ask(bridge, request("GET", f"{path}{joiner}token=tok-1"))).status == 200
+        assert counter(bridge, "polyfan_bridge_http_unauthorized_total") == 2 * len(guarded)
+        metrics = await ask(bridge, request("GET", "/metrics", "Authorization: Bearer tok-1"))
+        assert b"tok-1" not in metrics.body and b"tok-2" not in metrics.body
+    finally:
+        await bridge.stop()

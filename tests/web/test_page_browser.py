@@ -43,6 +43,7 @@ PHONE: ViewportSize = {"width": 390, "height": 844}
 PRICE_FIELDS = ("o", "h", "l", "c")
 # While the bridge is down, chromium itself logs each refused WebSocket attempt as a console
 # error; only the restart test allows these, and only until the page is live again.
+UNAUTHORIZED = re.compile(r"status of 401 \(Unauthorized\)")
 REFUSED = re.compile(r"WebSocket connection to 'ws://[^']+' failed|ERR_CONNECTION_REFUSED")
 
 # ---------------------------------------------------------------- the pipeline
@@ -118,8 +119,9 @@ class Pipeline:
             "bridge", "--sub", self.bars_endpoint, "--listen", f"127.0.0.1:{port}", *flags
         )
         bridge.wait_for(r"ready:", timeout=30)
+        token = flags[flags.index("--token") + 1] if "--token" in flags else ""
         poll(
-            lambda: get_json(f"http://127.0.0.1:{port}/api/symbols"),
+            lambda: get_json(f"http://127.0.0.1:{port}/api/symbols?token={token}"),
             timeout=10,
             what="the bridge to hear the agg's symbols",
         )
@@ -226,13 +228,18 @@ class Pages:
         self.consoles: list[Console] = []
 
     def __call__(
-        self, url: str, viewport: ViewportSize = LAPTOP, **options: Any
+        self,
+        url: str,
+        viewport: ViewportSize = LAPTOP,
+        allow: re.Pattern[str] | None = None,
+        **options: Any,
     ) -> tuple[Page, Console]:
         context = self.browser.new_context(viewport=viewport, timezone_id="UTC", **options)
         self.contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(10_000)
         console = Console()
+        console.allow = allow  # console errors this page is expected to show, from its start
         self.consoles.append(console)
         console.watch(page)
         page.goto(url)
@@ -622,13 +629,14 @@ def test_page_authenticates_with_the_token_from_its_url(
     port = free_port()
     bridge = pipeline.start_bridge(port, "--token", "s3cret")
     try:
-        page, _ = open_page(f"http://127.0.0.1:{port}/?token=wrong")
+        page, console = open_page(f"http://127.0.0.1:{port}/#token=wrong", allow=UNAUTHORIZED)
         page.wait_for_function("window.polyfan.connection() === 'auth failed'")
         assert "authentication failed" in page.inner_text("#message")
         assert page.evaluate("window.polyfan.lastClose()") is None  # no reconnect loop
-        page, _ = open_page(f"http://127.0.0.1:{port}/?token=s3cret")
+        assert console.allowed  # the bridge said 401 to its HTTP request
+        page, _ = open_page(f"http://127.0.0.1:{port}/#token=s3cret")
         wait_until_live(page)
-        wait_for_candles(page)
+        wait_for_candles(page)  # a 401 on its history request would be a console error: a failure
     finally:
         open_page.close()
         bridge.stop()

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import hmac
 import mimetypes
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,8 +125,12 @@ class Router:
         *,
         on_bad_request: Callable[[], None] = lambda: None,
         static: Path | None = None,
+        tokens: Sequence[str] = (),
+        on_unauthorized: Callable[[], None] = lambda: None,
     ) -> None:
         self.handlers = dict(handlers)
+        self.tokens = tuple(token.encode() for token in tokens)
+        self.on_unauthorized = on_unauthorized
         self.origins = origins
         self.on_bad_request = on_bad_request
         self.static = StaticFiles(static)
@@ -191,6 +196,13 @@ class Router:
             if file is None:
                 return json_response(404, {"error": f"{path}: not found"}), None
             return _file_response(file), file.gzipped
+        if self.tokens and path != "/healthz" and not self._authorized(request):
+            self.on_unauthorized()
+            response = json_response(
+                401, {"error": f"{path}: needs a token (Authorization: Bearer TOKEN, or ?token=)"}
+            )
+            response.headers.append(("WWW-Authenticate", 'Bearer realm="polyfan"'))
+            return response, None
         if path == "/api/openapi.json":
             return Response(
                 200, self.openapi, "application/json", [("Cache-Control", "no-cache")]
@@ -198,7 +210,22 @@ class Router:
         handler = self.handlers.get(path)
         if handler is None:
             return json_response(404, {"error": f"{path}: not found"}), None
-        return await handler(request.query), None
+        # ``token`` authenticates (above); it is no parameter of any handler
+        query = {name: values for name, values in request.query.items() if name != "token"}
+        return await handler(query), None
+
+
+    def _authorized(self, request: Request) -> bool:
+        """CONTRACT §8: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``, compared in
+        constant time with every accepted token."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        offered = [given.strip()] if scheme.lower() == "bearer" else []
+        offered += request.query.get("token", [])
+        return any(
+            hmac.compare_digest(candidate.encode(), token)
+            for candidate in offered
+            for token in self.tokens
+        )
 
 
 def _file_response(file: _File) -> Response:

@@ -54,6 +54,10 @@ const SYMBOL_RE = /^[A-Za-z0-9.:/_-]{1,32}$/;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+// The token comes in the URL fragment (/#token=…), which the browser never sends to a server
+// or puts in a Referer; ?token=… still works. It leaves the page only in the WebSocket auth
+// message and the Authorization header of its HTTP requests.
+const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
 
 // Bars per history request (on load and per scroll-back page); ?limit=N overrides it.
 const HISTORY_LIMIT = Math.min(Math.max(Math.trunc(Number(params.get("limit"))) || 600, 10), 5000);
@@ -61,7 +65,7 @@ const HISTORY_LIMIT = Math.min(Math.max(Math.trunc(Number(params.get("limit"))) 
 // ---------------------------------------------------------------- state
 
 const state = {
-  token: params.get("token") || "polyfan",
+  token: fragment.get("token") || params.get("token") || "polyfan",
   intervals: [],
   symbol: null,
   interval: null,
@@ -332,8 +336,14 @@ function showMessage(text) {
 // ---------------------------------------------------------------- HTTP
 
 async function getJSON(url) {
-  const response = await fetch(url, { headers: { Accept: "application/json" } });
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  const response = await fetch(url, {
+    headers: { Accept: "application/json", Authorization: `Bearer ${state.token}` },
+  });
+  if (!response.ok) {
+    const error = new Error(`${url}: HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return response.json();
 }
 
@@ -495,7 +505,7 @@ function onStatus(ev) {
     case "auth_failed":
       state.authFailed = true;
       setConnection("auth failed");
-      showMessage(`authentication failed: ${ev.message}; add ?token=… to the URL`);
+      showMessage(`authentication failed: ${ev.message}; add #token=… to the URL`);
       break;
     case "success":
       // Exactly ours: "unsubscribed to: <ours>" (a quick switch back) or "…: 1500Ms.A" for
@@ -657,6 +667,13 @@ async function servedIntervals() {
       if (info.intervals?.length) return [...info.intervals].sort((a, b) => a - b);
       showMessage("waiting for an aggregator: the bridge has not heard one yet");
     } catch (error) {
+      if (error.status === 401) {
+        // the bridge wants a token and this one is not it: asking again will not help
+        state.authFailed = true;
+        setConnection("auth failed");
+        showMessage("authentication failed: wrong or missing token; add #token=… to the URL");
+        return null;
+      }
       showMessage(`info: ${error.message}`);
     }
     await new Promise((resolve) => setTimeout(resolve, backoffDelay(attempt)));
@@ -664,7 +681,9 @@ async function servedIntervals() {
 }
 
 async function start() {
-  state.intervals = await servedIntervals();
+  const intervals = await servedIntervals();
+  if (intervals === null) return;
+  state.intervals = intervals;
   showMessage("");
   buildIntervalPicker();
   const symbols = await refreshSymbols();

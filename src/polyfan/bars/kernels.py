@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from polyfan.wire.topics import TopicArrays, find_topic
+
 
 def chosen(kernel: Any, jit: bool) -> Callable[..., Any]:
     """The compiled kernel, or its plain-Python body (``py_func``; the function itself when
@@ -447,14 +449,6 @@ N_DECODER = 13
 
 
 @njit(cache=True, inline="always")
-def topic_hash(data: np.ndarray, start: int, length: int) -> int:
-    h = 7
-    for j in range(start, start + length):
-        h = (h * 131 + int(data[j])) % 2147483647
-    return h
-
-
-@njit(cache=True, inline="always")
 def _u64(buf: np.ndarray, at: int) -> np.uint64:
     value = np.uint64(0)
     for j in range(8):
@@ -481,55 +475,11 @@ def _i64(buf: np.ndarray, at: int) -> int:
 
 
 @njit(cache=True)
-def insert_topics(
-    slots: np.ndarray, topic_bytes: np.ndarray, topic_len: np.ndarray, first: int, stop: int
-) -> None:
-    """Insert topics ``first .. stop - 1`` (not yet in it) into ``slots``, an open-addressing
-    table whose size is a power of two: one topic when a symbol is new, every topic when
-    the table has just doubled."""
-    mask = slots.shape[0] - 1
-    for tid in range(first, stop):
-        at = topic_hash(topic_bytes[tid], 0, topic_len[tid]) & mask
-        while slots[at] >= 0:
-            at = (at + 1) & mask
-        slots[at] = tid
-
-
-@njit(cache=True, inline="always")
-def find_topic(
-    buf: np.ndarray,
-    start: int,
-    length: int,
-    slots: np.ndarray,
-    topic_bytes: np.ndarray,
-    topic_len: np.ndarray,
-) -> int:
-    """The id of the topic ``buf[start:start + length]``, or -1 if it is not in the table."""
-    mask = slots.shape[0] - 1
-    at = topic_hash(buf, start, length) & mask
-    while True:
-        tid = slots[at]
-        if tid < 0:
-            return -1
-        if topic_len[tid] == length:
-            same = True
-            for j in range(length):
-                if topic_bytes[tid, j] != buf[start + j]:
-                    same = False
-                    break
-            if same:
-                return int(tid)
-        at = (at + 1) & mask
-
-
-@njit(cache=True)
 def unknown_topics(
     buf: np.ndarray,
     offsets: np.ndarray,
     start: int,
-    slots: np.ndarray,
-    topic_bytes: np.ndarray,
-    topic_len: np.ndarray,
+    topics: TopicArrays,
     found: np.ndarray,
 ) -> int:
     """Frames from ``start`` whose topic is not in the table (indices into ``found``), so the
@@ -540,7 +490,7 @@ def unknown_topics(
         end = min(offsets[f + 1], begin + TOPIC_WIDTH + 1)
         for j in range(begin, end):
             if buf[j] == 0:
-                if find_topic(buf, begin, j - begin, slots, topic_bytes, topic_len) < 0:
+                if find_topic(buf, begin, j - begin, topics) < 0:
                     found[count] = f
                     count += 1
                 break
@@ -552,9 +502,7 @@ def decode_frames(
     buf: np.ndarray,
     offsets: np.ndarray,
     start: int,
-    slots: np.ndarray,
-    topic_bytes: np.ndarray,
-    topic_len: np.ndarray,
+    topics: TopicArrays,
     topic_sym: np.ndarray,
     last_session: np.ndarray,
     last_seq: np.ndarray,
@@ -611,7 +559,7 @@ def decode_frames(
         ):
             state[D_BAD] += 1
             continue
-        tid = find_topic(buf, begin, nul - begin, slots, topic_bytes, topic_len)
+        tid = find_topic(buf, begin, nul - begin, topics)
         if tid < 0:
             return f
         session = _u64(buf, head + 8)

@@ -23,6 +23,7 @@ import numpy as np
 from polyfan.bars import kernels
 from polyfan.config import SYMBOL_RE
 from polyfan.wire import codec
+from polyfan.wire.topics import TopicTable
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -59,14 +60,10 @@ class FrameDecoder:
     def __init__(self, symbols: Sequence[str] | None = None, *, jit: bool = True) -> None:
         self._decode: Callable[..., Any] = kernels.chosen(kernels.decode_frames, jit)
         self._unknown: Callable[..., Any] = kernels.chosen(kernels.unknown_topics, jit)
-        self._insert_topics: Callable[..., Any] = kernels.chosen(kernels.insert_topics, jit)
         self._accept = None if symbols is None else frozenset(symbols)
         self.symbol_names: list[str] = []
         self._symbol_ids: dict[str, int] = {}
-        self._topics = 0
-        self._slots = np.full(64, -1, dtype=np.int64)
-        self._topic_bytes = np.zeros((32, kernels.TOPIC_WIDTH), dtype=np.uint8)
-        self._topic_len = np.zeros(32, dtype=np.int64)
+        self._topics = TopicTable(kernels.TOPIC_WIDTH, jit=jit)
         self._topic_sym = np.zeros(32, dtype=np.int64)
         self._last_session = np.zeros(32, dtype=np.uint64)
         self._last_seq = np.zeros(32, dtype=np.uint64)
@@ -77,7 +74,6 @@ class FrameDecoder:
         self.state[kernels.D_CLOSE_PAST] = _INT64_MAX
         self.state[kernels.D_CLOSED_AT] = _INT64_MIN
         self._add_topic(codec.CONTROL.encode(), kernels.TOPIC_CONTROL)
-        self._rehash(len(self._slots))  # loads the kernel now, not in the batch that needs it
         for symbol in symbols or ():
             self.symbol_id(symbol)
 
@@ -148,39 +144,20 @@ class FrameDecoder:
     # --- the topic table ----------------------------------------------------------------
 
     def _add_topic(self, topic: bytes, sym: int) -> None:
-        tid = self._topics
-        if tid >= len(self._topic_len):
-            grow = len(self._topic_len)
-            self._topic_bytes = np.concatenate(
-                [self._topic_bytes, np.zeros_like(self._topic_bytes)]
-            )
-            for name in ("_topic_len", "_topic_sym", "_last_session", "_last_seq", "_seen"):
+        tid = self._topics.add(topic)
+        if tid < 0:
+            raise ValueError(f"topic longer than {kernels.TOPIC_WIDTH} bytes: {topic!r}")
+        if tid >= len(self._topic_sym):
+            grow = len(self._topic_sym)
+            for name in ("_topic_sym", "_last_session", "_last_seq", "_seen"):
                 array = getattr(self, name)
                 setattr(self, name, np.concatenate([array, np.zeros(grow, dtype=array.dtype)]))
-        self._topic_bytes[tid, : len(topic)] = np.frombuffer(topic, dtype=np.uint8)
-        self._topic_len[tid] = len(topic)
         self._topic_sym[tid] = sym
-        self._topics = tid + 1
-        if 2 * self._topics > len(self._slots):
-            self._rehash(2 * len(self._slots))
-        else:
-            self._insert(tid)
-
-    def _insert(self, tid: int) -> None:
-        self._insert_topics(self._slots, self._topic_bytes, self._topic_len, tid, tid + 1)
-
-    def _rehash(self, size: int) -> None:
-        """A table of ``size`` slots with every topic in it: one kernel call (a Python loop
-        over thousands of topics cost 5-8 ms in the batch that met the next symbol)."""
-        self._slots = np.full(size, -1, dtype=np.int64)
-        self._insert_topics(self._slots, self._topic_bytes, self._topic_len, 0, self._topics)
 
     def _register_new_topics(self, buf: np.ndarray, offsets: np.ndarray, start: int) -> None:
         """Register every topic of the batch not yet in the table, from frame ``start`` on."""
         found = np.empty(len(offsets) - 1 - start, dtype=np.int64)
-        count = self._unknown(
-            buf, offsets, start, self._slots, self._topic_bytes, self._topic_len, found
-        )
+        count = self._unknown(buf, offsets, start, self._topics.arrays, found)
         seen: set[bytes] = set()
         for index in found[:count].tolist():
             frame = buf[offsets[index] : offsets[index + 1]].tobytes()
@@ -236,9 +213,7 @@ class FrameDecoder:
                 buf,
                 offsets,
                 start,
-                self._slots,
-                self._topic_bytes,
-                self._topic_len,
+                self._topics.arrays,
                 self._topic_sym,
                 self._last_session,
                 self._last_seq,

@@ -13,6 +13,10 @@ probe, one insert:
   take the arrays as one tuple (free in numba: the tuple is unpacked at compile time).
 - :class:`TopicTable` owns the arrays: a fixed table for the scanner, which interns inside its
   kernel, or one that grows from Python (:meth:`TopicTable.add`) for the decoder.
+
+numba's cache keys a kernel on its own file only, and these kernels are compiled into their
+callers (``scan_frame``, ``decode_frames``): after changing this file, delete the callers'
+cached code too (``find src -name '*.nb[ci]' -delete``), or they keep the old hash.
 """
 
 from __future__ import annotations
@@ -23,14 +27,9 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from polyfan.jit import chosen
+
 TopicArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def chosen(kernel: Any, jit: bool) -> Callable[..., Any]:
-    """The compiled kernel, or its plain-Python body (``py_func``; the function itself when
-    numba is disabled with NUMBA_DISABLE_JIT=1)."""
-    function: Callable[..., Any] = kernel if jit else getattr(kernel, "py_func", kernel)
-    return function
 
 
 @njit(cache=True, inline="always")

@@ -24,16 +24,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from polyfan.symbols import MAX_SYMBOL_LENGTH, symbol_bytes
 from polyfan.wire import codec, topics
 
-MAX_SYMBOL = 32
+MAX_SYMBOL = MAX_SYMBOL_LENGTH
 TABLE_SLOTS = 1 << 18
 MAX_SYMBOLS = TABLE_SLOTS // 2
 MIN_TRADE_BYTES = 24  # no trade object the scanner accepts is shorter: bounds rows per frame
 
 _SYMBOL_BYTES = np.zeros(256, np.bool_)
-for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.:/_-":
-    _SYMBOL_BYTES[_c] = True
+_SYMBOL_BYTES[list(symbol_bytes())] = True
 _POW10 = np.array([10.0**k for k in range(23)])
 
 BAIL = -1

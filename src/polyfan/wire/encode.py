@@ -34,8 +34,8 @@ def encode_bars(
 ) -> int:
     """One BARS message per run of equal ``series`` (each series' bars adjacent, oldest first).
 
-    ``topics = (topic_bytes, topic_len)`` are the bar topics by series; ``raw`` is the bars' bytes (BAR_DTYPE records back to back); message i is
-    ``out[offsets[i]:offsets[i + 1]]``. ``seqs[series]`` is the topic's last sequence number.
+    ``topics = (topic_bytes, topic_len)`` are the bar topics by series; ``raw`` is the bars'
+    bytes (BAR_DTYPE records back to back); message i is ``out[offsets[i]:offsets[i + 1]]``. ``seqs[series]`` is the topic's last sequence number.
     ``out`` needs ``runs * (TOPIC_WIDTH + 1 + HEADER_SIZE) + len(raw)`` bytes. Returns the
     number of messages.
     """

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from polyfan import symbols
 from polyfan.errors import ConfigError
 from polyfan.redact import mask_url
 
@@ -22,7 +23,7 @@ DEFAULT_BRIDGE_LISTEN = "127.0.0.1:8768"
 DEFAULT_SIM_LISTEN = "127.0.0.1:8766"
 DEFAULT_INTERVALS = ("100ms", "250ms", "500ms", "1s", "5s", "1m")
 
-SYMBOL_RE = re.compile(r"[A-Za-z0-9.:/_-]{1,32}")
+SYMBOL_RE = symbols.SYMBOL_RE  # polyfan.symbols defines the alphabet once
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from polyfan.bars import conditions, kernels
 from polyfan.errors import WireError
-from polyfan.wire import codec
+from polyfan.wire import codec, decode, encode
 from polyfan.wire.ingest import FrameDecoder, join_frames, split_frames
 
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
@@ -219,17 +219,19 @@ def test_a_trade_topic_that_is_no_symbol_is_ignored_and_counted(jit: bool) -> No
 
 
 def test_the_kernels_copies_of_the_wire_constants_agree_with_wire() -> None:
-    # numba's cache keys on kernels.py alone, so the kernels keep literal copies: check them.
-    assert (codec.HEADER.size, codec.VERSION) == (kernels.HEADER_SIZE, kernels.WIRE_VERSION)
+    # numba's cache keys on each kernel's own file, so the kernels keep literal copies: check them.
+    assert (codec.HEADER.size, codec.VERSION) == (decode.HEADER_SIZE, decode.WIRE_VERSION)
+    assert (codec.HEADER.size, codec.BAR_DTYPE.itemsize) == (encode.HEADER_SIZE, encode.BAR_SIZE)
+    assert (encode.WIRE_VERSION, encode.KIND_BARS) == (codec.VERSION, codec.Kind.BARS)
     assert (
         codec.TRADE_DTYPE.itemsize,
         codec.BAR_DTYPE.itemsize,
         codec.CLOCK_DTYPE.itemsize,
         codec.UPSTREAM_DTYPE.itemsize,
-    ) == (kernels.TRADE_SIZE, kernels.BAR_SIZE, kernels.CLOCK_SIZE, kernels.UPSTREAM_SIZE)
-    kinds = (kernels.KIND_TRADES, kernels.KIND_BARS, kernels.KIND_CLOCK, kernels.KIND_UPSTREAM)
+    ) == (decode.TRADE_SIZE, decode.BAR_SIZE, decode.CLOCK_SIZE, decode.UPSTREAM_SIZE)
+    kinds = (decode.KIND_TRADES, decode.KIND_BARS, decode.KIND_CLOCK, decode.KIND_UPSTREAM)
     assert kinds == (codec.Kind.TRADES, codec.Kind.BARS, codec.Kind.CLOCK, codec.Kind.UPSTREAM)
-    assert max(codec.Kind) == kernels.MAX_KIND
+    assert max(codec.Kind) == decode.MAX_KIND
     assert (kernels.FLAG_OUTAGE, kernels.FLAG_CARRIED) == (
         codec.BAR_FLAG_OUTAGE,
         codec.BAR_FLAG_CARRIED,
@@ -243,12 +245,12 @@ def test_the_kernels_copies_of_the_wire_constants_agree_with_wire() -> None:
 
 
 def test_the_kernels_copies_of_the_input_bounds_agree_with_wire() -> None:
-    assert (kernels.MAX_PRICE, kernels.MAX_SIZE) == (codec.MAX_PRICE, codec.MAX_SIZE)
+    assert (decode.MAX_PRICE, decode.MAX_SIZE) == (codec.MAX_PRICE, codec.MAX_SIZE)
     words = np.zeros(1, codec.TRADE_DTYPE).view(np.float64)
-    assert len(words) == kernels.TRADE_WORDS
+    assert len(words) == decode.TRADE_WORDS
     probe = np.zeros(1, codec.TRADE_DTYPE)
     probe["p"], probe["s"] = 1.5, 2.5
-    assert probe.view(np.float64)[[kernels.TRADE_P_WORD, kernels.TRADE_S_WORD]].tolist() == [
+    assert probe.view(np.float64)[[decode.TRADE_P_WORD, decode.TRADE_S_WORD]].tolist() == [
         1.5,
         2.5,
     ]

@@ -23,15 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from polyfan.bars import conditions, kernels
+from polyfan.bars import conditions
 from polyfan.bars.history import History
 from polyfan.bars.outages import Change, Outages, describe
 from polyfan.bars.state import Bars
 from polyfan.config import AggConfig
 from polyfan.errors import WireError
 from polyfan.fanout import protocol
+from polyfan.jit import chosen
 from polyfan.metrics import Registry
-from polyfan.wire import codec, peers
+from polyfan.wire import codec, decode, encode, peers
 from polyfan.wire.ingest import FrameDecoder, join_frames, split_frames
 
 log = logging.getLogger("polyfan.agg")
@@ -42,7 +43,7 @@ MAX_REPLY_BARS = 20_000  # bars in one HISTORY reply at most (docs/limits.md); a
 _U64_MAX = 2**64 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
-BAR_TOPIC_WIDTH = 8 + kernels.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
+BAR_TOPIC_WIDTH = 8 + decode.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
 BAR_SIZE = codec.BAR_DTYPE.itemsize
 # polyfan_agg_bar_delay_seconds's bucket bounds: sub-millisecond to a stalled second
 BAR_DELAY_BUCKETS = (
@@ -132,7 +133,7 @@ class Aggregator:
         )
         self.history = History(config.history_ms, jit=jit)
         self.sequencer = codec.Sequencer(self.session)
-        self._encode_bars: Callable[..., Any] = kernels.chosen(kernels.encode_bars, jit)
+        self._encode_bars: Callable[..., Any] = chosen(encode.encode_bars, jit)
         self._bar_topics_for = 0  # symbols whose bar topics are in the table
         self._bar_topic_bytes = np.zeros((0, BAR_TOPIC_WIDTH), dtype=np.uint8)
         self._bar_topic_len = np.zeros(0, dtype=np.int64)
@@ -424,8 +425,7 @@ class Aggregator:
         messages = self._encode_bars(
             series,
             bars.view(np.uint8),
-            self._bar_topic_bytes,
-            self._bar_topic_len,
+            (self._bar_topic_bytes, self._bar_topic_len),
             self._bar_seqs,
             np.uint64(self.session),
             out,

@@ -7,7 +7,7 @@ Memory follows the bars actually made, in two tiers (docs/architecture.md, "Bars
   (the old region goes on a free list for reuse) or is compacted in place once its head has
   been packed or trimmed. The arena reserves address space up front (``np.empty``: pages
   count as resident only once written). Appending a batch of closed bars is one kernel call
-  (:mod:`polyfan.bars.kernels`); lookups are binary searches over the region.
+  (:mod:`polyfan.bars.arena`); lookups are binary searches over the region.
 - Older bars: packed ``block`` at a time into records of a lossless field-aware codec, written
   to a log of fixed-size segments that are freed whole once every bar in them is past the
   retention (:mod:`polyfan.bars.barcodec`). A one-trade bar takes 4 to 6 bytes there instead of 64.
@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from polyfan.bars import barcodec, kernels
+from polyfan.bars import arena, barcodec
+from polyfan.jit import chosen
 from polyfan.wire import codec
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
@@ -70,21 +71,21 @@ class History:
         self._sweep = sweep
         self._next_sweep = 0
         self._cutoff = _INT64_MIN
-        self._append: Callable[..., Any] = kernels.chosen(kernels.history_append, jit)
-        self._trim: Callable[..., Any] = kernels.chosen(kernels.history_trim, jit)
-        self._pack: Callable[..., Any] = kernels.chosen(barcodec.log_pack, jit)
-        self._free: Callable[..., Any] = kernels.chosen(barcodec.log_free, jit)
-        self._walk: Callable[..., Any] = kernels.chosen(barcodec.log_walk, jit)
-        self._decode: Callable[..., Any] = kernels.chosen(barcodec.log_decode, jit)
+        self._append: Callable[..., Any] = chosen(arena.history_append, jit)
+        self._trim: Callable[..., Any] = chosen(arena.history_trim, jit)
+        self._pack: Callable[..., Any] = chosen(barcodec.log_pack, jit)
+        self._free: Callable[..., Any] = chosen(barcodec.log_free, jit)
+        self._walk: Callable[..., Any] = chosen(barcodec.log_walk, jit)
+        self._decode: Callable[..., Any] = chosen(barcodec.log_decode, jit)
         self._off = np.full(0, -1, dtype=np.int64)
         self._start = np.zeros(0, dtype=np.int64)
         self._end = np.zeros(0, dtype=np.int64)
         self._cap = np.zeros(0, dtype=np.int64)
         self._newest = np.full(0, -1, dtype=np.int64)  # newest packed record (log position)
         self._newest_last = np.full(0, _INT64_MIN, dtype=np.int64)  # its last bar's start
-        self._region_free = np.full(kernels.N_CLASSES, -1, dtype=np.int64)
+        self._region_free = np.full(arena.N_CLASSES, -1, dtype=np.int64)
         self._arena = _reserve(RESERVE_ROWS if rows is None else rows)
-        self._state = np.zeros(kernels.N_HISTORY, dtype=np.int64)
+        self._state = np.zeros(arena.N_HISTORY, dtype=np.int64)
         self._log_map = _reserve_bytes(segments * segment_bytes)
         self._log = self._log_map.array
         self._releases = segment_bytes % mmap.PAGESIZE == 0  # whole pages: give them back
@@ -116,12 +117,12 @@ class History:
             setattr(self, name, np.concatenate([array, np.full(size - have, fill, np.int64)]))
 
     def _regions(self) -> tuple[np.ndarray, ...]:
-        """The arrays the history kernels work on besides the arena (kernels.py, "history")."""
+        """The arrays the history kernels work on besides the arena (:mod:`polyfan.bars.arena`)."""
         return self._off, self._start, self._end, self._cap, self._region_free, self._state
 
     def _make_room(self, rows: int) -> None:
         """At least ``rows`` more rows above the top: a bigger arena, the used rows copied."""
-        top = int(self._state[kernels.H_TOP])
+        top = int(self._state[arena.H_TOP])
         size = len(self._arena)
         grown = _reserve(max(size + size // 2, top + rows))
         grown[:top] = self._arena[:top]
@@ -285,9 +286,9 @@ class History:
         off = int(self._off[series])
         lo, hi = off + int(self._start[series]), off + int(self._end[series])
         if since is not None:
-            lo = kernels.lower_bound(self._arena, lo, hi, since)
+            lo = arena.lower_bound(self._arena, lo, hi, since)
         if before is not None:
-            hi = kernels.lower_bound(self._arena, lo, hi, before)
+            hi = arena.lower_bound(self._arena, lo, hi, before)
         if hi <= lo:
             return _EMPTY
         return self._arena[lo:hi].copy().view(codec.BAR_DTYPE).reshape(hi - lo)
@@ -310,7 +311,7 @@ class History:
         """Bytes in use: arena rows below the top (regions and free lists), the per-series
         index, and the log's slots in use (or every slot ever written, when segments are not
         whole pages and so cannot be handed back)."""
-        hot = int(self._state[kernels.H_TOP]) * codec.BAR_DTYPE.itemsize + 5 * self._off.nbytes
+        hot = int(self._state[arena.H_TOP]) * codec.BAR_DTYPE.itemsize + 5 * self._off.nbytes
         info = self._log_state[4]
         in_use = len(self._log_state[0]) - int(info[barcodec.L_FREE])
         slots = in_use if self._releases else self._slots_touched
@@ -327,12 +328,12 @@ class History:
     @property
     def rows(self) -> tuple[int, int, int]:
         """Arena rows: allocated, below the top (in regions or free lists), on free lists."""
-        return len(self._arena), int(self._state[kernels.H_TOP]), self.free_rows
+        return len(self._arena), int(self._state[arena.H_TOP]), self.free_rows
 
     @property
     def free_rows(self) -> int:
         """Arena rows on the free lists, waiting for reuse."""
-        return int(self._state[kernels.H_FREE_ROWS])
+        return int(self._state[arena.H_FREE_ROWS])
 
     def __len__(self) -> int:
         """Series with bars."""

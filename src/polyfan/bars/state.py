@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from polyfan.bars import kernels
+from polyfan.jit import chosen
 from polyfan.wire import codec
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -49,8 +50,8 @@ class Bars:
         self.intervals = np.asarray(intervals_ms, dtype=np.int64)
         self.grace = int(grace_ms)
         self.rules = np.ascontiguousarray(rules, dtype=np.uint8)
-        self._apply: Callable[..., Any] = kernels.chosen(kernels.apply_trades, jit)
-        self._close: Callable[..., Any] = kernels.chosen(kernels.close_bars, jit)
+        self._apply: Callable[..., Any] = chosen(kernels.apply_trades, jit)
+        self._close: Callable[..., Any] = chosen(kernels.close_bars, jit)
         n_series = max(1, symbols) * len(self.intervals)
         self.head = np.full(n_series, -1, dtype=np.int64)
         self.prev_close = np.zeros(n_series, dtype=np.float64)
@@ -65,6 +66,15 @@ class Bars:
         self.counters = np.zeros(kernels.N_COUNTERS, dtype=np.int64)
         self._outage_lo = np.zeros(0, dtype=np.int64)
         self._outage_hi = np.zeros(0, dtype=np.int64)
+
+    @property
+    def pool(self) -> tuple[np.ndarray, ...]:
+        """The open-bar pool as the kernels take it: ``(head, pool_i, pool_f, free,
+        slot_close, meta, counters)`` (a new tuple each time: the pool grows)."""
+        return (
+            self.head, self.pool_i, self.pool_f, self.free, self.slot_close, self.meta,
+            self.counters,
+        )  # fmt: skip
 
     # --- sizes and counters -------------------------------------------------------------
 
@@ -128,27 +138,19 @@ class Bars:
         if len(trades) == 0:
             return
         self.ensure_symbols(int(symbols.max()) + 1)
+        columns = (
+            trades["t"],
+            trades["p"],
+            trades["s"],
+            trades["nc"],
+            trades["c"],
+            symbols,
+            clocks,
+        )
         position = 0
         while True:
             position = self._apply(
-                trades["t"],
-                trades["p"],
-                trades["s"],
-                trades["nc"],
-                trades["c"],
-                symbols,
-                clocks,
-                position,
-                self.intervals,
-                self.grace,
-                self.rules,
-                self.head,
-                self.pool_i,
-                self.pool_f,
-                self.free,
-                self.slot_close,
-                self.meta,
-                self.counters,
+                columns, position, self.intervals, self.grace, self.rules, self.pool
             )
             if position < 0:
                 return
@@ -186,28 +188,12 @@ class Bars:
         count = self._close(
             np.int64(clock),
             self.intervals,
-            self.grace,
-            self.head,
-            self.prev_close,
-            self.has_prev,
-            self.pool_i,
-            self.pool_f,
-            self.free,
-            self.slot_close,
-            self.meta,
-            self._outage_lo,
-            self._outage_hi,
-            series,
-            bars["s"],
-            bars["o"],
-            bars["h"],
-            bars["l"],
-            bars["c"],
-            bars["v"],
-            bars["vw"],
-            bars["n"],
-            bars["flags"],
-        )
+            self.pool,
+            (self.prev_close, self.has_prev),
+            (self._outage_lo, self._outage_hi),
+            (series, bars["s"], bars["o"], bars["h"], bars["l"], bars["c"], bars["v"],
+             bars["vw"], bars["n"], bars["flags"]),
+        )  # fmt: skip
         return series[:count], bars[:count]
 
     def series_id(self, symbol_id: int, interval_ms: int) -> int:

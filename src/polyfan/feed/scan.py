@@ -14,9 +14,9 @@ Numbers are converted with Clinger's fast path: a decimal with at most 15 signif
 and at most 22 fraction digits is ``mantissa / 10**k`` with both operands exact doubles, so one
 IEEE division gives the correctly rounded value, the same double that ``float(text)`` gives.
 
-Symbols are interned in an open-addressing table kept in NumPy arrays (:class:`SymbolTable`),
-so each trade leaves the scanner with a small integer symbol id; ids are shared with the
-msgspec path.
+Symbols are interned in the wire's topic table (:mod:`polyfan.wire.topics`, the same hash and
+probe as the agg's topic lookups; :class:`SymbolTable` is a fixed one), so each trade leaves the
+scanner with a small integer symbol id; ids are shared with the msgspec path.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from polyfan.wire import codec
+from polyfan.symbols import MAX_SYMBOL_LENGTH, symbol_bytes
+from polyfan.wire import codec, topics
 
-MAX_SYMBOL = 32
+MAX_SYMBOL = MAX_SYMBOL_LENGTH
 TABLE_SLOTS = 1 << 18
 MAX_SYMBOLS = TABLE_SLOTS // 2
 MIN_TRADE_BYTES = 24  # no trade object the scanner accepts is shorter: bounds rows per frame
 
 _SYMBOL_BYTES = np.zeros(256, np.bool_)
-for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.:/_-":
-    _SYMBOL_BYTES[_c] = True
+_SYMBOL_BYTES[list(symbol_bytes())] = True
 _POW10 = np.array([10.0**k for k in range(23)])
 
 BAIL = -1
@@ -44,26 +44,24 @@ def warm_up() -> None:
     Columns(4).scan(b'[{"ev":"T","sym":"A","p":1.5,"s":1,"t":1,"c":[1]}]', 0, SymbolTable())
 
 
-class SymbolTable:
-    """Symbol bytes -> small integer id, in arrays the scanner can use."""
+class SymbolTable(topics.TopicTable):
+    """Symbol bytes -> small integer id: a fixed topic table the scanner interns into."""
 
     def __init__(self) -> None:
-        self.slots = np.full(TABLE_SLOTS, -1, np.int64)  # slot -> symbol id
-        self.names = np.zeros((MAX_SYMBOLS, MAX_SYMBOL), np.uint8)  # id -> bytes
-        self.lengths = np.zeros(MAX_SYMBOLS, np.int64)
-        self.count = np.zeros(1, np.int64)  # symbols interned so far
+        super().__init__(MAX_SYMBOL, rows=MAX_SYMBOLS, slots=TABLE_SLOTS, grow=False)
+
+    @property
+    def count(self) -> np.ndarray:
+        """``count[0]``: symbols interned so far."""
+        return self.arrays[3]
 
     def intern(self, symbol: bytes) -> int:
         """The id of a valid symbol (interning it), or -1 if invalid or the table is full."""
         data = np.frombuffer(symbol, np.uint8)
-        return int(
-            _intern(
-                data, 0, len(data), self.slots, self.names, self.lengths, self.count, _SYMBOL_BYTES
-            )
-        )
+        return int(_intern(data, 0, len(data), self.arrays, _SYMBOL_BYTES))
 
     def name(self, symbol_id: int) -> str:
-        return bytes(self.names[symbol_id, : self.lengths[symbol_id]]).decode()
+        return self.bytes_of(symbol_id).decode()
 
 
 class Columns:
@@ -88,8 +86,7 @@ class Columns:
             scan_frame(
                 np.frombuffer(frame, np.uint8), row, self.t, self.p, self.s, self.q, self.trft,
                 self.trfi, self.x, self.z, self.nc, self.c, self.ids,
-                table.slots, table.names, table.lengths, table.count,
-                _SYMBOL_BYTES, _POW10,
+                table.arrays, _SYMBOL_BYTES, _POW10,
             )
         )  # fmt: skip
 
@@ -101,8 +98,9 @@ class Columns:
 
 
 @njit(cache=True, error_model="numpy")
-def _intern(buf, start, end, slots, names, lengths, count, symbol_bytes):  # type: ignore[no-untyped-def]
-    """The id of the symbol in ``buf[start:end]``, interning it; -1 if it is not a valid symbol.
+def _intern(buf, start, end, arrays, symbol_bytes):  # type: ignore[no-untyped-def]
+    """The id of the symbol in ``buf[start:end]``, interning it; -1 if it is not a valid symbol
+    or the table is full.
 
     Characters are checked only when a symbol is first seen: a symbol found in the table was
     valid when it went in.
@@ -110,36 +108,13 @@ def _intern(buf, start, end, slots, names, lengths, count, symbol_bytes):  # typ
     length = end - start
     if length < 1 or length > MAX_SYMBOL:
         return -1
-    h = 5381  # djb2, kept to 32 bits: no overflow compiled or not (NUMBA_DISABLE_JIT=1)
-    for i in range(start, end):
-        h = (h * 33 + int(buf[i])) & 0xFFFFFFFF
-    mask = slots.shape[0] - 1
-    slot = (h ^ (h >> 15)) & mask
-    while True:
-        sid = slots[slot]
-        if sid < 0:
-            break
-        if lengths[sid] == length:
-            same = True
-            for i in range(length):
-                if names[sid, i] != buf[start + i]:
-                    same = False
-                    break
-            if same:
-                return sid
-        slot = (slot + 1) & mask
+    sid = topics.find_topic(buf, start, length, arrays)
+    if sid >= 0:
+        return sid
     for i in range(start, end):
         if not symbol_bytes[buf[i]]:
             return -1
-    sid = count[0]
-    if sid >= names.shape[0]:
-        return -1
-    count[0] = sid + 1
-    slots[slot] = sid
-    lengths[sid] = length
-    for i in range(length):
-        names[sid, i] = buf[start + i]
-    return sid
+    return topics.add_topic(buf, start, length, arrays)
 
 
 @njit(cache=True, error_model="numpy")
@@ -236,7 +211,7 @@ def _string_end(buf, i, n):  # type: ignore[no-untyped-def]
 @njit(cache=True, error_model="numpy")
 def scan_frame(  # type: ignore[no-untyped-def]
     buf, row, t_out, p_out, s_out, q_out, trft_out, trfi_out, x_out, z_out, nc_out, c_out,
-    id_out, slots, names, lengths, count, symbol_bytes, pow10,
+    id_out, symbols, symbol_bytes, pow10,
 ):  # fmt: skip
     n = buf.shape[0]
     capacity = t_out.shape[0]
@@ -293,7 +268,7 @@ def scan_frame(  # type: ignore[no-untyped-def]
                 end = _string_end(buf, i + 1, n)
                 if end < 0:
                     return -1
-                sym_id = _intern(buf, i + 1, end, slots, names, lengths, count, symbol_bytes)
+                sym_id = _intern(buf, i + 1, end, symbols, symbol_bytes)
                 if sym_id < 0:
                     return -1
                 i = end + 1

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from polyfan.bars import kernels
 from polyfan.config import SYMBOL_RE
-from polyfan.wire import codec
+from polyfan.jit import chosen
+from polyfan.wire import codec, decode
+from polyfan.wire.topics import TopicTable
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -57,27 +58,22 @@ class FrameDecoder:
     """Topic table, sequence state and feed clock for one subscriber."""
 
     def __init__(self, symbols: Sequence[str] | None = None, *, jit: bool = True) -> None:
-        self._decode: Callable[..., Any] = kernels.chosen(kernels.decode_frames, jit)
-        self._unknown: Callable[..., Any] = kernels.chosen(kernels.unknown_topics, jit)
-        self._insert_topics: Callable[..., Any] = kernels.chosen(kernels.insert_topics, jit)
+        self._decode: Callable[..., Any] = chosen(decode.decode_frames, jit)
+        self._unknown: Callable[..., Any] = chosen(decode.unknown_topics, jit)
         self._accept = None if symbols is None else frozenset(symbols)
         self.symbol_names: list[str] = []
         self._symbol_ids: dict[str, int] = {}
-        self._topics = 0
-        self._slots = np.full(64, -1, dtype=np.int64)
-        self._topic_bytes = np.zeros((32, kernels.TOPIC_WIDTH), dtype=np.uint8)
-        self._topic_len = np.zeros(32, dtype=np.int64)
+        self._topics = TopicTable(decode.TOPIC_WIDTH, jit=jit)
         self._topic_sym = np.zeros(32, dtype=np.int64)
         self._last_session = np.zeros(32, dtype=np.uint64)
         self._last_seq = np.zeros(32, dtype=np.uint64)
         self._seen = np.zeros(32, dtype=np.uint8)
         self.symbol_trades = np.zeros(64, dtype=np.int64)
-        self.state = np.zeros(kernels.N_DECODER, dtype=np.int64)
-        self.state[kernels.D_CLOCK] = _INT64_MIN
-        self.state[kernels.D_CLOSE_PAST] = _INT64_MAX
-        self.state[kernels.D_CLOSED_AT] = _INT64_MIN
-        self._add_topic(codec.CONTROL.encode(), kernels.TOPIC_CONTROL)
-        self._rehash(len(self._slots))  # loads the kernel now, not in the batch that needs it
+        self.state = np.zeros(decode.N_DECODER, dtype=np.int64)
+        self.state[decode.D_CLOCK] = _INT64_MIN
+        self.state[decode.D_CLOSE_PAST] = _INT64_MAX
+        self.state[decode.D_CLOSED_AT] = _INT64_MIN
+        self._add_topic(codec.CONTROL.encode(), decode.TOPIC_CONTROL)
         for symbol in symbols or ():
             self.symbol_id(symbol)
 
@@ -86,11 +82,11 @@ class FrameDecoder:
     @property
     def clock(self) -> int | None:
         """The feed clock: the largest CLOCK received so far (None before the first)."""
-        return int(self.state[kernels.D_CLOCK]) if self.state[kernels.D_HAS_CLOCK] else None
+        return int(self.state[decode.D_CLOCK]) if self.state[decode.D_HAS_CLOCK] else None
 
     @property
     def clock_wall(self) -> int:
-        return int(self.state[kernels.D_CLOCK_WALL])
+        return int(self.state[decode.D_CLOCK_WALL])
 
     @property
     def control_session(self) -> int | None:
@@ -100,32 +96,32 @@ class FrameDecoder:
     def close_past(self, clock: int | None) -> None:
         """Note the first CLOCK from now on that takes the feed clock past ``clock`` (None:
         none); :meth:`closed_at` tells it."""
-        self.state[kernels.D_CLOSE_PAST] = _INT64_MAX if clock is None else clock
+        self.state[decode.D_CLOSE_PAST] = _INT64_MAX if clock is None else clock
 
     def closed_at(self) -> int | None:
         """The feed clock the CLOCK asked for by :meth:`close_past` made, once, else None."""
-        value = int(self.state[kernels.D_CLOSED_AT])
+        value = int(self.state[decode.D_CLOSED_AT])
         if value == _INT64_MIN:
             return None
-        self.state[kernels.D_CLOSED_AT] = _INT64_MIN
+        self.state[decode.D_CLOSED_AT] = _INT64_MIN
         return value
 
     @property
     def gaps(self) -> int:
-        return int(self.state[kernels.D_GAPS])
+        return int(self.state[decode.D_GAPS])
 
     @property
     def bad_messages(self) -> int:
-        return int(self.state[kernels.D_BAD])
+        return int(self.state[decode.D_BAD])
 
     @property
     def rejected_trades(self) -> int:
         """Trades outside ``codec.MAX_PRICE`` / ``MAX_SIZE``, dropped (also in bad_messages)."""
-        return int(self.state[kernels.D_REJECTED])
+        return int(self.state[decode.D_REJECTED])
 
     @property
     def ignored_messages(self) -> int:
-        return int(self.state[kernels.D_IGNORED])
+        return int(self.state[decode.D_IGNORED])
 
     def symbol_id(self, symbol: str) -> int:
         """The id of ``symbol`` (registering it and its trade topic if new)."""
@@ -148,39 +144,20 @@ class FrameDecoder:
     # --- the topic table ----------------------------------------------------------------
 
     def _add_topic(self, topic: bytes, sym: int) -> None:
-        tid = self._topics
-        if tid >= len(self._topic_len):
-            grow = len(self._topic_len)
-            self._topic_bytes = np.concatenate(
-                [self._topic_bytes, np.zeros_like(self._topic_bytes)]
-            )
-            for name in ("_topic_len", "_topic_sym", "_last_session", "_last_seq", "_seen"):
+        tid = self._topics.add(topic)
+        if tid < 0:
+            raise ValueError(f"topic longer than {decode.TOPIC_WIDTH} bytes: {topic!r}")
+        if tid >= len(self._topic_sym):
+            grow = len(self._topic_sym)
+            for name in ("_topic_sym", "_last_session", "_last_seq", "_seen"):
                 array = getattr(self, name)
                 setattr(self, name, np.concatenate([array, np.zeros(grow, dtype=array.dtype)]))
-        self._topic_bytes[tid, : len(topic)] = np.frombuffer(topic, dtype=np.uint8)
-        self._topic_len[tid] = len(topic)
         self._topic_sym[tid] = sym
-        self._topics = tid + 1
-        if 2 * self._topics > len(self._slots):
-            self._rehash(2 * len(self._slots))
-        else:
-            self._insert(tid)
-
-    def _insert(self, tid: int) -> None:
-        self._insert_topics(self._slots, self._topic_bytes, self._topic_len, tid, tid + 1)
-
-    def _rehash(self, size: int) -> None:
-        """A table of ``size`` slots with every topic in it: one kernel call (a Python loop
-        over thousands of topics cost 5-8 ms in the batch that met the next symbol)."""
-        self._slots = np.full(size, -1, dtype=np.int64)
-        self._insert_topics(self._slots, self._topic_bytes, self._topic_len, 0, self._topics)
 
     def _register_new_topics(self, buf: np.ndarray, offsets: np.ndarray, start: int) -> None:
         """Register every topic of the batch not yet in the table, from frame ``start`` on."""
         found = np.empty(len(offsets) - 1 - start, dtype=np.int64)
-        count = self._unknown(
-            buf, offsets, start, self._slots, self._topic_bytes, self._topic_len, found
-        )
+        count = self._unknown(buf, offsets, start, self._topics.arrays, found)
         seen: set[bytes] = set()
         for index in found[:count].tolist():
             frame = buf[offsets[index] : offsets[index + 1]].tobytes()
@@ -197,7 +174,7 @@ class FrameDecoder:
         if SYMBOL_RE.fullmatch(symbol) and (self._accept is None or symbol in self._accept):
             self.symbol_id(symbol)
         else:
-            self._add_topic(topic, kernels.TOPIC_IGNORED)
+            self._add_topic(topic, decode.TOPIC_IGNORED)
 
     # --- decoding -----------------------------------------------------------------------
 
@@ -220,58 +197,50 @@ class FrameDecoder:
         offsets = offsets[: count + 1]
         buf = buffer[: offsets[-1]]
         buf.flags.writeable = False  # one array type for the kernels, whoever owns the buffer
-        room = len(buf) // kernels.TRADE_SIZE
-        out = np.empty(room * kernels.TRADE_SIZE, dtype=np.uint8)
+        room = len(buf) // decode.TRADE_SIZE
+        out = np.empty(room * decode.TRADE_SIZE, dtype=np.uint8)
         out_words = out.view(np.float64)
         symbols = np.empty(room, dtype=np.int64)
         clocks = np.empty(room, dtype=np.int64)
         specials = np.empty(count, dtype=np.int64)
         state = self.state
-        state[kernels.D_TRADES] = 0
-        state[kernels.D_SPECIALS] = 0
-        state[kernels.D_STOP_AT_SPECIALS] = special is not None
+        state[decode.D_TRADES] = 0
+        state[decode.D_SPECIALS] = 0
+        state[decode.D_STOP_AT_SPECIALS] = special is not None
+        outputs = (out, out_words, symbols, clocks, specials)
         start = 0
         while True:
             start = self._decode(
                 buf,
                 offsets,
                 start,
-                self._slots,
-                self._topic_bytes,
-                self._topic_len,
-                self._topic_sym,
-                self._last_session,
-                self._last_seq,
-                self._seen,
+                self._topics.arrays,
+                (self._topic_sym, self._last_session, self._last_seq, self._seen),
                 self.symbol_trades,
                 state,
-                out,
-                out_words,
-                symbols,
-                clocks,
-                specials,
+                outputs,
             )
             if start == -1:
                 break
             if start < -1:  # stopped after a special frame
                 frame = -(start + 2)
                 assert special is not None
-                before = int(state[kernels.D_SPECIAL_CLOCK])
+                before = int(state[decode.D_SPECIAL_CLOCK])
                 special(
                     buf[offsets[frame] : offsets[frame + 1]].tobytes(),
                     None if before == _INT64_MIN else before,
                 )
-                state[kernels.D_SPECIALS] = 0
+                state[decode.D_SPECIALS] = 0
                 start = frame + 1
                 continue
             self._register_new_topics(buf, offsets, start)
-        count = int(state[kernels.D_TRADES])
+        count = int(state[decode.D_TRADES])
         return Batch(
-            trades=out[: count * kernels.TRADE_SIZE].view(codec.TRADE_DTYPE),
+            trades=out[: count * decode.TRADE_SIZE].view(codec.TRADE_DTYPE),
             symbols=symbols[:count],
             clocks=clocks[:count],
             specials=[
                 buf[offsets[f] : offsets[f + 1]].tobytes()
-                for f in specials[: state[kernels.D_SPECIALS]].tolist()
+                for f in specials[: state[decode.D_SPECIALS]].tolist()
             ],
         )

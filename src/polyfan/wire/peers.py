@@ -31,13 +31,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from polyfan.symbols import MAX_SYMBOL_LENGTH, SYMBOL_CHARS
 from polyfan.wire import codec
 
-SYMBOL_CHARS = "A-Za-z0-9.:/_-"
 # Routes from 16 hex digits on are accepted, so bridges from before 128-bit routes keep
 # working; polyfan's bridge makes 32 (codec.REPLY_ROUTE_HEX).
 _ROUTE = re.compile(rb"_rep\.([0-9a-f]{16,64})\x00")
-_SYMBOL_PREFIX = re.compile(rb"[%s]{0,32}\x00?" % SYMBOL_CHARS.encode())
+_SYMBOL_PREFIX = re.compile(b"[%s]{0,%d}\x00?" % (SYMBOL_CHARS.encode(), MAX_SYMBOL_LENGTH))
 _REPLY_PREFIX = codec.REPLY_PREFIX.encode()
 _CONTROL = codec.CONTROL_TOPIC
 

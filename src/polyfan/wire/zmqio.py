@@ -15,7 +15,8 @@ is ``buffer[offsets[i]:offsets[i + 1]]``):
 The library is the one pyzmq already loaded, found by looking ``zmq_send`` up through pyzmq's own
 extension module (``dlsym`` on its handle searches its dependencies, so the symbols are the very
 ones pyzmq calls, whatever the file is named), and checked against ``zmq.zmq_version_info()``.
-The kernels take the function addresses as arguments and call them through small intrinsics, so
+The kernels take the function addresses as arguments and call them through one small intrinsic
+(``_call_c``, the C prototype given as a literal string: ``"int(void*, void*, int)"``), so
 the compiled code holds no address and numba can cache it (numba's own ctypes support bakes the
 address in and refuses to cache). Socket handles are pyzmq's ``socket.underlying``.
 
@@ -39,6 +40,7 @@ import zmq
 from llvmlite import ir  # type: ignore[import-untyped]
 from numba import config as numba_config
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic as _numba_intrinsic
 
 from polyfan.wire.ingest import join_frames, split_frames
@@ -70,6 +72,9 @@ _SIZE = ir.IntType(64)  # size_t on 64-bit platforms (checked in open_libzmq)
 
 
 intrinsic: Callable[..., Any] = _numba_intrinsic  # typed loosely: they are called from numba
+literal_intrinsic: Callable[..., Any] = _numba_intrinsic(prefer_literal=True)
+_unpack_tuple: Callable[..., Any] = cgutils.unpack_tuple
+_star_args: Callable[..., Any] = types.StarArgTuple.from_types
 
 
 class LibzmqUnavailableError(RuntimeError):
@@ -111,52 +116,34 @@ def _c_call(result: ir.Type, params: list[ir.Type]) -> Callable[..., Any]:
     return codegen
 
 
-@intrinsic
-def _call_int(typingctx: Any, fn: Any) -> Any:
-    """``int fn(void)``"""
-    if _integers(fn):
-        return types.int64(fn), _c_call(_INT, [])
-    return None
+_C_TYPES = {"int": _INT, "void*": _I8P, "size_t": _SIZE}
 
 
-@intrinsic
-def _call_int_p(typingctx: Any, fn: Any, a: Any) -> Any:
-    """``int fn(void *)``"""
-    if _integers(fn, a):
-        return types.int64(fn, a), _c_call(_INT, [_I8P])
-    return None
+def _c_signature(text: str) -> tuple[ir.Type, list[ir.Type]]:
+    """``"int(void*, size_t)"`` as LLVM types: the result, then the parameters."""
+    result, _, params = text.replace(" ", "").partition("(")
+    return _C_TYPES[result], [_C_TYPES[p] for p in params.rstrip(")").split(",") if p]
 
 
-@intrinsic
-def _call_ptr_p(typingctx: Any, fn: Any, a: Any) -> Any:
-    """``void *fn(void *)``"""
-    if _integers(fn, a):
-        return types.int64(fn, a), _c_call(_I8P, [_I8P])
-    return None
+@literal_intrinsic
+def _call_c(typingctx: Any, signature: Any, fn: Any, *args: Any) -> Any:
+    """``fn(args...)`` through its address: ``signature`` is the C prototype as a literal string
+    over ``int``, ``void*`` and ``size_t`` (``"int(void*, void*, size_t, int)"``); the
+    arguments are integers (pointers as addresses), the result an int64 (a pointer as its
+    address). One intrinsic for every prototype: numba compiles one body per literal."""
+    if not isinstance(signature, types.StringLiteral) or not _integers(fn, *args):
+        return None
+    result, params = _c_signature(signature.literal_value)
+    if len(params) != len(args):
+        return None
+    call = _c_call(result, params)
 
+    def codegen(context: Any, builder: Any, sig: Any, values: Any) -> Any:
+        arguments = [values[1], *_unpack_tuple(builder, values[2])]
+        kinds = [sig.args[1], *sig.args[2].types]
+        return call(context, builder, types.int64(*kinds), arguments)
 
-@intrinsic
-def _call_size_p(typingctx: Any, fn: Any, a: Any) -> Any:
-    """``size_t fn(void *)``"""
-    if _integers(fn, a):
-        return types.int64(fn, a), _c_call(_SIZE, [_I8P])
-    return None
-
-
-@intrinsic
-def _call_int_ppi(typingctx: Any, fn: Any, a: Any, b: Any, c: Any) -> Any:
-    """``int fn(void *, void *, int)``"""
-    if _integers(fn, a, b, c):
-        return types.int64(fn, a, b, c), _c_call(_INT, [_I8P, _I8P, _INT])
-    return None
-
-
-@intrinsic
-def _call_int_ppsi(typingctx: Any, fn: Any, a: Any, b: Any, c: Any, d: Any) -> Any:
-    """``int fn(void *, void *, size_t, int)``"""
-    if _integers(fn, a, b, c, d):
-        return types.int64(fn, a, b, c, d), _c_call(_INT, [_I8P, _I8P, _SIZE, _INT])
-    return None
+    return types.int64(signature, fn, _star_args(args)), codegen
 
 
 @intrinsic
@@ -220,8 +207,11 @@ def send_messages(
         end = offsets[i + 1]
         if begin < 0 or end < begin or end > size:
             return i, EINVAL
-        if _call_int_ppsi(fn_send, socket, base + begin, end - begin, 0) < 0:
-            return i, _call_int(fn_errno)
+        if (
+            _call_c("int(void*, void*, size_t, int)", fn_send, socket, base + begin, end - begin, 0)
+            < 0
+        ):
+            return i, _call_c("int()", fn_errno)
     return stop, 0
 
 
@@ -250,23 +240,23 @@ def receive_messages(
     handle = _address(msg)
     while count < limit:
         if state[R_HELD] == 0:
-            _call_int_p(fn_init, handle)
-            if _call_int_ppi(fn_recv, handle, socket, ZMQ_DONTWAIT) < 0:
-                code = _call_int(fn_errno)
-                _call_int_p(fn_close, handle)
+            _call_c("int(void*)", fn_init, handle)
+            if _call_c("int(void*, void*, int)", fn_recv, handle, socket, ZMQ_DONTWAIT) < 0:
+                code = _call_c("int()", fn_errno)
+                _call_c("int(void*)", fn_close, handle)
                 state[R_COUNT] = count
                 if code == EAGAIN:
                     return DRAINED
                 state[R_ERRNO] = code
                 return FAILED
             state[R_HELD] = 1
-        size = _call_size_p(fn_size, handle)
+        size = _call_c("size_t(void*)", fn_size, handle)
         if used + size > room:
             state[R_COUNT] = count
             state[R_NEED] = used + size
             return NEED_ROOM
-        _copy(base + used, _call_ptr_p(fn_data, handle), size)
-        _call_int_p(fn_close, handle)
+        _copy(base + used, _call_c("void*(void*)", fn_data, handle), size)
+        _call_c("int(void*)", fn_close, handle)
         state[R_HELD] = 0
         used += size
         count += 1

@@ -214,7 +214,6 @@ class Router:
         query = {name: values for name, values in request.query.items() if name != "token"}
         return await handler(query), None
 
-
     def _authorized(self, request: Request) -> bool:
         """CONTRACT §8: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``, compared in
         constant time with every accepted token."""

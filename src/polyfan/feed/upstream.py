@@ -13,7 +13,7 @@ writes out what comes back. Three pieces:
 
 Parsing, fastest first (figures in docs/benchmarks.md, from bench/bench_proxy.py):
 
-1. ``feedscan.py``, a numba scanner, reads the vendor's usual trade frames straight into
+1. ``scan.py``, a numba scanner, reads the vendor's usual trade frames straight into
    columns, with symbols interned to small integers;
 2. a frame it is not sure about is decoded by msgspec as ``list[Trade | Status]`` (typed,
    about 1.5 times faster than ``orjson.loads`` plus dict handling);
@@ -151,7 +151,7 @@ class Decoded:
 class TradeDecoder:
     """Polygon frames in, validated trade records per symbol and the status events out.
 
-    Each frame goes first through the numba scanner (``feedscan.py``), which reads the
+    Each frame goes first through the numba scanner (``scan.py``), which reads the
     vendor's usual trade frames straight into columns; a frame it is not sure about is decoded
     with msgspec (typed, then element by element), which validates and counts everything.
     Both paths write into the same columns, so arrival order is kept across them.

@@ -178,6 +178,21 @@ def serving(address: str) -> bool:
         return False
 
 
+async def watched(
+    context: Context, proxy_pub: str, keys: Path, bridge: str
+) -> tuple[Stream, Client, int]:
+    """The test's tap on the proxy and a client of the bridge on every channel, once bars
+    flow; and the first bar start the tap has seen whole."""
+    tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
+    await eventually(lambda: serving(bridge), timeout=30, what="the bridge hearing an agg")
+    client = await Client.open(f"ws://{bridge}/stocks", token="any")
+    await client.send({"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)})
+    assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
+    first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
+    drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
+    return tap, client, max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE
+
+
 def client_bars(events: list[dict[str, object]]) -> dict[tuple[str, int], list[Bar]]:
     published: dict[tuple[str, int], list[Bar]] = {}
     for e in events:
@@ -218,17 +233,7 @@ async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
     ):
         for proc in (sim, proxy, agg, bridge):
             proc.wait_for("ready:")
-        tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
-        channels = ",".join(f"{i}Ms.*" for i in INTERVALS)
-        await eventually(
-            lambda: serving(f"{edge}:{http}"), timeout=30, what="the bridge hearing the agg"
-        )
-        client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
-        await client.send({"action": "subscribe", "params": channels})
-        assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
-        first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
-        drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
-        since = max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE  # the tap saw whole
+        tap, client, since = await watched(context, proxy_pub, keys, f"{edge}:{http}")
         await client.until(lambda e: e.get("ev") == "MB" and e["s"] > since + 1_000, timeout=20)
 
         network.cut("aggs")  # no FIN, no RST: its packets just stop
@@ -303,17 +308,8 @@ async def test_one_agg_host_cut_off_while_its_replica_carries_on_costs_clients_n
     ):  # fmt: skip
         for proc in (sim, proxy, agg1, agg2, bridge):
             proc.wait_for("ready:")
-        tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
-        await eventually(lambda: serving(f"{edge}:{http}"), timeout=30, what="the bridge")
-        client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
-        await client.send(
-            {"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)}
-        )
-        assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
-        first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
-        drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
-        # both aggs whole from here: each listened from before it
-        since = max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE + 2_000
+        tap, client, whole = await watched(context, proxy_pub, keys, f"{edge}:{http}")
+        since = whole + 2_000  # both aggs whole from here: each listened from before it
         await client.until(lambda e: e.get("ev") == "MB" and e["s"] > since + 1_000, timeout=20)
         network.cut("aggs")
         cut_at = time.monotonic()
@@ -451,16 +447,7 @@ async def test_a_slow_lossy_path_between_proxy_and_agg_still_gives_exact_bars(
         ):  # fmt: skip
             for proc in (sim, proxy, agg, bridge):
                 proc.wait_for("ready:")
-            tap = curve_stream(context, proxy_pub, keys, "proxy", b"T.", codec.CONTROL_TOPIC)
-            await eventually(lambda: serving(f"{edge}:{http}"), timeout=30, what="the bridge")
-            client = await Client.open(f"ws://{edge}:{http}/stocks", token="any")
-            await client.send(
-                {"action": "subscribe", "params": ",".join(f"{i}Ms.*" for i in INTERVALS)}
-            )
-            assert [e["status"] for e in await client.statuses(len(INTERVALS))] == ["success"] * 3
-            first = await client.until(lambda e: e.get("ev") == "MB", timeout=30)
-            drain_until([tap], lambda: tap.clock > 0, 20, "the tap's first clock")
-            since = max(tap.clock, int(first["e"])) + max(INTERVALS) + GRACE
+            tap, client, since = await watched(context, proxy_pub, keys, f"{edge}:{http}")
             until = since + 8_000
             await client.until(lambda e: e.get("ev") == "MB" and e["s"] > until + 1_000, timeout=30)
             drain_until([tap], lambda: tap.clock > until + 3_000, 10, "the tap after the run")

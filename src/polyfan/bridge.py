@@ -30,7 +30,6 @@ import math
 import os
 import resource
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -72,6 +71,7 @@ from polyfan.fanout.protocol import (
 )
 from polyfan.fanout.replicas import STAND_IN_WAIT, Replica, Replicas
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
+from polyfan.lifecycle import serve_until_stopped
 from polyfan.metrics import CONTENT_TYPE, Registry, listen
 from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
 from polyfan.web.http import Origins, Response, json_response
@@ -1306,18 +1306,17 @@ def _peer(ws: ServerConnection) -> str:
     return f"{address[0]}:{address[1]}" if address else "?"
 
 
-async def serve_until_stopped(
+async def serve_bridge(
     config: BridgeConfig,
+    stop: asyncio.Event,
     limits: Limits | None = None,
     *,
     worker: Worker | None = None,
     ready: Any = None,
 ) -> None:
+    """Serve until ``stop`` is set (:func:`polyfan.lifecycle.serve_until_stopped` sets it)."""
     bridge = Bridge(config, limits, worker)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     # --metrics (one process; with --workers the parent serves it, polyfan.workers): rendered
     # on the bridge's loop, which owns what the metrics read, for the server's thread.
     metrics = None
@@ -1365,10 +1364,12 @@ def run(config: BridgeConfig) -> int:
     if config.workers > 1:
 
         async def serve(worker: Worker, ready: Any) -> None:
-            await serve_until_stopped(config, worker=worker, ready=ready)
+            await serve_until_stopped(
+                lambda stop: serve_bridge(config, stop, worker=worker, ready=ready)
+            )
 
         return run_workers(config, config.workers, serve, counters())
-    asyncio.run(serve_until_stopped(config))
+    asyncio.run(serve_until_stopped(lambda stop: serve_bridge(config, stop)))
     return 0
 
 

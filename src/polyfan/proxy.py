@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -49,6 +48,7 @@ from polyfan.feed.upstream import (
     TradeDecoder,
     UpstreamSession,
 )
+from polyfan.lifecycle import serve_until_stopped
 from polyfan.metrics import MetricsServer, Registry, listen
 from polyfan.redact import mask_url, mask_urls_in
 from polyfan.wire import codec
@@ -484,14 +484,6 @@ class Proxy:
             await asyncio.sleep(due - loop.time())
 
 
-async def serve_until_stopped(config: ProxyConfig) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await Proxy(config).serve(stop)
-
-
 def run(config: ProxyConfig) -> int:
-    asyncio.run(serve_until_stopped(config))
+    asyncio.run(serve_until_stopped(lambda stop: Proxy(config).serve(stop)))
     return 0

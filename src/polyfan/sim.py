@@ -38,6 +38,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from polyfan.config import SimConfig
+from polyfan.lifecycle import serve_until_stopped
 from polyfan.market import Market
 
 log = logging.getLogger("polyfan.sim")
@@ -283,13 +284,11 @@ class SimServer:
                 self.trades_sent += len(events)
 
 
-async def serve_until_stopped(config: SimConfig) -> None:
+async def serve_sim(config: SimConfig, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set; SIGUSR1 drops every client connection."""
     sim = SimServer(config)
     await sim.start()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
     def drop() -> None:
         log.info("SIGUSR1: dropping %d client connections", sim.drop_clients())
@@ -305,12 +304,13 @@ async def serve_until_stopped(config: SimConfig) -> None:
     try:
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
         log.info("stopping; sent %d trades", sim.trades_sent)
         await sim.close()
 
 
 def run(config: SimConfig) -> int:
-    asyncio.run(serve_until_stopped(config))
+    asyncio.run(serve_until_stopped(lambda stop: serve_sim(config, stop)))
     return 0
 
 

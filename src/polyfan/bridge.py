@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -123,6 +124,9 @@ STATS_EVERY = 10.0  # seconds between throughput log lines
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
 OPEN_TIMEOUT = 10.0  # the whole opening handshake, an HTTP answer included (over REQUEST_TIMEOUT)
+TLS_HANDSHAKE_TIMEOUT = (
+    10.0  # a TLS handshake not done by then is dropped (asyncio's default: 60 s)
+)
 PING_INTERVAL = 20.0  # keepalive: a ping this often ...
 PING_TIMEOUT = 20.0  # ... and a client that has not answered it this long after is closed (1011)
 CLOSE_INTERNAL_ERROR = 1011  # websockets' close code for a keepalive timeout
@@ -400,12 +404,32 @@ class Bridge:
 
     # -- life cycle ----------------------------------------------------------------------------
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """``--tls-cert/--tls-key``: a server context (TLS 1.2 or later), or None."""
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None or key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--tls-cert/--tls-key: cannot load {cert} with {key}: {exc}"
+            ) from exc
+        return context
+
     @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        try:
+            tls = self._tls_context()  # first: a bad certificate is a usage error
+        except ConfigError:
+            await self.stop()
+            raise
         client = curve.Client(self.config.curve, "bridge", list(self.config.sub))
         for index, endpoint in enumerate(self.config.sub):
             socket = self._context.socket(zmq.XSUB)
@@ -439,7 +463,7 @@ class Bridge:
         # an upgrade is handed to websockets' connection.
         router = Router(
             self._http_handlers(),
-            Origins(self.config.allow_origins),
+            Origins(self.config.allow_origins, scheme="http" if tls is None else "https"),
             on_bad_request=self.counters.bad_requests.inc,
             tokens=self.config.tokens,
             on_unauthorized=self.counters.http_unauthorized.inc,
@@ -466,6 +490,8 @@ class Bridge:
                 backlog=LISTEN_BACKLOG,
                 logger=_ws_log,
                 reuse_port=self.worker is not None,
+                ssl=tls,
+                ssl_handshake_timeout=None if tls is None else TLS_HANDSHAKE_TIMEOUT,
             )
         except OSError as exc:
             await self.stop()
@@ -478,10 +504,13 @@ class Bridge:
             return  # the supervisor logs ready: once every worker serves
         if not self.config.tokens:
             log.warning("no --token configured: any client auth is accepted")
+        ws, web = ("wss", "https") if tls is not None else ("ws", "http")
         log.info(
-            "ready: serving ws://%s:%d/ and http://%s:%d/ from %d aggregator(s): %s",
+            "ready: serving %s://%s:%d/ and %s://%s:%d/ from %d aggregator(s): %s",
+            ws,
             host,
             self.port,
+            web,
             host,
             self.port,
             len(self.aggs),

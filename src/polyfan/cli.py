@@ -526,6 +526,18 @@ def agg(
     help="A web page origin (scheme://host[:port], or *) allowed to use the bridge besides "
     "its own; repeatable. Requests and WebSocket handshakes from other origins get 403.",
 )
+@click.option(
+    "--tls-cert",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM certificate (chain): serve wss:// and https:// on --listen. Needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM private key of --tls-cert.",
+)
 def bridge(
     sub: tuple[str, ...],
     listen: tuple[str, int],
@@ -538,9 +550,14 @@ def bridge(
     curve_servers: tuple[Path, ...],
     metrics: tuple[str, int] | None,
     allow_origins: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Serve bars to WebSocket clients, the chart page and the HTTP API."""
     from polyfan import bridge as role
+
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
 
     config = cfg.BridgeConfig(
         sub=sub,
@@ -560,6 +577,8 @@ def bridge(
         ),
         metrics=metrics,
         allow_origins=allow_origins,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     _run(role.run, config)
 

@@ -223,6 +223,8 @@ class BridgeConfig:
     metrics: tuple[str, int] | None = None
     # Origin headers allowed besides the bridge's own ("*": any); others get 403
     allow_origins: tuple[str, ...] = ()
+    tls_cert: Path | None = None  # with tls_key: wss:// and https:// on listen
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,14 @@ def run_workers(config: BridgeConfig, workers: int, serve: Serve, counters: Regi
             if not config.tokens:
                 log.warning("no --token configured: any client auth is accepted")
             host, port = config.listen
+            ws, web = ("wss", "https") if config.tls_cert is not None else ("ws", "http")
             log.info(
-                "ready: serving ws://%s:%d/ and http://%s:%d/ with %d workers from %d "
+                "ready: serving %s://%s:%d/ and %s://%s:%d/ with %d workers from %d "
                 "aggregator(s): %s",
+                ws,
                 host,
                 port,
+                web,
                 host,
                 port,
                 workers,

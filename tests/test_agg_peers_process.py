@@ -94,8 +94,9 @@ sys.stdin.read()
 
 
 FLOOD_SUBSCRIPTIONS = 1_000_000  # kept, these would cost the agg about 800 MB
-FLOOD_PEAK_MB = 150  # the agg's RSS over its start while flooded: the burst libzmq takes in before
-# the loop reaches the allowance (measured +8 to +93 MB over 5 runs on 2 cores)
+FLOOD_PEAK_MB = 50  # the agg's RSS over its start while flooded: the burst libzmq takes in before
+# the loop reaches the allowance (measured +3 to +7 MB over 10 runs on 2 cores, 4 of them with
+# both cores busy; it was up to +262 MB with a receive mark of 100, see agg.PEER_RCVHWM)
 FLOOD_AFTER_MB = 30  # ... once the flood is over (freed memory given back)
 
 

@@ -63,10 +63,12 @@ SNDHWM = 250_000
 # ZMQ_MAXMSGSIZE: what peers send upstream is subscriptions (a topic) and requests (a small JSON
 # object); anything longer disconnects the peer in libzmq itself.
 PEER_MAXMSGSIZE = 4096
-# Upstream messages queued in each peer's pipe. It does not bound what a flooding peer gets
-# stored past its allowance: each poll or receive moves the whole pipe into the XPUB's own
-# unbounded queue (measured: docs/limits.md); the ban and CURVE do that.
-PEER_RCVHWM = 100
+# Upstream messages queued in each peer's pipe. libzmq's XPUB drains a peer's pipe while its I/O
+# thread refills it (it resumes reading at half the mark), so the mark bounds how much one poll or
+# receive can move into the XPUB's own unbounded queue before the loop judges it: 100 let a
+# flood of 1,000,000 subscriptions add up to 262 MB; 10 adds under 10 MB and still takes
+# 20,000 subscriptions in 0.1 s (docs/limits.md). The ban and CURVE do the rest.
+PEER_RCVHWM = 10
 # From the proxy: one message carries one symbol's trades of one drain (docs/wire.md): 64 MiB
 # is 1.2 million trades of one symbol in one pass, far beyond any real burst.
 SUB_MAXMSGSIZE = 64 << 20

@@ -91,7 +91,7 @@ async def raw_subscriber(bridge: Bridge, channel: str) -> RawClient:
 async def test_a_client_that_never_reads_is_cut_off_with_1013_while_another_gets_every_bar(
     agg: FakeAgg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from polyfan import bridge as module
+    from polyfan.web import clients as module
 
     # The slow client, which never answers the close, stays in the table until the test has
     # checked that every bar addressed to it was either sent or counted as dropped.
@@ -157,7 +157,7 @@ async def test_a_client_stalled_past_the_time_bound_is_cut_off_with_1013_before_
     """A client whose oldest unsent bar has waited ``backlog_seconds`` is closed with 1013 and
     counted, though its backlog is far under ``backlog_bytes`` (a stalled client at a normal
     bar rate would otherwise only meet the keepalive's 1011)."""
-    from polyfan import bridge as module
+    from polyfan.web import clients as module
 
     monkeypatch.setattr(module, "CLOSE_TIMEOUT", 60.0)  # it reads only once cut off
     bridge = await started_bridge(agg, Limits(backlog_bytes=1 << 30, backlog_seconds=0.5))

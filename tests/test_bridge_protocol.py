@@ -480,7 +480,7 @@ async def test_replica_aggs_give_each_bar_once_and_the_channel_outlives_either(
 ) -> None:
     """Two aggs serving the same channels: each bar reaches a client once, whichever agg sent
     it first; when one stops, the other's bars carry on, and history is asked of it."""
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "HEARD_WITHIN", 2.0)
     async with replicas(T0 - 50_000) as ((a, b), bridge):
@@ -499,7 +499,7 @@ async def test_replica_aggs_give_each_bar_once_and_the_channel_outlives_either(
         for client in (exact, star):
             assert await client.bars(7) == wanted  # once each, in order, nothing more:
             assert client.pending() == []
-        await eventually(lambda: not bridge.aggs[0].is_heard(), timeout=5)
+        await eventually(lambda: not bridge.aggs[0].is_heard(time.monotonic()), timeout=5)
         status, _, body = await get(bridge, "/api/bars?channel=500Ms.TSLA")
         assert status == 200
         assert orjson.loads(body) == wanted  # from b, the one left
@@ -513,7 +513,7 @@ async def test_a_later_replica_s_maybe_partial_bars_give_way_to_the_whole_ones(
 ) -> None:
     """b started listening at T0 + 1000: its bars up to T0 + 2000 (the margin) may lack trades,
     so a's, whole, are sent instead, even when b's arrive first; later bars from either."""
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "STAND_IN_WAIT", 60.0)  # a's copies are never too late here
     async with replicas(T0 + 1_000) as ((a, b), bridge):
@@ -543,7 +543,7 @@ async def test_maybe_partial_bars_and_those_after_them_wait_for_whole_copies_the
     """While b's maybe-partial bars wait for a's whole copies, b's later bars on the topic wait
     with them (sending one would pass the copies still to come); if a sends nothing for
     STAND_IN_WAIT, they all go out, in order, counted: no hole."""
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "STAND_IN_WAIT", 0.05)
     async with replicas(T0 + 1_000) as ((a, b), bridge):
@@ -598,7 +598,7 @@ async def test_whole_copies_settle_stand_ins_whichever_whole_agg_sends_them(
 ) -> None:
     """With two whole aggs (a, c) and a late starter (b), a's copies replace b's stand-ins at
     once: a is whole for them, so c being whole too is no reason for a's bars to wait."""
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "STAND_IN_WAIT", 60.0)
     async with replicas(T0 + 1_000, T0 - 50_000) as ((a, b, c), bridge):
@@ -665,7 +665,7 @@ async def test_a_bar_in_flight_after_its_last_client_left_is_no_gap_later(
     await asyncio.to_thread(agg.wait_unsubscribed, b"500Ms.LATE\x00")
     # The message the agg sent just before it saw the unsubscribe, arriving now:
     in_flight = codec.encode(topic, codec.Kind.BARS, 42, 2, 1, rows[1:2].tobytes())
-    bridge._received(bridge.aggs[0], in_flight)
+    bridge.links.received(bridge.aggs[0], in_flight)
     assert counter(bridge, "polyfan_bridge_bars_unwanted_total") == 1
     await subscribed(client, agg, "500Ms.LATE")
     agg.publish_raw(codec.encode(topic, codec.Kind.BARS, 42, 7, 1, rows[2:].tobytes()))
@@ -831,7 +831,9 @@ async def test_an_agg_restart_is_followed_without_a_new_subscription_or_a_false_
         with FakeAgg(endpoint, listening_from=T0) as second:
             # ZeroMQ replays the bridge's subscriptions to the new publisher by itself.
             await asyncio.to_thread(second.wait_subscribed, b"500Ms.RS\x00", 10)
-            await eventually(lambda: bridge.aggs[0].status()["session"] == second.session)
+            await eventually(
+                lambda: bridge.aggs[0].status(time.monotonic())["session"] == second.session
+            )
             # The restart took the first agg's bars and history with it: the client is told
             # (quick enough not to be seen silent, or seen silent first: the same two statuses).
             down, up = await client.statuses(2)
@@ -885,7 +887,7 @@ async def test_history_is_not_asked_of_an_agg_that_has_gone_silent(
 ) -> None:
     """A stopped agg is not sent requests (they would wait in ZeroMQ's queue and all reach it
     when it returns): /api/bars answers 503 at once, and the returning agg gets none."""
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "HEARD_WITHIN", 1.0)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -899,12 +901,12 @@ async def test_history_is_not_asked_of_an_agg_that_has_gone_silent(
         status, _, _ = await get(bridge, "/api/bars?channel=500Ms.GONE")
         assert status == 200
         first.close()
-        await eventually(lambda: not bridge.aggs[0].is_heard(), timeout=5)
+        await eventually(lambda: not bridge.aggs[0].is_heard(time.monotonic()), timeout=5)
         status, _, body = await get(bridge, "/api/bars?channel=500Ms.GONE")
         assert status == 503
         assert b"no aggregator serving it is heard" in body
         with FakeAgg(endpoint) as second:
-            await eventually(lambda: bridge.aggs[0].is_heard(), timeout=10)
+            await eventually(lambda: bridge.aggs[0].is_heard(time.monotonic()), timeout=10)
             await asyncio.to_thread(second.wait_subscribed, codec.CONTROL_TOPIC, 10)
             assert second.requests == []
     finally:
@@ -1012,7 +1014,7 @@ async def test_a_client_that_never_authenticates_is_closed_after_the_auth_timeou
 async def test_a_silent_aggregator_is_reported_and_its_return_too(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "HEARD_WITHIN", 1.0)
     caplog.set_level(logging.INFO, logger="polyfan.bridge")
@@ -1038,7 +1040,7 @@ async def test_api_symbols_does_not_ask_a_silent_aggregator(
 ) -> None:
     """A silent aggregator would hold every /api/symbols (the page's load) for the 5 s
     request timeout; only aggregators heard recently are asked."""
-    from polyfan import bridge as module
+    from polyfan.fanout import links as module
 
     monkeypatch.setattr(module, "HEARD_WITHIN", 1.0)
     first = FakeAgg(f"tcp://127.0.0.1:{free_port()}")
@@ -1048,7 +1050,9 @@ async def test_api_symbols_does_not_ask_a_silent_aggregator(
         _, _, body = await get(bridge, "/api/symbols")
         assert orjson.loads(body) == [{"sym": "AAPL", "trades": 3}]
         first.close()
-        await eventually(lambda: not bridge.aggs[0].is_heard(), what="the agg to go silent")
+        await eventually(
+            lambda: not bridge.aggs[0].is_heard(time.monotonic()), what="the agg to go silent"
+        )
         asked = counter(bridge, "polyfan_bridge_history_requests_total")
         status, _, body = await get(bridge, "/api/symbols")
         assert (status, orjson.loads(body)) == (200, [])

@@ -43,6 +43,7 @@ from polyfan.fanout.protocol import Catalog, Limits
 from polyfan.fanout.subscriptions import Fanout
 from polyfan.lifecycle import serve_until_stopped
 from polyfan.metrics import Registry, listen
+from polyfan.web.admission import AuthThrottle
 from polyfan.web.api import Api
 from polyfan.web.clients import CLOSE_TIMEOUT, Client, Clients
 from polyfan.web.gate import LISTEN_BACKLOG, Gate, GateCounters, connection_budget
@@ -100,6 +101,7 @@ class Bridge:
             max_handshakes=config.max_handshakes,
             max_handshakes_per_address=config.max_handshakes_per_address,
             max_connections_per_address=config.max_connections_per_address,
+            auth_failures=config.auth_failures,
         )
         self.registry = Registry()
         self.counters, self._gate_counters = declare(self.registry)
@@ -108,8 +110,16 @@ class Bridge:
         self.reply_id = secrets.token_hex(codec.REPLY_ROUTE_HEX // 2)
         self.reply_topic = codec.reply_topic(self.reply_id)
         self.links = Links(config.sub, self.counters, self._send, self._feed_changed, self._replied)
+        # Failed token checks per client address, shared by WebSocket auth and HTTP
+        self.throttle = AuthThrottle(self.limits.auth_failures, self.limits.auth_refill_seconds)
         self.hub = Clients(
-            self.links, self.counters, self.limits, config.tokens, self._request, self._spawn
+            self.links,
+            self.counters,
+            self.limits,
+            config.tokens,
+            self._request,
+            self._spawn,
+            self.throttle,
         )
         self._sockets: list[zmq.asyncio.Socket] = []  # per link (Link.index)
         self._syncs: list[zmq.Socket[bytes]] = []  # the same sockets, sync: readers drain them
@@ -209,7 +219,9 @@ class Bridge:
             Origins(self.config.allow_origins, scheme="http" if tls is None else "https"),
             on_bad_request=self.counters.bad_requests.inc,
             tokens=self.config.tokens,
-            on_unauthorized=self.counters.http_unauthorized.inc,
+            on_unauthorized=self._http_unauthorized,
+            throttle=self.throttle,
+            on_throttled=self.counters.auth_throttled.inc,
         )
         self._http = HttpServer(
             gate,
@@ -435,6 +447,10 @@ class Bridge:
             return 0
         arrivals, arrived_at = self.links.take_arrivals()
         return self.hub.deliver(arrivals, arrived_at)
+
+    def _http_unauthorized(self) -> None:
+        self.counters.http_unauthorized.inc()
+        self.counters.auth_failures.inc()
 
     def _feed_changed(self) -> None:
         self.hub.feed_changed()

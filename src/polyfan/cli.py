@@ -515,6 +515,13 @@ def agg(
     0,
     "Connections (handshakes and clients) from one client address; 0: no cap.",
 )
+@_count_option(
+    "--auth-failures",
+    cfg.BridgeConfig.auth_failures,
+    0,
+    "Failed token checks from one client address before its attempts are refused unchecked "
+    "(then one more every 6 s); 0: no throttle (behind a reverse proxy).",
+)
 @_curve_options(binds=False, connects=True)
 @_metrics_option
 @click.option(
@@ -546,6 +553,7 @@ def bridge(
     max_handshakes: int,
     max_handshakes_per_address: int,
     max_connections_per_address: int,
+    auth_failures: int,
     curve_secret: Path | None,
     curve_servers: tuple[Path, ...],
     metrics: tuple[str, int] | None,
@@ -567,6 +575,7 @@ def bridge(
         max_handshakes=max_handshakes,
         max_handshakes_per_address=max_handshakes_per_address,
         max_connections_per_address=max_connections_per_address,
+        auth_failures=auth_failures,
         curve=_call(
             cfg.curve_config,
             curve_secret,

@@ -219,6 +219,7 @@ class BridgeConfig:
     max_handshakes: int = 500
     max_handshakes_per_address: int = 256  # 0: no cap
     max_connections_per_address: int = 10_000  # 0: no cap
+    auth_failures: int = 10  # failed token checks per address before throttling; 0: none
     curve: CurveConfig = CurveConfig()
     metrics: tuple[str, int] | None = None
     # Origin headers allowed besides the bridge's own ("*": any); others get 403

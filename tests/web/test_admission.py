@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from polyfan.web.admission import Admission, Admit, Refusal, RefusalLog
+from polyfan.web.admission import Admission, Admit, AuthThrottle, Refusal, RefusalLog
 
 
 def admission(**caps: int) -> Admission:
@@ -123,3 +123,41 @@ def test_refusals_are_logged_at_once_then_at_most_once_per_period_with_counts() 
     assert log.flush(106.0) is None
     assert log.refused("files", "10.0.0.4", 109.0) is None  # within 5 s of the last line
     assert log.refused("files", "10.0.0.4", 110.5) is not None
+
+
+def test_an_address_may_fail_its_allowance_then_one_more_every_refill() -> None:
+    throttle = AuthThrottle(failures=3, refill=6.0)
+    for _ in range(3):
+        assert throttle.retry_in("10.0.0.1", 100.0) == 0.0
+        throttle.failed("10.0.0.1", 100.0)
+    assert throttle.retry_in("10.0.0.1", 100.0) == pytest.approx(6.0)
+    assert throttle.retry_in("10.0.0.2", 100.0) == 0.0  # another address is not touched
+    assert throttle.retry_in("10.0.0.1", 104.5) == pytest.approx(1.5)
+    assert throttle.retry_in("10.0.0.1", 106.0) == 0.0  # one more attempt ...
+    throttle.failed("10.0.0.1", 106.0)
+    assert throttle.retry_in("10.0.0.1", 106.0) == pytest.approx(6.0)  # ... and no more
+    assert throttle.retry_in("10.0.0.1", 106.0 + 3 * 6.0) == 0.0  # refilled
+    throttle.failed("10.0.0.1", 200.0)
+    throttle.failed("10.0.0.1", 200.0)
+    assert throttle.retry_in("10.0.0.1", 200.0) == 0.0  # the bucket holds 3, not more
+
+
+def test_the_throttle_forgets_refilled_addresses_and_keeps_at_most_its_bound() -> None:
+    throttle = AuthThrottle(failures=2, refill=1.0, max_addresses=100)
+    for i in range(100):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}", 0.0)
+    throttle.failed("10.1.0.0", 5.0)  # the others have refilled: forgotten
+    assert len(throttle) == 1
+    for i in range(500):
+        throttle.failed(f"10.2.{i // 256}.{i % 256}", 5.0)
+        throttle.failed(f"10.2.{i // 256}.{i % 256}", 5.0)
+    assert len(throttle) <= 100
+    assert throttle.retry_in("10.2.1.243", 5.0) > 0  # the newest are kept
+
+
+def test_no_failures_allowed_means_no_throttle() -> None:
+    throttle = AuthThrottle(failures=0, refill=6.0)
+    for _ in range(100):
+        throttle.failed("10.0.0.1", 0.0)
+    assert throttle.retry_in("10.0.0.1", 0.0) == 0.0
+    assert len(throttle) == 0

@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 import pytest
 from openapi_spec_validator import validate
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan.bridge import Bridge
@@ -431,5 +433,51 @@ async def test_with_tokens_every_path_but_the_page_static_files_and_healthz_need
         assert counter(bridge, "polyfan_bridge_http_unauthorized_total") == 2 * len(guarded)
         metrics = await ask(bridge, request("GET", "/metrics", "Authorization: Bearer tok-1"))
         assert b"tok-1" not in metrics.body and b"tok-2" not in metrics.body
+    finally:
+        await bridge.stop()
+
+
+async def test_failed_token_checks_from_an_address_are_throttled_and_others_still_get_in(
+    agg: FakeAgg,
+) -> None:
+    """CONTRACT §8: past its allowance of failed checks (3 here), an address's WebSocket auth
+    is refused unchecked, the right token too (1008), and its HTTP requests get 429 with
+    Retry-After; another address is not affected. Asking HTTP without a token guesses
+    nothing and is not counted against the address."""
+    bridge = Bridge(
+        BridgeConfig(
+            sub=(agg.endpoint,), listen=("127.0.0.1", 0), tokens=("tok-1",), auth_failures=3
+        )
+    )
+    await bridge.start()
+    url = f"ws://127.0.0.1:{bridge.port}/"
+
+    async def auth(token: str, source: str = "127.0.0.1") -> tuple[dict[str, Any], int | None]:
+        async with connect(url, local_addr=(source, 0)) as ws:
+            assert orjson.loads(await ws.recv())[0]["status"] == "connected"
+            await ws.send(orjson.dumps({"action": "auth", "params": token}).decode())
+            answer = orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))[0]
+            if answer["status"] == "auth_failed":  # the close follows
+                with contextlib.suppress(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), TIMEOUT)
+            return answer, ws.close_code
+
+    try:
+        assert (await ask(bridge, request("GET", "/api/info"))).status == 401  # no token: free
+        for guess in ("tok-2", "tok-3"):
+            answer, code = await auth(guess)
+            assert (answer["message"], code) == ("authentication failed", 1008)
+        wrong = await ask(bridge, request("GET", "/api/info?token=tok-4"))  # the third failure
+        assert wrong.status == 401
+        answer, code = await auth("tok-1")  # right, but no longer checked
+        assert answer["status"] == "auth_failed" and code == 1008
+        assert answer["message"].startswith("too many failed auth attempts from this address")
+        throttled = await ask(bridge, request("GET", "/api/info?token=tok-1"))
+        assert throttled.status == 429
+        assert 1 <= int(throttled.headers["retry-after"]) <= 6
+        answer, _ = await auth("tok-1", source="127.0.0.2")
+        assert answer["status"] == "auth_success"
+        assert counter(bridge, "polyfan_bridge_auth_failures_total") == 4  # 2 ws, 2 http
+        assert counter(bridge, "polyfan_bridge_auth_throttled_total") == 2
     finally:
         await bridge.stop()

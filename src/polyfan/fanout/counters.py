@@ -38,6 +38,16 @@ class BridgeCounters:
             "polyfan_bridge_http_unauthorized_total",
             "HTTP requests refused with 401: --token is set and none of them came with it.",
         )
+        self.auth_failures = registry.counter(
+            "polyfan_bridge_auth_failures_total",
+            "Token checks failed: a WebSocket auth with a wrong token, or an HTTP request "
+            "without a right one (each counts against its address's allowance).",
+        )
+        self.auth_throttled = registry.counter(
+            "polyfan_bridge_auth_throttled_total",
+            "WebSocket auths and HTTP requests refused unchecked (1008 / 429): their address "
+            "failed too many token checks.",
+        )
         self.bars_received = registry.counter(
             "polyfan_bridge_bars_received_total", "Bars received from aggregators."
         )

@@ -60,6 +60,10 @@ class Limits:
     max_connections_per_address: int = 10_000  # handshakes and clients of one address (0: no cap)
     open_files_headroom: int = 256  # refuse new connections this close to RLIMIT_NOFILE
     request_timeout: float = 5.0  # seconds from accept to a complete HTTP request, else closed
+    # Failed token checks per client address (WebSocket auth, HTTP without the token): this
+    # many, then one more every auth_refill_seconds; past that, refused unchecked (per process).
+    auth_failures: int = 10
+    auth_refill_seconds: float = 6.0
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -171,6 +175,14 @@ CONNECTED = status("connected", "Connected Successfully")
 AUTH_SUCCESS = status("auth_success", "authenticated")
 AUTH_FAILED = status("auth_failed", "authentication failed")
 AUTH_TIMEOUT = status("auth_timeout", "no successful auth in time; closing")
+
+
+def auth_throttled(retry_in: float) -> dict[str, str]:
+    """The answer to an auth from an address that failed too often (not checked)."""
+    return status(
+        "auth_failed",
+        f"too many failed auth attempts from this address; retry in {math.ceil(retry_in)} s",
+    )
 
 
 def encode_events(events: Sequence[dict[str, Any]]) -> bytes:

@@ -170,3 +170,53 @@ class RefusalLog:
         self._counts.clear()
         self._last_line = now
         return line
+
+
+class AuthThrottle:
+    """Failed token checks per client address (CONTRACT §8), as a token bucket: an address
+    may fail ``failures`` times, then once more every ``refill`` seconds. While it has no
+    failure left, its attempts are refused without checking the token, the right one too:
+    guessing a token takes checks, and a guesser gets one every ``refill`` seconds.
+
+    Memory is bounded: an address whose bucket has refilled is forgotten, and past
+    ``max_addresses`` the oldest is forgotten first (a wider guesser costs itself refills).
+    """
+
+    def __init__(self, failures: int, refill: float, max_addresses: int = 65_536) -> None:
+        self.failures = failures
+        self.refill = refill
+        self.max_addresses = max_addresses
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (left, at), oldest first
+
+    def _left(self, address: str, now: float) -> float:
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            return float(self.failures)
+        left, at = bucket
+        return min(float(self.failures), left + (now - at) / self.refill)
+
+    def retry_in(self, address: str, now: float) -> float:
+        """0 when ``address`` may try a token now, else the seconds until it may."""
+        if self.failures <= 0:
+            return 0.0
+        left = self._left(address, now)
+        return 0.0 if left >= 1.0 else (1.0 - left) * self.refill
+
+    def failed(self, address: str, now: float) -> None:
+        """``address`` offered a wrong token (or none where one is needed)."""
+        if self.failures <= 0:
+            return
+        left = max(self._left(address, now) - 1.0, 0.0)
+        self._buckets.pop(address, None)
+        self._buckets[address] = (left, now)
+        if len(self._buckets) > self.max_addresses:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        for address in [a for a in self._buckets if self._left(a, now) >= self.failures]:
+            del self._buckets[address]
+        while len(self._buckets) > self.max_addresses:
+            del self._buckets[next(iter(self._buckets))]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

@@ -31,6 +31,7 @@ from websockets.protocol import State
 from polyfan.fanout.counters import BridgeCounters
 from polyfan.fanout.links import Link, Links
 from polyfan.fanout.protocol import (
+    AUTH_FAILED,
     AUTH_TIMEOUT,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
@@ -41,12 +42,14 @@ from polyfan.fanout.protocol import (
     Limits,
     Subscribe,
     Unsubscribe,
+    auth_throttled,
     encode_bars,
     encode_events,
     error,
     join_events,
 )
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
+from polyfan.web.admission import AuthThrottle
 from polyfan.wire import codec
 
 log = logging.getLogger("polyfan.bridge")
@@ -104,6 +107,7 @@ class Clients:
         tokens: frozenset[str] | tuple[str, ...],
         ask: Ask,
         spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
+        throttle: AuthThrottle,
     ) -> None:
         self.links = links
         self.counters = counters
@@ -114,6 +118,7 @@ class Clients:
         self._ask = ask
         self._spawn = spawn
         self._ids = itertools.count(1)
+        self.throttle = throttle
         links.wanted = self.fanout.channels
 
     def __len__(self) -> int:
@@ -216,10 +221,22 @@ class Clients:
         log.info("client %d joined from %s (%d clients)", client.id, _peer(ws), len(self.clients))
         self.push(client, encode_events([CONNECTED]), 0)
         writer = self._spawn(self._write(client))
+        address = ws.remote_address[0] if ws.remote_address else ""
         auth_timer = loop.call_later(self.limits.auth_timeout, self._auth_timed_out, client)
         try:
             async for frame in ws:
+                if self.tokens and not client.session.authenticated:
+                    retry_in = self.throttle.retry_in(address, loop.time())
+                    if retry_in:  # too many failures from its address: refused unchecked
+                        self.counters.auth_throttled.inc()
+                        self.push(client, encode_events([auth_throttled(retry_in)]), 0)
+                        client.close_after = (CLOSE_POLICY_VIOLATION, "authentication failed")
+                        client.wake.set()
+                        break
                 outcome = client.session.receive(frame, loop.time(), self.links.catalog)
+                if AUTH_FAILED in outcome.events:
+                    self.counters.auth_failures.inc()
+                    self.throttle.failed(address, loop.time())
                 self.counters.bad_requests.inc(outcome.bad_requests)
                 if outcome.events:
                     self.push(client, encode_events(outcome.events), 0)

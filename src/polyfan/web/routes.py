@@ -19,12 +19,15 @@ import asyncio
 import gzip
 import hashlib
 import hmac
+import math
 import mimetypes
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from polyfan.fanout.protocol import ParamError
+from polyfan.web.admission import AuthThrottle
 from polyfan.web.http import (
     ALLOW,
     GZIP_OVER,
@@ -127,17 +130,22 @@ class Router:
         static: Path | None = None,
         tokens: Sequence[str] = (),
         on_unauthorized: Callable[[], None] = lambda: None,
+        throttle: AuthThrottle | None = None,
+        on_throttled: Callable[[], None] = lambda: None,
     ) -> None:
         self.handlers = dict(handlers)
         self.tokens = tuple(token.encode() for token in tokens)
         self.on_unauthorized = on_unauthorized
+        self.throttle = throttle if throttle is not None else AuthThrottle(0, 1.0)
+        self.on_throttled = on_throttled
         self.origins = origins
         self.on_bad_request = on_bad_request
         self.static = StaticFiles(static)
         self.openapi = OPENAPI.read_bytes()
 
-    async def answer(self, request: Request) -> Response:
-        """The finished response to ``request`` (see the module docstring for the order)."""
+    async def answer(self, request: Request, address: str = "") -> Response:
+        """The finished response to ``request`` from client ``address`` (see the module
+        docstring for the order)."""
         if not self.origins.allows(request):
             self.on_bad_request()
             origin = request.headers.get("origin", "")
@@ -154,7 +162,7 @@ class Router:
             return self._finish(request, self._options(request))
         gzipped = None
         try:
-            response, gzipped = await self._get(request)
+            response, gzipped = await self._get(request, address)
         except ParamError as exc:
             self.on_bad_request()
             response = json_response(400, {"error": str(exc)})
@@ -184,7 +192,7 @@ class Router:
             ]
         return response
 
-    async def _get(self, request: Request) -> tuple[Response, bytes | None]:
+    async def _get(self, request: Request, address: str) -> tuple[Response, bytes | None]:
         path = request.path
         if path in ("/", "/index.html"):
             file = self.static.get("index.html")
@@ -196,13 +204,10 @@ class Router:
             if file is None:
                 return json_response(404, {"error": f"{path}: not found"}), None
             return _file_response(file), file.gzipped
-        if self.tokens and path != "/healthz" and not self._authorized(request):
-            self.on_unauthorized()
-            response = json_response(
-                401, {"error": f"{path}: needs a token (Authorization: Bearer TOKEN, or ?token=)"}
-            )
-            response.headers.append(("WWW-Authenticate", 'Bearer realm="polyfan"'))
-            return response, None
+        if self.tokens and path != "/healthz":
+            refused = self._refused(request, address)
+            if refused is not None:
+                return refused, None
         if path == "/api/openapi.json":
             return Response(
                 200, self.openapi, "application/json", [("Cache-Control", "no-cache")]
@@ -214,12 +219,43 @@ class Router:
         query = {name: values for name, values in request.query.items() if name != "token"}
         return await handler(query), None
 
-    def _authorized(self, request: Request) -> bool:
-        """CONTRACT §8: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``, compared in
-        constant time with every accepted token."""
+    def _refused(self, request: Request, address: str) -> Response | None:
+        """None when ``request`` carries a right token; else 401, or 429 unchecked while
+        ``address`` has failed too often (CONTRACT §8)."""
+        now = time.monotonic()
+        retry_in = self.throttle.retry_in(address, now)
+        if retry_in:
+            self.on_throttled()
+            seconds = math.ceil(retry_in)
+            response = json_response(
+                429,
+                {"error": f"too many failed token checks from this address; retry in {seconds} s"},
+            )
+            response.headers.append(("Retry-After", str(seconds)))
+            return response
+        offered = self._offered(request)
+        if self._authorized(offered):
+            return None
+        self.on_unauthorized()
+        if offered:  # a wrong token; asking without one guesses nothing
+            self.throttle.failed(address, now)
+        response = json_response(
+            401,
+            {"error": f"{request.path}: needs a token (Authorization: Bearer TOKEN, or ?token=)"},
+        )
+        response.headers.append(("WWW-Authenticate", 'Bearer realm="polyfan"'))
+        return response
+
+    @staticmethod
+    def _offered(request: Request) -> list[str]:
+        """The tokens a request offers: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``
+        (CONTRACT §8)."""
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         offered = [given.strip()] if scheme.lower() == "bearer" else []
-        offered += request.query.get("token", [])
+        return offered + request.query.get("token", [])
+
+    def _authorized(self, offered: list[str]) -> bool:
+        """One of ``offered`` is an accepted token, compared in constant time with each."""
         return any(
             hmac.compare_digest(candidate.encode(), token)
             for candidate in offered

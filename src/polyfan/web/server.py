@@ -245,7 +245,7 @@ class HttpFront(asyncio.Protocol):
         """Answer one request; False when the connection is to close."""
         self.server.on_request()
         try:
-            response = await self.server.router.answer(request)
+            response = await self.server.router.answer(request, self.address)
         except Exception:
             log.exception("unexpected error answering %s %s", request.method, request.target)
             response = json_response(500, {"error": "internal error"})

@@ -85,6 +85,10 @@ def test_print_config_masks_secrets_and_reads_back_as_the_same_configuration(
     bridge = polyfan("--config", str(site), "bridge", "--print-config")
     assert "file-token-123" not in bridge.stdout
     assert tomllib.loads(bridge.stdout)["bridge"]["token"] == ["****"]
+    tokens = {"POLYFAN_TOKENS": "env-token-1,env-token-2"}  # counted too, and masked
+    bridge = polyfan("--config", str(site), "bridge", "--print-config", env=tokens)
+    assert "env-token" not in bridge.stdout and "file-token-123" not in bridge.stdout
+    assert tomllib.loads(bridge.stdout)["bridge"]["token"] == ["****"] * 3
     agg = polyfan("--config", str(site), "agg", "--grace", "30ms", "--print-config").stdout
     again = tmp_path / "again.toml"
     again.write_text(agg)

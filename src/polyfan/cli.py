@@ -66,6 +66,8 @@ def config_toml(ctx: click.Context) -> str:
             continue
         name = param.name
         value = raw.get(name, ctx.params.get(name))
+        if name == "tokens":  # the bridge also reads them from POLYFAN_TOKENS
+            value = cfg.read_tokens(os.environ, tuple(value or ()))
         if value is None or value == ():
             lines.append(f"# {_flag_name(param)} not set")
             continue

@@ -125,8 +125,10 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+                self._close_output()
                 raise AssertionError(
-                    f"polyfan {' '.join(self.args)} did not stop on SIGINT"
+                    f"polyfan {' '.join(self.args)} did not stop on SIGINT; output:\n"
+                    f"{self.output[-4000:]}"
                 ) from None
         self._close_output()
         return self.popen.returncode

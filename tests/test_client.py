@@ -603,14 +603,15 @@ def test_one_drain_makes_one_batch_per_symbol(tmp_path: Path) -> None:
     trades in arrival order (the split of a decoded drain, checked on its own)."""
     feed = client.trade_batches(f"ipc://{tmp_path}/none", ["A", "B", "C"])
     try:
-        trades = np.zeros(6, codec.TRADE_DTYPE)
-        trades["t"] = [1, 2, 3, 4, 5, 6]
-        ids = np.array([1, 0, 1, 2, 0, 1], dtype=np.int64)  # B A B C A B
-        feed._split(trades, ids)
+        columns = feed._columns  # what a drain of 4 messages decoded: B A B C A B
+        columns.trades(6)["t"] = [1, 2, 3, 4, 5, 6]
+        columns.symbols[:6] = [1, 0, 1, 2, 0, 1]
+        feed._take(6, 4)
+        columns.trades(6)["t"] = 0  # the next drain reuses the columns: items are copies
         items = [(symbol, batch["t"].tolist()) for symbol, batch in feed._ready]
     finally:
         feed.close()
-    assert items == [("A", [2, 5]), ("B", [1, 3, 6]), ("C", [4])]
+    assert items == [("B", [1, 3, 6]), ("A", [2, 5]), ("C", [4])]  # by first arrival
     assert feed.trades == 6
 
 

@@ -17,7 +17,10 @@ Consumers, each a process of its own, all on one stream at once:
 - ``earlier design``: ``websockets`` client, ``orjson.loads`` of every frame, keeps the 10
   busiest symbols' trades.
 
-Each consumer measures its own CPU (user + system of every thread: ZeroMQ's I/O thread
+First, what one wake-up costs: a consumer woken from sleep by every message (250 a second),
+trade_batches against a plain pyzmq loop, CPU of the consuming thread per message.
+
+Then each consumer measures its own CPU (user + system of every thread: ZeroMQ's I/O thread
 included) from the moment it is subscribed to the moment it has every trade it was to get,
 and reports trades received, CPU and its reads (``reads``: wake-ups that found messages for
 ``trade_batches``, messages for the naive SUB, frames for the earlier design). Printed: CPU per trade received, CPU per million trades
@@ -275,7 +278,7 @@ def one_run(rate: int, seconds: float, frames: list[str], frame_symbols: list[li
         server = Child("--serve", str(port), str(path), str(rate), str(count))
         assert server.line() == "serving"
         pub = f"ipc://{tmp}/proxy"
-        env = dict(os.environ, MASSIVE_API_KEY="bench", POLYFAN_LOG="warning")
+        env = dict(os.environ, MASSIVE_API_KEY="bench", POLYFAN_LOG="error")
         proxy = subprocess.Popen(
             [sys.executable, "-m", "polyfan", "proxy", "--upstream", f"ws://127.0.0.1:{port}",
              "--pub", pub],
@@ -342,6 +345,82 @@ def one_run(rate: int, seconds: float, frames: list[str], frame_symbols: list[li
         )
 
 
+def _publish_sparsely(
+    pub: Any, message: bytes, rate: float, seconds: float, done: threading.Event, feed: Any
+) -> None:
+    """Send ``message`` every 1/rate s for ``seconds`` (its sequence number does not move: the
+    consumers here do not count losses), then say so."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pub.send(message)
+        time.sleep(1 / rate)
+    done.set()
+    if feed is not None:
+        feed.close()
+
+
+def wake_cost(rate: float = 250.0, seconds: float = 3.0) -> None:
+    """CPU of the consuming thread per message when every message wakes it from sleep: a PUB
+    thread in this process sends one message every 1/rate s; trade_batches against a plain
+    pyzmq ``poll`` + ``recv`` + ``codec.decode`` loop (``time.thread_time``: that thread only,
+    not ZeroMQ's I/O thread)."""
+    import numpy as np
+    import zmq
+
+    from polyfan import client
+    from polyfan.wire import codec
+
+    rows = np.zeros(2, codec.TRADE_DTYPE)
+    rows["p"], rows["s"] = 10.0, 100.0
+    print(f"\none message every {1000 / rate:g} ms for {seconds:g} s, consuming thread's CPU:")
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("trade_batches", "pyzmq poll+recv"):
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            pub = context.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.bind(f"ipc://{tmp}/wake")
+            sequencer = codec.Sequencer(1)
+            clock = np.zeros(1, codec.CLOCK_DTYPE).tobytes()
+            feed = (
+                client.trade_batches(f"ipc://{tmp}/wake", "A") if kind == "trade_batches" else None
+            )
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.connect(f"ipc://{tmp}/wake")
+            sub.setsockopt(zmq.SUBSCRIBE, b"T.A\x00")
+            sub.setsockopt(zmq.SUBSCRIBE, codec.CONTROL_TOPIC)
+            while not sub.poll(20) or (feed is not None and not feed.wait_joined(0.02)):
+                pub.send(sequencer.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 1, clock))
+            sub.setsockopt(zmq.UNSUBSCRIBE, codec.CONTROL_TOPIC)
+            while sub.poll(50):
+                sub.recv()
+            done = threading.Event()
+            message = sequencer.encode(codec.trade_topic("A"), codec.Kind.TRADES, 2, rows.tobytes())
+            threading.Thread(
+                target=_publish_sparsely,
+                args=(pub, message, rate, seconds, done, feed),
+                daemon=True,
+            ).start()
+            started = time.thread_time()
+            messages = 0
+            if feed is not None:
+                for _ in feed:
+                    messages += 1
+            else:
+                gaps = codec.GapCounter()
+                while not done.is_set():
+                    if sub.poll(100):
+                        message = codec.decode(sub.recv())
+                        codec.records(message)
+                        gaps.observe(message.topic, message.session, message.seq)
+                        messages += 1
+            used = time.thread_time() - started
+            print(f"  {kind:18s} {messages:6,} messages, {used / messages * 1e6:6.1f} µs each")
+            sub.close(0)
+            pub.close(0)
+            context.term()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         port, path, rate, count = sys.argv[2:6]
@@ -356,7 +435,10 @@ def main() -> None:
     parser.add_argument("--rates", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--seconds", type=float, default=10.0, help="stream length per rate")
     parser.add_argument("--symbols", type=int, default=SYMBOLS)
+    parser.add_argument("--skip-wake", action="store_true", help="skip the wake-up cost part")
     args = parser.parse_args()
+    if not args.skip_wake:
+        wake_cost()
     frames, frame_symbols = make_stream(args.symbols, STREAM_TRADES)
     print(
         f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; stream: "

@@ -176,7 +176,10 @@ def fetch_bars(
         pages.append(page)
         if len(page) < page_size:
             break
-        to = int(page[0]["s"])
+        oldest = int(page[0]["s"])
+        if oldest >= to:
+            raise BridgeError(f"{base}/api/bars: a page of bars not before {to}: cannot page on")
+        to = oldest
     return [bar for page in reversed(pages) for bar in page]
 
 

@@ -7,7 +7,9 @@ is ``buffer[offsets[i]:offsets[i + 1]]``):
 
 - :class:`Receiver` drains up to ``limit`` messages with ``zmq_msg_init`` / ``zmq_msg_recv``
   (``ZMQ_DONTWAIT``) / ``zmq_msg_data`` / ``zmq_msg_size`` / a copy into the buffer /
-  ``zmq_msg_close``, stopping at EAGAIN. A message larger than the room left stays held in its
+  ``zmq_msg_close``, stopping at EAGAIN; ``receive(wait=True)`` first waits for a message
+  (bounded by the socket's ``ZMQ_RCVTIMEO``, the GIL released), so that one call is a whole
+  wake-up (``polyfan.client.trade_batches``). A message larger than the room left stays held in its
   ``zmq_msg_t``; the buffer grows and the drain continues with it.
 - :class:`Sender` calls ``zmq_send(socket, ptr, len, 0)`` once per message of a buffer: each
   message stays its own ZeroMQ message, exactly as ``socket.send(bytes)`` would send it.

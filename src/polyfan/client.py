@@ -570,7 +570,8 @@ def trade_batches(
     symbol in it. With CURVE (CONTRACT §8): ``curve_secret`` is this program's
     ``NAME.key_secret``, ``curve_server`` the proxy's public ``NAME.key``. ``coalesce_ms``:
     wake up at most once per that many milliseconds, so that each wake-up takes more
-    messages (trades wait up to that long; each wake-up costs ~20 µs of CPU, docs/client.md).
+    messages (trades wait up to that long; a wake-up costs 40-50 µs of CPU on the benchmark
+    machine, docs/client.md).
     """
     return TradeBatches(
         endpoint,
@@ -671,7 +672,10 @@ class TradeBatches:
             self._socket.setsockopt(zmq.SNDHWM, 0)  # subscriptions beyond it would be dropped
             self._socket.setsockopt(zmq.RCVTIMEO, POLL_MS)  # how long one wait may block
             self._watch = curve_client.watch(self._socket)
-            curve_client.connect(self._socket, 0, endpoint)
+            try:
+                curve_client.connect(self._socket, 0, endpoint)
+            except zmq.ZMQError as exc:
+                raise ValueError(f"endpoint: cannot connect to {self._shown}: {exc}") from None
             topics = [codec.CONTROL_TOPIC]  # until heard: then the subscriptions are in effect
             topics += [b"T."] if chosen is None else [codec.trade_topic(s) for s in chosen]
             for topic in topics:

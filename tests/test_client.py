@@ -303,7 +303,7 @@ def test_bad_arguments_are_refused_naming_them() -> None:
         client.trade_batches("tcp://127.0.0.1:1", "T$LA")
     with pytest.raises(ValueError, match="give both"):
         client.trade_batches("tcp://127.0.0.1:1", "TSLA", curve_secret="x")
-    with pytest.raises(ValueError, match="endpoint: cannot connect to 127.0.0.1:8767"):
+    with pytest.raises(ValueError, match=r"endpoint: cannot connect to 127\.0\.0\.1:8767"):
         client.trade_batches("127.0.0.1:8767", "TSLA")
 
 

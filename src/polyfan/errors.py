@@ -5,10 +5,11 @@
     PolyfanError
     ├── ConfigError          bad flags or environment (also a ValueError)
     ├── FeedError            upstream problems
-    │   ├── AuthenticationError   fatal, never retried
+    │   ├── AuthenticationError   fatal, never retried (the proxy's API key, polyfan.client's token)
     │   └── FeedProtocolError     a frame that is not the protocol
     ├── WireError            a ZeroMQ message that does not decode
-    └── ClientError          a WebSocket client sent something invalid
+    ├── ClientError          a WebSocket client sent something invalid
+    └── BridgeError          polyfan.client: the bridge refused or did not answer a request
 
 The CLI catches :class:`PolyfanError`, prints one line and exits non-zero.
 """
@@ -33,7 +34,8 @@ class FeedError(PolyfanError):
 
 
 class AuthenticationError(FeedError):
-    """The upstream refused the API key. Fatal: retrying would only be refused again."""
+    """The upstream refused the API key, or (``polyfan.client``) the bridge refused the token.
+    Fatal: retrying would only be refused again."""
 
     exit_status = 2
 
@@ -48,3 +50,13 @@ class WireError(PolyfanError):
 
 class ClientError(PolyfanError):
     """A WebSocket or HTTP client sent something invalid."""
+
+
+class BridgeError(PolyfanError):
+    """``polyfan.client``: the bridge answered an HTTP request with an error, or not at all.
+
+    ``status`` is the HTTP status (None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

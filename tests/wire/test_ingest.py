@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from polyfan.bars import conditions, kernels
 from polyfan.errors import WireError
 from polyfan.wire import codec, decode, encode
-from polyfan.wire.ingest import FrameDecoder, join_frames, split_frames
+from polyfan.wire.ingest import FrameDecoder, TradeColumns, join_frames, split_frames
 
 JIT = [pytest.param(True, id="jit"), pytest.param(False, id="py_func")]
 # Prices and sizes: mostly valid, with the edges and what would overflow a bar's sums.
@@ -161,6 +161,39 @@ def test_decoding_a_reused_buffer_gives_what_decoding_the_frames_gives(
     assert by_buffer.clocks.tolist() == by_frames.clocks.tolist()
     assert by_buffer.specials == by_frames.specials
     assert buffer.flags.writeable  # only the decoder's view of it is read-only
+
+
+@pytest.mark.parametrize("jit", JIT)
+@settings(max_examples=100, deadline=None)
+@given(batches=st.lists(st.lists(frames(), max_size=12), min_size=1, max_size=4))
+def test_decoding_into_reused_columns_and_grouping_by_symbol_keep_every_trade_in_order(
+    jit: bool, batches: list[list[bytes]]
+) -> None:
+    """``decode_into`` (trade_batches' path: one buffer and one set of columns for every
+    batch) decodes what ``decode`` does, and ``grouped`` is that batch grouped by symbol in
+    the order of each symbol's first trade, each symbol's trades in arrival order."""
+    by_frames, into = FrameDecoder(jit=jit), FrameDecoder(jit=jit)
+    columns = TradeColumns(room=2, frames=2, jit=jit)
+    buffer = np.zeros(16, dtype=np.uint8)
+    for batch in batches:
+        want = by_frames.decode(batch)
+        joined, offsets, count = join_frames(batch)
+        if len(joined) > len(buffer):
+            buffer = np.zeros(2 * len(joined), dtype=np.uint8)
+        buffer[: len(joined)] = joined
+        n = into.decode_into(buffer, offsets, count, columns)
+        assert columns.trades(n).tobytes() == want.trades.tobytes()
+        assert columns.symbols[:n].tolist() == want.symbols.tolist()
+        assert columns.clocks[:n].tolist() == want.clocks.tolist()
+        records, ids, bounds = columns.grouped(n, len(into.symbol_names))
+        order = list(dict.fromkeys(want.symbols.tolist()))
+        assert ids == order
+        for symbol, a, b in zip(ids, bounds, bounds[1:], strict=False):
+            mine = want.trades[want.symbols == symbol]
+            assert records[a:b].tobytes() == mine.tobytes()
+        assert bounds[-1] == n
+        buffer[:] = 0
+    assert (into.gaps, into.clock) == (by_frames.gaps, by_frames.clock)
 
 
 def test_frames_joined_and_split_round_trip() -> None:

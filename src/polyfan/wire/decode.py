@@ -226,3 +226,44 @@ def decode_frames(
                 state[D_SPECIAL_CLOCK] = clock_before
                 return -(f + 2)
     return -1
+
+
+@njit(cache=True)
+def group_by_symbol(
+    records: np.ndarray,
+    symbols: np.ndarray,
+    count: int,
+    out: np.ndarray,
+    work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> int:
+    """Trades ``0..count`` (raw TRADE records in ``records``, their symbol ids in ``symbols``)
+    copied to ``out`` grouped by symbol, each group in arrival order, the groups in the order
+    of their first trade. ``work = (slot, ids, bounds, fill)``: ``slot`` has an entry per
+    symbol id, all -1 (left so); ``ids[g]`` is group g's symbol id and its trades are
+    ``out`` records ``bounds[g]`` to ``bounds[g + 1]``. Returns the number of groups."""
+    slot, ids, bounds, fill = work
+    groups = 0
+    for i in range(count):
+        symbol = symbols[i]
+        g = slot[symbol]
+        if g < 0:
+            g = groups
+            slot[symbol] = g
+            ids[g] = symbol
+            fill[g] = 0
+            groups += 1
+        fill[g] += 1
+    bounds[0] = 0
+    for g in range(groups):
+        bounds[g + 1] = bounds[g] + fill[g]
+        fill[g] = bounds[g]
+    for i in range(count):
+        g = slot[symbols[i]]
+        at = fill[g]
+        fill[g] = at + 1
+        out[at * TRADE_SIZE : (at + 1) * TRADE_SIZE] = records[
+            i * TRADE_SIZE : (i + 1) * TRADE_SIZE
+        ]
+    for g in range(groups):
+        slot[ids[g]] = -1
+    return groups

@@ -38,6 +38,66 @@ class Batch:
     specials: list[bytes]  # control frames other than CLOCK, in arrival order
 
 
+class TradeColumns:
+    """Outputs that :meth:`FrameDecoder.decode_into` reuses from call to call (grown when a
+    batch needs more room): a consumer that copies out what it keeps allocates nothing per
+    batch but that copy (``polyfan.client.trade_batches``), and :meth:`grouped` makes that copy
+    grouped by symbol in one kernel call."""
+
+    def __init__(self, room: int = 1024, frames: int = 1024, *, jit: bool = True) -> None:
+        self.room = 0
+        self.frames = 0
+        self._group: Callable[..., Any] = chosen(decode.group_by_symbol, jit)
+        self._slot = np.full(64, -1, dtype=np.int64)
+        self._allocate(room, frames)
+
+    def _allocate(self, room: int, frames: int) -> None:
+        self.room, self.frames = room, frames
+        self.records = np.empty(room * decode.TRADE_SIZE, dtype=np.uint8)
+        self.symbols = np.empty(room, dtype=np.int64)
+        self.clocks = np.empty(room, dtype=np.int64)
+        self.specials = np.empty(frames, dtype=np.int64)
+        self._ids = np.empty(room, dtype=np.int64)
+        self._bounds = np.empty(room + 1, dtype=np.int64)
+        self._fill = np.empty(room, dtype=np.int64)
+        self.outputs = (
+            self.records,
+            self.records.view(np.float64),
+            self.symbols,
+            self.clocks,
+            self.specials,
+        )
+
+    def fit(self, room: int, frames: int) -> None:
+        """Room for ``room`` trades from ``frames`` frames."""
+        if room > self.room or frames > self.frames:
+            self._allocate(max(room, 2 * self.room), max(frames, 2 * self.frames))
+
+    def trades(self, count: int) -> np.ndarray:
+        """The first ``count`` trades decoded, as TRADE_DTYPE records (overwritten next call)."""
+        return self.records[: count * decode.TRADE_SIZE].view(codec.TRADE_DTYPE)
+
+    def grouped(self, count: int, symbols: int) -> tuple[np.ndarray, list[int], list[int]]:
+        """A copy of the first ``count`` trades grouped by symbol id (ids below ``symbols``):
+        ``(records, ids, bounds)``, group g being symbol ``ids[g]``'s trades in arrival order,
+        ``records[bounds[g]:bounds[g + 1]]``; the groups in the order of their first trade."""
+        if symbols > len(self._slot):
+            self._slot = np.full(max(symbols, 2 * len(self._slot)), -1, dtype=np.int64)
+        out = np.empty(count * decode.TRADE_SIZE, dtype=np.uint8)
+        groups = self._group(
+            self.records,
+            self.symbols,
+            count,
+            out,
+            (self._slot, self._ids, self._bounds, self._fill),
+        )
+        return (
+            np.ndarray((count,), codec.TRADE_DTYPE, out),
+            self._ids[:groups].tolist(),
+            self._bounds[: groups + 1].tolist(),
+        )
+
+
 def join_frames(frames: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
     """Frames as one buffer with offsets: ``(buffer, offsets, count)``."""
     offsets = np.zeros(len(frames) + 1, dtype=np.int64)
@@ -70,6 +130,8 @@ class FrameDecoder:
         self._seen = np.zeros(32, dtype=np.uint8)
         self.symbol_trades = np.zeros(64, dtype=np.int64)
         self.state = np.zeros(decode.N_DECODER, dtype=np.int64)
+        self._viewed: np.ndarray | None = None  # decode_into: the buffer last seen ...
+        self._readonly = np.zeros(0, dtype=np.uint8)  # ... and its read-only view
         self.state[decode.D_CLOCK] = _INT64_MIN
         self.state[decode.D_CLOSE_PAST] = _INT64_MAX
         self.state[decode.D_CLOSED_AT] = _INT64_MIN
@@ -181,6 +243,40 @@ class FrameDecoder:
     def decode(self, frames: Sequence[bytes]) -> Batch:
         """Decode received frames, in arrival order, into one batch of trades."""
         return self.decode_buffer(*join_frames(frames))
+
+    def decode_into(
+        self, buffer: np.ndarray, offsets: np.ndarray, count: int, columns: TradeColumns
+    ) -> int:
+        """:meth:`decode_buffer` without allocating: the trades of ``count`` frames into
+        ``columns`` (``columns.trades(n)``, ``columns.symbols[:n]``, ``columns.clocks[:n]``),
+        in arrival order; returns how many. Control frames move the clock (CLOCK) or are left
+        out (the others). Made for a receiver that reuses its buffer: the read-only view the
+        kernel takes is made once per buffer, not once per call."""
+        if buffer is not self._viewed:
+            self._viewed = buffer
+            self._readonly = buffer.view()
+            self._readonly.flags.writeable = False  # the kernel's one array type
+        columns.fit(int(offsets[count]) // decode.TRADE_SIZE, count)
+        state = self.state
+        state[decode.D_TRADES] = 0
+        state[decode.D_SPECIALS] = 0
+        state[decode.D_STOP_AT_SPECIALS] = 0
+        offsets = offsets[: count + 1]
+        start = 0
+        while True:
+            start = self._decode(
+                self._readonly,
+                offsets,
+                start,
+                self._topics.arrays,
+                (self._topic_sym, self._last_session, self._last_seq, self._seen),
+                self.symbol_trades,
+                state,
+                columns.outputs,
+            )
+            if start == -1:
+                return int(state[decode.D_TRADES])
+            self._register_new_topics(self._readonly, offsets, start)
 
     def decode_buffer(
         self,

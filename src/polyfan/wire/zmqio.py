@@ -7,7 +7,9 @@ is ``buffer[offsets[i]:offsets[i + 1]]``):
 
 - :class:`Receiver` drains up to ``limit`` messages with ``zmq_msg_init`` / ``zmq_msg_recv``
   (``ZMQ_DONTWAIT``) / ``zmq_msg_data`` / ``zmq_msg_size`` / a copy into the buffer /
-  ``zmq_msg_close``, stopping at EAGAIN. A message larger than the room left stays held in its
+  ``zmq_msg_close``, stopping at EAGAIN; ``receive(wait=True)`` first waits for a message
+  (bounded by the socket's ``ZMQ_RCVTIMEO``, the GIL released), so that one call is a whole
+  wake-up (``polyfan.client.trade_batches``). A message larger than the room left stays held in its
   ``zmq_msg_t``; the buffer grows and the drain continues with it.
 - :class:`Sender` calls ``zmq_send(socket, ptr, len, 0)`` once per message of a buffer: each
   message stays its own ZeroMQ message, exactly as ``socket.send(bytes)`` would send it.
@@ -229,10 +231,13 @@ def receive_messages(
     offsets: np.ndarray,
     limit: int,
     state: np.ndarray,
+    wait: bool = False,
 ) -> int:
     """Receive messages without waiting into ``buf`` after the ``state[R_COUNT]`` already there,
     until ``limit`` are there (FULL), none is waiting (DRAINED), the next does not fit
-    (NEED_ROOM: it stays held in ``msg``) or libzmq fails (FAILED, errno in ``state``)."""
+    (NEED_ROOM: it stays held in ``msg``) or libzmq fails (FAILED, errno in ``state``). With
+    ``wait`` and nothing in ``buf`` yet, the first receive waits for a message, as long as the
+    socket's ``ZMQ_RCVTIMEO`` allows (then DRAINED with none); the GIL is released meanwhile."""
     count = state[R_COUNT]
     used = offsets[count]
     base = _address(buf)
@@ -241,7 +246,8 @@ def receive_messages(
     while count < limit:
         if state[R_HELD] == 0:
             _call_c("int(void*)", fn_init, handle)
-            if _call_c("int(void*, void*, int)", fn_recv, handle, socket, ZMQ_DONTWAIT) < 0:
+            flags = 0 if wait and count == 0 else ZMQ_DONTWAIT
+            if _call_c("int(void*, void*, int)", fn_recv, handle, socket, flags) < 0:
                 code = _call_c("int()", fn_errno)
                 _call_c("int(void*)", fn_close, handle)
                 state[R_COUNT] = count
@@ -376,9 +382,10 @@ class Receiver:
         self.state = np.zeros(N_RECEIVER, dtype=np.int64)
         self._msg = np.zeros(MSG_WORDS, dtype=np.int64)
 
-    def receive(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def receive(self, wait: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """Everything waiting, up to ``limit`` messages: ``(buffer, offsets, count)``. The
-        arrays are reused by the next call."""
+        arrays are reused by the next call. With ``wait``, wait for a first message as long as
+        the socket's ``ZMQ_RCVTIMEO`` allows (set one: -1 waits for ever), the GIL released."""
         lib = self.lib
         socket = _handle(self.socket)
         state = self.state
@@ -398,6 +405,7 @@ class Receiver:
                 self.offsets,
                 self.limit,
                 state,
+                wait,
             )
             if status == NEED_ROOM:
                 self._grow(int(state[R_NEED]))
@@ -405,6 +413,8 @@ class Receiver:
                 code = int(state[R_ERRNO])
                 if code != errno.EINTR:
                     raise zmq.ZMQError(code)
+                if wait:  # a signal: let Python run its handler (Ctrl-C) before waiting again
+                    return self.buffer, self.offsets, int(state[R_COUNT])
             else:
                 return self.buffer, self.offsets, int(state[R_COUNT])
 
@@ -431,6 +441,7 @@ class Receiver:
             self.offsets,
             0,
             state,
+            False,
         )
 
     def close(self) -> None:
@@ -476,7 +487,10 @@ class PyzmqReceiver:
         self.socket = socket
         self.limit = limit
 
-    def receive(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def receive(self, wait: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+        if wait:
+            timeout = int(self.socket.getsockopt(zmq.RCVTIMEO))
+            self.socket.poll(None if timeout < 0 else timeout)
         frames: list[bytes] = []
         append = frames.append
         recv = self.socket.recv

@@ -252,15 +252,21 @@ async def test_a_silent_10_s_cut_of_the_agg_host_is_told_marked_and_recovered(
         recovered_after = time.monotonic() - mended_at
         drain_until([tap], lambda: tap.clock > until + 2_000, 10, "the tap after the window")
         await client.close()
+        begun = agg.output.count("outage begins")
         print(
             f"feed_down {told_down_after:.1f} s after the cut; feed_up {told_up_after:.1f} s and "
-            f"bars past the window {recovered_after:.1f} s after the link returned"
+            f"bars past the window {recovered_after:.1f} s after the link returned; "
+            f"{begun} outage(s) begun by the agg"
         )
         for proc in (bridge, agg, proxy, sim):  # nothing hangs: each stops cleanly
             assert proc.stop() == 0, proc.output[-2000:]
     assert told_down_after < 3.0  # CONTRACT §12
-    # every window the client was told of: the cut, and the sequence gaps each topic shows as
-    # its first message after the cut arrives (the agg reports each as it finds it)
+    # One cut, one outage: the sequence gap each topic shows as its first message after the
+    # cut arrives joins the silence's outage while it settles (docs/outages.md). Before that
+    # rule the agg began 5 to 7 outages for this cut. A topic first heard again more than a
+    # grace past the outage's end would begin a second one: at most that.
+    assert 1 <= begun <= 2, agg.output[-3000:]
+    # every window the client was told of (one or, at most, two)
     ups = [e for e in client.events if e.get("status") == "feed_up"]
     windows = [(int(e["s"]), int(e["e"])) for e in ups]  # type: ignore[call-overload]
     assert windows[0][0] == int(down["s"]) and windows[0][1] > windows[0][0]

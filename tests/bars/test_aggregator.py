@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import numpy as np
 import pytest
 
 from polyfan.bars.aggregator import MAX_REPLY_BARS, Aggregator
+from polyfan.bars.outages import GAP, UPSTREAM, Change, Outages
 from polyfan.config import AggConfig
 from polyfan.wire import codec
 from polyfan.wire.ingest import join_frames, split_frames
@@ -267,3 +269,146 @@ def test_a_channel_outside_the_bridges_grammar_is_a_bad_request_not_a_crash(
 ) -> None:
     for channel in ("1" * 5_000 + "Ms.AAPL", "\u0661\u0660\u0660Ms.AAPL", "0100Ms.AAPL"):
         assert history(core, {"id": 1, "channel": channel})[1] is codec.HistoryStatus.BAD_REQUEST
+
+
+def outage_messages(messages: list[bytes]) -> list[object]:
+    decoded = map(codec.decode, messages)
+    return [codec.decode_json(m) for m in decoded if m.kind is codec.Kind.OUTAGE]
+
+
+def test_one_silent_cut_is_one_outage_though_each_topic_shows_its_gap_later() -> None:
+    # A cut between proxy and agg: nothing heard for 2 s, then the link returns. The first
+    # clock after it ends the silence, but each topic shows its own sequence gap only when its
+    # first message since arrives, in later batches (tests/test_multihost.py saw 5 to 7, each
+    # counted, logged and told to clients as an outage of its own). They are the cut's losses:
+    # one outage, whose window covers the bars they could be in.
+    config = AggConfig(intervals_ms=(100,), grace_ms=250, symbols=("A", "B", "C"))
+    core = Aggregator(config, session=42)
+    core.frames_received(
+        [trades_frame(s, 1, 10_000) for s in "ABC"] + [clock_frame(1, 10_000)], now_ms=0
+    )
+    assert outage_messages(core.silence_checked(now_ms=2_000)) == [
+        {"state": "down", "s": 10_000, "e": None, "causes": ["silence"]}
+    ]
+    batches = [  # the link is back: the proxy's messages resume, each topic's seq jumped
+        [clock_frame(50, 20_000), trades_frame("A", 90, 20_001)],
+        [trades_frame("B", 70, 20_005), clock_frame(51, 20_010)],
+        [clock_frame(52, 20_050)],
+        [trades_frame("C", 40, 20_060), clock_frame(53, 20_100)],
+        [clock_frame(54, 20_200)],  # the first clock after C's gap: the window's end
+        [clock_frame(55, 20_400)],  # not yet a grace (250 ms) past it
+        [clock_frame(56, 20_500)],
+    ]
+    published = []
+    for at, frames in enumerate(batches):
+        published += outage_messages(core.frames_received(frames, now_ms=12_000 + 10 * at))
+    assert published == [{"state": "up", "s": 10_000, "e": 20_200, "causes": ["silence", "gap"]}]
+    assert core.outages_total.value == 1
+    assert core.gaps_total.value == 48 + 88 + 68 + 38
+    # the bars the lost trades could be in carry outage: open at 10_000 or starting by 20_200
+    a = core.bars.series_id(core.decoder.known_symbol_id("A") or 0, 100)
+    flags = dict(core.history.select(a)[["s", "flags"]].tolist())
+    assert flags == {10_000: codec.BAR_FLAG_OUTAGE, 20_000: codec.BAR_FLAG_OUTAGE}
+
+
+def test_messages_lost_before_an_upstream_down_in_the_same_batch_start_the_window() -> None:
+    # The gap (A's trades 2 to 4 lost) comes before the UPSTREAM down in the batch: the window
+    # starts at the clock before the batch, not at the later clock the down reports, or the
+    # bar the lost trades may be in (10_000, open until 10_350) would close unmarked.
+    config = AggConfig(intervals_ms=(100,), grace_ms=250, symbols=("A",))
+    core = Aggregator(config, session=42)
+    core.frames_received([trades_frame("A", 1, 10_000), clock_frame(1, 10_000)], now_ms=0)
+    down = np.array([(codec.UPSTREAM_DOWN, 11_000, 5_000)], dtype=codec.UPSTREAM_DTYPE)
+    out = core.frames_received(
+        [
+            trades_frame("A", 5, 10_990),
+            codec.encode(codec.CONTROL_TOPIC, codec.Kind.UPSTREAM, 1, 2, 1, down.tobytes()),
+            clock_frame(3, 11_000),
+        ],
+        now_ms=10,
+    )
+    assert outage_messages(out) == [{"state": "down", "s": 10_000, "e": None, "causes": ["gap"]}]
+    assert core.outages.current() == Change(10_000, None, (GAP, UPSTREAM))
+    a = core.bars.series_id(core.decoder.known_symbol_id("A") or 0, 100)
+    assert core.history.select(a)[["s", "flags"]].tolist() == [(10_000, codec.BAR_FLAG_OUTAGE)]
+
+
+def published_bars(messages: list[bytes]) -> dict[tuple[str, int], tuple[object, ...]]:
+    """(topic, bar start) -> the bar's fields, of every BARS message."""
+    bars = {}
+    for message in map(codec.decode, messages):
+        if message.kind is codec.Kind.BARS:
+            for bar in codec.records(message).tolist():
+                bars[message.topic, bar[0]] = bar
+    return bars
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_settling_marks_no_bar_that_could_hold_a_lost_trade_less(seed: int) -> None:
+    """A random feed as the proxy sends it (trades, clocks after every batch that moves the
+    clock and between, now and then an UPSTREAM down/up), with messages lost at random and
+    cuts (a run of messages lost while nothing is heard for 2 s), through an agg whose
+    outages settle for its grace and one whose outages are over at once (before settling):
+    they publish the same bars; settling marks a subset, each bar it no longer marks equals
+    the whole feed's (no lost trade could be in it), and it counts no more outages."""
+    rng = random.Random(seed)
+    symbols = ("A", "B", "C", "D")
+    grace = rng.choice((50, 100, 250))
+    config = AggConfig(intervals_ms=(100, 250), grace_ms=grace, symbols=symbols)
+    whole, settling, at_once = (Aggregator(config, session=42) for _ in range(3))
+    at_once.outages = Outages(settle_ms=0)
+    seqs = dict.fromkeys([*symbols, "_ctl"], 0)
+    clock, wall, down = 10_000, 0, False
+    sent: list[bytes] = []  # what the proxy sends
+    for _ in range(600):
+        batch = [rng.randint(-40, 60) + clock for _ in range(rng.randint(0, 3))]
+        for t in batch:
+            symbol = rng.choice(symbols)
+            seqs[symbol] += 1
+            sent.append(trades_frame(symbol, seqs[symbol], t))
+        wall += rng.randint(1, 30)
+        if rng.random() < 0.02:
+            down = not down
+            state = codec.UPSTREAM_DOWN if down else codec.UPSTREAM_UP
+            record = np.array([(state, clock, wall)], dtype=codec.UPSTREAM_DTYPE)
+            seqs["_ctl"] += 1
+            sent.append(
+                codec.encode(
+                    codec.CONTROL_TOPIC, codec.Kind.UPSTREAM, 1, seqs["_ctl"], 1, record.tobytes()
+                )
+            )
+        if max(batch, default=clock) > clock or rng.random() < 0.3:
+            clock = max(batch, default=clock)
+            seqs["_ctl"] += 1
+            sent.append(clock_frame(seqs["_ctl"], clock))
+    out: dict[int, list[bytes]] = {id(agg): [] for agg in (whole, settling, at_once)}
+    now, at = 0, 0
+    while at < len(sent):
+        take = rng.randint(1, 6)
+        frames, at = sent[at : at + take], at + take
+        if at > 40 and rng.random() < 0.04:  # lost: some at random, or a cut
+            if rng.random() < 0.25:
+                at += rng.randint(20, 150)
+                now += 2_500
+                for agg in (settling, at_once):
+                    out[id(agg)] += agg.silence_checked(now)
+            else:
+                frames = [f for f in frames if rng.random() < 0.5]
+        now += rng.randint(1, 20)
+        for agg in (settling, at_once):
+            out[id(agg)] += agg.frames_received(frames, now_ms=now)
+    out[id(whole)] += whole.frames_received(sent, now_ms=0)
+    last = clock_frame(seqs["_ctl"] + 1, clock + 10_000)  # closes every bar
+    for agg in (whole, settling, at_once):
+        out[id(agg)] += agg.frames_received([last], now_ms=now)
+    reference, mine, before = (published_bars(out[id(a)]) for a in (whole, settling, at_once))
+
+    def marked(bars: dict[tuple[str, int], tuple[object, ...]]) -> set[tuple[str, int]]:
+        return {key for key, bar in bars.items() if int(bar[-1]) & codec.BAR_FLAG_OUTAGE}
+
+    assert mine.keys() == before.keys()
+    assert all(mine[key][:-1] == before[key][:-1] for key in mine)  # all but the flags
+    assert marked(mine) <= marked(before)
+    for key in marked(before) - marked(mine):
+        assert mine[key][:-1] == reference[key][:-1], (key, mine[key], reference[key])
+    assert settling.outages_total.value <= at_once.outages_total.value

@@ -143,7 +143,10 @@ class Aggregator:
         # lack trades sent before it listened (announced as "from"; a bridge with another agg
         # serving the same channel prefers that agg's bars for them).
         self.listening_from: int | None = None
-        self.outages = Outages()
+        # an outage is over once the clock is a grace past the clock that ended it: each
+        # topic's gap after a cut, found as its first message since arrives, joins it
+        # (bars/outages.py, docs/outages.md)
+        self.outages = Outages(settle_ms=config.grace_ms)
         self._windows_revision = 0  # the outages' revision the bars last got
         self._warned: dict[str, tuple[float, int]] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
@@ -264,9 +267,22 @@ class Aggregator:
         outages.heard(now_ms)
         changes: list[Change] = []
         control: list[bytes] = []
+        gaps_noted = gaps_before
+
+        def lost(clock: int | None) -> None:
+            """Messages lost in this batch so far (a gap) are an outage from the clock before
+            the batch (``clock`` before the first)."""
+            nonlocal gaps_noted
+            at = clock_before if clock_before is not None else clock
+            if decoder.gaps != gaps_noted and at is not None:
+                changes.extend(outages.lost(at))
+                gaps_noted = decoder.gaps
 
         def special(frame: bytes, clock: int | None) -> None:  # in arrival order
             changes.extend(self._settled(now_ms))
+            # losses before the frame come first: an UPSTREAM down (or a restart) later in the
+            # batch must not start the window at its own, later, clock
+            lost(clock)
             changes.extend(self._control_frame(frame, clock, now_ms, control))
             self._arm()
 
@@ -277,8 +293,7 @@ class Aggregator:
         self.bars.add_trades(batch.trades, batch.symbols, batch.clocks)
         self._count(bad_before, gaps_before, late_before)
         changes += self._settled(now_ms)
-        if decoder.gaps != gaps_before:
-            changes += outages.lost(clock_before if clock_before is not None else decoder.clock)
+        lost(decoder.clock)
         clock = decoder.clock
         if self.listening_from is None and clock is not None:
             self.listening_from = clock

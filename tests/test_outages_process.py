@@ -98,6 +98,17 @@ class Stream:
             self.tap_missed[symbol] = max(self.tap_missed.get(symbol, 0), first_t)
 
 
+def marked_in(bars: dict[tuple[str, int], list[Bar]], windows: list[tuple[int, int]]) -> int:
+    """How many bars carry outage and were open during a window or start inside one."""
+    return sum(
+        1
+        for (_, interval), series in bars.items()
+        for bar in series
+        if bar.flags & codec.BAR_FLAG_OUTAGE
+        and any(bar.s <= hi and bar.s + interval + GRACE > lo for lo, hi in windows)
+    )
+
+
 def drain_until(
     streams: list[Stream], condition: Callable[[], object], timeout: float, what: str
 ) -> None:
@@ -157,6 +168,9 @@ def assert_exact_or_marked(
             if bar.flags & codec.BAR_FLAG_OUTAGE:
                 assert s <= after_all, (key, bar, "marked, though it starts after every window")
                 marked += 1
+                # A marked bar may lack trades, so its close may not be the reference's: a
+                # volume-only bar after it carries that close (CONTRACT §3) unmarked.
+                close_known = False
                 continue
             assert s in ref, (key, bar, "published, unmarked, and not in the reference")
             want = ref[s]
@@ -274,10 +288,11 @@ async def test_a_proxy_killed_and_restarted_leaves_only_exact_or_marked_bars_and
             values = scrape(metrics)
         await client.close()
         windows = [(int(up["s"]), int(up["e"]))]
-        marked = assert_exact_or_marked(
-            out.bars, tap.tap, windows, since, until, tap_missed=tap.tap_missed
-        )
-        assert marked > 0  # the bars open when it died, and those of the restart
+        assert_exact_or_marked(out.bars, tap.tap, windows, since, until, tap_missed=tap.tap_missed)
+        # the bars open when it died, and those of the restart, carry outage (counted on the
+        # agg's output alone: the tap may have missed the new proxy's first trades of every
+        # symbol, and then compares none of the bars near the window)
+        assert marked_in(out.bars, windows) > 0
         assert values["polyfan_agg_outages_total"] == 1
         assert "outage begins" in agg.output and "outage over" in agg.output
 

@@ -275,18 +275,16 @@ class BarStore:
         per = len(self.intervals)
         symbol = series // per
         interval = self.intervals[series % per]
-        new_names: list[str] = []
-        numbers = np.empty(len(series), dtype=np.int64)
-        known = wal.numbers
-        added: dict[int, int] = {}
-        for at, sym in enumerate(symbol.tolist()):
-            number = known.get(sym)
-            if number is None:
-                number = added.get(sym)
-                if number is None:
-                    number = added[sym] = len(known) + len(added)
-                    new_names.append(self._names[sym])
-            numbers[at] = number
+        table = wal.numbers
+        if len(symbol) and int(symbol.max()) >= len(table):
+            grown = np.full(max(2 * len(table), int(symbol.max()) + 1), -1, dtype=np.int64)
+            grown[: len(table)] = table
+            table = grown
+        fresh = np.unique(symbol[table[symbol] < 0]) if len(symbol) else symbol
+        table = table.copy() if len(fresh) else table  # kept only once the frame is written
+        table[fresh] = wal.named + np.arange(len(fresh))
+        new_names = [self._names[sym] for sym in fresh.tolist()]
+        numbers = table[symbol]
         frame = segments.encode_frame(clock, new_names, numbers, interval, bars)
         try:
             wal.append(frame)
@@ -295,7 +293,8 @@ class BarStore:
             self.dropped_total.value += count
             log.error("store: cannot write %s: %s (%d closed bars lost)", wal.path, exc, count)
             return
-        known.update(added)
+        wal.numbers = table
+        wal.named += len(fresh)
         wal.bars += count
         self._clock = clock
         self.written_total.value += count
@@ -421,7 +420,8 @@ class _OpenLog:
     def __init__(self, path: Path, started: int) -> None:
         self.path = path
         self.started = started
-        self.numbers: dict[int, int] = {}  # the agg's symbol id -> its number in this file
+        self.numbers = np.full(1024, -1, dtype=np.int64)  # symbol id -> its number here
+        self.named = 0  # symbols numbered in this file
         self.bars = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size

@@ -124,7 +124,7 @@ def read_barcodec(store_dir: Path, symbol: str) -> dict[str, float]:
     one_s = time.perf_counter() - t
     t = time.perf_counter()
     total = 0
-    for path, segment in store._segments:
+    for _path, segment in store._segments:
         total += len(segment.all_bars()[3])
     all_s = time.perf_counter() - t
     assert total == loaded.bars

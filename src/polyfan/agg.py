@@ -117,9 +117,10 @@ class _Stop:
 
 
 def seal_ms(config: AggConfig) -> int:
-    """How much feed clock a write-ahead log covers before it is sealed. Its bars are served
-    from memory until then, so it is sealed well within ``--history``: a bar flushed at clock
-    C starts after C minus the longest interval and the grace (docs/store.md)."""
+    """How much feed clock a write-ahead log covers before it is sealed. Memory keeps its bars
+    until then, whatever ``--history`` says (``BarStore.unsealed_from``), so it is sealed well
+    within ``--history`` to keep memory to it: a bar flushed at clock C starts after C minus
+    the longest interval and the grace (docs/store.md)."""
     room = config.history_ms - max(config.intervals_ms) - config.grace_ms
     return max(100, min(SEAL_MS, room // 2))
 

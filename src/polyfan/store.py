@@ -11,12 +11,18 @@ The files, the writer thread and the reads; the byte layouts are :mod:`polyfan.b
   ``DIR/seg/<oldest s>-<clock>.bars`` (written to a temporary name, ``fsync``\\ ed, renamed,
   the directory ``fsync``\\ ed), then deletes the log. Segments past ``--retain`` (their newest
   bar older than the feed clock minus it) are deleted whole.
+- Segments past the retention are also looked for on a timer (every ``retain_every_s``), so a
+  store that closes no bar still deletes its old segments.
 - At start, :meth:`BarStore.open` seals what logs a previous process left (their whole frames;
   a cut or damaged tail is logged with its size and skipped), maps every segment and deletes
   those past the retention.
 
-Reads (:meth:`BarStore.select`, from the agg's loop) see the sealed segments only: the bars
-of the open log are still in the agg's memory (``seal_ms`` is at most half of ``--history``).
+Reads (:meth:`BarStore.select`, from the agg's loop) see the sealed segments only. The bars
+queued or in the open log are still in the agg's memory: :meth:`BarStore.unsealed_from` is the
+oldest start among them, and the agg's history keeps every bar from there on
+(:meth:`polyfan.bars.history.History.trim`), whatever ``--history`` says, until they are
+sealed. ``polyfan_agg_store_durable_until`` is the feed clock of the last frame synced: every
+bar the agg closed by then survives a ``kill -9``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ log = logging.getLogger("polyfan.agg.store")
 
 SEAL_MS = 60_000  # a log is sealed into a segment every minute of feed clock at most
 MAX_QUEUED_BARS = 2_000_000  # bars waiting for the writer (~150 MB); past it, dropped
+RETAIN_EVERY_S = 60.0  # the retention is applied at least this often, bars or none
 WARN_EVERY_S = 5.0
+_NONE = 2**63 - 1  # no bar waiting to be sealed
 _EMPTY = np.zeros(0, dtype=codec.BAR_DTYPE)
 
 
@@ -79,12 +87,20 @@ class BarStore:
         self.retain_ms = retain_ms
         self.flush_s = flush_ms / 1000
         self.seal_ms = seal_ms
+        # short retentions (tests) are looked at more often; never more than once a flush
+        self.retain_every_s = max(self.flush_s, min(RETAIN_EVERY_S, retain_ms / 10_000))
         self.max_queued_bars = max_queued_bars
         self._wal_dir = self.directory / "wal"
         self._seg_dir = self.directory / "seg"
         self._segments: tuple[tuple[Path, segments.Segment], ...] = ()  # oldest first
         self._queue: deque[tuple[np.ndarray, np.ndarray, int]] = deque()
         self._queued = 0
+        # the oldest bar start queued, taken by the writer, and in the open log (or being
+        # sealed): memory keeps every bar from the oldest of them until it is in a segment
+        # (unsealed_from)
+        self._queued_oldest = _NONE
+        self._taken_oldest = _NONE
+        self._log_oldest = _NONE
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -123,6 +139,11 @@ class BarStore:
         self.queued_gauge = registry.gauge(
             "polyfan_agg_store_queued_bars", "Closed bars waiting for the store's writer."
         )
+        self.durable_gauge = registry.gauge(
+            "polyfan_agg_store_durable_until",
+            "Feed clock (Unix ms) of the last flush synced to --store: every bar the agg closed "
+            "by then survives a kill -9 (0: none yet).",
+        )
         registry.on_collect(self._collect)
 
     def _collect(self) -> None:
@@ -157,6 +178,7 @@ class BarStore:
         held = list(self._segments)
         oldest = [segment.oldest for _, segment in held if segment.bars]
         self.oldest = min(oldest) if oldest else None
+        self.durable_gauge.value = self.stored_to or 0
         return Loaded(
             segments=len(held),
             bars=sum(segment.bars for _, segment in held),
@@ -182,6 +204,7 @@ class BarStore:
         """Queue a published batch of closed bars (never blocks)."""
         if clock is None:
             return
+        oldest = int(bars["s"].min()) if len(bars) else _NONE
         with self._lock:
             if self._queued + len(series) > self.max_queued_bars:
                 dropped = True
@@ -189,6 +212,7 @@ class BarStore:
                 dropped = False
                 self._queue.append((series, bars, clock))
                 self._queued += len(series)
+                self._queued_oldest = min(self._queued_oldest, oldest)
         if dropped:
             self.dropped_total.value += len(series)
             self._warn(
@@ -202,6 +226,13 @@ class BarStore:
         """The feed clock now (every batch): the next flush records it even with no bar."""
         if clock is not None:
             self._latest_clock = clock
+
+    def unsealed_from(self) -> int | None:
+        """The oldest start of a bar queued or in the open log (None: every bar handed in is
+        sealed, or dropped): until a segment holds them, only memory can serve them."""
+        with self._lock:
+            oldest = min(self._queued_oldest, self._taken_oldest, self._log_oldest)
+        return None if oldest == _NONE else oldest
 
     def select(
         self,
@@ -238,13 +269,22 @@ class BarStore:
     # --- the writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        next_retain = time.monotonic() + self.retain_every_s
         while True:
             self._wake.wait(self.flush_s)
             self._wake.clear()
             stopping = self._stopping
             try:
                 self._flush()
+                if time.monotonic() >= next_retain:
+                    # a quiet store seals nothing: its old segments go on this timer
+                    next_retain = time.monotonic() + self.retain_every_s
+                    self._retain(
+                        self._latest_clock if self._latest_clock is not None else self._clock
+                    )
             except Exception:  # the writer must outlive a bad moment; what it lost is counted
+                with self._lock:
+                    self._taken_oldest = _NONE  # lost with the flush: memory keeps to --history
                 self.errors_total.value += 1
                 log.exception("store: a flush failed")
             if stopping:
@@ -255,6 +295,8 @@ class BarStore:
             batches = list(self._queue)
             self._queue.clear()
             count, self._queued = self._queued, 0
+            self._taken_oldest = self._queued_oldest
+            self._queued_oldest = _NONE
         return batches, count
 
     def _flush(self) -> None:
@@ -289,6 +331,8 @@ class BarStore:
         try:
             wal.append(frame)
         except OSError as exc:
+            with self._lock:
+                self._taken_oldest = _NONE  # never to be sealed: memory keeps to --history
             self.errors_total.value += 1
             self.dropped_total.value += count
             log.error("store: cannot write %s: %s (%d closed bars lost)", wal.path, exc, count)
@@ -296,7 +340,11 @@ class BarStore:
         wal.numbers = table
         wal.named += len(fresh)
         wal.bars += count
+        with self._lock:
+            self._log_oldest = min(self._log_oldest, self._taken_oldest)
+            self._taken_oldest = _NONE
         self._clock = clock
+        self.durable_gauge.value = clock
         self.written_total.value += count
         self.flush_seconds.value += time.perf_counter() - started
         if clock >= wal.started + self.seal_ms and wal.bars:
@@ -309,7 +357,13 @@ class BarStore:
         if old is not None:
             old.close()
             started = time.perf_counter()
-            self._seal_file(old.path, loading=False)
+            try:
+                self._seal_file(old.path, loading=False)
+            finally:
+                # sealed, and served from disk; or not (logged): its bars are read at the next
+                # start, and memory need not hold them past --history meanwhile
+                with self._lock:
+                    self._log_oldest = _NONE
             self.seal_seconds.value += time.perf_counter() - started
             self._retain(clock)
 

@@ -42,6 +42,8 @@ MAX_REPLY_BARS = 20_000  # bars in one HISTORY reply at most (docs/limits.md); a
 # BAD_REQUEST, no limit means the most recent MAX_REPLY_BARS
 _U64_MAX = 2**64 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+# agg --store: memory keeps bars not yet sealed on disk past --history, by this much at most
+HOLD_UNSEALED_MAX_MS = 10 * 60_000
 WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
 BAR_TOPIC_WIDTH = 8 + decode.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
 BAR_SIZE = codec.BAR_DTYPE.itemsize
@@ -87,6 +89,8 @@ class StoredBars(Protocol):
     ) -> np.ndarray: ...
 
     def oldest_stored(self) -> int | None: ...
+
+    def unsealed_from(self) -> int | None: ...
 
 
 _NO_SERIES = np.zeros(0, dtype=np.int64)
@@ -507,7 +511,12 @@ class Aggregator:
             self._grow_bar_topics(2 * len(self._bar_topic_len))  # ahead of the batch needing it
         clock = self.decoder.clock
         if clock is not None:
-            self.history.trim(clock, busy)
+            hold = None if self.store is None else self.store.unsealed_from()
+            if hold is not None:
+                # a bar is in memory or in a sealed segment, never neither; unless the store
+                # is stuck that long (its errors are logged): then memory goes back to --history
+                hold = max(hold, clock - self.history.keep_ms - HOLD_UNSEALED_MAX_MS)
+            self.history.trim(clock, busy, hold)
             self.outages.forget_before(self.bars.outages_needed_after(clock))
             self._outages_changed([])
 

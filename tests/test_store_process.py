@@ -4,9 +4,12 @@ with what the first agg published and with the reference (docs/store.md)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +17,8 @@ import pytest
 
 from polyfan.bars import segments
 from polyfan.wire import codec
-from procs import Context, Proc, scrape
-from reference import Bar, Clock, Trades, bar_from_record, reference_bars
+from procs import Context, Proc, free_port, scrape
+from reference import OUTAGE, Bar, Clock, Trades, bar_from_record, reference_bars
 from test_agg_process import (
     GRACE,
     INTERVALS,
@@ -28,6 +31,8 @@ from test_agg_process import (
     assert_exact,
     random_events,
 )
+from test_outages_process import healthy
+from wsclient import Client, eventually
 
 FLUSH_MS = 200
 
@@ -360,4 +365,121 @@ def test_a_quiet_store_still_deletes_what_is_past_retain(tmp_path: Path, context
         assert agg.stop() == 0
     finally:
         agg.stop()
+        fake.close()
+
+
+def bar_from_event(event: dict[str, object]) -> Bar:
+    """A bridge's MB event as a :class:`Bar` (the reference's CARRIED flag is not on the
+    JSON: compare ``flags & OUTAGE``)."""
+    assert event["ev"] == "MB"
+    vw = event["vw"]
+    return Bar(
+        int(event["s"]),  # type: ignore[call-overload]
+        float(event["o"]),  # type: ignore[arg-type]
+        float(event["h"]),  # type: ignore[arg-type]
+        float(event["l"]),  # type: ignore[arg-type]
+        float(event["c"]),  # type: ignore[arg-type]
+        float(event["v"]),  # type: ignore[arg-type]
+        None if vw is None else float(vw),  # type: ignore[arg-type]
+        int(event["n"]),  # type: ignore[call-overload]
+        OUTAGE if event.get("outage") else 0,
+    )
+
+
+def without_carried(bar: Bar) -> Bar:
+    return dataclasses.replace(bar, flags=bar.flags & OUTAGE)
+
+
+def get_json(http: int, path: str) -> object:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=10) as response:
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
+    tmp_path: Path, context: Context
+) -> None:
+    """A real bridge in front of a ``--store`` agg that is killed with SIGKILL and restarted:
+    clients are told it kept its bars, and ``/api/bars`` (from/to) and ``since`` give the
+    bars from before the restart (far older than --history) once each, equal to the
+    reference, then the new ones."""
+    rng = random.Random(17)
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    http = free_port()
+    flags = ("--store", str(tmp_path / "store"), "--flush", "100ms", "--history", "5s")
+    fake = FakeProxy(context, proxy_pub, session=51)
+    events = random_events(rng, 100_000, 130_000, 3_000)
+    reference = reference_bars([*events, Clock(131_500)], INTERVALS, GRACE).bars
+    bridge = Proc("bridge", "--sub", agg_pub, "--listen", f"127.0.0.1:{http}")
+    agg, output = start_agg(context, proxy_pub, agg_pub, port, *flags)
+    try:
+        bridge.wait_for("ready:")
+        await eventually(lambda: healthy(http), timeout=20, what="the bridge hearing the agg")
+        watcher = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
+        await watcher.send({"action": "subscribe", "params": "1000Ms.AAPL"})
+        assert (await watcher.statuses(1))[0]["status"] == "success"
+        fake.probe(output, 0)
+        for at in range(0, len(events), 100):  # ~1 s of feed clock a flush
+            fake.publish(events[at : at + 100])
+            end = time.monotonic() + 0.12
+            while time.monotonic() < end:
+                output.pump(0.01)
+        fake.probe(output, 131_500)  # every bar of the events closed
+        deadline = time.monotonic() + 20
+        while scrape(port)["polyfan_agg_store_durable_until"] < 131_500:
+            assert time.monotonic() < deadline, "the last bars never became durable"
+            output.pump(0.05)
+        agg.popen.kill()
+        agg.wait()
+        down = await watcher.until(lambda e: e.get("status") == "feed_down", timeout=5)
+        agg, output = start_agg(context, proxy_pub, agg_pub, port, *flags)
+        stored = output.announces[-1]["stored"]
+        assert isinstance(stored, dict) and stored["to"] == 131_500
+        fake.probe(output, 140_000)  # it hears the proxy: "from" is announced, the feed is up
+        up = await watcher.until(lambda e: e.get("status") == "feed_up", timeout=15)
+        assert (up["s"], up["e"]) == (down["s"], 140_000)
+        assert up["message"] == (
+            "the aggregator restarted: it kept its bars up to 131500 on disk; bars from then "
+            "to 140000 may be missing or short; it serves bars again from 140000: bars from "
+            "131500 to 140000 carry outage: true where trades may be missing"
+        )
+
+        symbols = [s for s in SYMBOLS if (s, 1_000) in reference][:8]
+        for symbol in symbols:  # from disk, each once, as the first agg made them
+            for interval in INTERVALS:
+                want = [without_carried(b) for b in reference.get((symbol, interval), [])]
+                query = f"channel={interval}Ms.{symbol}&from=100000&to=140000&limit=10000"
+                got = [bar_from_event(e) for e in get_json(http, f"/api/bars?{query}")]  # type: ignore[union-attr]
+                assert [b.s for b in got] == [b.s for b in want], (symbol, interval)
+                for mine, ref in zip(got, want, strict=True):
+                    assert_same_bar(mine, ref, (symbol, interval))
+                half = (100_000 + 130_000) // 2
+                query = f"channel={interval}Ms.{symbol}&from={half}&to=140000&limit=10000"
+                part = [bar_from_event(e) for e in get_json(http, f"/api/bars?{query}")]  # type: ignore[union-attr]
+                assert part == [b for b in got if b.s >= half]
+
+        # since: the stored bars, then the live ones, none twice
+        symbol = symbols[0]
+        client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
+        await client.send({"action": "subscribe", "params": f"1000Ms.{symbol}", "since": 100_000})
+        assert (await client.statuses(1))[0]["status"] == "success"
+        want = [without_carried(b) for b in reference[(symbol, 1_000)]]
+        history = [bar_from_event(e) for e in await client.bars(len(want))]
+        assert [b.s for b in history] == [b.s for b in want]
+        for mine, ref in zip(history, want, strict=True):
+            assert_same_bar(mine, ref, symbol)
+        second = random_events(rng, 141_000, 146_000, 500)
+        fake.publish(second)
+        fake.probe(output, 148_000)
+        new = output.bars.get((symbol, 1_000), [])
+        assert new and new[0].s >= 140_000
+        live = [bar_from_event(e) for e in await client.bars(len(new))]
+        assert live == [without_carried(b) for b in new]
+        await client.close()
+        await watcher.close()
+        assert agg.stop() == 0
+        assert bridge.stop() == 0
+    finally:
+        agg.stop()
+        bridge.stop()
         fake.close()

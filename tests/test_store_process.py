@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from polyfan.bars import segments
@@ -314,8 +315,6 @@ def _oldest(path: Path) -> int:
 
 
 def _newest(path: Path) -> int:
-    import numpy as np
-
     return segments.Segment(np.fromfile(path, dtype=np.uint8)).newest
 
 
@@ -483,3 +482,56 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
         agg.stop()
         bridge.stop()
         fake.close()
+
+
+def write_logs(directory: Path, logs: int, symbols: int, frames: int) -> int:
+    """Write-ahead logs as a killed agg leaves them (whole frames of 1 s bars); return the
+    bars written."""
+    (directory / "wal").mkdir(parents=True)
+    names = [f"S{i}" for i in range(symbols)]
+    numbers = np.arange(symbols, dtype=np.int64)
+    intervals = np.full(symbols, 1_000, dtype=np.int64)
+    for log in range(logs):
+        chunks = []
+        for frame in range(frames):
+            s = 100_000 + (log * frames + frame) * 1_000
+            bars = np.zeros(symbols, dtype=codec.BAR_DTYPE)
+            bars["s"] = s
+            bars["o"] = bars["h"] = bars["l"] = bars["c"] = bars["vw"] = 10 + numbers / 100
+            bars["v"], bars["n"] = 100, 1
+            chunks.append(
+                segments.encode_frame(
+                    s + 1_000 + GRACE, names if frame == 0 else [], numbers, intervals, bars
+                )
+            )
+        (directory / "wal" / f"{100_000 + log * frames * 1_000:020d}.log").write_bytes(
+            b"".join(chunks)
+        )
+    return logs * frames * symbols
+
+
+def test_sigterm_while_the_start_seals_what_a_kill_left_exits_0_within_2s_and_loses_nothing(
+    tmp_path: Path, context: Context
+) -> None:
+    directory = tmp_path / "store"
+    total = write_logs(directory, logs=4, symbols=20_000, frames=15)  # ~0.3 s of sealing each
+    proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
+    with Proc(*agg_args(proxy_pub, agg_pub, port, "--store", str(directory))) as agg:
+        agg.wait_for(r"store: .*\.log: 15 flushes sealed")  # sealing the first of four
+        agg.popen.terminate()
+        signalled = time.monotonic()
+        assert agg.wait(5) == 0
+        took = time.monotonic() - signalled
+        assert took < 2, took
+        assert "ready:" not in agg.output
+    print(f"\nSIGTERM during the start-up seal: exited 0 in {took:.2f} s")
+    agg, _ = start_agg(context, proxy_pub, agg_pub, port, "--store", str(directory))
+    try:
+        agg.wait_for(f"store {directory}: {total} bars in 4 segments")
+        ask = Requester(context, agg_pub)
+        served = stored_history(ask, "S123", 1_000)
+        assert [b.s for b in served] == [100_000 + i * 1_000 for i in range(60)]
+        assert {(b.o, b.n) for b in served} == {(11.23, 1)}
+        assert agg.stop() == 0
+    finally:
+        agg.stop()

@@ -12,6 +12,10 @@
    time to open the store and read bars back, in both formats.
 3. ``polyfan agg --store DIR`` is started on the barcodec store, sealed and with one minute of
    write-ahead log left unsealed (as a ``kill -9`` leaves it): time to ``ready:``.
+
+Part 2 needs pyarrow, which neither polyfan's store nor its tests use, so the ``test`` extra
+does not pin it: ``.venv/bin/pip install 'pyarrow==26.0.1'`` (the version the figures in
+docs/benchmarks.md were measured with) before running this script.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 
 from polyfan.bars import segments
 from polyfan.wire import codec
-from procs import Context, Proc, free_port, scrape
+from procs import Context, Proc, endpoint, free_port, scrape
 from reference import OUTAGE, Bar, Clock, Trades, bar_from_record, reference_bars
 from test_agg_process import (
     GRACE,
@@ -535,3 +535,100 @@ def test_sigterm_while_the_start_seals_what_a_kill_left_exits_0_within_2s_and_lo
         assert agg.stop() == 0
     finally:
         agg.stop()
+
+
+def api_bars(http: int, channel: str, since: int, to: int) -> list[Bar]:
+    query = f"channel={channel}&from={since}&to={to}&limit=10000"
+    events = get_json(http, f"/api/bars?{query}")
+    assert isinstance(events, list)
+    return [bar_from_event(e) for e in events]
+
+
+async def test_a_bridge_joins_a_memory_only_replica_and_a_restarted_store_agg(
+    tmp_path: Path, context: Context
+) -> None:
+    """A (memory only, --history 20s, first in --sub) and B (--store) serve the same channels;
+    B is killed and restarted, so A has been whole the longest and B reaches further back.
+    /api/bars and since give every bar once, equal to the reference: the newest from A's
+    memory, the older from B's disk (both asked)."""
+    rng = random.Random(19)
+    proxy_pub, a_pub, a_port = agg_endpoints("ipc", tmp_path)
+    b_pub, b_port, http = endpoint("ipc", tmp_path, "b"), free_port(), free_port()
+    b_flags = ("--store", str(tmp_path / "store"), "--flush", "100ms", "--history", "5s")
+    fake = FakeProxy(context, proxy_pub, session=61)
+    events = random_events(rng, 100_000, 130_000, 3_000)
+    reference = reference_bars([*events, Clock(131_500)], INTERVALS, GRACE).bars
+    bridge = Proc("bridge", "--sub", a_pub, "--sub", b_pub, "--listen", f"127.0.0.1:{http}")
+    a, out_a = start_agg(context, proxy_pub, a_pub, a_port, "--history", "20s")
+    b, out_b = start_agg(context, proxy_pub, b_pub, b_port, *b_flags)
+    try:
+        bridge.wait_for("ready:")
+        for output in (out_a, out_b):
+            fake.probe(output, 0)
+        for at in range(0, len(events), 100):
+            fake.publish(events[at : at + 100])
+            end = time.monotonic() + 0.12
+            while time.monotonic() < end:
+                out_a.pump(0.005)
+                out_b.pump(0.005)
+        for output in (out_a, out_b):
+            fake.probe(output, 131_500)
+        deadline = time.monotonic() + 20
+        while scrape(b_port)["polyfan_agg_store_durable_until"] < 131_500:
+            assert time.monotonic() < deadline, "the last bars never became durable"
+            out_b.pump(0.05)
+        b.popen.kill()
+        b.wait()
+        b, out_b = start_agg(context, proxy_pub, b_pub, b_port, *b_flags)
+        session = out_b.announces[-1]["session"]
+        for output in (out_a, out_b):
+            fake.probe(output, 140_000)
+
+        def b_restarted_is_heard() -> bool:
+            info = get_json(http, "/api/info")
+            assert isinstance(info, dict)
+            return bool(info["aggs"][1]["session"] == session and info["aggs"][1]["heard"])
+
+        await eventually(b_restarted_is_heard, timeout=15, what="the bridge hearing B again")
+        asked = (
+            scrape(a_port)["polyfan_agg_requests_total"],
+            scrape(b_port)["polyfan_agg_requests_total"],
+        )
+        symbols = [s for s in SYMBOLS if (s, 1_000) in reference][:6]
+        for symbol in symbols:
+            for interval in INTERVALS:
+                key = (symbol, interval)
+                want = [without_carried(b) for b in reference.get(key, [])]
+                got = api_bars(http, f"{interval}Ms.{symbol}", 100_000, 140_000)
+                assert [b.s for b in got] == [b.s for b in want], key
+                for mine, ref in zip(got, want, strict=True):
+                    assert_same_bar(mine, ref, key)
+        # A answered each, and B for what is older than A's memory (the first 20 s of bars)
+        count = len(symbols) * len(INTERVALS)
+        assert scrape(a_port)["polyfan_agg_requests_total"] == asked[0] + count
+        assert scrape(b_port)["polyfan_agg_requests_total"] == asked[1] + count
+
+        symbol = symbols[0]
+        client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
+        await client.send({"action": "subscribe", "params": f"1000Ms.{symbol}", "since": 100_000})
+        assert (await client.statuses(1))[0]["status"] == "success"
+        want = [without_carried(b) for b in reference[(symbol, 1_000)]]
+        history = [bar_from_event(e) for e in await client.bars(len(want))]
+        assert [b.s for b in history] == [b.s for b in want]
+        for mine, ref in zip(history, want, strict=True):
+            assert_same_bar(mine, ref, symbol)
+        second = random_events(rng, 141_000, 146_000, 500)
+        fake.publish(second)
+        for output in (out_a, out_b):
+            fake.probe(output, 148_000)
+        new = out_a.bars.get((symbol, 1_000), [])[len(reference[(symbol, 1_000)]) :]
+        assert new and new[0].s >= 141_000
+        live = [bar_from_event(e) for e in await client.bars(len(new))]
+        assert live == [without_carried(b) for b in new]  # once each, whichever agg sent it
+        await client.close()
+        for proc in (a, b, bridge):
+            assert proc.stop() == 0
+    finally:
+        for proc in (a, b, bridge):
+            proc.stop()
+        fake.close()

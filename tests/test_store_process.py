@@ -99,6 +99,44 @@ class Feeder:
         return (clocks[-1] - clocks[0]) / elapsed if len(clocks) > 1 and elapsed > 0 else 0.0
 
 
+def event_clock(event: Clock | Trades) -> int:
+    """The feed clock an event says: a CLOCK's value, a trade's time."""
+    return event.clock if isinstance(event, Clock) else event.trades[0].t
+
+
+class Heartbeat:
+    """The fake proxy's CLOCK, repeated every 100 ms from a thread as a real proxy relays it
+    (an agg that hears nothing for 2 s reports an outage): the test's thread uses ``fake``
+    only through :meth:`publish` and :meth:`probe`, which hold the same lock."""
+
+    def __init__(self, fake: FakeProxy) -> None:
+        self.fake = fake
+        self.clock = 0
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            with self.lock:
+                self.fake.clock(self.clock)
+
+    def publish(self, events: list[Clock | Trades]) -> None:
+        with self.lock:
+            self.fake.publish(events)
+            self.clock = max([self.clock, *(e.clock for e in events if isinstance(e, Clock))])
+
+    def probe(self, output: AggOutput, clock: int) -> None:
+        with self.lock:
+            self.fake.probe(output, clock)
+            self.clock = max(self.clock, clock)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def closed_by(
     bars: dict[tuple[str, int], list[Bar]], clock: int
 ) -> dict[tuple[str, int], list[Bar]]:
@@ -324,16 +362,19 @@ def test_a_quiet_store_still_deletes_what_is_past_retain(tmp_path: Path, context
     rng = random.Random(7)
     proxy_pub, agg_pub, port = agg_endpoints("ipc", tmp_path)
     directory = tmp_path / "store"
-    flags = ("--store", str(directory), "--flush", "100ms", "--history", "5s", "--retain", "5s")
+    flags = ("--store", str(directory), "--flush", "100ms", "--history", "5s", "--retain", "20s")
     fake = FakeProxy(context, proxy_pub, session=41)
     events = random_events(rng, 100_000, 110_000, 1_000)
     agg, output = start_agg(context, proxy_pub, agg_pub, port, *flags)
     try:
         fake.probe(output, 0)
-        for at in range(0, len(events), 100):  # ~1 s of feed clock a flush: several segments
-            fake.publish(events[at : at + 100])
-            end = time.monotonic() + 0.12
-            while time.monotonic() < end:
+        for second in range(100_000, 110_000, 1_000):  # a flush a second of feed clock at most:
+            chunk = [e for e in events if second <= event_clock(e) < second + 1_000]
+            fake.publish(chunk)  # logs are sealed every 1,875 ms of it (--history 5s)
+            fake.probe(output, second + 999)
+            deadline = time.monotonic() + 20
+            while scrape(port)["polyfan_agg_store_durable_until"] < second + 999:
+                assert time.monotonic() < deadline, "no flush"
                 output.pump(0.01)
         for clock in range(110_000, 114_001, 500):  # no more trades: the last logs are sealed
             fake.probe(output, clock)
@@ -352,7 +393,7 @@ def test_a_quiet_store_still_deletes_what_is_past_retain(tmp_path: Path, context
             assert time.monotonic() < deadline, "the last bars were never sealed"
             fake.probe(output, 114_000)
         kept = sorted((directory / "seg").glob("*.bars"))
-        assert len(kept) >= 2, [p.name for p in kept]
+        assert len(kept) >= 4, [p.name for p in kept]  # none past --retain yet
         fake.probe(output, 300_000)  # quiet for over --retain: everything but the newest goes
         deadline = time.monotonic() + 20
         while len(list((directory / "seg").glob("*.bars"))) > 1:
@@ -407,6 +448,7 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
     http = free_port()
     flags = ("--store", str(tmp_path / "store"), "--flush", "100ms", "--history", "5s")
     fake = FakeProxy(context, proxy_pub, session=51)
+    proxy = Heartbeat(fake)
     events = random_events(rng, 100_000, 130_000, 3_000)
     reference = reference_bars([*events, Clock(131_500)], INTERVALS, GRACE).bars
     bridge = Proc("bridge", "--sub", agg_pub, "--listen", f"127.0.0.1:{http}")
@@ -417,13 +459,13 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
         watcher = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
         await watcher.send({"action": "subscribe", "params": "1000Ms.AAPL"})
         assert (await watcher.statuses(1))[0]["status"] == "success"
-        fake.probe(output, 0)
+        proxy.probe(output, 0)
         for at in range(0, len(events), 100):  # ~1 s of feed clock a flush
-            fake.publish(events[at : at + 100])
+            proxy.publish(events[at : at + 100])
             end = time.monotonic() + 0.12
             while time.monotonic() < end:
                 output.pump(0.01)
-        fake.probe(output, 131_500)  # every bar of the events closed
+        proxy.probe(output, 131_500)  # every bar of the events closed
         deadline = time.monotonic() + 20
         while scrape(port)["polyfan_agg_store_durable_until"] < 131_500:
             assert time.monotonic() < deadline, "the last bars never became durable"
@@ -431,10 +473,11 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
         agg.popen.kill()
         agg.wait()
         down = await watcher.until(lambda e: e.get("status") == "feed_down", timeout=5)
+        proxy.clock = 140_000  # the proxy's clock went on: the first a restarted agg hears
         agg, output = start_agg(context, proxy_pub, agg_pub, port, *flags)
         stored = output.announces[-1]["stored"]
         assert isinstance(stored, dict) and stored["to"] == 131_500
-        fake.probe(output, 140_000)  # it hears the proxy: "from" is announced, the feed is up
+        proxy.probe(output, 140_000)  # it hears the proxy: "from" is announced, the feed is up
         up = await watcher.until(lambda e: e.get("status") == "feed_up", timeout=15)
         assert (up["s"], up["e"]) == (down["s"], 140_000)
         assert up["message"] == (
@@ -468,8 +511,8 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
         for mine, ref in zip(history, want, strict=True):
             assert_same_bar(mine, ref, symbol)
         second = random_events(rng, 141_000, 146_000, 500)
-        fake.publish(second)
-        fake.probe(output, 148_000)
+        proxy.publish(second)
+        proxy.probe(output, 148_000)
         new = output.bars.get((symbol, 1_000), [])
         assert new and new[0].s >= 140_000
         live = [bar_from_event(e) for e in await client.bars(len(new))]
@@ -481,6 +524,7 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
     finally:
         agg.stop()
         bridge.stop()
+        proxy.stop()
         fake.close()
 
 
@@ -556,6 +600,7 @@ async def test_a_bridge_joins_a_memory_only_replica_and_a_restarted_store_agg(
     b_pub, b_port, http = endpoint("ipc", tmp_path, "b"), free_port(), free_port()
     b_flags = ("--store", str(tmp_path / "store"), "--flush", "100ms", "--history", "5s")
     fake = FakeProxy(context, proxy_pub, session=61)
+    proxy = Heartbeat(fake)
     events = random_events(rng, 100_000, 130_000, 3_000)
     reference = reference_bars([*events, Clock(131_500)], INTERVALS, GRACE).bars
     bridge = Proc("bridge", "--sub", a_pub, "--sub", b_pub, "--listen", f"127.0.0.1:{http}")
@@ -564,25 +609,26 @@ async def test_a_bridge_joins_a_memory_only_replica_and_a_restarted_store_agg(
     try:
         bridge.wait_for("ready:")
         for output in (out_a, out_b):
-            fake.probe(output, 0)
+            proxy.probe(output, 0)
         for at in range(0, len(events), 100):
-            fake.publish(events[at : at + 100])
+            proxy.publish(events[at : at + 100])
             end = time.monotonic() + 0.12
             while time.monotonic() < end:
                 out_a.pump(0.005)
                 out_b.pump(0.005)
         for output in (out_a, out_b):
-            fake.probe(output, 131_500)
+            proxy.probe(output, 131_500)
         deadline = time.monotonic() + 20
         while scrape(b_port)["polyfan_agg_store_durable_until"] < 131_500:
             assert time.monotonic() < deadline, "the last bars never became durable"
             out_b.pump(0.05)
         b.popen.kill()
         b.wait()
+        proxy.clock = 140_000  # the proxy's clock went on: the first the restarted agg hears
         b, out_b = start_agg(context, proxy_pub, b_pub, b_port, *b_flags)
         session = out_b.announces[-1]["session"]
         for output in (out_a, out_b):
-            fake.probe(output, 140_000)
+            proxy.probe(output, 140_000)
 
         def b_restarted_is_heard() -> bool:
             info = get_json(http, "/api/info")
@@ -618,9 +664,9 @@ async def test_a_bridge_joins_a_memory_only_replica_and_a_restarted_store_agg(
         for mine, ref in zip(history, want, strict=True):
             assert_same_bar(mine, ref, symbol)
         second = random_events(rng, 141_000, 146_000, 500)
-        fake.publish(second)
+        proxy.publish(second)
         for output in (out_a, out_b):
-            fake.probe(output, 148_000)
+            proxy.probe(output, 148_000)
         new = out_a.bars.get((symbol, 1_000), [])[len(reference[(symbol, 1_000)]) :]
         assert new and new[0].s >= 141_000
         live = [bar_from_event(e) for e in await client.bars(len(new))]
@@ -631,4 +677,5 @@ async def test_a_bridge_joins_a_memory_only_replica_and_a_restarted_store_agg(
     finally:
         for proc in (a, b, bridge):
             proc.stop()
+        proxy.stop()
         fake.close()

@@ -28,7 +28,8 @@ Parts (all by default):
 ``--pin`` puts the agg's loop (its main thread) alone on CPU 0 and everything else, its
 ZeroMQ I/O thread and this script included, on CPU 1: the agg with a core of its own.
 ``--agg-pyzmq`` runs the agg on its pyzmq fallback (``POLYFAN_LIBZMQ=off``) with this script's
-side unchanged, to compare the two message paths.
+side unchanged, to compare the two message paths. ``--agg-store`` runs it with ``--store`` on
+a fresh directory (its writer thread flushing every second), to compare the loop's delay.
 
 The machine is shared and has 2 cores: figures are noisy; run each part alone to compare.
 """
@@ -788,6 +789,9 @@ if __name__ == "__main__":
     if "--agg-pyzmq" in parts:
         parts.remove("--agg-pyzmq")
         AGG_ENV["POLYFAN_LIBZMQ"] = "off"
+    if "--agg-store" in parts:  # the aggs write their closed bars to a store (agg --store)
+        parts.remove("--agg-store")
+        AGG_ENV["POLYFAN_AGG_STORE"] = tempfile.mkdtemp(prefix="bench-agg-store-")
     if "--pin" in parts:
         parts.remove("--pin")
         PIN[0] = True

@@ -882,6 +882,58 @@ async def test_thousands_of_channels_are_all_resubscribed_when_the_agg_restarts(
         await bridge.stop()
 
 
+async def test_history_is_joined_across_replicas_older_bars_from_the_one_that_reaches_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """a has been whole the longest but holds only recent bars (memory); b started later but
+    reaches further back (agg --store). The bars come from a, and those older than a's oldest
+    from b, each start once; b is not asked when a fills the limit; if b does not answer, a's
+    bars come with a note."""
+    import polyfan.bridge
+
+    monkeypatch.setattr(polyfan.bridge, "REQUEST_TIMEOUT", 0.5)
+    async with replicas(T0 + 1_000) as ((a, b), bridge):
+        older = bar_rows(500, T0 - 100_000, 10)
+        recent = bar_rows(500, T0 + 10_000, 5)
+        a.publish(500, "TSLA", recent)
+        b.publish(500, "TSLA", older)
+        b.publish(500, "TSLA", bar_rows(500, T0 + 10_000, 5, price=7.0))  # a's copies win
+        a.flush()
+        b.flush()
+        wanted = [expected_event("TSLA", 500, r) for r in [*older, *recent]]
+        status, _, body = await get(bridge, f"/api/bars?channel=500Ms.TSLA&from={T0 - 200_000}")
+        assert (status, orjson.loads(body)) == (200, wanted)
+        assert [(r["since"], r["before"], r["limit"]) for r in a.requests] == [
+            (T0 - 200_000, None, 600)
+        ]
+        assert [(r["since"], r["before"], r["limit"]) for r in b.requests] == [
+            (T0 - 200_000, T0 + 10_000, 595)
+        ]
+        status, _, body = await get(bridge, "/api/bars?channel=500Ms.TSLA&limit=3")
+        assert orjson.loads(body) == wanted[-3:]  # a fills it: b is not asked
+        status, _, body = await get(bridge, f"/api/bars?channel=500Ms.TSLA&before={T0}&limit=4")
+        assert orjson.loads(body) == wanted[6:10]  # paging back past a's memory reaches b
+        assert len(b.requests) == 2
+
+        client = await Client.open(url(bridge))
+        await client.send({"action": "subscribe", "params": "500Ms.TSLA", "since": T0 - 100_000})
+        assert (await client.statuses(1))[0]["status"] == "success"
+        assert await client.bars(15) == wanted
+        await client.close()
+        b.answer_requests = False  # b stops answering: a's bars, and a note that older may lack
+        client = await Client.open(url(bridge))
+        await client.send({"action": "subscribe", "params": "500Ms.TSLA", "since": T0 - 100_000})
+        assert (await client.statuses(1))[0]["status"] == "success"
+        event = await client.next_event()
+        assert event["status"] == "error"
+        assert event["message"] == (
+            f"500Ms.TSLA: bars older than {T0 + 10_000} may be missing: another aggregator "
+            "did not answer"
+        )
+        assert await client.bars(5) == wanted[10:]
+        await client.close()
+
+
 async def test_history_is_not_asked_of_an_agg_that_has_gone_silent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -41,11 +41,12 @@ import zmq
 import zmq.utils.monitor
 
 from polyfan import curve
-from polyfan.bars import history
+from polyfan.bars import history, segments
 from polyfan.bars.aggregator import Aggregator
 from polyfan.config import AggConfig, format_duration_ms
 from polyfan.errors import ConfigError
 from polyfan.metrics import MetricsServer, Registry, listen
+from polyfan.store import SEAL_MS, BarStore
 from polyfan.wire import codec, zmqio
 from polyfan.wire.peers import Bans
 
@@ -115,9 +116,51 @@ class _Stop:
         self.requested = True
 
 
+def seal_ms(config: AggConfig) -> int:
+    """How much feed clock a write-ahead log covers before it is sealed. Memory keeps its bars
+    until then, whatever ``--history`` says (``BarStore.unsealed_from``), so it is sealed well
+    within ``--history`` to keep memory to it: a bar flushed at clock C starts after C minus
+    the longest interval and the grace (docs/store.md)."""
+    room = config.history_ms - max(config.intervals_ms) - config.grace_ms
+    return max(100, min(SEAL_MS, room // 2))
+
+
+def open_store(config: AggConfig, registry: Registry) -> BarStore | None:
+    """``--store``: the bars a previous process left, read back (logged), or None."""
+    if config.store is None:
+        return None
+    store = BarStore(
+        config.store,
+        config.intervals_ms,
+        retain_ms=config.retain_ms,
+        flush_ms=config.flush_ms,
+        seal_ms=seal_ms(config),
+        registry=registry,
+    )
+    try:
+        loaded = store.open()
+    except OSError as exc:
+        raise ConfigError(f"--store: cannot use {config.store}: {exc}") from exc
+    log.info(
+        "store %s: %d bars in %d segments, oldest bar %s, last flush at feed clock %s; "
+        "%d logs sealed (%d bytes cut), %d segments past --retain deleted, in %.2f s",
+        config.store,
+        loaded.bars,
+        loaded.segments,
+        loaded.oldest,
+        loaded.stored_to,
+        loaded.sealed_logs,
+        loaded.cut_bytes,
+        loaded.removed,
+        loaded.seconds,
+    )
+    return store
+
+
 def run(config: AggConfig) -> int:
     registry = Registry()
-    core = Aggregator(config, registry)
+    store = open_store(config, registry)
+    core = Aggregator(config, registry, store=store)
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
     pub = context.socket(zmq.XPUB)
@@ -135,6 +178,9 @@ def run(config: AggConfig) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         warm_up(config, receiver, sender)
+        if store is not None:
+            segments.warm_up()
+            store.start(core.decoder.symbol_names)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, RCVHWM)
         sub.setsockopt(zmq.RCVBUF, 8 << 20)
@@ -190,10 +236,12 @@ def run(config: AggConfig) -> int:
             " ".join(format_duration_ms(i) for i in config.intervals_ms),
             format_duration_ms(config.grace_ms),
             "*" if config.symbols is None else ",".join(config.symbols),
-            metrics_note,
+            metrics_note + ("" if config.store is None else f", store {config.store}"),
         )
         _loop(core, sub, pub, monitor, receiver, sender, stop)
     finally:
+        if store is not None:
+            store.close()
         if metrics is not None:
             metrics.close()
         receiver.close()

@@ -430,6 +430,29 @@ def proxy(
     help="Subscriptions one ZeroMQ peer may hold (a bridge holds one per channel); past it "
     "the peer is disconnected and its address refused for 60 s (docs/limits.md).",
 )
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Write closed bars to DIR and read them back at start: history, since and /api/bars "
+    "reach bars from before a restart and older than --history (docs/store.md).",
+)
+@click.option(
+    "--retain",
+    metavar="DUR",
+    default="7d",
+    show_default=True,
+    callback=_parsed(cfg.parse_duration_ms),
+    help="With --store: bars kept on disk (older segments are deleted whole).",
+)
+@click.option(
+    "--flush",
+    metavar="DUR",
+    default="1s",
+    show_default=True,
+    callback=_parsed(cfg.parse_duration_ms),
+    help="With --store: how often closed bars are made durable (a kill -9 loses at most this).",
+)
 @_metrics_option
 @_curve_options(binds=True, connects=True)
 def agg(
@@ -442,6 +465,9 @@ def agg(
     conditions_file: Path | None,
     history: int,
     peer_subscriptions: int,
+    store: Path | None,
+    retain: int,
+    flush: int,
     metrics: tuple[str, int] | None,
     curve_secret: Path | None,
     curve_allow: Path | None,
@@ -455,6 +481,10 @@ def agg(
             raise click.BadParameter(
                 f"{interval}ms is outside 100ms to 1m", param_hint="--interval"
             )
+    if flush < 10:
+        raise click.BadParameter(f"{flush}ms is under 10ms", param_hint="--flush")
+    if retain < 1000:
+        raise click.BadParameter(f"{retain}ms is under 1s", param_hint="--retain")
     config = cfg.AggConfig(
         sub=sub,
         pub=pub,
@@ -465,6 +495,9 @@ def agg(
         conditions_file=conditions_file,
         history_ms=history,
         peer_subscriptions=peer_subscriptions,
+        store=store,
+        retain_ms=retain,
+        flush_ms=flush,
         metrics=metrics,
         curve=_call(
             cfg.curve_config,

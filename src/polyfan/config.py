@@ -25,15 +25,17 @@ DEFAULT_INTERVALS = ("100ms", "250ms", "500ms", "1s", "5s", "1m")
 
 SYMBOL_RE = symbols.SYMBOL_RE  # polyfan.symbols defines the alphabet once
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def parse_duration_ms(text: str, *, name: str = "duration") -> int:
-    """Parse ``250ms``, ``1s``, ``5m`` or ``1h`` into whole milliseconds."""
+    """Parse ``250ms``, ``1s``, ``5m``, ``1h`` or ``7d`` into whole milliseconds."""
     match = _DURATION_RE.match(text)
     if match is None:
-        raise ConfigError(f"{name}: {text!r} is not a duration; write it like 250ms, 1s, 5m or 1h")
+        raise ConfigError(
+            f"{name}: {text!r} is not a duration; write it like 250ms, 1s, 5m, 1h or 7d"
+        )
     value = float(match.group(1)) * _UNIT_MS[match.group(2)]
     if value != int(value):
         raise ConfigError(f"{name}: {text!r} is not a whole number of milliseconds")
@@ -41,8 +43,8 @@ def parse_duration_ms(text: str, *, name: str = "duration") -> int:
 
 
 def format_duration_ms(ms: int) -> str:
-    """The shortest exact spelling of ``ms``: 100ms, 1s, 5m, 1h."""
-    for unit in ("h", "m", "s"):
+    """The shortest exact spelling of ``ms``: 100ms, 1s, 5m, 1h, 7d."""
+    for unit in ("d", "h", "m", "s"):
         size = _UNIT_MS[unit]
         if ms >= size and ms % size == 0:
             return f"{ms // size}{unit}"
@@ -203,6 +205,9 @@ class AggConfig:
     conditions_file: Path | None = None
     history_ms: int = 3_600_000
     peer_subscriptions: int = 20_000  # per ZeroMQ peer of --pub (peers.PeerLimits)
+    store: Path | None = None  # closed bars on disk (docs/store.md)
+    retain_ms: int = 7 * 86_400_000  # --store keeps bars this long (whole segments)
+    flush_ms: int = 1000  # --store makes closed bars durable this often
     metrics: tuple[str, int] | None = None
     curve: CurveConfig = CurveConfig()
 

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,8 @@ MAX_REPLY_BARS = 20_000  # bars in one HISTORY reply at most (docs/limits.md); a
 # BAD_REQUEST, no limit means the most recent MAX_REPLY_BARS
 _U64_MAX = 2**64 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+# agg --store: memory keeps bars not yet sealed on disk past --history, by this much at most
+HOLD_UNSEALED_MAX_MS = 10 * 60_000
 WARN_EVERY_S = 5.0  # a continuing loss is one WARNING per this many seconds, with its count
 BAR_TOPIC_WIDTH = 8 + decode.TOPIC_WIDTH  # "60000Ms." + the longest symbol a topic can carry
 BAR_SIZE = codec.BAR_DTYPE.itemsize
@@ -71,6 +73,24 @@ def _optional_int(value: Any) -> bool:
     return value is None or (
         isinstance(value, int) and not isinstance(value, bool) and _I64_MIN <= value <= _I64_MAX
     )
+
+
+class StoredBars(Protocol):
+    """Closed bars on disk (:class:`polyfan.store.BarStore`, ``agg --store``)."""
+
+    stored_to: int | None  # the feed clock of the last flush a previous process made
+
+    def put(self, series: np.ndarray, bars: np.ndarray, clock: int | None) -> None: ...
+
+    def clocked(self, clock: int | None) -> None: ...
+
+    def select(
+        self, name: str, interval: int, since: int | None, before: int | None, limit: int | None
+    ) -> np.ndarray: ...
+
+    def oldest_stored(self) -> int | None: ...
+
+    def unsealed_from(self) -> int | None: ...
 
 
 _NO_SERIES = np.zeros(0, dtype=np.int64)
@@ -120,8 +140,10 @@ class Aggregator:
         session: int | None = None,
         jit: bool = True,
         peer_limits: peers.PeerLimits | None = None,
+        store: StoredBars | None = None,
     ) -> None:
         self.config = config
+        self.store = store
         self.session = session if session is not None else int.from_bytes(os.urandom(8), "little")
         self.intervals = tuple(config.intervals_ms)
         self.decoder = FrameDecoder(config.symbols, jit=jit)
@@ -143,6 +165,13 @@ class Aggregator:
         # lack trades sent before it listened (announced as "from"; a bridge with another agg
         # serving the same channel prefers that agg's bars for them).
         self.listening_from: int | None = None
+        # With --store: the feed clock of the previous process's last flush. Every bar it
+        # closed by then is on disk: the clock starts there (a trade for such a bar is late,
+        # as it would have been), and the window from there to the first CLOCK heard is one
+        # this agg was not listening in (its bars carry outage: true).
+        self.stored_to = None if store is None else store.stored_to
+        if self.stored_to is not None:
+            self.decoder.state[decode.D_CLOCK] = self.stored_to
         # an outage is over once the clock is a grace past the clock that ended it: each
         # topic's gap after a cut, found as its first message since arrives, joins it
         # (bars/outages.py, docs/outages.md)
@@ -297,7 +326,7 @@ class Aggregator:
         clock = decoder.clock
         if self.listening_from is None and clock is not None:
             self.listening_from = clock
-            outages.started(clock)
+            outages.started(clock, self.stored_to)
         if decoder.control_session is not None:  # the first one is never a special
             outages.session_heard(decoder.control_session, now_ms)
         self._outages_changed(changes)
@@ -355,9 +384,14 @@ class Aggregator:
         return self.sequencer.encode_json(codec.CONTROL_TOPIC, codec.Kind.OUTAGE, change.as_json())
 
     def batch_sent(self, out: Outgoing) -> None:
-        """The batch ``out`` has been published: store its bars in the history."""
+        """The batch ``out`` has been published: store its bars in the history (and queue
+        them for the disk with ``--store``)."""
         if len(out.series):
             self.history.add_closed(out.series, out.bars)
+        if self.store is not None:
+            if len(out.series):
+                self.store.put(out.series, out.bars, self.decoder.clock)
+            self.store.clocked(self.decoder.clock)
 
     def _count(self, bad_before: int, gaps_before: int, late_before: int) -> None:
         decoder = self.decoder
@@ -415,6 +449,8 @@ class Aggregator:
         series, bars = self._bars_to_close()
         if len(series):
             self.history.add_closed(series, bars)
+            if self.store is not None:
+                self.store.put(series, bars, self.decoder.clock)
         return split_frames(*self._encode_closed(series, bars))
 
     def _bars_to_close(self) -> tuple[np.ndarray, np.ndarray]:
@@ -490,7 +526,12 @@ class Aggregator:
             self._grow_bar_topics(2 * len(self._bar_topic_len))  # ahead of the batch needing it
         clock = self.decoder.clock
         if clock is not None:
-            self.history.trim(clock, busy)
+            hold = None if self.store is None else self.store.unsealed_from()
+            if hold is not None:
+                # a bar is in memory or in a sealed segment, never neither; unless the store
+                # is stuck that long (its errors are logged): then memory goes back to --history
+                hold = max(hold, clock - self.history.keep_ms - HOLD_UNSEALED_MAX_MS)
+            self.history.trim(clock, busy, hold)
             self.outages.forget_before(self.bars.outages_needed_after(clock))
             self._outages_changed([])
 
@@ -508,6 +549,11 @@ class Aggregator:
             "outage": None if (now := self.outages.current()) is None else now.as_json(),
             "last_outage": None if (last := self.outages.last_closed) is None else last.as_json(),
         }
+        if self.store is not None:
+            # history on disk: bars from "from" on (whole unless marked outage), up to "to"
+            # for a restarted agg (its previous process's last flush; what came between that
+            # and this agg's own "from" is missing, and its bars carry outage: true)
+            value["stored"] = {"from": self.store.oldest_stored(), "to": self.stored_to}
         return self.sequencer.encode_json(codec.CONTROL_TOPIC, codec.Kind.ANNOUNCE, value)
 
     def peer_connected(self, fd: int) -> bool:
@@ -666,6 +712,18 @@ class Aggregator:
         else:
             series = self.bars.series_id(symbol_id, interval)
             bars = self.history.select(series, since, before, limit)
+        if self.store is not None and len(bars) < limit:
+            # older bars from disk: those before the oldest in memory (the memory's copy of a
+            # start wins, so each start comes once)
+            older = self.store.select(
+                symbol,
+                interval,
+                since,
+                int(bars["s"][0]) if len(bars) else before,
+                limit - len(bars),
+            )
+            if len(older):
+                bars = np.concatenate([older, bars])
         return self.sequencer.encode_history(topic, request_id, codec.HistoryStatus.OK, bars, check)
 
     def _history_reply(

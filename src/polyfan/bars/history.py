@@ -169,10 +169,14 @@ class History:
         """Append one series' newly closed bars (oldest first, after what it holds)."""
         self.add_closed(np.full(len(bars), series, dtype=np.int64), bars)
 
-    def trim(self, clock: int, busy: Callable[[], bool] | None = None) -> None:
+    def trim(
+        self, clock: int, busy: Callable[[], bool] | None = None, hold_from: int | None = None
+    ) -> None:
         """Set the retention cutoff from the feed clock and sweep a few series: trim them, and
         pack their bars into records, all but the newest ``len % block``; free the log
-        segments whose bars are all past the retention.
+        segments whose bars are all past the retention. ``hold_from``: keep the bars starting
+        at or after it too, older than the retention or not (``agg --store``: bars not on disk
+        yet).
 
         Packing does at most ``pack_budget`` records (a series cut short is packed when the
         sweep comes back to it), and none when ``busy()`` says there is other work waiting
@@ -181,6 +185,8 @@ class History:
         pile up as 64-byte records for ever.
         """
         self._cutoff = clock - self.keep_ms
+        if hold_from is not None and hold_from < self._cutoff:
+            self._cutoff = hold_from
         freed = self._free(self._cutoff, self._log_state)
         if freed and self._releases:
             _, _, _, free_slots, info = self._log_state

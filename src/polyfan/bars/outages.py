@@ -136,10 +136,12 @@ class Outages:
 
     # -- what was seen ----------------------------------------------------------------------
 
-    def started(self, clock: int) -> None:
+    def started(self, clock: int, stored_to: int | None = None) -> None:
         """This agg first heard the proxy at feed clock ``clock``: bars still open then may lack
-        earlier trades. Marked, not counted, not published."""
-        self.windows.append((clock, clock))
+        earlier trades. Marked, not counted, not published. ``stored_to``: a previous process
+        of this agg stored every bar it closed up to that clock (``agg --store``): the bars
+        from there on may lack the trades it heard after it, or that nobody heard."""
+        self.windows.append((min(clock, stored_to) if stored_to is not None else clock, clock))
         self.revision += 1
 
     def heard(self, now_ms: int) -> None:

@@ -427,6 +427,13 @@ class Links:
             return clock, "the aggregator is heard again"
         start = (link.announce or {}).get("from")
         e = int(start) if isinstance(start, int) else clock
+        stored = (link.announce or {}).get("stored")
+        if isinstance(stored, dict) and isinstance(stored.get("to"), int):
+            # agg --store: its history before the restart is on disk, up to its last flush
+            return e, (
+                f"the aggregator restarted: it kept its bars up to {stored['to']} on disk; "
+                f"bars from then to {e} may be missing or short; it serves bars again from {e}"
+            )
         return e, f"{RESTARTED}; it serves bars again from {e}"
 
     def _restarted_unseen(self, link: Link) -> None:

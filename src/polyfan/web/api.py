@@ -20,6 +20,7 @@ from polyfan.fanout.links import Links
 from polyfan.fanout.protocol import BarsQuery, Limits, encode_bars, join_events, parse_bars_query
 from polyfan.metrics import CONTENT_TYPE
 from polyfan.web.clients import Ask
+from polyfan.web.history import gather_bars
 from polyfan.web.http import Response, json_response
 from polyfan.web.routes import Handler
 from polyfan.wire import codec
@@ -71,22 +72,19 @@ class Api:
                 503, {"error": f"{channel.name}: no aggregator serving it is heard"}
             )
         try:
-            reply = await self._ask(
-                aggs[0],
-                {
-                    "op": "bars",
-                    "channel": channel.name,
-                    "since": bars_query.since,
-                    "before": bars_query.before,
-                    "limit": bars_query.limit,
-                },
+            gathered = await gather_bars(
+                aggs,
+                self._ask,
+                channel.name,
+                bars_query.since,
+                bars_query.before,
+                bars_query.limit,
             )
         except TimeoutError:
             return json_response(504, {"error": f"{channel.name}: the aggregator did not answer"})
-        _, reply_status, bars = codec.records_from_history(reply)
-        if reply_status is not codec.HistoryStatus.OK:
-            return json_response(404, {"error": f"{channel.name}: {reply_status.name}"})
-        parts = encode_bars(channel.interval, channel.symbol or "", bars.tolist())
+        if gathered.status is not codec.HistoryStatus.OK:
+            return json_response(404, {"error": f"{channel.name}: {gathered.status.name}"})
+        parts = encode_bars(channel.interval, channel.symbol or "", gathered.bars.tolist())
         return Response(
             200, join_events(parts), "application/json", [("Cache-Control", "no-store")]
         )

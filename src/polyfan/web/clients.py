@@ -50,6 +50,7 @@ from polyfan.fanout.protocol import (
 )
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.web.admission import AuthThrottle
+from polyfan.web.history import gather_bars
 from polyfan.wire import codec
 
 log = logging.getLogger("polyfan.bridge")
@@ -304,39 +305,34 @@ class Clients:
     async def _send_history(self, client: Client, channel: Channel, seam: Seam, since: int) -> None:
         aggs = self.links.answering(channel)
         limit = self.limits.since_max_bars
-        history: list[tuple[int, bytes]] = []
+        stored: list[tuple[int, bytes]] = []
         problem = None
         if not aggs:
             problem = f"{channel.name}: no aggregator serves it now; live bars follow"
         else:
             try:
-                reply = await self._ask(
-                    aggs[0],
-                    {
-                        "op": "bars",
-                        "channel": channel.name,
-                        "since": since,
-                        "before": None,
-                        "limit": limit,
-                    },
-                )
-                _, reply_status, bars = codec.records_from_history(reply)
-                if reply_status is not codec.HistoryStatus.OK:
-                    problem = f"{channel.name}: history unavailable ({reply_status.name}); live bars follow"
+                gathered = await gather_bars(aggs, self._ask, channel.name, since, None, limit)
+                if gathered.status is not codec.HistoryStatus.OK:
+                    problem = f"{channel.name}: history unavailable ({gathered.status.name}); live bars follow"
                 else:
-                    rows = bars.tolist()
+                    rows = gathered.bars.tolist()
                     parts = encode_bars(channel.interval, channel.symbol or "", rows)
-                    history = [(row[0], part) for row, part in zip(rows, parts, strict=True)]
+                    stored = [(row[0], part) for row, part in zip(rows, parts, strict=True)]
                     if len(rows) >= limit:
                         problem = (
                             f"{channel.name}: since reaches past the {limit} most recent bars; "
                             "only those are sent"
                         )
+                    elif gathered.incomplete is not None:
+                        problem = (
+                            f"{channel.name}: bars older than {rows[0][0] if rows else 'now'} "
+                            "may be missing: another aggregator did not answer"
+                        )
             except TimeoutError:
                 problem = f"{channel.name}: history request timed out; live bars follow"
         if problem is not None and client.id in self.clients:
             self.push(client, encode_events([error(problem)]), 0)
-        parts = self.fanout.complete_history(client, channel, seam, history)
+        parts = self.fanout.complete_history(client, channel, seam, stored)
         if client.id not in self.clients:
             return
         for frame, count in chunked(parts, HISTORY_FRAME_BARS):

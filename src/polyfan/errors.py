@@ -8,7 +8,8 @@
     │   ├── AuthenticationError   fatal, never retried
     │   └── FeedProtocolError     a frame that is not the protocol
     ├── WireError            a ZeroMQ message that does not decode
-    └── ClientError          a WebSocket client sent something invalid
+    ├── ClientError          a WebSocket client sent something invalid
+    └── RecordingError       a recording or flat file that cannot be read or written
 
 The CLI catches :class:`PolyfanError`, prints one line and exits non-zero.
 """
@@ -48,3 +49,7 @@ class WireError(PolyfanError):
 
 class ClientError(PolyfanError):
     """A WebSocket or HTTP client sent something invalid."""
+
+
+class RecordingError(PolyfanError):
+    """A recording, Parquet file or flat file that polyfan cannot read, or cannot write."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import zmq
 
@@ -402,3 +403,82 @@ def test_a_flat_file_replayed_through_proxy_and_agg_gives_exactly_the_pandas_bar
     assert agg_counts["polyfan_agg_late_trades_total"] == 0
     assert agg_counts["polyfan_agg_gaps_total"] == 0
     assert agg_counts["polyfan_agg_bars_total"] == len(expected)
+
+
+def bars_by_key(frame: pd.DataFrame) -> dict[tuple[str, int, int], dict[str, Any]]:
+    return {(r["sym"], r["interval"], r["s"]): r for r in frame.to_dict("records")}
+
+
+def test_a_recording_replayed_gives_the_bars_of_the_live_run(
+    tmp_path: Path, context: Context
+) -> None:
+    """sim -> proxy -> (agg, record) live; then the recording -> replay -> proxy -> agg: the
+    same bars, over every bar the recording holds whole (the recorder stops mid-stream)."""
+    sim_port, agg_metrics, record_metrics = free_port(), free_port(), free_port()
+    proxy_pub = endpoint("ipc", tmp_path, "live-proxy")
+    agg_pub = endpoint("ipc", tmp_path, "live-agg")
+    out = tmp_path / "rec"
+    with (
+        Proc(
+            "proxy", "--upstream", f"ws://127.0.0.1:{sim_port}/stocks", "--pub", proxy_pub,
+            env={"MASSIVE_API_KEY": "replay-test-key"},
+        ) as proxy,
+        Proc(*agg_args(proxy_pub, agg_pub, agg_metrics)) as agg,
+        Proc("record", "--sub", proxy_pub, "--out", str(out), "--metrics",
+             f"127.0.0.1:{record_metrics}") as record,
+    ):  # fmt: skip
+        for proc in (proxy, agg, record):
+            proc.wait_for("ready:", 60)
+        tap = Received(context, proxy_pub, b"T.", codec.CONTROL_TOPIC)
+        live = Received(context, agg_pub, *bar_prefixes())
+        tap.until(lambda: tap.messages, "the proxy's clock on the tap")
+        live.until(lambda: live.messages, "the agg relaying the proxy's clock")
+        deadline = time.monotonic() + 30
+        while scrape(record_metrics)["polyfan_record_messages_total"] == 0:
+            assert time.monotonic() < deadline, "the recorder hears nothing"
+            tap.pump()
+        with Proc(
+            "sim", "--listen", f"127.0.0.1:{sim_port}", "--symbols", "12", "--rate", "3000",
+            "--seed", "12",
+        ) as sim:  # fmt: skip
+            sim.wait_for("ready:", 60)
+            tap.until(lambda: trade_count(tap) >= 9_000, "9,000 trades")
+            assert record.stop() == 0  # mid-stream: its last flush holds all it received
+            recorded = pq.read_table(out / "trades").to_pandas()
+            tap.until(lambda: trade_count(tap) >= 12_000, "12,000 trades")
+            held = set(
+                zip(recorded["ticker"], recorded["sequence_number"].astype(int), strict=True)
+            )
+            # every trade the recorder did not get is at or after this: bars ending by it are whole
+            cutoff = min(
+                int(t)
+                for symbol, records in tap.trades().items()
+                for t, q in zip(records["t"], records["q"], strict=True)
+                if (symbol, int(q)) not in held
+            )
+            live.until(lambda: live.clock >= cutoff + GRACE, "the live agg past the cutoff")
+            assert sim.stop() == 0
+        assert agg.stop() == 0
+        assert proxy.stop() == 0
+    assert len(held) == len(recorded) > 1_000
+    live_bars = live.bars()
+    whole = live_bars[live_bars["s"] + live_bars["interval"] <= cutoff]
+
+    with replay_into_agg(context, tmp_path, out) as run:
+        run.tap.until(lambda: trade_count(run.tap) >= len(recorded), "every recorded trade")
+        last = int((whole["s"] + whole["interval"]).max()) + GRACE
+        run.bars.until(lambda: run.bars.clock >= last, "the agg's clock past the whole bars")
+    replayed = run.bars.bars()
+    replayed = replayed[replayed["s"] + replayed["interval"] <= cutoff]
+    want, got = bars_by_key(whole), bars_by_key(replayed)
+    assert sorted(got) == sorted(want)
+    assert len(want) > 500
+    for key, bar in want.items():
+        mine = got[key]
+        # v and vw to 1e-12: the live agg summed in arrival order, the replayed one in SIP order
+        for field in ("o", "h", "l", "c", "n", "flags"):
+            assert mine[field] == bar[field], (key, field, mine, bar)
+        assert mine["v"] == pytest.approx(bar["v"], rel=1e-12), key
+        assert (mine["vw"] is None) == (bar["vw"] is None), key
+        if bar["vw"] is not None:
+            assert mine["vw"] == pytest.approx(bar["vw"], rel=1e-12), key

@@ -430,7 +430,10 @@ class Recorder:
                     iso_ms(clock),
                 )
             else:
-                log.info("the proxy's upstream is up (feed clock %s)", iso_ms(clock))
+                log.info(
+                    "the proxy's upstream is up (feed clock %s)",
+                    iso_ms(clock) if clock else "not started",
+                )
 
     def _event(self, event: recording.Event) -> None:
         if isinstance(event, Lost):

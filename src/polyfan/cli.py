@@ -830,10 +830,12 @@ def record(
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--speed",
+    metavar="X|max",
     default="1",
     show_default=True,
     callback=_parsed(cfg.parse_speed),
-    help="SIP time divided by this (2: twice as fast), or max: as fast as the client reads.",
+    help="How many times faster than SIP time (2: twice as fast), or max: as fast as the "
+    "clients read.",
 )
 @click.option(
     "--listen",

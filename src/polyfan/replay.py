@@ -122,12 +122,12 @@ def _read_csv(path: Path, selection: flatfile.Selection) -> tuple[pa.Table, int]
     bad_rows: list[str] = []
 
     def skip(row: pacsv.InvalidRow) -> str:
-        if not bad_rows:
-            bad_rows.append(
-                f"line {row.number}: {row.actual_columns} fields, expected {row.expected_columns}"
-            )
-        else:
-            bad_rows.append("")
+        text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+        bad_rows.append(
+            f"{text!r}: {row.actual_columns} fields, expected {row.expected_columns}"
+            if not bad_rows
+            else ""
+        )
         return "skip"
 
     try:
@@ -150,8 +150,7 @@ def _read_csv(path: Path, selection: flatfile.Selection) -> tuple[pa.Table, int]
             len(bad_rows),
             bad_rows[0],
         )
-    selected, unusable = _prepared(normalized, selection)
-    return selected, unusable + len(bad_rows)
+    return _prepared(normalized, selection)
 
 
 def sources(path: Path, selection: flatfile.Selection) -> list[Source]:
@@ -284,7 +283,7 @@ async def serve_replay(config: ReplayConfig, stop: asyncio.Event) -> None:
         replayer.server.url,
         config.path,
         len(replayer.sources),
-        "part" if len(replayer.sources) == 1 else "parts",
+        "day or file" if len(replayer.sources) == 1 else "days or files, loaded one by one",
         speed,
     )
     player = asyncio.create_task(replayer.play(first))

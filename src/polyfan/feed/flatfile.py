@@ -136,7 +136,7 @@ def parse_conditions(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedA
     empty = pc.or_kleene(pc.is_null(trimmed), pc.equal(trimmed, ""))
     filled = pc.if_else(empty, pa.scalar("0"), trimmed)
     try:
-        lists = pc.split_pattern(filled, ",").cast(pa.list_(pa.int32()))
+        lists = pc.split_pattern_regex(filled, r"\s*,\s*").cast(pa.list_(pa.int32()))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise RecordingError(f"conditions: not a comma list of integer codes ({exc})") from exc
     return pc.if_else(empty, pa.scalar([], pa.list_(pa.int32())), lists)

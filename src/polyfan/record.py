@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import zmq
 
 from polyfan import curve
-from polyfan.config import RecordConfig
+from polyfan.config import SYMBOL_RE, RecordConfig
 from polyfan.errors import ConfigError, RecordingError, WireError
 from polyfan.feed import flatfile, recording
 from polyfan.feed.recording import (
@@ -60,6 +60,10 @@ from polyfan.wire import codec
 
 log = logging.getLogger("polyfan.record")
 
+_HEADER = codec.HEADER
+_HEAD = 1 + codec.HEADER.size  # the topic's terminator and the header
+_TRADE = codec.TRADE_DTYPE.itemsize
+_T = codec.TRADE_DTYPE
 RCVHWM = 10_000_000  # messages a stalled recorder may hold before the proxy drops (gaps)
 DRAIN = 20_000  # messages taken per wake-up before the flush timer is looked at
 POLL_MS = 100
@@ -146,10 +150,12 @@ class Recorder:
         self.run = recording.run_stamp(time.time_ns())
         self.stopping = False
         self.ledger = Ledger()
-        self._symbols: dict[str, int] = {}
+        self._symbols: dict[bytes, int] = {}  # topic bytes after "T." -> index
         self._symbol_names: list[str] = []
-        self._buffer: list[np.ndarray] = []
-        self._buffer_rows: list[int] = []
+        self._buffer: list[memoryview] = []  # payloads of TRADE records
+        self._buffer_rows: list[int] = []  # each payload's symbol
+        self._buffer_counts: list[int] = []  # and its number of trades
+        self._last_bad_log = -float("inf")
         self._buffered = 0
         self._seq = 0
         self._jobs: queue.Queue[_Flush | str | None] = queue.Queue(WRITE_QUEUE)
@@ -296,6 +302,7 @@ class Recorder:
             if config.metrics is not None:
                 metrics = listen(config.metrics, self.registry)
                 metrics.start()
+            flatfile.warm_up()
             writer.start()
             compactor.start()
             log.info(
@@ -378,48 +385,74 @@ class Recorder:
                 last_report, reported = now, received
 
     def _received(self, frame: bytes) -> None:
+        """One message. Trades take a lean path (header read in place, payload kept as a view,
+        joined per flush); everything else goes through :func:`codec.decode`."""
         self.m_messages.value += 1
+        end = frame.find(b"\x00")
+        if end > 2 and frame.startswith(b"T.") and len(frame) >= end + _HEAD:
+            version, kind, _, count, session, seq = _HEADER.unpack_from(frame, end + 1)
+            if version == codec.VERSION and kind == codec.Kind.TRADES:
+                if len(frame) != end + _HEAD + count * _TRADE:
+                    self._bad(f"message on {frame[:end]!r}: payload is not {count} trades")
+                    return
+                index = self._symbols.get(frame[2:end])
+                if index is None:
+                    index = self._new_symbol(frame[2:end])
+                    if index is None:
+                        return
+                if not count:
+                    return
+                max_t = 0
+                if session != self.ledger.session:
+                    self._flush()
+                    max_t = int(np.frombuffer(frame, _T, count, end + _HEAD)["t"].max())
+                events = self.ledger.trades_received(self._symbol_names[index], session, seq, max_t)
+                self._buffer.append(memoryview(frame)[end + _HEAD :])
+                self._buffer_rows.append(index)
+                self._buffer_counts.append(count)
+                self._buffered += count
+                self.m_received.value += count
+                for event in events:
+                    self._event(event)
+                return
         try:
             message = codec.decode(frame)
         except WireError as exc:
-            self.m_bad.value += 1
-            log.warning("undecodable message skipped: %s", exc)
+            self._bad(str(exc))
             return
-        kind = message.kind
-        if kind is codec.Kind.TRADES and message.topic.startswith("T."):
-            try:
-                records = codec.records(message)
-            except WireError:
-                self.m_bad.value += 1
-                return
-            if not len(records):
-                return
-            if self.ledger.is_new_session(message.session):
-                self._flush()
-            symbol = message.topic[2:]
-            index = self._symbols.get(symbol)
-            if index is None:
-                index = self._symbols[symbol] = len(self._symbol_names)
-                self._symbol_names.append(symbol)
-            events = self.ledger.trades_received(
-                symbol, message.session, message.seq, int(records["t"].max())
-            )
-            self._buffer.append(records)
-            self._buffer_rows.append(index)
-            self._buffered += len(records)
-            self.m_received.value += len(records)
-        elif kind in (codec.Kind.CLOCK, codec.Kind.UPSTREAM) and message.topic == codec.CONTROL:
+        if message.kind in (codec.Kind.CLOCK, codec.Kind.UPSTREAM) and (
+            message.topic == codec.CONTROL
+        ):
             if self.ledger.is_new_session(message.session):
                 self._flush()
             clock = recording.control_clock(message)
-            events = self.ledger.control_received(message.session, message.seq, clock)
-            if kind is codec.Kind.UPSTREAM:
+            for event in self.ledger.control_received(message.session, message.seq, clock):
+                self._event(event)
+            if message.kind is codec.Kind.UPSTREAM:
                 self._upstream(message)
         else:
             self.m_ignored.value += 1
-            return
-        for event in events:
-            self._event(event)
+
+    def _new_symbol(self, raw: bytes) -> int | None:
+        try:
+            symbol = raw.decode()
+        except UnicodeDecodeError:
+            symbol = ""
+        if SYMBOL_RE.fullmatch(symbol) is None:
+            self._bad(f"topic T.{raw!r} does not name a symbol")
+            return None
+        index = self._symbols[raw] = len(self._symbol_names)
+        self._symbol_names.append(symbol)
+        return index
+
+    def _bad(self, what: str) -> None:
+        self.m_bad.value += 1
+        now = time.monotonic()
+        if now - self._last_bad_log >= LOSS_LOG_EVERY_S:
+            self._last_bad_log = now
+            log.warning(
+                "undecodable message skipped (%d so far, counted): %s", self.m_bad.value, what
+            )
 
     def _upstream(self, message: codec.Message) -> None:
         for state, clock, _ in codec.records(message).tolist():
@@ -496,18 +529,14 @@ class Recorder:
         """Hand the buffered trades to the writer as the next part."""
         if not self._buffer:
             return
-        records = np.concatenate(self._buffer)
-        counts = np.fromiter((len(r) for r in self._buffer), np.int64, len(self._buffer))
-        rows = np.repeat(np.asarray(self._buffer_rows, np.int32), counts)
-        self._seq += 1
-        job = _Flush(
-            self._seq,
-            records,
-            rows,
-            self._symbol_names[:],
-            self.ledger.part_written(len(records)),
+        records = np.frombuffer(b"".join(self._buffer), codec.TRADE_DTYPE)
+        rows = np.repeat(
+            np.asarray(self._buffer_rows, np.int32), np.asarray(self._buffer_counts, np.int64)
         )
-        self._buffer, self._buffer_rows, self._buffered = [], [], 0
+        self._seq += 1
+        info = self.ledger.part_written(len(records), int(records["t"].max()))
+        job = _Flush(self._seq, records, rows, self._symbol_names[:], info)
+        self._buffer, self._buffer_rows, self._buffer_counts, self._buffered = [], [], [], 0
         self._put(job)
 
     def _put(self, job: _Flush | str | None) -> None:

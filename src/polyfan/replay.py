@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from polyfan.config import ReplayConfig
 from polyfan.errors import RecordingError
 from polyfan.feed import flatfile, recording
-from polyfan.feed.playback import Pacer, frames_of
+from polyfan.feed.playback import Pacer
 from polyfan.feed.recording import TRADES_DIR, iso_ms
 from polyfan.lifecycle import serve_until_stopped
 from polyfan.stockserver import StocksServer
@@ -238,9 +238,13 @@ class Replayer:
                 await asyncio.sleep(max(0.0, min(pacer.due_at(int(sip[i])) - now, TICK_S)))
                 continue
             self._check_pace(int(sip[i]), now)
-            events = flatfile.trade_events(table.slice(i, count))
-            frames = [events[a:b] for a, b in frames_of(len(events), FRAME_EVENTS)]
-            server.publish(frames, server.streaming())
+            chunk = table.slice(i, count)
+            server.publish_texts(
+                flatfile.event_texts(chunk),
+                chunk["ticker"].to_pylist(),
+                FRAME_EVENTS,
+                server.streaming(),
+            )
             i += count
             self._report(int(sip[i - 1]))
             await server.wait_for_room(ROOM_FRAMES)
@@ -276,6 +280,7 @@ class Replayer:
 async def serve_replay(config: ReplayConfig, stop: asyncio.Event) -> None:
     replayer = Replayer(config)
     first = await replayer.load(0) if replayer.sources else flatfile.SCHEMA.empty_table()
+    flatfile.warm_up()
     await replayer.server.start()
     speed = "max" if config.speed is None else f"{config.speed:g}x"
     log.info(

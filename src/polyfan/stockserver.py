@@ -31,6 +31,7 @@ import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from polyfan.feed.flatfile import EventTexts
 from polyfan.feed.serving import (
     MAX_CONNECTIONS_MESSAGE,
     ClientState,
@@ -151,6 +152,31 @@ class StocksServer:
                         continue
                 client.queue(orjson.dumps(events).decode())
                 self.trades_sent += len(events)
+
+    def publish_texts(
+        self, events: EventTexts, symbols: list[str], per_frame: int, clients: list[StreamClient]
+    ) -> None:
+        """Queue trade events already in JSON text (with each one's symbol) to ``clients`` in
+        frames of at most ``per_frame``, each client's symbols only; never cuts a client off
+        (the caller waits with :meth:`wait_for_room`)."""
+        everything: list[str] | None = None
+        count = len(events)
+        for client in clients:
+            state = client.state
+            if state.all_symbols:
+                if everything is None:
+                    everything = [
+                        events.frame(i, min(i + per_frame, count))
+                        for i in range(0, count, per_frame)
+                    ]
+                for frame in everything:
+                    client.queue(frame)
+                self.trades_sent += count
+                continue
+            chosen = [events.event(i) for i, s in enumerate(symbols) if s in state.symbols]
+            for i in range(0, len(chosen), per_frame):
+                client.queue("[" + b",".join(chosen[i : i + per_frame]).decode() + "]")
+            self.trades_sent += len(chosen)
 
     async def wait_for_room(self, frames: int) -> None:
         """Wait until no subscribed client has more than ``frames`` frames waiting."""

@@ -4,6 +4,7 @@ schema out; rows out as Polygon WebSocket trade events."""
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pytest
 
@@ -161,3 +162,28 @@ def test_rows_become_polygon_trade_events_with_nulls_left_out() -> None:
          "c": [12, 37], "t": 1_000, "q": 9, "trfi": 202, "trft": 1_001, "pt": 998},
         {"ev": "T", "sym": "A", "p": 2.0, "s": 300, "t": 5},
     ]  # fmt: skip
+
+
+def test_event_texts_are_the_events_as_json_text_exactly() -> None:
+    ms = flatfile.NS_PER_MS
+    prices = [0.1, 100.0, 20.5, 1e-05, 172.505, 3.0000000000000004, 1e21, 7.25]
+    rows: list[dict[str, object]] = []
+    for i, price in enumerate(prices):
+        rows.append(
+            {"ticker": ["A", "BRK.A", 'odd"name', "T\\x"][i % 4], "price": price,
+             "size": [100.0, 0.5, 1.0125, 0.0][i % 4], "sip_timestamp": 1_710_513_000_000 * ms + i,
+             "conditions": [[], [12, 37], [14], []][i % 4], "exchange": [4, None][i % 2],
+             "id": [None, "77", "a\nb"][i % 3], "tape": [1, 2, 3, None][i % 4],
+             "sequence_number": [5, None][i % 2], "trf_id": [202, None, None][i % 3],
+             "trf_timestamp": [ms * 9 + 1, None, None][i % 3],
+             "participant_timestamp": [None, ms * 3 - 1][i % 2]}
+        )  # fmt: skip
+    table = canonical(rows)
+    events = flatfile.trade_events(table)
+    for part in (table, table.slice(3, 4), pa.concat_tables([table.slice(0, 2), table.slice(5)])):
+        texts = flatfile.event_texts(part)
+        expected = flatfile.trade_events(part)
+        assert [orjson.loads(texts.event(i)) for i in range(len(texts))] == expected
+        assert orjson.loads(texts.frame(0, len(texts))) == expected
+    assert orjson.loads(flatfile.event_texts(table).frame(2, 5)) == events[2:5]
+    assert len(flatfile.event_texts(table.slice(0, 0))) == 0

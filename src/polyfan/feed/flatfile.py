@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+from numba import njit
 
 from polyfan.errors import RecordingError
 from polyfan.wire import codec
@@ -94,11 +96,10 @@ def table_from_records(records: np.ndarray, symbols: Sequence[str], rows: np.nda
     ticker = pa.DictionaryArray.from_arrays(
         pa.array(rows, pa.int32()), pa.array(list(symbols), pa.string())
     ).cast(pa.string())
-    nc = records["nc"].astype(np.int64)
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(nc, out=offsets[1:])
-    used = np.arange(codec.MAX_CONDITIONS) < nc[:, None]
-    codes = records["c"][used].astype(np.int32)
+    nc = records["nc"]
+    offsets = np.empty(n + 1, np.int32)
+    codes = np.empty(int(nc.sum(dtype=np.int64)), np.int32)
+    _flatten_conditions(nc, records["c"], offsets, codes)
     trfi = records["trfi"]
     trft = records["trft"]
     columns = [
@@ -117,6 +118,25 @@ def table_from_records(records: np.ndarray, symbols: Sequence[str], rows: np.nda
         pa.array(trft * NS_PER_MS, mask=trft == 0),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+@njit(cache=True)
+def _flatten_conditions(nc, c, offsets, codes):  # type: ignore[no-untyped-def]
+    """The first ``nc[i]`` codes of every row of ``c``, one after another, and where each row's
+    start (Arrow list offsets)."""
+    k = 0
+    for i in range(len(nc)):
+        offsets[i] = k
+        for j in range(nc[i]):
+            codes[k] = c[i, j]
+            k += 1
+    offsets[len(nc)] = k
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels now rather than on the first trades."""
+    table = table_from_records(np.zeros(1, codec.TRADE_DTYPE), ["A"], np.zeros(1, np.int32))
+    event_texts(table)
 
 
 def days_of(sip_ns: np.ndarray) -> np.ndarray:
@@ -268,6 +288,238 @@ def trade_events(table: pa.Table) -> list[dict[str, Any]]:
             event["pt"] = pt[i]
         events.append(event)
     return events
+
+
+@dataclass(frozen=True)
+class EventTexts:
+    """Rows as Polygon trade events in JSON text, one after another: event ``i`` is
+    ``data[offsets[i] : offsets[i + 1] - 1]`` (each is followed by a comma), so a frame of
+    events ``i`` to ``j`` is one slice (:meth:`frame`)."""
+
+    data: bytes
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def event(self, i: int) -> bytes:
+        return self.data[self.offsets[i] : self.offsets[i + 1] - 1]
+
+    def frame(self, start: int, stop: int) -> str:
+        """Events ``start`` to ``stop`` (exclusive) as one frame: a JSON array."""
+        return "[" + self.data[self.offsets[start] : self.offsets[stop] - 1].decode() + "]"
+
+
+def event_texts(table: pa.Table) -> EventTexts:
+    """:func:`trade_events` as JSON text, written by one compiled loop (the replay's hot path:
+    no dict per trade). Prices and fractional sizes are written as the shortest text that
+    reads back as the same double (Arrow's float formatting); a ticker or id that needs
+    escaping is escaped by orjson."""
+    n = table.num_rows
+    if n == 0:
+        return EventTexts(b"", np.zeros(1, np.int64))
+    table = table.combine_chunks()
+    ticker = pc.dictionary_encode(table["ticker"].chunk(0))
+    names = [orjson.dumps(name) for name in ticker.dictionary.to_pylist()]
+    sym_data, sym_offsets = _joined(names)
+    size = table["size"].chunk(0).to_numpy()
+    whole = np.floor(size)
+    ids = _json_strings(table["id"].chunk(0))
+    conditions = table["conditions"].chunk(0)
+    cond_offsets = np.asarray(pc.subtract(conditions.offsets, conditions.offsets[0]), np.int64)
+    cond_values = np.asarray(conditions.flatten().to_numpy(zero_copy_only=False), np.int64)
+    price = pc.cast(table["price"].chunk(0), pa.string())
+    fractional = size != whole
+    # the exact size as text of the fractional ones only, in row order (formatting costs)
+    ds = pc.cast(pa.array(size[fractional]), pa.string())
+    price_data, price_offsets = _buffers(price)
+    ds_data, ds_offsets = _buffers(ds)
+    id_data, id_offsets = _buffers(ids)
+    columns = [_int_column(table[name].chunk(0), name in _NS_FIELDS) for name in _INT_FIELDS]
+    # keys and punctuation (about 80 bytes), 7 integers of at most 20 characters, the texts
+    bound = n * (240 + max(len(name) for name in names)) + 5 * len(cond_values)
+    bound += int(price_offsets[-1] + ds_offsets[-1] + id_offsets[-1])
+    out = np.empty(bound, np.uint8)
+    offsets = np.empty(n + 1, np.int64)
+    _write_events(
+        out,
+        offsets,
+        ticker.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+        sym_data,
+        sym_offsets,
+        pc.is_valid(ids).to_numpy(zero_copy_only=False),
+        id_data,
+        id_offsets,
+        price_data,
+        price_offsets,
+        whole.astype(np.int64),
+        fractional,
+        ds_data,
+        ds_offsets,
+        cond_offsets,
+        cond_values,
+        *(values for pair in columns for values in pair),
+    )
+    return EventTexts(out[: offsets[n]].tobytes(), offsets)
+
+
+# integer fields in the order _write_events takes them (ms for the ns timestamps)
+_INT_FIELDS = (
+    "exchange",
+    "tape",
+    "sip_timestamp",
+    "sequence_number",
+    "trf_id",
+    "trf_timestamp",
+    "participant_timestamp",
+)
+_NS_FIELDS = {"sip_timestamp", "trf_timestamp", "participant_timestamp"}
+
+
+def _int_column(column: pa.Array, ns: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(is valid, int64 values) of an integer column; ``ns``: floored to ms, exactly."""
+    valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+    values = np.asarray(pc.fill_null(column, 0).to_numpy(zero_copy_only=False), np.int64)
+    return valid, np.floor_divide(values, NS_PER_MS) if ns else values
+
+
+def _joined(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum([len(item) for item in items], out=offsets[1:])
+    return np.frombuffer(b"".join(items) or b"\x00", np.uint8), offsets
+
+
+def _buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's bytes and offsets (int64, from 0), nulls as empty."""
+    strings = pc.fill_null(strings, "").cast(pa.string())
+    _, offsets_buffer, data = strings.buffers()
+    start = strings.offset
+    offsets = np.frombuffer(offsets_buffer, np.int32)[start : start + len(strings) + 1]
+    offsets = offsets.astype(np.int64)
+    raw = np.frombuffer(data, np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+    return raw[offsets[0] :], offsets - offsets[0]
+
+
+def _json_strings(column: pa.Array) -> pa.Array:
+    """Strings as JSON string literals (null stays null)."""
+    quoted = pc.binary_join_element_wise('"', column, '"', "")
+    needs = pc.fill_null(pc.match_substring_regex(column, r'["\\\x00-\x1f]'), False)
+    if not pc.any(needs).as_py():
+        return quoted
+    values = quoted.to_pylist()
+    for i in np.flatnonzero(needs.to_numpy(zero_copy_only=False)):
+        values[i] = orjson.dumps(column[int(i)].as_py()).decode()
+    return pa.array(values, pa.string())
+
+
+def _key(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), np.uint8).copy()
+
+
+_EV = _key('{"ev":"T","sym":')
+_X = _key(',"x":')
+_I = _key(',"i":')
+_Z = _key(',"z":')
+_P = _key(',"p":')
+_S = _key(',"s":')
+_DS = _key(',"ds":"')
+_C = _key(',"c":[')
+_T_KEY = _key(',"t":')
+_Q = _key(',"q":')
+_TRFI = _key(',"trfi":')
+_TRFT = _key(',"trft":')
+_PT = _key(',"pt":')
+
+
+@njit(cache=True)
+def _put(out, pos, data, start, stop):  # type: ignore[no-untyped-def]
+    for k in range(start, stop):
+        out[pos] = data[k]
+        pos += 1
+    return pos
+
+
+@njit(cache=True)
+def _itoa(out, pos, value):  # type: ignore[no-untyped-def]
+    if value < 0:
+        out[pos] = 45  # -
+        pos += 1
+        value = -value
+    start = pos
+    while True:
+        out[pos] = 48 + value % 10
+        pos += 1
+        value //= 10
+        if value == 0:
+            break
+    i, j = start, pos - 1
+    while i < j:
+        out[i], out[j] = out[j], out[i]
+        i += 1
+        j -= 1
+    return pos
+
+
+@njit(cache=True)
+def _write_events(  # type: ignore[no-untyped-def]
+    out, offsets, sym, sym_data, sym_offsets, has_id, id_data, id_offsets,
+    price_data, price_offsets, s_int, fractional, ds_data, ds_offsets, cond_offsets,
+    cond_values, has_x, x, has_z, z, has_t, t, has_q, q, has_trfi, trfi, has_trft, trft,
+    has_pt, pt,
+):  # fmt: skip
+    """Every row as a Polygon trade event in JSON, each followed by a comma."""
+    pos = 0
+    f = 0  # fractional sizes so far
+    for i in range(len(sym)):
+        offsets[i] = pos
+        pos = _put(out, pos, _EV, 0, len(_EV))
+        pos = _put(out, pos, sym_data, sym_offsets[sym[i]], sym_offsets[sym[i] + 1])
+        if has_x[i]:
+            pos = _put(out, pos, _X, 0, len(_X))
+            pos = _itoa(out, pos, x[i])
+        if has_id[i]:
+            pos = _put(out, pos, _I, 0, len(_I))
+            pos = _put(out, pos, id_data, id_offsets[i], id_offsets[i + 1])
+        if has_z[i]:
+            pos = _put(out, pos, _Z, 0, len(_Z))
+            pos = _itoa(out, pos, z[i])
+        pos = _put(out, pos, _P, 0, len(_P))
+        pos = _put(out, pos, price_data, price_offsets[i], price_offsets[i + 1])
+        pos = _put(out, pos, _S, 0, len(_S))
+        pos = _itoa(out, pos, s_int[i])
+        if fractional[i]:
+            pos = _put(out, pos, _DS, 0, len(_DS))
+            pos = _put(out, pos, ds_data, ds_offsets[f], ds_offsets[f + 1])
+            f += 1
+            out[pos] = 34  # "
+            pos += 1
+        if cond_offsets[i + 1] > cond_offsets[i]:
+            pos = _put(out, pos, _C, 0, len(_C))
+            for k in range(cond_offsets[i], cond_offsets[i + 1]):
+                if k > cond_offsets[i]:
+                    out[pos] = 44  # ,
+                    pos += 1
+                pos = _itoa(out, pos, cond_values[k])
+            out[pos] = 93  # ]
+            pos += 1
+        pos = _put(out, pos, _T_KEY, 0, len(_T_KEY))
+        pos = _itoa(out, pos, t[i])
+        if has_q[i]:
+            pos = _put(out, pos, _Q, 0, len(_Q))
+            pos = _itoa(out, pos, q[i])
+        if has_trfi[i]:
+            pos = _put(out, pos, _TRFI, 0, len(_TRFI))
+            pos = _itoa(out, pos, trfi[i])
+        if has_trft[i]:
+            pos = _put(out, pos, _TRFT, 0, len(_TRFT))
+            pos = _itoa(out, pos, trft[i])
+        if has_pt[i]:
+            pos = _put(out, pos, _PT, 0, len(_PT))
+            pos = _itoa(out, pos, pt[i])
+        out[pos] = 125  # }
+        out[pos + 1] = 44  # ,
+        pos += 2
+    offsets[len(sym)] = pos
 
 
 def _ms_or_none(column: pa.ChunkedArray | pa.Array) -> list[int | None]:

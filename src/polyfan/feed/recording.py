@@ -234,10 +234,11 @@ class Ledger:
     """Sessions and sequence numbers of what the recorder receives, and what they say is lost.
 
     Feed it every message in arrival order: :meth:`control_received` for ``_ctl`` (with the
-    clock it carries), :meth:`trades_received` for a topic's trades (with their largest time).
-    Before a message of a new session is fed, :meth:`is_new_session` says so, so that the
-    shell can close the current part first (one session per part). :meth:`part_written` hands
-    over the metadata of the part being closed.
+    clock it carries), :meth:`trades_received` for a topic's trades. Before a message of a new
+    session is fed, :meth:`is_new_session` says so, so that the shell can close the current
+    part first (one session per part), and pass that message's largest trade time (the
+    window of a proxy restart ends there). :meth:`part_written` hands over the metadata of the
+    part being closed, given the largest trade time in it.
     """
 
     def __init__(self, resumed: SessionState | None = None) -> None:
@@ -265,9 +266,16 @@ class Ledger:
             events += self._clock_known(clock)
         return events
 
-    def trades_received(self, symbol: str, session: int, seq: int, max_t: int) -> list[Event]:
-        events = self._session(session, first_clock=max_t, ctl_seq=None)
-        events += self._clock_known(max_t)
+    def trades_received(self, symbol: str, session: int, seq: int, max_t: int = 0) -> list[Event]:
+        """One trades message; ``max_t`` (its largest trade time) is needed only for the first
+        message of a new session."""
+        events = (
+            self._session(session, first_clock=max_t, ctl_seq=None)
+            if session != self.session
+            else []
+        )
+        if max_t:
+            events += self._clock_known(max_t)
         previous = self.last.get(symbol)
         while_down = self._resumed and symbol not in self._seen
         if self._resumed:
@@ -285,8 +293,10 @@ class Ledger:
             events.append(Lost(symbol, lost, seq, while_down))
         return events
 
-    def part_written(self, trades: int) -> PartInfo:
-        """The metadata of the part that holds every message fed since the previous one."""
+    def part_written(self, trades: int, max_t: int = 0) -> PartInfo:
+        """The metadata of the part that holds every message fed since the previous one
+        (``max_t``: the largest trade time in it)."""
+        self.clock = max(self.clock, max_t)
         info = PartInfo(
             session=self.session,
             from_start=self.from_start,

@@ -21,7 +21,9 @@ Memory: one UTC day (a recording's date directory, or one file) is loaded at a t
 from __future__ import annotations
 
 import asyncio
+import csv
 import functools
+import gzip
 import logging
 import time
 from collections.abc import Callable
@@ -118,7 +120,25 @@ def _prepared(table: pa.Table, selection: flatfile.Selection) -> tuple[pa.Table,
     return flatfile.in_time_order(selected), unusable
 
 
+def _csv_header(path: Path) -> list[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="") as file:
+            return next(csv.reader(file), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RecordingError(f"{path}: cannot read its header: {exc}") from exc
+
+
 def _read_csv(path: Path, selection: flatfile.Selection) -> tuple[pa.Table, int]:
+    """A flat file, streamed: only the known columns, each block selected as it is read, so
+    memory follows what ``--from/--to/--symbols`` keep, not the file."""
+    header = _csv_header(path)
+    missing = flatfile.missing_columns(header)
+    if missing:
+        raise RecordingError(
+            f"{path}: no column {', '.join(missing)} (columns are found by header name; "
+            f"this file has {', '.join(header) or 'none'})"
+        )
     bad_rows: list[str] = []
 
     def skip(row: pacsv.InvalidRow) -> str:
@@ -130,18 +150,25 @@ def _read_csv(path: Path, selection: flatfile.Selection) -> tuple[pa.Table, int]
         )
         return "skip"
 
+    known = [name for name in header if name in flatfile.CSV_TYPES]
+    kept, unusable = [], 0
     try:
-        table = pacsv.read_csv(
+        reader = pacsv.open_csv(
             path,
             parse_options=pacsv.ParseOptions(invalid_row_handler=skip),
             convert_options=pacsv.ConvertOptions(
-                column_types=flatfile.CSV_TYPES, strings_can_be_null=True
+                column_types={name: flatfile.CSV_TYPES[name] for name in known},
+                include_columns=known,
+                strings_can_be_null=True,
             ),
         )
-        normalized = flatfile.normalize(table)
-    except (OSError, pa.ArrowException) as exc:
-        raise RecordingError(f"{path}: {exc}") from exc
-    except RecordingError as exc:
+        for batch in reader:
+            chosen, skipped = flatfile.select(
+                flatfile.normalize(pa.Table.from_batches([batch])), selection
+            )
+            kept.append(chosen)
+            unusable += skipped
+    except (OSError, pa.ArrowException, RecordingError) as exc:
         raise RecordingError(f"{path}: {exc}") from exc
     if bad_rows:
         log.warning(
@@ -150,7 +177,8 @@ def _read_csv(path: Path, selection: flatfile.Selection) -> tuple[pa.Table, int]
             len(bad_rows),
             bad_rows[0],
         )
-    return _prepared(normalized, selection)
+    table = pa.concat_tables(kept) if kept else flatfile.SCHEMA.empty_table()
+    return flatfile.in_time_order(table), unusable
 
 
 def sources(path: Path, selection: flatfile.Selection) -> list[Source]:

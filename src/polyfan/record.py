@@ -71,7 +71,7 @@ THROUGHPUT_EVERY_S = 5.0
 LOSS_LOG_EVERY_S = 5.0
 WRITE_QUEUE = 4  # flushes waiting for the writer; past it the receiving loop waits
 RETRY_S = 1.0
-STOP_BUDGET_S = 1.5  # of the 2 s a stop may take: the last flush and what compaction fits
+STOP_BUDGET_S = 1.0  # of the 2 s a stop may take: the last flush and what compaction fits
 COMPRESSION = "zstd"
 
 
@@ -331,7 +331,7 @@ class Recorder:
                 writer.join(max(0.0, self._stop_deadline - time.monotonic()))
             self._compactions.put(None)
             if compactor.is_alive():
-                compactor.join(max(0.1, self._stop_deadline + 0.3 - time.monotonic()))
+                compactor.join(max(0.1, self._stop_deadline + 0.2 - time.monotonic()))
             self._log_losses(force=True)
             unwritten = self._unwritten()
             if unwritten:

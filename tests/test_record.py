@@ -299,3 +299,48 @@ def test_kill_9_loses_at_most_the_flush_and_the_restart_names_what_is_missing(
     assert gaps == sum(len(a) for a in missing.values())
     window = re.search(r"the files end at feed clock (\S+) and the proxy", second.output)
     assert window is not None, second.output
+
+
+def test_a_part_that_cannot_be_written_is_said_counted_and_retried_until_it_is(
+    tmp_path: Path, context: Context
+) -> None:
+    sim_port, proxy_metrics, record_metrics = free_port(), free_port(), free_port()
+    pub = endpoint("ipc", tmp_path, "proxy")
+    out, sent = tmp_path / "rec", tmp_path / "sent.jsonl"
+    # a file where today's date directory must go: every write fails until it is removed
+    blocker = out / "trades" / time.strftime("date=%Y-%m-%d", time.gmtime())
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    with (
+        start_proxy(sim_port, pub, proxy_metrics) as proxy,
+        start_record(pub, out, record_metrics, "--flush", "200ms") as record,
+    ):
+        tap = Tap(context, pub)
+        tap.until(lambda: tap.arrivals, "the proxy's clock")
+        with Proc(
+            "sim", "--listen", f"127.0.0.1:{sim_port}", "--symbols", SYMBOLS, "--rate", "2000",
+            "--seed", "9", "--record", str(sent),
+        ) as sim:  # fmt: skip
+            sim.wait_for("ready:", 60)
+            record.wait_for(r"ERROR polyfan.record: cannot write part 1 \(\d+ trades\): ")
+            deadline = time.monotonic() + TIMEOUT
+            while scrape(record_metrics)["polyfan_record_write_errors_total"] < 2:
+                assert time.monotonic() < deadline, "no retry"
+                tap.pump(0.05)
+            assert scrape(record_metrics)["polyfan_record_trades_written_total"] == 0
+            blocker.unlink()
+            tap.until(lambda: tap.trade_count() >= 4_000, "4,000 trades")
+            assert sim.stop() == 0
+        tap.until(tap.upstream_down, "the proxy's upstream down")
+        total = scrape(proxy_metrics)["polyfan_proxy_trades_total"]
+        wait_written(record_metrics, int(total))
+        counts = scrape(record_metrics)
+        assert record.stop() == 0
+        assert proxy.stop() == 0
+    assert counts["polyfan_record_gaps_total"] == 0
+    assert counts["polyfan_record_dropped_trades_total"] == 0
+    rows = recorded_by_symbol(out)
+    events = sent_events(sent)
+    assert {s: [r["sequence_number"] for r in v] for s, v in rows.items()} == {
+        s: [e["q"] for e in v] for s, v in events.items()
+    }

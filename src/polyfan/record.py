@@ -163,6 +163,7 @@ class Recorder:
         self._written: list[_Written] = []  # the writer's parts not yet handed to compaction
         self._stop_deadline = float("inf")
         self._failed = 0  # trades in the job the writer is retrying
+        self._last_write_error_log = -float("inf")
         self._lost_by_topic: dict[tuple[str, bool], int] = {}
         self._last_loss_log = -float("inf")
         self.registry = Registry()
@@ -318,7 +319,7 @@ class Recorder:
             )
             self._loop(sub)
         finally:
-            self._stop_deadline = time.monotonic() + STOP_BUDGET_S
+            self._stop_deadline = min(self._stop_deadline, time.monotonic() + STOP_BUDGET_S)
             sub.close(0)
             if watch is not None:
                 watch.close()
@@ -540,11 +541,15 @@ class Recorder:
         self._put(job)
 
     def _put(self, job: _Flush | str | None) -> None:
+        """Hand ``job`` to the writer, waiting while it is behind (the SUB buffers meanwhile);
+        once stopping, only until the stop's time budget is spent."""
         while True:
             try:
                 self._jobs.put(job, timeout=0.1)
                 return
             except queue.Full:
+                if self.stopping and self._stop_deadline == float("inf"):
+                    self._stop_deadline = time.monotonic() + STOP_BUDGET_S
                 if time.monotonic() > self._stop_deadline:
                     if isinstance(job, _Flush):
                         self.m_dropped.value += len(job.records)
@@ -582,13 +587,19 @@ class Recorder:
                 except (OSError, pa.ArrowException, RecordingError) as exc:
                     self.m_write_errors.value += 1
                     self._failed = len(job.records)
-                    log.error(
-                        "cannot write part %d (%d trades): %s; retrying in %.0f s",
-                        job.seq,
-                        len(job.records),
-                        exc,
-                        RETRY_S,
-                    )
+                    now = time.monotonic()
+                    if now - self._last_write_error_log >= LOSS_LOG_EVERY_S:
+                        self._last_write_error_log = now
+                        log.error(
+                            "cannot write part %d (%d trades): %s; retrying every %.0f s "
+                            "(%d failed attempts so far, logged at most every %.0f s)",
+                            job.seq,
+                            len(job.records),
+                            exc,
+                            RETRY_S,
+                            self.m_write_errors.value,
+                            LOSS_LOG_EVERY_S,
+                        )
                     if time.monotonic() + RETRY_S > self._stop_deadline:
                         return
                     time.sleep(RETRY_S)

@@ -109,6 +109,10 @@ def clock_message(sequencer: codec.Sequencer, clock: int) -> bytes:
     return sequencer.encode(codec.CONTROL_TOPIC, codec.Kind.CLOCK, 1, record.tobytes())
 
 
+def rate(per_s: float) -> str:
+    return f"{per_s / 1e6:.2f} M/s" if per_s >= 1e5 else f"{per_s / 1e3:.1f} k/s"
+
+
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -207,11 +211,11 @@ def end_to_end(
         print(
             f"end to end: {trades:,} trades in {len(messages):,} messages "
             f"({per_message:.1f} a message), sent in {sent - start:.2f} s "
-            f"({trades / (sent - start) / 1e6:.2f} M/s{', paced' if args.rate else ''})"
+            f"({rate(trades / (sent - start))}{', paced' if args.rate else ''})"
         )
         print(
-            f"  received {trades / (received_at - start) / 1e6:.2f} M trades/s, "
-            f"written {trades / (written_at - start) / 1e6:.2f} M trades/s; the last trade "
+            f"  trades received {rate(trades / (received_at - start))}, "
+            f"written {rate(trades / (written_at - start))}; the last trade "
             f"on disk {written_at - sent:.2f} s after it was sent (--flush 1s); "
             f"gaps {values['polyfan_record_gaps_total']:.0f}, "
             f"write errors {values['polyfan_record_write_errors_total']:.0f}"

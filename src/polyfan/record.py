@@ -270,7 +270,7 @@ class Recorder:
                     _Written(path.parent, name)
                 )
         for group in leftovers.values():
-            if len(group) > 1:
+            if len(group) > 1 and self.config.compact_ms > 0:
                 self._compactions.put(sorted(group, key=lambda w: w.name))
 
     # --- the receiving loop -------------------------------------------------------------------
@@ -619,7 +619,8 @@ class Recorder:
             )
             written.append(_Written(directory, name))
         # counted once every date's file is in place (a retry rewrites them all)
-        self._written += written
+        if self.config.compact_ms > 0:
+            self._written += written
         self.m_files.value += len(written)
         self.m_bytes.value += sum(sizes)
         self.m_written.value += len(job.records)

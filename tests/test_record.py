@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import zmq
 
+from polyfan.feed import recording
 from polyfan.sim import read_record
 from polyfan.wire import codec
 from procs import Context, Proc, endpoint, free_port, scrape
@@ -344,3 +345,43 @@ def test_a_part_that_cannot_be_written_is_said_counted_and_retried_until_it_is(
     assert {s: [r["sequence_number"] for r in v] for s, v in rows.items()} == {
         s: [e["q"] for e in v] for s, v in events.items()
     }
+
+
+def test_a_proxy_restart_is_said_with_its_window_and_counted(
+    tmp_path: Path, context: Context
+) -> None:
+    sim_port, proxy_metrics, record_metrics = free_port(), free_port(), free_port()
+    pub = endpoint("ipc", tmp_path, "proxy")
+    out = tmp_path / "rec"
+    with Proc(
+        "sim", "--listen", f"127.0.0.1:{sim_port}", "--symbols", SYMBOLS, "--rate", "2000",
+        "--seed", "10",
+    ) as sim:  # fmt: skip
+        sim.wait_for("ready:", 60)
+        with (
+            start_proxy(sim_port, pub, proxy_metrics) as first,
+            start_record(pub, out, record_metrics, "--compact", "0ms") as record,
+        ):
+            deadline = time.monotonic() + TIMEOUT
+            while scrape(record_metrics)["polyfan_record_trades_written_total"] < 1_000:
+                assert time.monotonic() < deadline, "nothing written"
+                time.sleep(0.05)
+            assert first.stop() == 0
+            with start_proxy(sim_port, pub, proxy_metrics) as second:
+                line = record.wait_for(
+                    r"the proxy restarted \(session ([0-9a-f]{16}) -> ([0-9a-f]{16})\): "
+                    r"trades between feed clock (\S+) and (\S+) may be missing",
+                    TIMEOUT,
+                )
+                assert line.group(1) != line.group(2)
+                assert line.group(3) < line.group(4)  # ISO 8601 UTC sorts as time
+                assert scrape(record_metrics)["polyfan_record_publisher_restarts_total"] == 1
+                assert scrape(record_metrics)["polyfan_record_gaps_total"] == 0
+                assert record.stop() == 0
+                assert second.stop() == 0
+        assert sim.stop() == 0
+    sessions = {
+        recording.read_metadata(pq.read_metadata(p).metadata).session  # type: ignore[union-attr]
+        for p in out.glob("trades/date=*/part-*.parquet")
+    }
+    assert len(sessions) == 2  # one session per part: the part closed at the restart

@@ -223,3 +223,20 @@ def test_print_config_reads_back(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     assert 'speed = "max"' in printed
     assert 'from = "2024-03-15"' in printed
+
+
+def test_from_and_to_pick_the_recordings_days_they_reach(tmp_path: Path) -> None:
+    out = tmp_path / "rec"
+    for day in ("2024-03-14", "2024-03-15", "2024-03-16"):
+        (out / "trades" / f"date={day}").mkdir(parents=True)
+    from polyfan import replay
+
+    def days(**selection: int) -> list[str]:
+        chosen = replay.sources(out, flatfile.Selection(**selection))  # type: ignore[arg-type]
+        return [Path(source.label).name for source in chosen]
+
+    assert days() == ["date=2024-03-14", "date=2024-03-15", "date=2024-03-16"]
+    assert days(from_ms=BASE_MS) == ["date=2024-03-15", "date=2024-03-16"]
+    midnight = 1_710_547_200_000  # 2024-03-16T00:00:00Z
+    assert days(to_ms=midnight) == ["date=2024-03-14", "date=2024-03-15"]
+    assert days(from_ms=BASE_MS, to_ms=midnight + 1) == ["date=2024-03-15", "date=2024-03-16"]

@@ -783,6 +783,157 @@ def tap(
 
 
 @main.command(cls=RoleCommand)
+@click.argument("prefixes", nargs=-1)
+@click.option(
+    "--sub",
+    metavar="ENDPOINT",
+    default=cfg.DEFAULT_PROXY_PUB,
+    show_default=True,
+    callback=_parsed(cfg.validate_endpoint),
+    help="The proxy's PUB endpoint to connect to.",
+)
+@click.option(
+    "--out",
+    metavar="DIR",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write Parquet under DIR/trades/date=YYYY-MM-DD/.",
+)
+@click.option(
+    "--flush",
+    metavar="DUR",
+    default="1s",
+    show_default=True,
+    callback=_parsed(cfg.parse_duration_ms),
+    help="How often received trades are written (and readable); a kill -9 loses at most this.",
+)
+@click.option(
+    "--compact",
+    metavar="DUR",
+    default="1h",
+    show_default=True,
+    callback=_parsed(cfg.parse_duration_ms),
+    help="How often this run's parts are merged into one file per date (and at stop); 0ms: never.",
+)
+@_metrics_option
+@_curve_options(binds=False, connects=True)
+def record(
+    prefixes: tuple[str, ...],
+    sub: str,
+    out: Path,
+    flush: int,
+    compact: int,
+    metrics: tuple[str, int] | None,
+    curve_secret: Path | None,
+    curve_servers: tuple[Path, ...],
+) -> None:
+    """Write every trade from a proxy to Parquet files with Polygon's flat-file columns.
+
+    PREFIXES as users type them: T. (default: every trade), T.TSLA, T.AAPL ...
+    """
+    from polyfan import record as role
+
+    if flush < 1:
+        raise click.BadParameter("must be at least 1ms", param_hint="--flush")
+    for prefix in prefixes:
+        if not prefix.startswith("T."):
+            raise click.BadParameter(
+                f"{prefix!r}: record takes trade prefixes (T., T.TSLA)", param_hint="PREFIXES"
+            )
+    config = cfg.RecordConfig(
+        sub=sub,
+        out=out,
+        prefixes=prefixes or ("T.",),
+        flush_ms=flush,
+        compact_ms=compact,
+        metrics=metrics,
+        curve=_call(
+            cfg.curve_config,
+            curve_secret,
+            servers=curve_servers,
+            subs=1,
+            binds=False,
+            connects=True,
+        ),
+    )
+    _run(role.run, config)
+
+
+@main.command(cls=RoleCommand)
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--speed",
+    metavar="X|max",
+    default="1",
+    show_default=True,
+    callback=_parsed(cfg.parse_speed),
+    help="How many times faster than SIP time (2: twice as fast), or max: as fast as the "
+    "clients read.",
+)
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    callback=_parsed(cfg.parse_host_port),
+    default=cfg.DEFAULT_SIM_LISTEN,
+    show_default=True,
+    help="HOST:PORT to serve the Polygon stocks WebSocket on.",
+)
+@click.option(
+    "--from",
+    "from_",
+    metavar="TS",
+    envvar="POLYFAN_REPLAY_FROM",
+    default=None,
+    callback=_parsed(cfg.parse_timestamp_ms),
+    help="Replay trades with SIP time at or after this (Unix ms or ISO 8601; UTC if no offset).",
+)
+@click.option(
+    "--to",
+    metavar="TS",
+    default=None,
+    callback=_parsed(cfg.parse_timestamp_ms),
+    help="Replay trades with SIP time before this.",
+)
+@click.option(
+    "--symbols",
+    default="*",
+    metavar="LIST",
+    show_default=True,
+    callback=_parsed(cfg.parse_symbols),
+    help="* for every symbol, or TSLA,AAPL.",
+)
+@click.option("--api-key", default=None, help="Accept only this key (default: any).")
+def replay(
+    path: Path,
+    speed: float | None,
+    listen: tuple[str, int],
+    from_: int | None,
+    to: int | None,
+    symbols: tuple[str, ...] | None,
+    api_key: str | None,
+) -> None:
+    """Serve recorded trades over the Polygon stocks WebSocket protocol, like sim.
+
+    PATH: a record directory, a Parquet file or directory, or a Polygon flat file
+    (.csv or .csv.gz). Point a proxy's --upstream at ws://HOST:PORT/stocks.
+    """
+    from polyfan import replay as role
+
+    if from_ is not None and to is not None and from_ >= to:
+        raise click.BadParameter("must be after --from", param_hint="--to")
+    config = cfg.ReplayConfig(
+        path=path,
+        speed=speed,
+        listen=listen,
+        from_ms=from_,
+        to_ms=to,
+        symbols=symbols,
+        api_key=api_key,
+    )
+    _run(role.run, config)
+
+
+@main.command(cls=RoleCommand)
 @click.argument("name")
 @click.option(
     "--dir",

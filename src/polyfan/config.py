@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,39 @@ def format_duration_ms(ms: int) -> str:
         if ms >= size and ms % size == 0:
             return f"{ms // size}{unit}"
     return f"{ms}ms"
+
+
+def parse_timestamp_ms(text: str, *, name: str = "timestamp") -> int:
+    """A point in time as Unix milliseconds: ``1710513000000`` (ms), or ISO 8601
+    (``2024-03-15``, ``2024-03-15T14:30:00Z``, ``2024-03-15T10:30:00.250-04:00``); a time
+    without an offset is UTC."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{name}: {text!r} is not a time; write Unix milliseconds or ISO 8601 "
+            "like 2024-03-15T14:30:00Z"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = when - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def parse_speed(text: str, *, name: str = "--speed") -> float | None:
+    """A replay speed: a factor over SIP time (``1``, ``10``, ``0.5``), or ``max`` (None)."""
+    if text.strip().lower() == "max":
+        return None
+    try:
+        speed = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a number or max") from None
+    if not 0 < speed < float("inf"):
+        raise ConfigError(f"{name}: {text!r} must be above 0 (or max)")
+    return speed
 
 
 def parse_host_port(text: str, *, name: str = "address") -> tuple[str, int]:
@@ -250,6 +284,30 @@ class DemoConfig:
     listen: tuple[str, int] = ("127.0.0.1", 8768)
     symbols: int = 50
     rate: float = 2000.0
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    __repr__ = _repr_masking_urls
+
+    sub: str
+    out: Path
+    prefixes: tuple[str, ...] = ("T.",)
+    flush_ms: int = 1000
+    compact_ms: int = 3_600_000  # merge this run's parts this often (and at stop)
+    metrics: tuple[str, int] | None = None
+    curve: CurveConfig = CurveConfig()
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    path: Path
+    speed: float | None = 1.0  # None: as fast as the client reads
+    listen: tuple[str, int] = ("127.0.0.1", 8766)
+    from_ms: int | None = None
+    to_ms: int | None = None
+    symbols: tuple[str, ...] | None = None  # None: every symbol
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@
     │   └── FeedProtocolError     a frame that is not the protocol
     ├── WireError            a ZeroMQ message that does not decode
     ├── ClientError          a WebSocket client sent something invalid
-    └── BridgeError          polyfan.client: the bridge refused or did not answer a request
+    ├── BridgeError          polyfan.client: the bridge refused or did not answer a request
+    └── RecordingError       a recording or flat file that cannot be read or written
 
 The CLI catches :class:`PolyfanError`, prints one line and exits non-zero.
 """
@@ -60,3 +61,7 @@ class BridgeError(PolyfanError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RecordingError(PolyfanError):
+    """A recording, Parquet file or flat file that polyfan cannot read, or cannot write."""

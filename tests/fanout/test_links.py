@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.fake_agg import bar_rows
 
+from fake_agg import bar_rows
 from polyfan.fanout.counters import BridgeCounters
 from polyfan.fanout.links import SILENT_AFTER, Link, Links
 from polyfan.fanout.protocol import Channel

@@ -6,11 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zmq
 
 from polyfan.wire import codec
@@ -19,13 +17,6 @@ from reference import Trade
 from test_agg_process import FakeProxy, Requester, agg_endpoints, serving_agg
 
 ROUTE = "9f3a" * 8
-
-
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
 
 
 def rss_mb(pid: int) -> float:

@@ -33,13 +33,6 @@ SYMBOLS = (
 TRANSPORTS = ["ipc", "tcp"]
 
 
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
-
-
 class Subscriber:
     """A SUB socket whose every receive is bounded by a deadline."""
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,6 @@ from procs import Context, Proc, free_port, scrape
 from wsclient import Client, eventually
 
 KEY = {"MASSIVE_API_KEY": "test-key-123456"}
-
-
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
 
 
 def keys(name: str, directory: Path) -> subprocess.CompletedProcess[str]:

@@ -121,13 +121,6 @@ def network() -> Iterator[Network]:
         net.close()
 
 
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
-
-
 def make_keys(directory: Path, *names: str) -> None:
     for name in names:
         done = subprocess.run(

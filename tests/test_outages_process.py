@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +25,6 @@ from test_agg_process import GRACE, INTERVALS, agg_args, tap_events
 from wsclient import Client, eventually
 
 KEY = {"MASSIVE_API_KEY": "test-key-123456"}
-
-
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
 
 
 @dataclass

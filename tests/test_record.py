@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import zmq
 
 from polyfan.feed import recording
@@ -33,13 +32,6 @@ from procs import Context, Proc, endpoint, free_port, scrape
 
 SYMBOLS = "A,AA,AAPL,BRK.A,TSLA,MSFT"
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
 
 
 @dataclass

@@ -222,13 +222,6 @@ def read_flat_file(path: Path) -> pd.DataFrame:
 # --- the processes ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
-
-
 class Received:
     """Everything a SUB gets, decoded; every receive bounded by a deadline."""
 

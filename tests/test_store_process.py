@@ -10,7 +10,6 @@ import random
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +35,6 @@ from test_outages_process import healthy
 from wsclient import Client, eventually
 
 FLUSH_MS = 200
-
-
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx = Context()
-    yield ctx
-    ctx.close()
 
 
 def stored_history(ask: Requester, symbol: str, interval: int, **bounds: int) -> list[Bar]:

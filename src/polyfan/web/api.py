@@ -19,8 +19,7 @@ from polyfan.fanout.counters import BridgeCounters
 from polyfan.fanout.links import Links
 from polyfan.fanout.protocol import BarsQuery, Limits, encode_bars, join_events, parse_bars_query
 from polyfan.metrics import CONTENT_TYPE
-from polyfan.web.clients import Ask
-from polyfan.web.history import gather_bars
+from polyfan.web.history import Ask, gather_bars
 from polyfan.web.http import Response, json_response
 from polyfan.web.routes import Handler
 from polyfan.wire import codec

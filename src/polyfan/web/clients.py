@@ -29,7 +29,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from polyfan.fanout.counters import BridgeCounters
-from polyfan.fanout.links import Link, Links
+from polyfan.fanout.links import Links
 from polyfan.fanout.protocol import (
     AUTH_FAILED,
     AUTH_TIMEOUT,
@@ -50,7 +50,7 @@ from polyfan.fanout.protocol import (
 )
 from polyfan.fanout.subscriptions import Arrival, Backlog, Fanout, Seam, chunked
 from polyfan.web.admission import AuthThrottle
-from polyfan.web.history import gather_bars
+from polyfan.web.history import Ask, gather_bars
 from polyfan.wire import codec
 
 log = logging.getLogger("polyfan.bridge")
@@ -59,8 +59,6 @@ HISTORY_FRAME_BARS = 1000  # bars per frame when sending history
 DIRECT_WRITE_BELOW = 64 * 1024  # write straight to a client's socket below this many buffered bytes
 CLOSE_TIMEOUT = 1.0  # websockets' closing handshake; keeps shutdown under 2 s
 CLOSE_INTERNAL_ERROR = 1011  # websockets' close code for a keepalive timeout
-
-Ask = Callable[[Link, dict[str, Any]], Awaitable[codec.Message]]
 
 
 @dataclass(eq=False)

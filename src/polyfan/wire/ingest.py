@@ -228,6 +228,44 @@ class FrameDecoder:
                 seen.add(topic)
                 self._register(topic)
 
+    def _run(
+        self,
+        buf: np.ndarray,
+        offsets: np.ndarray,
+        outputs: tuple[np.ndarray, ...],
+        special: SpecialHandler | None = None,
+    ) -> None:
+        """Run the decoder kernel over every frame of ``buf``: it stops at a topic it has not
+        met (registered here, then it goes on from that frame) and, with ``special``, after
+        each special frame (handed to it with the feed clock before it)."""
+        state = self.state
+        start = 0
+        while True:
+            start = self._decode(
+                buf,
+                offsets,
+                start,
+                self._topics.arrays,
+                (self._topic_sym, self._last_session, self._last_seq, self._seen),
+                self.symbol_trades,
+                state,
+                outputs,
+            )
+            if start == -1:
+                return
+            if start < -1:  # stopped after a special frame
+                frame = -(start + 2)
+                assert special is not None
+                before = int(state[decode.D_SPECIAL_CLOCK])
+                special(
+                    buf[offsets[frame] : offsets[frame + 1]].tobytes(),
+                    None if before == _INT64_MIN else before,
+                )
+                state[decode.D_SPECIALS] = 0
+                start = frame + 1
+                continue
+            self._register_new_topics(buf, offsets, start)
+
     def _register(self, topic: bytes) -> None:
         # Only a symbol the proxy could have sent: its topic re-encodes to the same bytes (an
         # undecodable one would never be found in the table: the kernel would hand the same
@@ -261,22 +299,8 @@ class FrameDecoder:
         state[decode.D_TRADES] = 0
         state[decode.D_SPECIALS] = 0
         state[decode.D_STOP_AT_SPECIALS] = 0
-        offsets = offsets[: count + 1]
-        start = 0
-        while True:
-            start = self._decode(
-                self._readonly,
-                offsets,
-                start,
-                self._topics.arrays,
-                (self._topic_sym, self._last_session, self._last_seq, self._seen),
-                self.symbol_trades,
-                state,
-                columns.outputs,
-            )
-            if start == -1:
-                return int(state[decode.D_TRADES])
-            self._register_new_topics(self._readonly, offsets, start)
+        self._run(self._readonly, offsets[: count + 1], columns.outputs)
+        return int(state[decode.D_TRADES])
 
     def decode_buffer(
         self,
@@ -303,33 +327,7 @@ class FrameDecoder:
         state[decode.D_TRADES] = 0
         state[decode.D_SPECIALS] = 0
         state[decode.D_STOP_AT_SPECIALS] = special is not None
-        outputs = (out, out_words, symbols, clocks, specials)
-        start = 0
-        while True:
-            start = self._decode(
-                buf,
-                offsets,
-                start,
-                self._topics.arrays,
-                (self._topic_sym, self._last_session, self._last_seq, self._seen),
-                self.symbol_trades,
-                state,
-                outputs,
-            )
-            if start == -1:
-                break
-            if start < -1:  # stopped after a special frame
-                frame = -(start + 2)
-                assert special is not None
-                before = int(state[decode.D_SPECIAL_CLOCK])
-                special(
-                    buf[offsets[frame] : offsets[frame + 1]].tobytes(),
-                    None if before == _INT64_MIN else before,
-                )
-                state[decode.D_SPECIALS] = 0
-                start = frame + 1
-                continue
-            self._register_new_topics(buf, offsets, start)
+        self._run(buf, offsets, (out, out_words, symbols, clocks, specials), special)
         count = int(state[decode.D_TRADES])
         return Batch(
             trades=out[: count * decode.TRADE_SIZE].view(codec.TRADE_DTYPE),

@@ -26,9 +26,9 @@ from polyfan.backoff import Backoff
 from polyfan.bridge import Bridge
 from polyfan.config import BridgeConfig
 from polyfan.errors import AuthenticationError, BridgeError
-from polyfan.fanout.protocol import Limits
 from polyfan.wire import codec
 from procs import Proc, endpoint, free_port
+from test_bridge_protocol import start_bridge
 from test_proxy_process import expected_records, sent_trades, start_proxy
 from wsclient import eventually
 
@@ -43,19 +43,9 @@ def agg() -> Iterator[FakeAgg]:
         yield fake
 
 
-async def start_bridge(agg: FakeAgg, **limits: Any) -> Bridge:
-    bridge = Bridge(
-        BridgeConfig(sub=(agg.endpoint,), listen=("127.0.0.1", 0), tokens=(TOKEN,)),
-        Limits(**limits),
-    )
-    await bridge.start()
-    await eventually(lambda: bridge.catalog.intervals, what="the agg's announce")
-    return bridge
-
-
 @pytest.fixture
 async def bridge(agg: FakeAgg) -> AsyncIterator[Bridge]:
-    bridge = await start_bridge(agg)
+    bridge = await start_bridge(agg, (TOKEN,))
     yield bridge
     await bridge.stop()
 
@@ -218,7 +208,7 @@ async def test_a_refused_channel_is_retried_until_the_bridge_serves_it() -> None
 
 
 async def test_a_since_past_the_bridges_bound_is_filled_from_the_http_api(agg: FakeAgg) -> None:
-    bridge = await start_bridge(agg, since_max_bars=40)
+    bridge = await start_bridge(agg, (TOKEN,), since_max_bars=40)
     try:
         rows = bar_rows(100, T0, 250)
         agg.publish(100, "TSLA", rows)
@@ -242,7 +232,7 @@ async def test_a_since_past_the_bridges_bound_is_filled_from_the_http_api(agg: F
 
 
 async def test_without_backfill_the_cut_is_reported_as_a_gap(agg: FakeAgg) -> None:
-    bridge = await start_bridge(agg, since_max_bars=40)
+    bridge = await start_bridge(agg, (TOKEN,), since_max_bars=40)
     try:
         rows = bar_rows(100, T0, 250)
         agg.publish(100, "TSLA", rows)

@@ -422,6 +422,22 @@ def without_carried(bar: Bar) -> Bar:
     return dataclasses.replace(bar, flags=bar.flags & OUTAGE)
 
 
+async def subscribed_since_stored(
+    http: int, symbol: str, reference: dict[tuple[str, int], list[Bar]]
+) -> Client:
+    """A client on ``1000Ms.<symbol>`` with ``since`` 100000, once it has got the stored bars:
+    every reference bar, once, in order."""
+    client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
+    await client.send({"action": "subscribe", "params": f"1000Ms.{symbol}", "since": 100_000})
+    assert (await client.statuses(1))[0]["status"] == "success"
+    want = [without_carried(b) for b in reference[(symbol, 1_000)]]
+    history = [bar_from_event(e) for e in await client.bars(len(want))]
+    assert [b.s for b in history] == [b.s for b in want]
+    for mine, ref in zip(history, want, strict=True):
+        assert_same_bar(mine, ref, symbol)
+    return client
+
+
 def get_json(http: int, path: str) -> object:
     with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=10) as response:
         assert response.status == 200
@@ -494,14 +510,7 @@ async def test_through_a_bridge_a_restarted_agg_serves_its_stored_bars_once(
 
         # since: the stored bars, then the live ones, none twice
         symbol = symbols[0]
-        client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
-        await client.send({"action": "subscribe", "params": f"1000Ms.{symbol}", "since": 100_000})
-        assert (await client.statuses(1))[0]["status"] == "success"
-        want = [without_carried(b) for b in reference[(symbol, 1_000)]]
-        history = [bar_from_event(e) for e in await client.bars(len(want))]
-        assert [b.s for b in history] == [b.s for b in want]
-        for mine, ref in zip(history, want, strict=True):
-            assert_same_bar(mine, ref, symbol)
+        client = await subscribed_since_stored(http, symbol, reference)
         second = random_events(rng, 141_000, 146_000, 500)
         proxy.publish(second)
         proxy.probe(output, 148_000)
@@ -647,14 +656,7 @@ async def test_a_bridge_joins_a_memory_only_replica_and_a_restarted_store_agg(
         assert scrape(b_port)["polyfan_agg_requests_total"] == asked[1] + count
 
         symbol = symbols[0]
-        client = await Client.open(f"ws://127.0.0.1:{http}/stocks", token="any")
-        await client.send({"action": "subscribe", "params": f"1000Ms.{symbol}", "since": 100_000})
-        assert (await client.statuses(1))[0]["status"] == "success"
-        want = [without_carried(b) for b in reference[(symbol, 1_000)]]
-        history = [bar_from_event(e) for e in await client.bars(len(want))]
-        assert [b.s for b in history] == [b.s for b in want]
-        for mine, ref in zip(history, want, strict=True):
-            assert_same_bar(mine, ref, symbol)
+        client = await subscribed_since_stored(http, symbol, reference)
         second = random_events(rng, 141_000, 146_000, 500)
         proxy.publish(second)
         for output in (out_a, out_b):

@@ -438,7 +438,7 @@ def table(samples: Samples, clock: Clock, sent_at: dict[int, float], total: int)
                 put(name, phase, f"{last.get(key, 0) - first.get(key, 0):,}")
             put("flood: held open, max", phase, f"{max(f[1].get('open', 0) for f in flood):,}")
     width = max(len(name) for name in rows) + 2
-    cols = 16
+    cols = 20
     header = "".ljust(width) + "".join(p.rjust(cols) for p in PHASES)
     lines = [f"flood: {total:,} half-open connections", header]
     for name, values in rows.items():

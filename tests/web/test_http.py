@@ -307,6 +307,25 @@ async def test_a_garbage_request_gets_400_without_a_traceback_and_others_are_ser
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP from")]
 
 
+async def test_a_client_that_closes_mid_request_is_counted_without_a_traceback(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half a request, then the client's FIN: a malformed request, answered into a closed
+    socket (write_eof raised ENOTCONN and logged an ERROR with a traceback per connection)."""
+    caplog.set_level(logging.DEBUG, logger="polyfan")
+    bad_before = counter(bridge, "polyfan_bridge_bad_requests_total")
+    for _ in range(3):
+        conn = await Conn.open(bridge)
+        await conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        await conn.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while counter(bridge, "polyfan_bridge_bad_requests_total") < bad_before + 3:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert (await ask(bridge, request("GET", "/healthz"))).status == 200
+
+
 async def test_oversized_headers_get_431(bridge: Bridge) -> None:
     conn = await Conn.open(bridge)
     await conn.send(request("GET", "/healthz", "X-Big: " + "a" * 64 * 1024))

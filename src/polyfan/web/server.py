@@ -270,7 +270,11 @@ class HttpFront(asyncio.Protocol):
         self.draining = True
         transport.write(answer)
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the client has gone already (ENOTCONN): nothing is left to say
+                transport.abort()
+                return
         self._cancel_timer()
         self._timer = self.loop.call_later(LINGER_S, transport.abort)
         if self._reading_paused:

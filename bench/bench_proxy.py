@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_proxy.py [--trades 3000000] [--symbols 500]
 
 1. Parse-only ceilings of the same frames, in this process: ``orjson.loads``, msgspec's typed
-   decode, and the proxy's whole decode (``upstream.TradeDecoder``: parse, validate, records,
+   decode, and the proxy's whole decode (``upstream.EventDecoder``: parse, validate, records,
    group by symbol).
 2. ZeroMQ single frame vs multipart for trade-sized messages (PUB -> SUB over ipc).
 3. End to end: a local WebSocket server (a child process) sends the frames as fast as the proxy
@@ -80,12 +80,12 @@ def parse_ceilings(frames: list[bytes]) -> None:
             row = columns.scan(f, row, table)
 
     def proxy_decode_per_frame() -> None:
-        decoder = upstream.TradeDecoder()
+        decoder = upstream.EventDecoder()
         for f in frames:
             decoder.decode([f], now)
 
     def proxy_decode_batched() -> None:
-        decoder = upstream.TradeDecoder()
+        decoder = upstream.EventDecoder()
         for i in range(0, len(frames), 64):
             decoder.decode(frames[i : i + 64], now)
 
@@ -95,8 +95,8 @@ def parse_ceilings(frames: list[bytes]) -> None:
         ("orjson.loads", with_orjson),
         ("msgspec typed decode list[Trade|Status]", with_msgspec),
         ("feedscan numba scanner alone", with_scanner),
-        ("upstream.TradeDecoder, one frame per call", proxy_decode_per_frame),
-        ("upstream.TradeDecoder, 64 frames per call", proxy_decode_batched),
+        ("upstream.EventDecoder, one frame per call", proxy_decode_per_frame),
+        ("upstream.EventDecoder, 64 frames per call", proxy_decode_batched),
     ):
         print(f"  {name:45s} {best_rate(run, trades) / 1e6:6.2f} M trades/s")
 

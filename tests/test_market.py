@@ -10,7 +10,7 @@ import pytest
 
 from polyfan.bars import conditions
 from polyfan.config import SYMBOL_RE
-from polyfan.feed.upstream import TradeDecoder
+from polyfan.feed.upstream import EventDecoder
 from polyfan.market import AGG_DELAY_MS, ANCHORS, MAX_DISORDER_MS, QUOTES_PER_TRADE, Market
 
 NOW = 1_781_622_376_000
@@ -102,7 +102,7 @@ def test_frames_hold_one_to_a_hundred_events_and_every_trade_is_valid() -> None:
     assert sum(len(f) for f in frames) == 5_000
     assert all(1 <= len(f) <= 100 for f in frames)
     assert max(len(f) for f in frames) > 50
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     decoded = decoder.decode([orjson.dumps(f) for f in frames], NOW)
     assert decoded.trades.count == 5_000
     assert decoder.stats.bad_messages == 0

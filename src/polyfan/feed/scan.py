@@ -5,7 +5,7 @@ The proxy's hot path. It handles the shape the vendor actually sends — a JSON 
 else: the moment a frame holds anything it is not sure about (a status, another ``ev``, an
 unknown key, a string escape, an exponent, a null, a number with more than 15 significant
 digits, a value out of range, a missing field...) it gives up on the whole frame and
-``feed.TradeDecoder`` decodes that frame with msgspec instead, which validates and counts
+``feed.EventDecoder`` decodes that frame with msgspec instead, which validates and counts
 everything. So the scanner never decides that a trade is invalid; it only accepts trades it can
 read exactly, and it must produce exactly what the msgspec path would (tests/feed/test_scan.py
 compares the two on generated frames).
@@ -64,10 +64,79 @@ class SymbolTable(topics.TopicTable):
         return self.bytes_of(symbol_id).decode()
 
 
+# The columns of the other event kinds, by name: (name, dtype, per-row shape). Names are the
+# record fields they become (codec.QUOTE_DTYPE ...), plus ``ids`` (the symbol id) and, for
+# aggregates, ``minute`` (1: an ``AM`` event, 0: ``A``). Integers are int64 here; both parsers
+# keep them within their field's range, so the records take them exactly.
+_INDICATORS = (codec.MAX_INDICATORS,)
+QUOTE_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
+    ("t", np.int64, ()), ("q", np.int64, ()), ("bp", np.float64, ()), ("ap", np.float64, ()),
+    ("bs", np.int64, ()), ("as", np.int64, ()), ("bx", np.int64, ()), ("ax", np.int64, ()),
+    ("c", np.int64, ()), ("i", np.int64, _INDICATORS), ("z", np.int64, ()),
+    ("ni", np.int64, ()), ("has", np.int64, ()), ("ids", np.int64, ()),
+)  # fmt: skip
+AGG_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
+    ("s", np.int64, ()), ("e", np.int64, ()), ("o", np.float64, ()), ("h", np.float64, ()),
+    ("l", np.float64, ()), ("c", np.float64, ()), ("v", np.float64, ()),
+    ("vw", np.float64, ()), ("av", np.float64, ()), ("op", np.float64, ()),
+    ("a", np.float64, ()), ("z", np.float64, ()), ("has", np.int64, ()),
+    ("otc", np.int64, ()), ("minute", np.int64, ()), ("ids", np.int64, ()),
+)  # fmt: skip
+LULD_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
+    ("t", np.int64, ()), ("q", np.int64, ()), ("h", np.float64, ()), ("l", np.float64, ()),
+    ("i", np.int64, _INDICATORS), ("z", np.int64, ()), ("ni", np.int64, ()),
+    ("has", np.int64, ()), ("ids", np.int64, ()),
+)  # fmt: skip
+QUOTES, AGGREGATES, LULDS = 0, 1, 2  # Columns.rows and Columns.events, by kind
+
+
+class EventColumns:
+    """Preallocated columns of one event kind (``QUOTE_COLUMNS`` ...): ``arrays`` in layout
+    order (what the scanner takes), or one by name with :meth:`column`."""
+
+    def __init__(self, layout: tuple[tuple[str, type, tuple[int, ...]], ...], capacity: int):
+        self.layout = layout
+        self.index = {name: k for k, (name, _, _) in enumerate(layout)}
+        self.arrays: tuple[np.ndarray, ...] = tuple(
+            np.zeros((capacity, *shape), dtype) for _, dtype, shape in layout
+        )
+
+    @property
+    def capacity(self) -> int:
+        return len(self.arrays[0])
+
+    def column(self, name: str) -> np.ndarray:
+        return self.arrays[self.index[name]]
+
+    def grown(self, capacity: int, rows: int) -> EventColumns:
+        """A copy with room for ``capacity`` rows, the first ``rows`` kept."""
+        grown = EventColumns(self.layout, capacity)
+        for old, new in zip(self.arrays, grown.arrays, strict=True):
+            new[:rows] = old[:rows]
+        return grown
+
+    def records(self, rows: np.ndarray | slice, dtype: np.dtype) -> np.ndarray:
+        """The selected rows as ``dtype`` records (fields without a column stay 0)."""
+        first = self.arrays[0][rows]
+        records = np.zeros(len(first), dtype)
+        for name in dtype.names or ():
+            if name in self.index:
+                records[name] = self.column(name)[rows]
+        return records
+
+
 class Columns:
-    """Preallocated trade columns for one drain; the scanner fills rows ``[0, n)``."""
+    """Preallocated columns for one drain: trades (attributes), and the other kinds in
+    ``events`` (``QUOTES``, ``AGGREGATES``, ``LULDS``), whose rows in use are ``rows``. The
+    scanner fills trade rows ``[0, n)`` and moves ``rows`` on."""
 
     def __init__(self, capacity: int) -> None:
+        self.events: tuple[EventColumns, ...] = (
+            EventColumns(QUOTE_COLUMNS, capacity),
+            EventColumns(AGG_COLUMNS, capacity),
+            EventColumns(LULD_COLUMNS, capacity),
+        )
+        self.rows = np.zeros(3, np.int64)
         self.t = np.empty(capacity, np.int64)
         self.p = np.empty(capacity, np.float64)
         self.s = np.empty(capacity, np.float64)

@@ -119,7 +119,7 @@ BAR_DTYPE = np.dtype(
 assert BAR_DTYPE.itemsize == 64
 
 # --- Polygon's other stocks events (docs/wire.md). Each record keeps which of the event's
-# optional keys were present in ``has`` (bits below), so wire.events turns a record back into
+# optional keys were present in ``has`` (bits below), so wire.polygon turns a record back into
 # the very event dict it came from. Absent numbers are 0 in the record.
 
 MAX_INDICATORS = 4  # indicator codes a quote or LULD record holds (more: the event is rejected)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from polyfan.errors import WireError
 from polyfan.market import Market
-from polyfan.wire import codec, events
+from polyfan.wire import codec, polygon
 
 NOW = 1_781_622_376_000
 
@@ -59,6 +60,11 @@ def records(rows: list[tuple[Any, ...]], dtype: np.dtype) -> np.ndarray:
     return np.array(rows, dtype=dtype)
 
 
+def json_ready(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a subscriber sends on: JSON text (numpy scalars would not serialize), read back."""
+    return orjson.loads(orjson.dumps(events))
+
+
 @pytest.fixture(scope="module")
 def stream() -> list[dict[str, Any]]:
     market = Market(6, seed=5)
@@ -77,20 +83,20 @@ def by_symbol(stream: list[dict[str, Any]], ev: str) -> dict[str, list[dict[str,
 def test_the_sims_quotes_come_back_from_their_records(stream: list[dict[str, Any]]) -> None:
     for symbol, quotes in by_symbol(stream, "Q").items():
         rows = records([quote_record(q) for q in quotes], codec.QUOTE_DTYPE)
-        assert events.encode_quotes_json(rows, symbol) == quotes
+        assert json_ready(polygon.encode_quotes_json(rows, symbol)) == quotes
 
 
 def test_the_sims_aggregates_come_back_from_their_records(stream: list[dict[str, Any]]) -> None:
     for ev in ("A", "AM"):
         for symbol, aggs in by_symbol(stream, ev).items():
             rows = records([agg_record(a) for a in aggs], codec.AGG_DTYPE)
-            assert events.encode_aggs_json(rows, ev, symbol) == aggs
+            assert json_ready(polygon.encode_aggs_json(rows, ev, symbol)) == aggs
 
 
 def test_the_sims_bands_come_back_from_their_records(stream: list[dict[str, Any]]) -> None:
     for symbol, bands in by_symbol(stream, "LULD").items():
         rows = records([luld_record(b) for b in bands], codec.LULD_DTYPE)
-        assert events.encode_luld_json(rows, symbol) == bands
+        assert json_ready(polygon.encode_luld_json(rows, symbol)) == bands
 
 
 @pytest.mark.parametrize(
@@ -103,7 +109,7 @@ def test_the_sims_bands_come_back_from_their_records(stream: list[dict[str, Any]
 )
 def test_absent_and_extreme_quote_keys_round_trip(event: dict[str, Any]) -> None:
     rows = records([quote_record(event)], codec.QUOTE_DTYPE)
-    assert events.encode_quotes_json(rows, "A") == [event]
+    assert json_ready(polygon.encode_quotes_json(rows, "A")) == [event]
 
 
 @pytest.mark.parametrize(
@@ -116,8 +122,8 @@ def test_absent_and_extreme_quote_keys_round_trip(event: dict[str, Any]) -> None
 )
 def test_absent_and_fractional_aggregate_keys_round_trip(event: dict[str, Any]) -> None:
     rows = records([agg_record(event)], codec.AGG_DTYPE)
-    assert events.encode_aggs_json(rows, event["ev"], "X") == [event]
-    whole = events.encode_aggs_json(rows, event["ev"], "X")[0]
+    assert polygon.encode_aggs_json(rows, event["ev"], "X") == [event]
+    whole = polygon.encode_aggs_json(rows, event["ev"], "X")[0]
     assert all(type(whole[key]) is type(event[key]) for key in event)  # int stays int
 
 
@@ -127,24 +133,24 @@ def test_a_message_of_any_kind_decodes_to_its_events(stream: list[dict[str, Any]
     frame = codec.encode(codec.event_topic("Q", "AAPL"), codec.Kind.QUOTES, 9, 4, 3, rows.tobytes())
     message = codec.decode(frame)
     assert (message.topic, message.kind, message.count) == ("Q.AAPL", codec.Kind.QUOTES, 3)
-    assert events.encode_events_json(message) == quotes
+    assert polygon.encode_events_json(message) == quotes
     minute = by_symbol(stream, "AM")["AAPL"][:1]
     rows = records([agg_record(a) for a in minute], codec.AGG_DTYPE)
     frame = codec.encode(
         codec.event_topic("AM", "AAPL"), codec.Kind.AGGREGATES, 9, 1, 1, rows.tobytes()
     )
-    assert events.encode_events_json(codec.decode(frame)) == minute
+    assert polygon.encode_events_json(codec.decode(frame)) == minute
     raw = b'[{"ev":"NOI","T":"AAPL","x":10},{"ev":"NOI","T":"A"}]'
     frame = codec.encode(codec.raw_topic("NOI"), codec.Kind.RAW, 9, 1, 2, raw)
     message = codec.decode(frame)
     assert codec.topic_event(message.topic) == ("raw", "NOI")
-    assert events.encode_events_json(message) == [
+    assert polygon.encode_events_json(message) == [
         {"ev": "NOI", "T": "AAPL", "x": 10},
         {"ev": "NOI", "T": "A"},
     ]
     bars = codec.encode(b"500Ms.A\x00", codec.Kind.BARS, 9, 1, 0, b"")
     with pytest.raises(WireError):
-        events.encode_events_json(codec.decode(bars))
+        polygon.encode_events_json(codec.decode(bars))
 
 
 def test_a_record_payload_of_the_wrong_length_is_refused() -> None:
@@ -170,4 +176,4 @@ def test_trades_come_back_without_what_the_wire_does_not_carry() -> None:
             if not float(t["ds"]).is_integer():
                 kept["ds"] = t["ds"]
             expected.append(kept)
-        assert events.encode_trades_json(rows, symbol) == expected
+        assert json_ready(polygon.encode_trades_json(rows, symbol)) == expected

@@ -3,7 +3,7 @@
 The proxy turns every ``Q``, ``A``, ``AM`` and ``LULD`` event into a fixed-size record
 (``codec.QUOTE_DTYPE``, ``AGG_DTYPE``, ``LULD_DTYPE``) that keeps which optional keys the event
 had (``has``). These functions undo that: the dict they return for a record equals the event
-the proxy received, key for key (tests/wire/test_events.py; unknown keys the proxy drops, such
+the proxy received, key for key (tests/wire/test_polygon.py; unknown keys the proxy drops, such
 as an aggregate's ``dv``, are not there). Polygon's integer keys come back as ``int``; prices
 as ``float``; an aggregate's ``v``, ``av`` and ``z`` (integers in Polygon's documents, kept as
 float64 for fractional shares) as ``int`` when whole.
@@ -65,7 +65,7 @@ def encode_quotes_json(records: np.ndarray, symbol: str) -> list[dict[str, Any]]
         if has & codec.QUOTE_C:
             event["c"] = c
         if has & codec.QUOTE_I:
-            event["i"] = list(i[:ni])
+            event["i"] = i[:ni].tolist()
         event["t"] = t
         if has & codec.QUOTE_Q:
             event["q"] = q
@@ -117,7 +117,7 @@ def encode_luld_json(records: np.ndarray, symbol: str) -> list[dict[str, Any]]:
         if has & codec.LULD_L:
             event["l"] = low
         if has & codec.LULD_I:
-            event["i"] = list(i[:ni])
+            event["i"] = i[:ni].tolist()
         if has & codec.LULD_Z:
             event["z"] = z
         event["t"] = t

@@ -1,0 +1,152 @@
+"""The decoder reads quotes, aggregates and LULD bands into exactly the events they were, and
+rejects, counts and names what is not valid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polyfan.feed.upstream import EventBatch, EventDecoder
+from polyfan.market import Market
+from polyfan.wire import codec, polygon
+
+NOW = 1_781_622_376_100
+INDICATORS = st.lists(st.integers(0, 65_535), max_size=4)
+PRICES = st.floats(min_value=0, max_value=1e9, allow_nan=False)
+VOLUMES = st.floats(min_value=0, max_value=1e15, allow_nan=False) | st.integers(0, 10**15)
+SYMBOLS = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ.:/_-0123456789", min_size=1, max_size=32)
+
+
+def optional(**strategies: Any) -> st.SearchStrategy[dict[str, Any]]:
+    """A dict with any subset of the keys."""
+    return st.fixed_dictionaries({}, optional=strategies)
+
+
+quotes = st.builds(
+    lambda sym, t, rest: {"ev": "Q", "sym": sym, **rest, "t": t},
+    SYMBOLS,
+    st.integers(0, NOW),
+    optional(
+        bx=st.integers(0, 65_535), bp=PRICES, bs=st.integers(0, 2**32 - 1),
+        ax=st.integers(0, 65_535), ap=PRICES, **{"as": st.integers(0, 2**32 - 1)},
+        c=st.integers(0, 65_535), i=INDICATORS, q=st.integers(-(2**63), 2**63 - 1),
+        z=st.integers(0, 255),
+    ),
+)  # fmt: skip
+aggregates = st.builds(
+    lambda ev, sym, s, length, rest: {"ev": ev, "sym": sym, **rest, "s": s, "e": s + length},
+    st.sampled_from(("A", "AM")),
+    SYMBOLS,
+    st.integers(0, NOW),
+    st.sampled_from((0, 1000, 60_000)),
+    optional(
+        v=VOLUMES, av=VOLUMES, op=PRICES, vw=PRICES, o=PRICES, c=PRICES, h=PRICES, l=PRICES,
+        a=PRICES, z=VOLUMES, otc=st.booleans(),
+    ),
+)  # fmt: skip
+bands = st.builds(
+    lambda sym, t, rest: {"ev": "LULD", "T": sym, **rest, "t": t},
+    SYMBOLS,
+    st.integers(0, 2**62),  # no future check: Polygon's own example is in microseconds
+    optional(h=PRICES, l=PRICES, i=INDICATORS, z=st.integers(0, 255), q=st.integers(0, 2**62)),
+)
+
+
+def published(batches: list[EventBatch]) -> dict[str, list[dict[str, Any]]]:
+    """What subscribers get: each message through the wire codec, back into Polygon events."""
+    received: dict[str, list[dict[str, Any]]] = {}
+    for batch in batches:
+        for topic, count, payload in zip(batch.topics, batch.counts, batch.payloads, strict=True):
+            message = codec.decode(codec.encode(topic, batch.kind, 1, 1, count, payload))
+            found = orjson.loads(orjson.dumps(polygon.encode_events_json(message)))
+            received.setdefault(message.topic, []).extend(found)
+    return received
+
+
+def topic_of(event: dict[str, Any]) -> str:
+    return f"{event['ev']}.{event.get('sym') or event['T']}"
+
+
+def normalized(event: dict[str, Any]) -> dict[str, Any]:
+    """Polygon's integer keys are integers; volumes stay integers when whole."""
+    return orjson.loads(orjson.dumps(event))
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(quotes | aggregates | bands, min_size=1, max_size=30))
+def test_valid_events_reach_their_topic_as_they_were_sent(sent: list[dict[str, Any]]) -> None:
+    decoder = EventDecoder()
+    decoded = decoder.decode([orjson.dumps(sent)], NOW)
+    expected: dict[str, list[dict[str, Any]]] = {}
+    for event in sent:
+        expected.setdefault(topic_of(event), []).append(normalized(event))
+    assert published(decoded.batches) == expected
+    assert decoder.stats.bad_messages == 0 and not decoded.problems
+
+
+def test_the_sims_stream_is_published_whole_per_topic() -> None:
+    market = Market(8, seed=3)
+    frames = [f for k in range(400) for f in market.stream(20, NOW - 100_000 + 200 * k)]
+    decoder = EventDecoder()
+    decoded = decoder.decode([orjson.dumps(f) for f in frames], NOW)
+    expected: dict[str, list[dict[str, Any]]] = {}
+    for event in (e for f in frames for e in f if e["ev"] != "T"):
+        expected.setdefault(topic_of(event), []).append(event)
+    assert published(decoded.batches) == expected
+    counts = {b.label: b.count for b in decoded.batches}
+    assert set(counts) == {"Q", "A", "AM", "LULD"}
+    assert decoder.stats.accepted == {**counts, "T": decoded.trades.count}
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ({"ev": "Q", "sym": "A", "bp": -0.01, "t": 1}, "price"),
+        ({"ev": "Q", "sym": "A", "ap": 1e10, "t": 1}, "price"),
+        ({"ev": "Q", "sym": "A", "bp": 1e400, "t": 1}, "price"),
+        ({"ev": "Q", "sym": "A", "bs": 2**32, "t": 1}, "size"),
+        ({"ev": "Q", "sym": "A", "bs": 1.5, "t": 1}, "size"),
+        ({"ev": "Q", "sym": "A", "i": [1, 2, 3, 4, 5], "t": 1}, "indicators"),
+        ({"ev": "Q", "sym": "A", "t": NOW + 5_001}, "future"),
+        ({"ev": "Q", "sym": "A", "t": -1}, "timestamp"),
+        ({"ev": "Q", "sym": "A"}, "timestamp"),
+        ({"ev": "Q", "sym": "A b", "t": 1}, "symbol"),
+        ({"ev": "Q", "sym": "A", "t": 1, "bx": 65_536}, "field"),
+        ({"ev": "A", "sym": "A", "s": 2, "e": 1}, "window"),
+        ({"ev": "A", "sym": "A", "s": 1, "e": 2, "v": -1}, "size"),
+        ({"ev": "AM", "sym": "A", "s": 1, "e": 2, "av": 1e16}, "size"),
+        ({"ev": "AM", "sym": "A", "s": 1, "e": 2, "vw": "1"}, "price"),
+        ({"ev": "A", "sym": "A", "s": NOW + 5_001, "e": NOW + 6_001}, "future"),
+        ({"ev": "A", "sym": "A", "e": 2}, "timestamp"),
+        ({"ev": "LULD", "T": "A", "t": 1, "h": -1}, "price"),
+        ({"ev": "LULD", "sym": "A", "t": 1}, "symbol"),
+    ],
+)
+def test_invalid_events_are_rejected_counted_by_type_and_named(
+    event: dict[str, Any], reason: str
+) -> None:
+    decoder = EventDecoder()
+    good = {"ev": "T", "sym": "A", "p": 1.5, "s": 1, "t": 1}
+    decoded = decoder.decode([orjson.dumps([good, event, good])], NOW)
+    assert decoded.trades.count == 2  # the trades around it are kept
+    assert not decoded.batches
+    assert decoder.stats.rejected_events == {event["ev"]: 1}
+    assert decoder.stats.bad_messages == 1
+    (problem,) = decoded.problems
+    assert f"({reason}" in problem.what
+
+
+def test_a_rejected_aggregate_is_counted_under_its_own_type() -> None:
+    decoder = EventDecoder()
+    sent = [
+        {"ev": "A", "sym": "A", "s": 1, "e": 2, "o": -1.0},
+        {"ev": "AM", "sym": "A", "s": 1, "e": 2, "o": -1.0},
+        {"ev": "AM", "sym": "A", "s": 1, "e": 2, "o": 1.0},
+    ]
+    decoded = decoder.decode([orjson.dumps(sent)], NOW)
+    assert decoder.stats.rejected_events == {"A": 1, "AM": 1}
+    assert published(decoded.batches) == {"AM.A": [sent[2]]}

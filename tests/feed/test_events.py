@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polyfan.feed import scan
 from polyfan.feed.upstream import EventBatch, EventDecoder
 from polyfan.market import Market
 from polyfan.wire import codec, polygon
@@ -150,3 +152,107 @@ def test_a_rejected_aggregate_is_counted_under_its_own_type() -> None:
     decoded = decoder.decode([orjson.dumps(sent)], NOW)
     assert decoder.stats.rejected_events == {"A": 1, "AM": 1}
     assert published(decoded.batches) == {"AM.A": [sent[2]]}
+
+
+# --- the numba scanner reads these kinds exactly as msgspec does ---------------------------
+
+
+def decoded_both_ways(frames: list[bytes]) -> tuple[tuple[Any, ...], tuple[Any, ...], int]:
+    """(what the decoder publishes, what it publishes with the scanner off, frames the scanner
+    read): trades, every other batch and the counters."""
+
+    def run() -> tuple[Any, ...]:
+        decoder = EventDecoder()
+        decoded = decoder.decode(frames, NOW)
+        trades = [r.tobytes() for r in decoded.trades.records], decoded.trades.topics
+        batches = [(b.label, b.topics, b.payloads, b.counts) for b in decoded.batches]
+        stats = decoder.stats
+        return trades, batches, stats.accepted, stats.rejected_events, stats.bad_messages
+
+    scanned = sum(scan.Columns(len(f)).scan(f, 0, scan.SymbolTable()) >= 0 for f in frames)
+    fast = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scan.Columns, "scan", lambda self, frame, row, table: scan.BAIL)
+        slow = run()
+    return fast, slow, scanned
+
+
+def spelled(event: dict[str, Any], draw: Any) -> bytes:
+    """The event as JSON with spaces here and there, ev first as Polygon writes it."""
+    space = draw(st.sampled_from(["", " ", "\n "]))
+    items = [f'"{k}":{space}{orjson.dumps(v).decode()}' for k, v in event.items()]
+    return ("{" + space + f",{space}".join(items) + space + "}").encode()
+
+
+@settings(deadline=None, max_examples=200)
+@given(data=st.data())
+def test_the_scanner_reads_quotes_aggregates_and_bands_as_msgspec_does(data: st.DataObject) -> None:
+    sent = data.draw(st.lists(quotes | aggregates | bands, min_size=1, max_size=20))
+    frame = b"[" + b",".join(spelled(e, data.draw) for e in sent) + b"]"
+    fast, slow, _ = decoded_both_ways([frame])
+    assert fast == slow
+
+
+def test_the_scanner_reads_every_frame_of_the_sims_stream() -> None:
+    market = Market(8, seed=9)
+    frames = [
+        orjson.dumps(f) for k in range(300) for f in market.stream(20, NOW - 90_000 + 300 * k)
+    ]
+    fast, slow, scanned = decoded_both_ways(frames)
+    assert scanned == len(frames)  # mixed T, Q, A, AM and LULD frames: none left to msgspec
+    assert fast == slow
+    assert set(fast[2]) == {"T", "Q", "A", "AM", "LULD"}
+
+
+@pytest.mark.parametrize(
+    ("event", "scanned"),
+    [
+        (b'{"ev":"Q","sym":"A","t":1,"bp":1.5,"bp":2.5}', True),  # a repeated key: the last one
+        (b'{"ev":"Q","sym":"A","t":1,"trfi":3,"trft":4}', True),  # kept by neither
+        (b'{"ev":"Q","sym":"A","t":1,"bp":-1.5}', True),  # read, then rejected (price)
+        (b'{"ev":"Q","sym":"A","t":1,"i":[]}', True),
+        (b'{"ev":"Q","sym":"A","t":99999999999999}', True),  # read, then rejected (future)
+        (b'{"ev":"A","sym":"A","s":1,"e":2,"otc":false}', True),
+        (
+            b'{"ev":"AM","sym":"A","s":1,"e":2,"otc":true,"v":1.25,"dv":"1.25"}',
+            False,
+        ),  # dv: msgspec
+        (b'{"ev":"LULD","T":"A","t":1,"i":[1,2,3,4]}', True),
+        (b'{"sym":"A","ev":"Q","t":1}', False),  # ev not first: msgspec
+        (b'{"ev":"Q","sym":"A","t":1,"bp":1e2}', False),  # an exponent: msgspec
+        (b'{"ev":"Q","sym":"A","t":1,"i":[1,2,3,4,5]}', False),  # too many: msgspec rejects
+        (b'{"ev":"Q","sym":"A","t":1,"bs":4294967296}', False),  # out of u32: msgspec rejects
+        (b'{"ev":"LULD","T":"A","t":1,"z":256}', False),
+        (b'{"ev":"A","sym":"A","s":1,"e":2,"otc":1}', False),
+        (b'{"ev":"Q","sym":"A","t":1,"c":null}', False),
+    ],
+)
+def test_the_scanner_and_msgspec_agree_on_edge_cases(event: bytes, scanned: bool) -> None:
+    """``scanned``: whether the scanner reads the frame (else it leaves it to msgspec)."""
+    trade = b'{"ev":"T","sym":"A","p":1.5,"s":1,"t":1}'
+    fast, slow, read = decoded_both_ways([b"[" + trade + b"," + event + b"]"])
+    assert fast == slow
+    assert read == scanned
+
+
+def test_the_scanner_runs_the_same_as_python() -> None:
+    """scan_frame's py_func on a mixed frame: the same rows as the compiled kernel."""
+    market = Market(4, seed=2)
+    frame = orjson.dumps([e for f in market.stream(40, NOW - 70_000) for e in f])
+    results = []
+    for python in (False, True):
+        columns, table = scan.Columns(len(frame)), scan.SymbolTable()
+        kernel = scan.scan_frame.py_func if python else scan.scan_frame  # type: ignore[attr-defined]
+        row = kernel(
+            np.frombuffer(frame, np.uint8), 0, columns.t, columns.p, columns.s, columns.q,
+            columns.trft, columns.trfi, columns.x, columns.z, columns.nc, columns.c,
+            columns.ids, *(k.arrays for k in columns.events), columns.rows, table.arrays,
+            scan._SYMBOL_BYTES, scan._POW10,
+        )  # fmt: skip
+        kinds = [
+            columns.events[k].records(slice(0, int(columns.rows[k])), dtype).tobytes()
+            for k, dtype in ((0, codec.QUOTE_DTYPE), (1, codec.AGG_DTYPE), (2, codec.LULD_DTYPE))
+        ]
+        results.append((row, columns.records(row).tobytes(), columns.rows.tolist(), kinds))
+    assert results[0] == results[1]
+    assert results[0][2][0] > 0

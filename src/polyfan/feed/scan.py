@@ -1,7 +1,10 @@
-"""A numba scanner for Polygon trade frames: JSON bytes straight into trade columns.
+"""A numba scanner for Polygon stocks frames: JSON bytes straight into columns.
 
-The proxy's hot path. It handles the shape the vendor actually sends — a JSON array of flat
-``T`` objects whose keys are among ``ev sym i x p s ds c t pt q z trfi trft`` — and nothing
+The proxy's hot path. It handles the shapes the vendor actually sends — a JSON array of flat
+objects: ``T`` trades whose keys are among ``ev sym i x p s ds c t pt q z trfi trft``, and,
+with ``ev`` as their first key (as the vendor writes them), ``Q`` quotes (``sym bx bp bs ax ap
+as c i t q z``, and ``trfi trft``, not kept), ``A``/``AM`` aggregates (``sym v av op vw o c h l
+a z s e otc``) and ``LULD`` bands (``T h l i z t q``), mixed in any order — and nothing
 else: the moment a frame holds anything it is not sure about (a status, another ``ev``, an
 unknown key, a string escape, an exponent, a null, a number with more than 15 significant
 digits, a value out of range, a missing field...) it gives up on the whole frame and
@@ -40,7 +43,7 @@ BAIL = -1
 
 
 def warm_up() -> None:
-    """Compile the scanner now (about 3 s the first time, then cached) rather than on a trade."""
+    """Compile the scanner now (about 10 s the first time, then cached) rather than on a trade."""
     Columns(4).scan(b'[{"ev":"T","sym":"A","p":1.5,"s":1,"t":1,"c":[1]}]', 0, SymbolTable())
 
 
@@ -88,6 +91,17 @@ LULD_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
     ("has", np.int64, ()), ("ids", np.int64, ()),
 )  # fmt: skip
 QUOTES, AGGREGATES, LULDS = 0, 1, 2  # Columns.rows and Columns.events, by kind
+_MINUTES = 3  # what _event_type says of an AM event (AGGREGATES columns, minute = 1)
+MAX_INDICATORS = codec.MAX_INDICATORS
+QUOTE_BX, QUOTE_BP, QUOTE_BS = codec.QUOTE_BX, codec.QUOTE_BP, codec.QUOTE_BS
+QUOTE_AX, QUOTE_AP, QUOTE_AS = codec.QUOTE_AX, codec.QUOTE_AP, codec.QUOTE_AS
+QUOTE_C, QUOTE_I, QUOTE_Q, QUOTE_Z = codec.QUOTE_C, codec.QUOTE_I, codec.QUOTE_Q, codec.QUOTE_Z
+AGG_V, AGG_AV, AGG_OP, AGG_VW = codec.AGG_V, codec.AGG_AV, codec.AGG_OP, codec.AGG_VW
+AGG_O, AGG_C, AGG_H, AGG_L = codec.AGG_O, codec.AGG_C, codec.AGG_H, codec.AGG_L
+AGG_A, AGG_Z, AGG_OTC = codec.AGG_A, codec.AGG_Z, codec.AGG_OTC
+LULD_H, LULD_L, LULD_I, LULD_Z, LULD_Q = (
+    codec.LULD_H, codec.LULD_L, codec.LULD_I, codec.LULD_Z, codec.LULD_Q
+)  # fmt: skip
 
 
 class EventColumns:
@@ -150,12 +164,14 @@ class Columns:
         self.ids = np.empty(capacity, np.int64)
 
     def scan(self, frame: bytes, row: int, table: SymbolTable) -> int:
-        """Scan one frame into rows from ``row``; the next free row, or ``BAIL``."""
+        """Scan one frame into trade rows from ``row`` and the other kinds' rows from ``rows``;
+        the next free trade row (``rows`` moved on), or ``BAIL`` (nothing moved)."""
         return int(
             scan_frame(
                 np.frombuffer(frame, np.uint8), row, self.t, self.p, self.s, self.q, self.trft,
                 self.trfi, self.x, self.z, self.nc, self.c, self.ids,
-                table.arrays, _SYMBOL_BYTES, _POW10,
+                self.events[QUOTES].arrays, self.events[AGGREGATES].arrays,
+                self.events[LULDS].arrays, self.rows, table.arrays, _SYMBOL_BYTES, _POW10,
             )
         )  # fmt: skip
 
@@ -278,12 +294,413 @@ def _string_end(buf, i, n):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, error_model="numpy")
+def _key(buf, i, n):  # type: ignore[no-untyped-def]
+    """A key at ``i`` (its opening quote) and its colon: (key start, length, value index);
+    key start -1 to bail."""
+    if i >= n or buf[i] != 34:
+        return -1, 0, i
+    key = i + 1
+    end = _string_end(buf, key, n)
+    if end < 0:
+        return -1, 0, i
+    i = _skip_ws(buf, end + 1, n)
+    if i >= n or buf[i] != 58:  # :
+        return -1, 0, i
+    i = _skip_ws(buf, i + 1, n)
+    if i >= n:
+        return -1, 0, i
+    return key, end - key, i
+
+
+@njit(cache=True, error_model="numpy")
+def _next_key(buf, i, n):  # type: ignore[no-untyped-def]
+    """After a value: 1 and the index past a comma, 0 and the index past the closing brace,
+    or -1 to bail."""
+    i = _skip_ws(buf, i, n)
+    if i >= n:
+        return -1, i
+    if buf[i] == 44:  # ,
+        return 1, _skip_ws(buf, i + 1, n)
+    if buf[i] == 125:  # }
+        return 0, i + 1
+    return -1, i
+
+
+@njit(cache=True, error_model="numpy")
+def _symbol(buf, i, n, symbols, symbol_bytes):  # type: ignore[no-untyped-def]
+    """A symbol string at ``i``: (its id or -1, next index)."""
+    if buf[i] != 34:
+        return -1, i
+    end = _string_end(buf, i + 1, n)
+    if end < 0:
+        return -1, i
+    return _intern(buf, i + 1, end, symbols, symbol_bytes), end + 1
+
+
+@njit(cache=True, error_model="numpy")
+def _bounded(buf, i, n, high):  # type: ignore[no-untyped-def]
+    """An integer in ``[0, high]`` at ``i``: (value or -1, next index)."""
+    ok, value, i = _integer(buf, i, n)
+    if not ok or value < 0 or value > high:
+        return -1, i
+    return value, i
+
+
+@njit(cache=True, error_model="numpy")
+def _real(buf, i, n, pow10):  # type: ignore[no-untyped-def]
+    """A number read exactly at ``i``: (ok, value, next index)."""
+    ok, _, _, value, i = _number(buf, i, n, pow10)
+    return ok and value == value, value, i
+
+
+@njit(cache=True, error_model="numpy")
+def _indicators(buf, i, n, out, row):  # type: ignore[no-untyped-def]
+    """A list of at most MAX_INDICATORS u16 codes at ``i`` into ``out[row]``: (count or -1,
+    next index)."""
+    for k in range(MAX_INDICATORS):
+        out[row, k] = 0
+    if buf[i] != 91:  # [
+        return -1, i
+    i = _skip_ws(buf, i + 1, n)
+    if i < n and buf[i] == 93:
+        return 0, i + 1
+    count = 0
+    while True:
+        if count >= MAX_INDICATORS:
+            return -1, i
+        code, i = _bounded(buf, i, n, 65535)
+        if code < 0:
+            return -1, i
+        out[row, count] = code
+        count += 1
+        i = _skip_ws(buf, i, n)
+        if i >= n:
+            return -1, i
+        if buf[i] == 93:
+            return count, i + 1
+        if buf[i] != 44:
+            return -1, i
+        i = _skip_ws(buf, i + 1, n)
+
+
+@njit(cache=True, error_model="numpy")
+def _event_type(buf, i, n):  # type: ignore[no-untyped-def]
+    """The ``ev`` string at ``i``: (QUOTES, AGGREGATES (``A``), _MINUTES (``AM``), LULDS, or -1;
+    next index)."""
+    if buf[i] != 34:
+        return -1, i
+    end = _string_end(buf, i + 1, n)
+    if end < 0:
+        return -1, i
+    length = end - i - 1
+    b0 = buf[i + 1]
+    if length == 1 and b0 == 81:  # Q
+        return QUOTES, end + 1
+    if length == 1 and b0 == 65:  # A
+        return AGGREGATES, end + 1
+    if length == 2 and b0 == 65 and buf[i + 2] == 77:  # AM
+        return _MINUTES, end + 1
+    if length == 4 and b0 == 76 and buf[i + 2] == 85 and buf[i + 3] == 76 and buf[i + 4] == 68:
+        return LULDS, end + 1
+    return -1, i
+
+
+@njit(cache=True, error_model="numpy")
+def _scan_quote(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
+    """The rest of a ``Q`` object after its ``ev`` into row ``row``: the index past it, or -1."""
+    (t_out, q_out, bp_out, ap_out, bs_out, as_out, bx_out, ax_out, c_out, i_out, z_out,
+     ni_out, has_out, id_out) = cols  # fmt: skip
+    sym = -1
+    t = -1
+    q = 0
+    bp = 0.0
+    ap = 0.0
+    bs = 0
+    ask_size = 0
+    bx = 0
+    ax = 0
+    c = 0
+    z = 0
+    ni = 0
+    has = 0
+    for k in range(MAX_INDICATORS):
+        i_out[row, k] = 0
+    more, i = _next_key(buf, i, n)
+    while more == 1:
+        key, length, i = _key(buf, i, n)
+        if key < 0:
+            return -1
+        k0 = buf[key]
+        k1 = buf[key + 1] if length > 1 else 0
+        if length == 3 and k0 == 115 and k1 == 121 and buf[key + 2] == 109:  # sym
+            sym, i = _symbol(buf, i, n, symbols, symbol_bytes)
+            if sym < 0:
+                return -1
+        elif length == 2 and k1 == 112 and (k0 == 98 or k0 == 97):  # bp ap
+            ok, value, i = _real(buf, i, n, pow10)
+            if not ok:
+                return -1
+            if k0 == 98:
+                bp = value
+                has |= QUOTE_BP
+            else:
+                ap = value
+                has |= QUOTE_AP
+        elif length == 2 and k1 == 115 and (k0 == 98 or k0 == 97):  # bs as
+            value, i = _bounded(buf, i, n, 4294967295)
+            if value < 0:
+                return -1
+            if k0 == 98:
+                bs = value
+                has |= QUOTE_BS
+            else:
+                ask_size = value
+                has |= QUOTE_AS
+        elif length == 2 and k1 == 120 and (k0 == 98 or k0 == 97):  # bx ax
+            value, i = _bounded(buf, i, n, 65535)
+            if value < 0:
+                return -1
+            if k0 == 98:
+                bx = value
+                has |= QUOTE_BX
+            else:
+                ax = value
+                has |= QUOTE_AX
+        elif length == 1 and k0 == 99:  # c
+            c, i = _bounded(buf, i, n, 65535)
+            if c < 0:
+                return -1
+            has |= QUOTE_C
+        elif length == 1 and k0 == 105:  # i
+            ni, i = _indicators(buf, i, n, i_out, row)
+            if ni < 0:
+                return -1
+            has |= QUOTE_I
+        elif length == 1 and k0 == 116:  # t
+            t, i = _bounded(buf, i, n, 999_999_999_999_999_999)
+            if t < 0:
+                return -1
+        elif length == 1 and k0 == 113:  # q
+            ok, q, i = _integer(buf, i, n)
+            if not ok:
+                return -1
+            has |= QUOTE_Q
+        elif length == 1 and k0 == 122:  # z
+            z, i = _bounded(buf, i, n, 255)
+            if z < 0:
+                return -1
+            has |= QUOTE_Z
+        elif length == 4 and k0 == 116 and k1 == 114 and buf[key + 2] == 102:  # trfi trft
+            ok, _, i = _integer(buf, i, n)  # not kept (msgspec ignores them too)
+            if not ok or (buf[key + 3] != 105 and buf[key + 3] != 116):
+                return -1
+        else:
+            return -1
+        more, i = _next_key(buf, i, n)
+    if more < 0 or sym < 0 or t < 0:
+        return -1
+    t_out[row] = t
+    q_out[row] = q
+    bp_out[row] = bp
+    ap_out[row] = ap
+    bs_out[row] = bs
+    as_out[row] = ask_size
+    bx_out[row] = bx
+    ax_out[row] = ax
+    c_out[row] = c
+    z_out[row] = z
+    ni_out[row] = ni
+    has_out[row] = has
+    id_out[row] = sym
+    return i
+
+
+@njit(cache=True, error_model="numpy")
+def _scan_aggregate(buf, i, n, row, minute, cols, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
+    """The rest of an ``A`` / ``AM`` object after its ``ev``: the index past it, or -1."""
+    (s_out, e_out, o_out, h_out, l_out, c_out, v_out, vw_out, av_out, op_out, a_out, z_out,
+     has_out, otc_out, minute_out, id_out) = cols  # fmt: skip
+    sym = -1
+    start = -1
+    end = -1
+    o = h = low = c = v = vw = av = op = a = z = 0.0
+    otc = 0
+    has = 0
+    more, i = _next_key(buf, i, n)
+    while more == 1:
+        key, length, i = _key(buf, i, n)
+        if key < 0:
+            return -1
+        k0 = buf[key]
+        k1 = buf[key + 1] if length > 1 else 0
+        if length == 3 and k0 == 115 and k1 == 121 and buf[key + 2] == 109:  # sym
+            sym, i = _symbol(buf, i, n, symbols, symbol_bytes)
+            if sym < 0:
+                return -1
+        elif length == 3 and k0 == 111 and k1 == 116 and buf[key + 2] == 99:  # otc
+            if i + 3 < n and buf[i] == 116 and buf[i + 1] == 114 and buf[i + 2] == 117:
+                if buf[i + 3] != 101:  # true
+                    return -1
+                otc = 1
+                i += 4
+            elif i + 4 < n and buf[i] == 102 and buf[i + 1] == 97 and buf[i + 2] == 108:
+                if buf[i + 3] != 115 or buf[i + 4] != 101:  # false
+                    return -1
+                otc = 0
+                i += 5
+            else:
+                return -1
+            has |= AGG_OTC
+        elif length == 1 and (k0 == 115 or k0 == 101):  # s e
+            value, i = _bounded(buf, i, n, 999_999_999_999_999_999)
+            if value < 0:
+                return -1
+            if k0 == 115:
+                start = value
+            else:
+                end = value
+        else:
+            ok, value, i = _real(buf, i, n, pow10)
+            if not ok:
+                return -1
+            if length == 1:
+                if k0 == 118:  # v
+                    v = value
+                    has |= AGG_V
+                elif k0 == 111:  # o
+                    o = value
+                    has |= AGG_O
+                elif k0 == 99:  # c
+                    c = value
+                    has |= AGG_C
+                elif k0 == 104:  # h
+                    h = value
+                    has |= AGG_H
+                elif k0 == 108:  # l
+                    low = value
+                    has |= AGG_L
+                elif k0 == 97:  # a
+                    a = value
+                    has |= AGG_A
+                elif k0 == 122:  # z
+                    z = value
+                    has |= AGG_Z
+                else:
+                    return -1
+            elif length == 2 and k0 == 97 and k1 == 118:  # av
+                av = value
+                has |= AGG_AV
+            elif length == 2 and k0 == 111 and k1 == 112:  # op
+                op = value
+                has |= AGG_OP
+            elif length == 2 and k0 == 118 and k1 == 119:  # vw
+                vw = value
+                has |= AGG_VW
+            else:
+                return -1
+        more, i = _next_key(buf, i, n)
+    if more < 0 or sym < 0 or start < 0 or end < 0:
+        return -1
+    s_out[row] = start
+    e_out[row] = end
+    o_out[row] = o
+    h_out[row] = h
+    l_out[row] = low
+    c_out[row] = c
+    v_out[row] = v
+    vw_out[row] = vw
+    av_out[row] = av
+    op_out[row] = op
+    a_out[row] = a
+    z_out[row] = z
+    has_out[row] = has
+    otc_out[row] = otc
+    minute_out[row] = minute
+    id_out[row] = sym
+    return i
+
+
+@njit(cache=True, error_model="numpy")
+def _scan_luld(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
+    """The rest of a ``LULD`` object after its ``ev``: the index past it, or -1."""
+    t_out, q_out, h_out, l_out, i_out, z_out, ni_out, has_out, id_out = cols
+    sym = -1
+    t = -1
+    q = 0
+    h = 0.0
+    low = 0.0
+    z = 0
+    ni = 0
+    has = 0
+    for k in range(MAX_INDICATORS):
+        i_out[row, k] = 0
+    more, i = _next_key(buf, i, n)
+    while more == 1:
+        key, length, i = _key(buf, i, n)
+        if key < 0 or length != 1:
+            return -1
+        k0 = buf[key]
+        if k0 == 84:  # T: the symbol
+            sym, i = _symbol(buf, i, n, symbols, symbol_bytes)
+            if sym < 0:
+                return -1
+        elif k0 == 104 or k0 == 108:  # h l
+            ok, value, i = _real(buf, i, n, pow10)
+            if not ok:
+                return -1
+            if k0 == 104:
+                h = value
+                has |= LULD_H
+            else:
+                low = value
+                has |= LULD_L
+        elif k0 == 105:  # i
+            ni, i = _indicators(buf, i, n, i_out, row)
+            if ni < 0:
+                return -1
+            has |= LULD_I
+        elif k0 == 122:  # z
+            z, i = _bounded(buf, i, n, 255)
+            if z < 0:
+                return -1
+            has |= LULD_Z
+        elif k0 == 116:  # t
+            t, i = _bounded(buf, i, n, 999_999_999_999_999_999)
+            if t < 0:
+                return -1
+        elif k0 == 113:  # q
+            ok, q, i = _integer(buf, i, n)
+            if not ok:
+                return -1
+            has |= LULD_Q
+        else:
+            return -1
+        more, i = _next_key(buf, i, n)
+    if more < 0 or sym < 0 or t < 0:
+        return -1
+    t_out[row] = t
+    q_out[row] = q
+    h_out[row] = h
+    l_out[row] = low
+    z_out[row] = z
+    ni_out[row] = ni
+    has_out[row] = has
+    id_out[row] = sym
+    return i
+
+
+@njit(cache=True, error_model="numpy")
 def scan_frame(  # type: ignore[no-untyped-def]
     buf, row, t_out, p_out, s_out, q_out, trft_out, trfi_out, x_out, z_out, nc_out, c_out,
-    id_out, symbols, symbol_bytes, pow10,
+    id_out, quotes, aggregates, lulds, rows, symbols, symbol_bytes, pow10,
 ):  # fmt: skip
+    """One frame: trades into the trade columns from ``row``, the other kinds into their
+    column tuples from ``rows``; the next trade row (``rows`` moved on), or -1 (bail: nothing
+    moved, though rows past those in use may have been written)."""
     n = buf.shape[0]
     capacity = t_out.shape[0]
+    quote_row, aggregate_row, luld_row = rows[QUOTES], rows[AGGREGATES], rows[LULDS]
+    aggregate_rows = aggregates[0].shape[0]
     i = _skip_ws(buf, 0, n)
     if i >= n or buf[i] != 91:  # [
         return -1
@@ -295,6 +712,8 @@ def scan_frame(  # type: ignore[no-untyped-def]
         if i >= n or buf[i] != 123 or row >= capacity:  # {
             return -1
         i += 1
+        first = True  # the next key is the object's first
+        other = False  # a quote, aggregate or LULD, read whole
         is_trade = False
         sym_id = -1
         price = np.nan
@@ -327,10 +746,31 @@ def scan_frame(  # type: ignore[no-untyped-def]
             if i >= n:
                 return -1
             if length == 2 and k0 == 101 and k1 == 118:  # ev
-                if i + 2 >= n or buf[i] != 34 or buf[i + 1] != 84 or buf[i + 2] != 34:
-                    return -1  # anything but "T"
-                is_trade = True
-                i += 3
+                if i + 2 < n and buf[i] == 34 and buf[i + 1] == 84 and buf[i + 2] == 34:
+                    is_trade = True
+                    i += 3
+                elif not first:
+                    return -1  # another type is read only when it says so first
+                else:
+                    kind, i = _event_type(buf, i, n)
+                    if kind == QUOTES and quote_row < quotes[0].shape[0]:
+                        i = _scan_quote(buf, i, n, quote_row, quotes, symbols, symbol_bytes, pow10)
+                        quote_row += 1
+                    elif kind in (AGGREGATES, _MINUTES) and aggregate_row < aggregate_rows:
+                        i = _scan_aggregate(
+                            buf, i, n, aggregate_row, 1 if kind == _MINUTES else 0,
+                            aggregates, symbols, symbol_bytes, pow10,
+                        )  # fmt: skip
+                        aggregate_row += 1
+                    elif kind == LULDS and luld_row < lulds[0].shape[0]:
+                        i = _scan_luld(buf, i, n, luld_row, lulds, symbols, symbol_bytes, pow10)
+                        luld_row += 1
+                    else:
+                        return -1
+                    if i < 0:
+                        return -1
+                    other = True
+                    break
             elif length == 3 and k0 == 115 and k1 == 121 and buf[key + 2] == 109:  # sym
                 if buf[i] != 34:
                     return -1
@@ -424,6 +864,7 @@ def scan_frame(  # type: ignore[no-untyped-def]
                         return -1
                 else:
                     return -1  # an unknown key: leave to msgspec
+            first = False
             i = _skip_ws(buf, i, n)
             if i >= n:
                 return -1
@@ -434,22 +875,23 @@ def scan_frame(  # type: ignore[no-untyped-def]
                 i += 1
                 break
             return -1
-        if not is_trade or sym_id < 0 or price != price or t < 0:
-            return -1
-        size = size_ds if size_ds == size_ds else size_s
-        if size != size:
-            return -1
-        t_out[row] = t
-        p_out[row] = price
-        s_out[row] = size
-        q_out[row] = q
-        trft_out[row] = trft
-        trfi_out[row] = trfi
-        x_out[row] = x
-        z_out[row] = z
-        nc_out[row] = nc
-        id_out[row] = sym_id
-        row += 1
+        if not other:
+            if not is_trade or sym_id < 0 or price != price or t < 0:
+                return -1
+            size = size_ds if size_ds == size_ds else size_s
+            if size != size:
+                return -1
+            t_out[row] = t
+            p_out[row] = price
+            s_out[row] = size
+            q_out[row] = q
+            trft_out[row] = trft
+            trfi_out[row] = trfi
+            x_out[row] = x
+            z_out[row] = z
+            nc_out[row] = nc
+            id_out[row] = sym_id
+            row += 1
         i = _skip_ws(buf, i, n)
         if i >= n:
             return -1
@@ -458,5 +900,10 @@ def scan_frame(  # type: ignore[no-untyped-def]
             continue
         if buf[i] == 93:
             i = _skip_ws(buf, i + 1, n)
-            return row if i == n else -1
+            if i != n:
+                return -1
+            rows[QUOTES] = quote_row
+            rows[AGGREGATES] = aggregate_row
+            rows[LULDS] = luld_row
+            return row
         return -1

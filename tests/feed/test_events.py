@@ -165,7 +165,11 @@ def decoded_both_ways(frames: list[bytes]) -> tuple[tuple[Any, ...], tuple[Any, 
         decoder = EventDecoder()
         decoded = decoder.decode(frames, NOW)
         trades = [r.tobytes() for r in decoded.trades.records], decoded.trades.topics
-        batches = [(b.label, b.topics, b.payloads, b.counts) for b in decoded.batches]
+        batches = {  # messages by topic (symbol ids, hence topic order, may differ by path)
+            (b.label, topic): (payload, count)
+            for b in decoded.batches
+            for topic, payload, count in zip(b.topics, b.payloads, b.counts, strict=True)
+        }
         stats = decoder.stats
         return trades, batches, stats.accepted, stats.rejected_events, stats.bad_messages
 
@@ -246,7 +250,7 @@ def test_the_scanner_runs_the_same_as_python() -> None:
         row = kernel(
             np.frombuffer(frame, np.uint8), 0, columns.t, columns.p, columns.s, columns.q,
             columns.trft, columns.trfi, columns.x, columns.z, columns.nc, columns.c,
-            columns.ids, *(k.arrays for k in columns.events), columns.rows, table.arrays,
+            columns.ids, columns.ints, columns.reals, columns.rows, table.arrays,
             scan._SYMBOL_BYTES, scan._POW10,
         )  # fmt: skip
         kinds = [

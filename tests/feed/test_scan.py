@@ -26,7 +26,7 @@ def scan_one(frame: bytes, *, python: bool = False) -> tuple[int, scan.Columns, 
     rows = getattr(scan.scan_frame, "py_func", scan.scan_frame)(
         np.frombuffer(frame, np.uint8), 0, columns.t, columns.p, columns.s, columns.q,
         columns.trft, columns.trfi, columns.x, columns.z, columns.nc, columns.c, columns.ids,
-        *(kind.arrays for kind in columns.events), columns.rows,
+        columns.ints, columns.reals, columns.rows,
         table.arrays, scan._SYMBOL_BYTES, scan._POW10,
     )  # fmt: skip
     return int(rows), columns, table

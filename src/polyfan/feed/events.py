@@ -2,7 +2,7 @@
 
 The trade decoder (:class:`polyfan.feed.upstream.EventDecoder`) reads these events with the
 numba scanner or, for a frame the scanner leaves, with msgspec into the types below; both paths
-fill the same columns (``scan.QUOTE_COLUMNS``, ``AGG_COLUMNS``, ``LULD_COLUMNS``). This module
+fill the same columns (``scan.QUOTE_LAYOUT``, ``AGG_LAYOUT``, ``LULD_LAYOUT``). This module
 holds what is particular to each kind:
 
 - the msgspec types, which validate what a type can say (integers within their record field,

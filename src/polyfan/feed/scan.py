@@ -67,32 +67,48 @@ class SymbolTable(topics.TopicTable):
         return self.bytes_of(symbol_id).decode()
 
 
-# The columns of the other event kinds, by name: (name, dtype, per-row shape). Names are the
-# record fields they become (codec.QUOTE_DTYPE ...), plus ``ids`` (the symbol id) and, for
-# aggregates, ``minute`` (1: an ``AM`` event, 0: ``A``). Integers are int64 here; both parsers
-# keep them within their field's range, so the records take them exactly.
-_INDICATORS = (codec.MAX_INDICATORS,)
-QUOTE_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
-    ("t", np.int64, ()), ("q", np.int64, ()), ("bp", np.float64, ()), ("ap", np.float64, ()),
-    ("bs", np.int64, ()), ("as", np.int64, ()), ("bx", np.int64, ()), ("ax", np.int64, ()),
-    ("c", np.int64, ()), ("i", np.int64, _INDICATORS), ("z", np.int64, ()),
-    ("ni", np.int64, ()), ("has", np.int64, ()), ("ids", np.int64, ()),
-)  # fmt: skip
-AGG_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
-    ("s", np.int64, ()), ("e", np.int64, ()), ("o", np.float64, ()), ("h", np.float64, ()),
-    ("l", np.float64, ()), ("c", np.float64, ()), ("v", np.float64, ()),
-    ("vw", np.float64, ()), ("av", np.float64, ()), ("op", np.float64, ()),
-    ("a", np.float64, ()), ("z", np.float64, ()), ("has", np.int64, ()),
-    ("otc", np.int64, ()), ("minute", np.int64, ()), ("ids", np.int64, ()),
-)  # fmt: skip
-LULD_COLUMNS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
-    ("t", np.int64, ()), ("q", np.int64, ()), ("h", np.float64, ()), ("l", np.float64, ()),
-    ("i", np.int64, _INDICATORS), ("z", np.int64, ()), ("ni", np.int64, ()),
-    ("has", np.int64, ()), ("ids", np.int64, ()),
-)  # fmt: skip
-QUOTES, AGGREGATES, LULDS = 0, 1, 2  # Columns.rows and Columns.events, by kind
+# The columns of the other event kinds. Each kind is a plane of two arrays shared by all kinds
+# (``Columns.ints``: int64, ``Columns.reals``: float64, both [kind, row, column]), so the
+# scanner takes two arrays for all of them (numba unboxes every argument on every call: forty
+# column arrays cost 3 us a frame). Names are the record fields the columns become
+# (codec.QUOTE_DTYPE ...), plus ``ids`` (the symbol id) and, for aggregates, ``minute`` (1: an
+# ``AM`` event). Integers are int64 here; both parsers keep them within their field's range.
+QUOTES, AGGREGATES, LULDS = 0, 1, 2  # Columns.rows and the planes, by kind
 _MINUTES = 3  # what _event_type says of an AM event (AGGREGATES columns, minute = 1)
 MAX_INDICATORS = codec.MAX_INDICATORS
+# quotes: ints
+Q_T, Q_Q, Q_BS, Q_AS, Q_BX, Q_AX, Q_C, Q_Z, Q_NI, Q_HAS, Q_IDS, Q_I = range(12)
+Q_BP, Q_AP = range(2)  # reals
+# aggregates: ints, then reals
+A_S, A_E, A_HAS, A_OTC, A_MINUTE, A_IDS = range(6)
+A_O, A_H, A_L, A_C, A_V, A_VW, A_AV, A_OP, A_A, A_Z = range(10)
+# LULD: ints, then reals
+L_T, L_Q, L_Z, L_NI, L_HAS, L_IDS, L_I = range(7)
+L_H, L_L = range(2)
+INT_COLUMNS = 16  # Q_I + MAX_INDICATORS, the widest
+REAL_COLUMNS = 10
+
+# name -> (real?, first column, width; 0: a single column)
+Layout = dict[str, tuple[bool, int, int]]
+QUOTE_LAYOUT: Layout = {
+    "t": (False, Q_T, 0), "q": (False, Q_Q, 0), "bs": (False, Q_BS, 0),
+    "as": (False, Q_AS, 0), "bx": (False, Q_BX, 0), "ax": (False, Q_AX, 0),
+    "c": (False, Q_C, 0), "z": (False, Q_Z, 0), "ni": (False, Q_NI, 0),
+    "has": (False, Q_HAS, 0), "ids": (False, Q_IDS, 0), "i": (False, Q_I, MAX_INDICATORS),
+    "bp": (True, Q_BP, 0), "ap": (True, Q_AP, 0),
+}  # fmt: skip
+AGG_LAYOUT: Layout = {
+    "s": (False, A_S, 0), "e": (False, A_E, 0), "has": (False, A_HAS, 0),
+    "otc": (False, A_OTC, 0), "minute": (False, A_MINUTE, 0), "ids": (False, A_IDS, 0),
+    "o": (True, A_O, 0), "h": (True, A_H, 0), "l": (True, A_L, 0), "c": (True, A_C, 0),
+    "v": (True, A_V, 0), "vw": (True, A_VW, 0), "av": (True, A_AV, 0),
+    "op": (True, A_OP, 0), "a": (True, A_A, 0), "z": (True, A_Z, 0),
+}  # fmt: skip
+LULD_LAYOUT: Layout = {
+    "t": (False, L_T, 0), "q": (False, L_Q, 0), "z": (False, L_Z, 0), "ni": (False, L_NI, 0),
+    "has": (False, L_HAS, 0), "ids": (False, L_IDS, 0), "i": (False, L_I, MAX_INDICATORS),
+    "h": (True, L_H, 0), "l": (True, L_L, 0),
+}  # fmt: skip
 QUOTE_BX, QUOTE_BP, QUOTE_BS = codec.QUOTE_BX, codec.QUOTE_BP, codec.QUOTE_BS
 QUOTE_AX, QUOTE_AP, QUOTE_AS = codec.QUOTE_AX, codec.QUOTE_AP, codec.QUOTE_AS
 QUOTE_C, QUOTE_I, QUOTE_Q, QUOTE_Z = codec.QUOTE_C, codec.QUOTE_I, codec.QUOTE_Q, codec.QUOTE_Z
@@ -105,36 +121,23 @@ LULD_H, LULD_L, LULD_I, LULD_Z, LULD_Q = (
 
 
 class EventColumns:
-    """Preallocated columns of one event kind (``QUOTE_COLUMNS`` ...): ``arrays`` in layout
-    order (what the scanner takes), or one by name with :meth:`column`."""
+    """One kind's columns (``QUOTE_LAYOUT`` ...), by name: views of its planes."""
 
-    def __init__(self, layout: tuple[tuple[str, type, tuple[int, ...]], ...], capacity: int):
+    def __init__(self, layout: Layout, ints: np.ndarray, reals: np.ndarray) -> None:
         self.layout = layout
-        self.index = {name: k for k, (name, _, _) in enumerate(layout)}
-        self.arrays: tuple[np.ndarray, ...] = tuple(
-            np.zeros((capacity, *shape), dtype) for _, dtype, shape in layout
-        )
-
-    @property
-    def capacity(self) -> int:
-        return len(self.arrays[0])
+        self.ints = ints
+        self.reals = reals
 
     def column(self, name: str) -> np.ndarray:
-        return self.arrays[self.index[name]]
-
-    def grown(self, capacity: int, rows: int) -> EventColumns:
-        """A copy with room for ``capacity`` rows, the first ``rows`` kept."""
-        grown = EventColumns(self.layout, capacity)
-        for old, new in zip(self.arrays, grown.arrays, strict=True):
-            new[:rows] = old[:rows]
-        return grown
+        real, first, width = self.layout[name]
+        plane = self.reals if real else self.ints
+        return plane[:, first : first + width] if width else plane[:, first]
 
     def records(self, rows: np.ndarray | slice, dtype: np.dtype) -> np.ndarray:
         """The selected rows as ``dtype`` records (fields without a column stay 0)."""
-        first = self.arrays[0][rows]
-        records = np.zeros(len(first), dtype)
+        records = np.zeros(len(self.ints[rows]), dtype)
         for name in dtype.names or ():
-            if name in self.index:
+            if name in self.layout:
                 records[name] = self.column(name)[rows]
         return records
 
@@ -145,12 +148,10 @@ class Columns:
     scanner fills trade rows ``[0, n)`` and moves ``rows`` on."""
 
     def __init__(self, capacity: int) -> None:
-        self.events: tuple[EventColumns, ...] = (
-            EventColumns(QUOTE_COLUMNS, capacity),
-            EventColumns(AGG_COLUMNS, capacity),
-            EventColumns(LULD_COLUMNS, capacity),
-        )
+        self.ints = np.zeros((3, capacity, INT_COLUMNS), np.int64)
+        self.reals = np.zeros((3, capacity, REAL_COLUMNS), np.float64)
         self.rows = np.zeros(3, np.int64)
+        self.events = self._views()
         self.t = np.empty(capacity, np.int64)
         self.p = np.empty(capacity, np.float64)
         self.s = np.empty(capacity, np.float64)
@@ -170,10 +171,22 @@ class Columns:
             scan_frame(
                 np.frombuffer(frame, np.uint8), row, self.t, self.p, self.s, self.q, self.trft,
                 self.trfi, self.x, self.z, self.nc, self.c, self.ids,
-                self.events[QUOTES].arrays, self.events[AGGREGATES].arrays,
-                self.events[LULDS].arrays, self.rows, table.arrays, _SYMBOL_BYTES, _POW10,
+                self.ints, self.reals, self.rows, table.arrays, _SYMBOL_BYTES, _POW10,
             )
         )  # fmt: skip
+
+    def _views(self) -> tuple[EventColumns, ...]:
+        return tuple(
+            EventColumns(layout, self.ints[kind], self.reals[kind])
+            for kind, layout in enumerate((QUOTE_LAYOUT, AGG_LAYOUT, LULD_LAYOUT))
+        )
+
+    def adopt_events(self, other: Columns) -> None:
+        """Take ``other``'s rows of the other kinds (this one being at least as large)."""
+        capacity = other.ints.shape[1]
+        self.ints[:, :capacity] = other.ints
+        self.reals[:, :capacity] = other.reals
+        self.rows[:] = other.rows
 
     def records(self, n: int) -> np.ndarray:
         records = np.zeros(n, codec.TRADE_DTYPE)
@@ -354,11 +367,11 @@ def _real(buf, i, n, pow10):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, error_model="numpy")
-def _indicators(buf, i, n, out, row):  # type: ignore[no-untyped-def]
-    """A list of at most MAX_INDICATORS u16 codes at ``i`` into ``out[row]``: (count or -1,
-    next index)."""
+def _indicators(buf, i, n, out, row, first):  # type: ignore[no-untyped-def]
+    """A list of at most MAX_INDICATORS u16 codes at ``i`` into ``out[row, first:]``: (count or
+    -1, next index)."""
     for k in range(MAX_INDICATORS):
-        out[row, k] = 0
+        out[row, first + k] = 0
     if buf[i] != 91:  # [
         return -1, i
     i = _skip_ws(buf, i + 1, n)
@@ -371,7 +384,7 @@ def _indicators(buf, i, n, out, row):  # type: ignore[no-untyped-def]
         code, i = _bounded(buf, i, n, 65535)
         if code < 0:
             return -1, i
-        out[row, count] = code
+        out[row, first + count] = code
         count += 1
         i = _skip_ws(buf, i, n)
         if i >= n:
@@ -406,10 +419,9 @@ def _event_type(buf, i, n):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, error_model="numpy")
-def _scan_quote(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
-    """The rest of a ``Q`` object after its ``ev`` into row ``row``: the index past it, or -1."""
-    (t_out, q_out, bp_out, ap_out, bs_out, as_out, bx_out, ax_out, c_out, i_out, z_out,
-     ni_out, has_out, id_out) = cols  # fmt: skip
+def _scan_quote(buf, i, n, row, ints, reals, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
+    """The rest of a ``Q`` object after its ``ev`` into row ``row`` of the quotes' planes: the
+    index past it, or -1."""
     sym = -1
     t = -1
     q = 0
@@ -424,7 +436,7 @@ def _scan_quote(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ig
     ni = 0
     has = 0
     for k in range(MAX_INDICATORS):
-        i_out[row, k] = 0
+        ints[row, Q_I + k] = 0
     more, i = _next_key(buf, i, n)
     while more == 1:
         key, length, i = _key(buf, i, n)
@@ -472,7 +484,7 @@ def _scan_quote(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ig
                 return -1
             has |= QUOTE_C
         elif length == 1 and k0 == 105:  # i
-            ni, i = _indicators(buf, i, n, i_out, row)
+            ni, i = _indicators(buf, i, n, ints, row, Q_I)
             if ni < 0:
                 return -1
             has |= QUOTE_I
@@ -499,27 +511,25 @@ def _scan_quote(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ig
         more, i = _next_key(buf, i, n)
     if more < 0 or sym < 0 or t < 0:
         return -1
-    t_out[row] = t
-    q_out[row] = q
-    bp_out[row] = bp
-    ap_out[row] = ap
-    bs_out[row] = bs
-    as_out[row] = ask_size
-    bx_out[row] = bx
-    ax_out[row] = ax
-    c_out[row] = c
-    z_out[row] = z
-    ni_out[row] = ni
-    has_out[row] = has
-    id_out[row] = sym
+    ints[row, Q_T] = t
+    ints[row, Q_Q] = q
+    ints[row, Q_BS] = bs
+    ints[row, Q_AS] = ask_size
+    ints[row, Q_BX] = bx
+    ints[row, Q_AX] = ax
+    ints[row, Q_C] = c
+    ints[row, Q_Z] = z
+    ints[row, Q_NI] = ni
+    ints[row, Q_HAS] = has
+    ints[row, Q_IDS] = sym
+    reals[row, Q_BP] = bp
+    reals[row, Q_AP] = ap
     return i
 
 
 @njit(cache=True, error_model="numpy")
-def _scan_aggregate(buf, i, n, row, minute, cols, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
+def _scan_aggregate(buf, i, n, row, minute, ints, reals, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
     """The rest of an ``A`` / ``AM`` object after its ``ev``: the index past it, or -1."""
-    (s_out, e_out, o_out, h_out, l_out, c_out, v_out, vw_out, av_out, op_out, a_out, z_out,
-     has_out, otc_out, minute_out, id_out) = cols  # fmt: skip
     sym = -1
     start = -1
     end = -1
@@ -601,29 +611,28 @@ def _scan_aggregate(buf, i, n, row, minute, cols, symbols, symbol_bytes, pow10):
         more, i = _next_key(buf, i, n)
     if more < 0 or sym < 0 or start < 0 or end < 0:
         return -1
-    s_out[row] = start
-    e_out[row] = end
-    o_out[row] = o
-    h_out[row] = h
-    l_out[row] = low
-    c_out[row] = c
-    v_out[row] = v
-    vw_out[row] = vw
-    av_out[row] = av
-    op_out[row] = op
-    a_out[row] = a
-    z_out[row] = z
-    has_out[row] = has
-    otc_out[row] = otc
-    minute_out[row] = minute
-    id_out[row] = sym
+    ints[row, A_S] = start
+    ints[row, A_E] = end
+    ints[row, A_HAS] = has
+    ints[row, A_OTC] = otc
+    ints[row, A_MINUTE] = minute
+    ints[row, A_IDS] = sym
+    reals[row, A_O] = o
+    reals[row, A_H] = h
+    reals[row, A_L] = low
+    reals[row, A_C] = c
+    reals[row, A_V] = v
+    reals[row, A_VW] = vw
+    reals[row, A_AV] = av
+    reals[row, A_OP] = op
+    reals[row, A_A] = a
+    reals[row, A_Z] = z
     return i
 
 
 @njit(cache=True, error_model="numpy")
-def _scan_luld(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
+def _scan_luld(buf, i, n, row, ints, reals, symbols, symbol_bytes, pow10):  # type: ignore[no-untyped-def]
     """The rest of a ``LULD`` object after its ``ev``: the index past it, or -1."""
-    t_out, q_out, h_out, l_out, i_out, z_out, ni_out, has_out, id_out = cols
     sym = -1
     t = -1
     q = 0
@@ -633,7 +642,7 @@ def _scan_luld(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ign
     ni = 0
     has = 0
     for k in range(MAX_INDICATORS):
-        i_out[row, k] = 0
+        ints[row, L_I + k] = 0
     more, i = _next_key(buf, i, n)
     while more == 1:
         key, length, i = _key(buf, i, n)
@@ -655,7 +664,7 @@ def _scan_luld(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ign
                 low = value
                 has |= LULD_L
         elif k0 == 105:  # i
-            ni, i = _indicators(buf, i, n, i_out, row)
+            ni, i = _indicators(buf, i, n, ints, row, L_I)
             if ni < 0:
                 return -1
             has |= LULD_I
@@ -678,29 +687,29 @@ def _scan_luld(buf, i, n, row, cols, symbols, symbol_bytes, pow10):  # type: ign
         more, i = _next_key(buf, i, n)
     if more < 0 or sym < 0 or t < 0:
         return -1
-    t_out[row] = t
-    q_out[row] = q
-    h_out[row] = h
-    l_out[row] = low
-    z_out[row] = z
-    ni_out[row] = ni
-    has_out[row] = has
-    id_out[row] = sym
+    ints[row, L_T] = t
+    ints[row, L_Q] = q
+    ints[row, L_Z] = z
+    ints[row, L_NI] = ni
+    ints[row, L_HAS] = has
+    ints[row, L_IDS] = sym
+    reals[row, L_H] = h
+    reals[row, L_L] = low
     return i
 
 
 @njit(cache=True, error_model="numpy")
 def scan_frame(  # type: ignore[no-untyped-def]
     buf, row, t_out, p_out, s_out, q_out, trft_out, trfi_out, x_out, z_out, nc_out, c_out,
-    id_out, quotes, aggregates, lulds, rows, symbols, symbol_bytes, pow10,
+    id_out, ints, reals, rows, symbols, symbol_bytes, pow10,
 ):  # fmt: skip
     """One frame: trades into the trade columns from ``row``, the other kinds into their
-    column tuples from ``rows``; the next trade row (``rows`` moved on), or -1 (bail: nothing
+    planes of ``ints`` and ``reals`` from ``rows``; the next trade row (``rows`` moved on), or -1 (bail: nothing
     moved, though rows past those in use may have been written)."""
     n = buf.shape[0]
     capacity = t_out.shape[0]
     quote_row, aggregate_row, luld_row = rows[QUOTES], rows[AGGREGATES], rows[LULDS]
-    aggregate_rows = aggregates[0].shape[0]
+    event_rows = ints.shape[1]
     i = _skip_ws(buf, 0, n)
     if i >= n or buf[i] != 91:  # [
         return -1
@@ -753,17 +762,23 @@ def scan_frame(  # type: ignore[no-untyped-def]
                     return -1  # another type is read only when it says so first
                 else:
                     kind, i = _event_type(buf, i, n)
-                    if kind == QUOTES and quote_row < quotes[0].shape[0]:
-                        i = _scan_quote(buf, i, n, quote_row, quotes, symbols, symbol_bytes, pow10)
+                    if kind == QUOTES and quote_row < event_rows:
+                        i = _scan_quote(
+                            buf, i, n, quote_row, ints[QUOTES], reals[QUOTES], symbols,
+                            symbol_bytes, pow10,
+                        )  # fmt: skip
                         quote_row += 1
-                    elif kind in (AGGREGATES, _MINUTES) and aggregate_row < aggregate_rows:
+                    elif kind in (AGGREGATES, _MINUTES) and aggregate_row < event_rows:
                         i = _scan_aggregate(
                             buf, i, n, aggregate_row, 1 if kind == _MINUTES else 0,
-                            aggregates, symbols, symbol_bytes, pow10,
+                            ints[AGGREGATES], reals[AGGREGATES], symbols, symbol_bytes, pow10,
                         )  # fmt: skip
                         aggregate_row += 1
-                    elif kind == LULDS and luld_row < lulds[0].shape[0]:
-                        i = _scan_luld(buf, i, n, luld_row, lulds, symbols, symbol_bytes, pow10)
+                    elif kind == LULDS and luld_row < event_rows:
+                        i = _scan_luld(
+                            buf, i, n, luld_row, ints[LULDS], reals[LULDS], symbols,
+                            symbol_bytes, pow10,
+                        )  # fmt: skip
                         luld_row += 1
                     else:
                         return -1

@@ -210,7 +210,6 @@ class EventDecoder:
         raw: dict[str, list[bytes]] = {}
         table = self.symbols
         row = 0
-        self._columns.rows[:] = 0
         for frame in frames:
             data = frame.encode() if isinstance(frame, str) else frame
             columns = self._reserve(row, len(data) // scan.MIN_TRADE_BYTES + 1)
@@ -236,24 +235,23 @@ class EventDecoder:
         return Decoded(batch, statuses, problems, batches)
 
     def _reserve(self, row: int, more: int) -> scan.Columns:
-        """Room for ``more`` rows of every kind past those in use."""
+        """Room for ``more`` trade rows past ``row``. The other kinds share the capacity; the
+        scanner leaves a frame to msgspec when one of them is full, and :meth:`_fill_events`
+        makes room (so checking them here, every frame, is not needed)."""
         columns = self._columns
         capacity = len(columns.t)
-        used = columns.rows
-        if max(row, int(used.max())) + more > capacity:
-            size = max(2 * capacity, max(row, int(used.max())) + more)
-            grown = scan.Columns(1)
-            for name in ("t", "p", "s", "q", "trft", "trfi", "x", "z", "nc", "c", "ids"):
-                old = getattr(columns, name)
-                new = np.zeros((size, *old.shape[1:]), old.dtype)
-                new[:row] = old[:row]
-                setattr(grown, name, new)
-            grown.events = tuple(
-                kind.grown(size, int(used[k])) for k, kind in enumerate(columns.events)
-            )
-            grown.rows[:] = used
-            self._columns = columns = grown
+        if row + more > capacity:
+            columns = self._grown(row, max(2 * capacity, row + more))
         return columns
+
+    def _grown(self, row: int, size: int) -> scan.Columns:
+        columns = self._columns
+        grown = scan.Columns(size)
+        for name in ("t", "p", "s", "q", "trft", "trfi", "x", "z", "nc", "c", "ids"):
+            getattr(grown, name)[:row] = getattr(columns, name)[:row]
+        grown.adopt_events(columns)
+        self._columns = grown
+        return grown
 
     def _fill_events(self, events: list[Any], row: int) -> None:
         """Write the quotes, aggregates and LULD events msgspec decoded into their columns
@@ -264,8 +262,11 @@ class EventDecoder:
             if kind is not None:
                 by_kind.setdefault(kind, []).append(event)
         for kind, found in by_kind.items():
-            columns = self._reserve(row, len(found))
+            columns = self._columns
             start = int(columns.rows[kind])
+            capacity = len(columns.t)
+            if start + len(found) > capacity:
+                columns = self._grown(row, max(2 * capacity, start + len(found)))
             ids = self._ids([e.sym for e in found])
             columns.rows[kind] = kinds.fill(kind, found, columns.events[kind], start, ids)
 
@@ -362,9 +363,13 @@ class EventDecoder:
         """Validate the quote, aggregate and LULD rows filled this drain; one batch per event
         type, one message per topic."""
         columns = self._columns
-        batches = []
+        used = columns.rows.tolist()
+        batches: list[EventBatch] = []
+        if not any(used):
+            return batches  # a drain of trades only: as cheap as before these kinds existed
+        columns.rows[:] = 0  # for the next drain
         for kind, info in kinds.KINDS.items():
-            n = int(columns.rows[kind])
+            n = used[kind]
             if n == 0:
                 continue
             table = columns.events[kind]
@@ -442,7 +447,7 @@ class EventDecoder:
         fields = " ".join(
             f"{name}={table.column(name)[index]}"
             for name in info.dtype.names or ()
-            if name in table.index and name not in ("i", "has")
+            if name in table.layout and name not in ("i", "has")
         )
         return f"sym={symbol} {fields}"
 

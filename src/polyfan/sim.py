@@ -47,6 +47,7 @@ __all__ = ["SimServer", "read_record", "run", "serve_sim", "status"]
 log = logging.getLogger("polyfan.sim")
 
 TICK_S = 0.01
+MAX_CATCH_UP_S = 0.1  # a late tick makes at most this much of --rate at once
 THROUGHPUT_EVERY_S = 5.0
 MAX_BACKLOG_FRAMES = 20_000
 KINDS = frozenset({"T", "Q", "A", "AM", "LULD"})  # the event types the market makes
@@ -109,11 +110,15 @@ class SimServer:
         due = 0.0
         last = time.monotonic()
         last_report, reported = last, 0
+        dropped = 0  # trades not made since the last report: the sim could not keep up
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             due += rate * (now - last)
             last = now
+            if due > rate * MAX_CATCH_UP_S:  # behind: catching up would only fall further back
+                dropped += int(due - rate * MAX_CATCH_UP_S)
+                due = rate * MAX_CATCH_UP_S
             count = int(due)
             due -= count
             streaming = self.server.streaming()
@@ -133,8 +138,16 @@ class SimServer:
                     (self.events_sent - reported) / (now - last_report),
                     len(streaming),
                 )
+                if dropped:
+                    log.warning(
+                        "cannot keep up with --rate %g: %d trades (and their quotes) not made "
+                        "in the last %.0f s",
+                        rate,
+                        dropped,
+                        now - last_report,
+                    )
                 self.server.flush_record()
-                last_report, reported = now, self.events_sent
+                last_report, reported, dropped = now, self.events_sent, 0
 
 
 async def serve_sim(config: SimConfig, stop: asyncio.Event) -> None:

@@ -246,7 +246,7 @@ def test_the_scanner_runs_the_same_as_python() -> None:
     results = []
     for python in (False, True):
         columns, table = scan.Columns(len(frame)), scan.SymbolTable()
-        kernel = scan.scan_frame.py_func if python else scan.scan_frame  # type: ignore[attr-defined]
+        kernel = getattr(scan.scan_frame, "py_func", scan.scan_frame) if python else scan.scan_frame
         row = kernel(
             np.frombuffer(frame, np.uint8), 0, columns.t, columns.p, columns.s, columns.q,
             columns.trft, columns.trfi, columns.x, columns.z, columns.nc, columns.c,

@@ -331,7 +331,7 @@ def main(
     metavar="PARAMS",
     default="T.*",
     show_default=True,
-    help="Upstream subscribe params.",
+    help="Upstream channels, any stocks ones: T.*,Q.*,A.*,AM.*,LULD.* or Q.AAPL,...",
 )
 @click.option(
     "--pub",
@@ -352,7 +352,8 @@ def proxy(
     curve_secret: Path | None,
     curve_allow: Path | None,
 ) -> None:
-    """Hold the one upstream connection and republish every trade on ZeroMQ."""
+    """Hold the one upstream connection and republish every event on ZeroMQ (trades, and any
+    other stocks channel --subscribe names: quotes, aggregates, LULD, ...)."""
     from polyfan import proxy as role
 
     config = cfg.ProxyConfig(

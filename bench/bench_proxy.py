@@ -1,9 +1,18 @@
 """Proxy throughput: pre-encoded Polygon frames through a real ``polyfan proxy`` to a SUB.
 
     .venv/bin/python bench/bench_proxy.py [--trades 3000000] [--symbols 500]
+    .venv/bin/python bench/bench_proxy.py --quotes-per-trade 10 [--trades 300000]
+    .venv/bin/python bench/bench_proxy.py --sim 4000 [--quotes-per-trade 10] [--seconds 20]
+
+With ``--quotes-per-trade R`` the frames are the simulator's whole stream (``Market.stream``:
+trades, R quotes per trade, LULD bands, A/AM aggregates, re-cut into frames of 100 events) and
+``--trades`` counts trades; every event published is counted. ``--sim RATE`` instead runs the
+real ``polyfan sim --rate RATE --quotes-per-trade R`` into ``polyfan proxy --subscribe
+T.*,Q.*`` for ``--seconds`` and reports what the proxy keeps up with at that offered rate:
+events and messages per second received by the SUB and the proxy's CPU per message.
 
 1. Parse-only ceilings of the same frames, in this process: ``orjson.loads``, msgspec's typed
-   decode, and the proxy's whole decode (``upstream.TradeDecoder``: parse, validate, records,
+   decode, and the proxy's whole decode (``upstream.EventDecoder``: parse, validate, records,
    group by symbol).
 2. ZeroMQ single frame vs multipart for trade-sized messages (PUB -> SUB over ipc).
 3. End to end: a local WebSocket server (a child process) sends the frames as fast as the proxy
@@ -32,7 +41,7 @@ import orjson
 import zmq
 import zmq.auth
 
-from polyfan.feed import scan, upstream
+from polyfan.feed import events, scan, upstream
 from polyfan.market import Market
 from polyfan.sim import status
 from polyfan.wire import codec
@@ -43,11 +52,33 @@ from procs import free_port
 FRAME_EVENTS = 100
 
 
-def make_frames(count: int, symbols: int) -> list[bytes]:
+def make_frames(count: int, symbols: int, quotes_per_trade: float = 0.0) -> list[bytes]:
+    """``count`` frames of ``FRAME_EVENTS`` events: trades only, or the sim's whole stream."""
     market = Market(symbols, seed=1)
     now = int(time.time() * 1000)
-    trades = market.trades(count * FRAME_EVENTS, now)
-    return [orjson.dumps(trades[i : i + FRAME_EVENTS]) for i in range(0, len(trades), FRAME_EVENTS)]
+    if not quotes_per_trade:
+        trades = market.trades(count * FRAME_EVENTS, now)
+        return [
+            orjson.dumps(trades[i : i + FRAME_EVENTS]) for i in range(0, len(trades), FRAME_EVENTS)
+        ]
+    per_tick = max(1, round(count * FRAME_EVENTS / (1 + quotes_per_trade) / 1200))
+    stream: list[dict[str, object]] = []
+    tick = 0
+    while len(stream) < count * FRAME_EVENTS:  # two minutes of market time, ending now
+        moment = now - 120_000 + 100 * tick
+        frames = market.stream(per_tick, moment, quotes_per_trade=quotes_per_trade)
+        stream += [e for f in frames for e in f]
+        tick += 1
+    stream = stream[: count * FRAME_EVENTS]
+    return [orjson.dumps(stream[i : i + FRAME_EVENTS]) for i in range(0, len(stream), FRAME_EVENTS)]
+
+
+def kinds_in(frames: list[bytes]) -> str:
+    counts: dict[str, int] = {}
+    for frame in frames:
+        for event in orjson.loads(frame):
+            counts[event["ev"]] = counts.get(event["ev"], 0) + 1
+    return ", ".join(f"{ev} {n:,}" for ev, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def best_rate(run: object, trades: int, repeat: int = 3) -> float:
@@ -60,8 +91,17 @@ def best_rate(run: object, trades: int, repeat: int = 3) -> float:
 
 
 def parse_ceilings(frames: list[bytes]) -> None:
-    trades = len(frames) * FRAME_EVENTS
-    typed = msgspec.json.Decoder(list[upstream.Trade | upstream.Status])
+    trades = len(frames) * FRAME_EVENTS  # events, whatever their kind
+    typed = msgspec.json.Decoder(
+        list[
+            upstream.Trade
+            | events.Quote
+            | events.SecondAggregate
+            | events.MinuteAggregate
+            | events.Luld
+            | upstream.Status
+        ]
+    )
     now = int(time.time() * 1000)
 
     def with_orjson() -> None:
@@ -80,25 +120,25 @@ def parse_ceilings(frames: list[bytes]) -> None:
             row = columns.scan(f, row, table)
 
     def proxy_decode_per_frame() -> None:
-        decoder = upstream.TradeDecoder()
+        decoder = upstream.EventDecoder()
         for f in frames:
             decoder.decode([f], now)
 
     def proxy_decode_batched() -> None:
-        decoder = upstream.TradeDecoder()
+        decoder = upstream.EventDecoder()
         for i in range(0, len(frames), 64):
             decoder.decode(frames[i : i + 64], now)
 
     scan.warm_up()
-    print(f"parse only, {len(frames)} frames of {FRAME_EVENTS} trades ({trades:,} trades):")
+    print(f"parse only, {len(frames)} frames of {FRAME_EVENTS} events ({trades:,} events):")
     for name, run in (
         ("orjson.loads", with_orjson),
-        ("msgspec typed decode list[Trade|Status]", with_msgspec),
+        ("msgspec typed decode list[Trade|Quote|...]", with_msgspec),
         ("feedscan numba scanner alone", with_scanner),
-        ("upstream.TradeDecoder, one frame per call", proxy_decode_per_frame),
-        ("upstream.TradeDecoder, 64 frames per call", proxy_decode_batched),
+        ("upstream.EventDecoder, one frame per call", proxy_decode_per_frame),
+        ("upstream.EventDecoder, 64 frames per call", proxy_decode_batched),
     ):
-        print(f"  {name:45s} {best_rate(run, trades) / 1e6:6.2f} M trades/s")
+        print(f"  {name:45s} {best_rate(run, trades) / 1e6:6.2f} M events/s")
 
 
 def zmq_frames(count: int = 300_000) -> None:
@@ -234,6 +274,10 @@ def end_to_end(
         server.stdin.write("go\n")
         server.stdin.flush()
         count_at = struct.Struct("<I").unpack_from
+        data_kinds = {
+            codec.Kind.TRADES, codec.Kind.QUOTES, codec.Kind.AGGREGATES, codec.Kind.LULD,
+            codec.Kind.RAW,
+        }  # fmt: skip
         received = 0
         cpu_first = cpu_last = 0.0
         first = last = 0.0
@@ -246,7 +290,7 @@ def end_to_end(
                     break
                 frame = sub.recv()
                 end = frame.index(0)
-                if frame[end + 2] != codec.Kind.TRADES:
+                if frame[end + 2] not in data_kinds:
                     continue
                 if not received:
                     first = time.perf_counter()
@@ -268,15 +312,92 @@ def end_to_end(
         print(
             f"end to end through `polyfan proxy` (subprocess, "
             f"{'ipc' if curve is None else 'tcp CURVE' if curve else 'tcp plain'} PUB): "
-            f"{received:,} trades in "
-            f"{messages:,} messages, {elapsed:.2f} s: {received / elapsed / 1e6:.2f} M trades/s "
-            f"({received / messages:.0f} trades/message, {lost.lost} messages lost)"
+            f"{received:,} events in "
+            f"{messages:,} messages, {elapsed:.2f} s: {received / elapsed / 1e6:.2f} M events/s, "
+            f"{messages / elapsed / 1e3:.0f} k messages/s "
+            f"({received / messages:.1f} events/message, {lost.lost} messages lost)"
         )
         cpu = cpu_last - cpu_first
         print(
             f"  proxy CPU over the same window: {cpu:.2f} s ({cpu / elapsed:.0%} of a core): "
-            f"{received / cpu / 1e6:.2f} M trades per CPU-second (steadier than wall time on a "
-            "busy machine)"
+            f"{received / cpu / 1e6:.2f} M events per CPU-second (steadier than wall time on a "
+            f"busy machine), {cpu / messages * 1e6:.2f} us per message, "
+            f"{cpu / received * 1e6:.3f} us per event"
+        )
+
+
+def from_the_sim(rate: float, quotes_per_trade: float, symbols: int, seconds: float) -> None:
+    """``polyfan sim`` -> ``polyfan proxy --subscribe T.*,Q.*`` -> a SUB here, at an offered
+    rate: what gets through, and the proxy's CPU per message."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        address = f"ipc://{tmp}/proxy"
+        env = dict(os.environ, MASSIVE_API_KEY="bench", POLYFAN_LOG="warning")
+        polyfan = [sys.executable, "-m", "polyfan"]
+        proxy = subprocess.Popen(
+            [*polyfan, "proxy", "--upstream", f"ws://127.0.0.1:{port}/stocks", "--pub", address,
+             "--subscribe", "T.*,Q.*"],
+            env=env,
+        )  # fmt: skip
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(address)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        while not sub.poll(100) or codec.decode(sub.recv()).kind is not codec.Kind.CLOCK:
+            pass
+        sim = subprocess.Popen(
+            [*polyfan, "sim", "--listen", f"127.0.0.1:{port}", "--symbols", str(symbols),
+             "--rate", str(rate), "--quotes-per-trade", str(quotes_per_trade), "--seed", "1"],
+            env=env,
+        )  # fmt: skip
+        count_at = struct.Struct("<I").unpack_from
+        by_kind = {codec.Kind.TRADES: 0, codec.Kind.QUOTES: 0}
+        messages = 0
+        lost = codec.GapCounter()
+        warm = time.monotonic() + 5  # the sim and proxy settle (numba, first connections)
+        start = cpu_start = sim_start = 0.0
+        try:
+            while True:
+                if not sub.poll(1000):
+                    continue
+                frame = sub.recv()
+                end = frame.index(0)
+                kind = frame[end + 2]
+                if kind not in by_kind:
+                    continue
+                now = time.monotonic()
+                if not start:
+                    if now < warm:
+                        continue
+                    start, cpu_start, sim_start = now, cpu_seconds(proxy.pid), cpu_seconds(sim.pid)
+                by_kind[codec.Kind(kind)] += count_at(frame, end + 5)[0]
+                messages += 1
+                session, seq = struct.unpack_from("<QQ", frame, end + 9)
+                lost.observe(frame[:end].decode(), session, seq)
+                if now - start >= seconds:
+                    break
+            elapsed = time.monotonic() - start
+            cpu = cpu_seconds(proxy.pid) - cpu_start
+            sim_cpu = cpu_seconds(sim.pid) - sim_start
+        finally:
+            for process in (sim, proxy):
+                process.send_signal(signal.SIGINT)
+                process.wait()
+            sub.close(0)
+            context.term()
+        trades, quotes = by_kind[codec.Kind.TRADES], by_kind[codec.Kind.QUOTES]
+        offered = rate * (1 + quotes_per_trade)
+        print(
+            f"sim --rate {rate:g} --quotes-per-trade {quotes_per_trade:g} ({offered:,.0f} events/s "
+            f"offered), {symbols} symbols -> proxy T.*,Q.* -> SUB, {elapsed:.1f} s:\n"
+            f"  received {trades / elapsed:,.0f} trades/s + {quotes / elapsed:,.0f} quotes/s = "
+            f"{(trades + quotes) / elapsed:,.0f} events/s in {messages / elapsed:,.0f} messages/s "
+            f"({(trades + quotes) / messages:.1f} events/message, {lost.lost} messages lost)\n"
+            f"  proxy CPU {cpu / elapsed:.0%} of a core: {cpu / messages * 1e6:.1f} us per "
+            f"message, {cpu / (trades + quotes) * 1e6:.2f} us per event; sim CPU "
+            f"{sim_cpu / elapsed:.0%} of a core"
         )
 
 
@@ -296,6 +417,16 @@ def main() -> None:
     parser.add_argument("--skip-zmq", action="store_true", help="skip the single/multipart test")
     parser.add_argument("--profile", type=Path, help="cProfile the proxy; write stats here")
     parser.add_argument(
+        "--quotes-per-trade", type=float, default=0.0,
+        help="frames of the sim's whole stream, this many quotes per trade (default: trades only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sim", type=float, metavar="RATE", default=0.0,
+        help="instead: the real sim at RATE trades/s (and --quotes-per-trade, default 10) into "
+        "the proxy (T.*,Q.*) for --seconds",
+    )  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
         "--curve", type=int, metavar="ROUNDS", default=0,
         help="instead: end to end over tcp, plain and CURVE alternating, ROUNDS times",
     )  # fmt: skip
@@ -307,12 +438,18 @@ def main() -> None:
             for curve in (False, True):
                 end_to_end(frames, repeat, curve=curve)
         return
-    frames = make_frames(2_000, args.symbols)
+    if args.sim:
+        from_the_sim(args.sim, args.quotes_per_trade or 10.0, args.symbols, args.seconds)
+        return
+    frames = make_frames(2_000, args.symbols, args.quotes_per_trade)
     print(f"machine: {os.cpu_count()} cores; {args.symbols} symbols; Zipf-skewed activity")
+    print(f"frames: {len(frames):,} of {FRAME_EVENTS} events: {kinds_in(frames)}")
     parse_ceilings(frames)
     if not args.skip_zmq:
         zmq_frames()
-    end_to_end(frames, max(1, args.trades // (len(frames) * FRAME_EVENTS)), args.profile)
+    events_per_trade = 1 + args.quotes_per_trade
+    repeat = max(1, round(args.trades * events_per_trade / (len(frames) * FRAME_EVENTS)))
+    end_to_end(frames, repeat, args.profile)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_garbage_frames_are_counted_and_every_valid_trade_still_arrives(
         '{"ev": "T"}',
         "[1, 2, 3]",
         orjson.dumps(
-            [{"ev": "T", "sym": "AAPL", "p": -1, "s": 1, "t": now}, valid[1], {"ev": "Q"}]
+            [{"ev": "T", "sym": "AAPL", "p": -1, "s": 1, "t": now}, valid[1], {"ev": "NOI"}]
         ).decode(),
         orjson.dumps([{"ev": "T", "sym": "BAD SYM", "p": 1, "s": 1, "t": now}]).decode(),
         orjson.dumps([{"ev": "T", "sym": "AAPL", "p": 1, "s": 1, "t": now + 600_000}]).decode(),

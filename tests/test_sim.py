@@ -205,3 +205,94 @@ async def test_the_vendors_official_client_works_against_the_sim(sim: SimServer)
     assert {m.symbol for m in received} <= {"A", "BRK.A"}
     assert all(m.price and m.price > 0 and m.timestamp and m.sequence_number for m in received)
     assert any(m.conditions and 37 in m.conditions for m in received)
+
+
+async def events(ws: ClientConnection, done: Any) -> list[dict[str, Any]]:
+    """Events (no statuses) until ``done(events)`` says enough."""
+    seen: list[dict[str, Any]] = []
+    while not done(seen):
+        seen += [e for e in await receive(ws) if e["ev"] != "status"]
+    return seen
+
+
+def channel_of(event: dict[str, Any]) -> str:
+    return f"{event['ev']}.{event.get('sym') or event['T']}"
+
+
+async def test_each_channel_carries_its_events_and_only_the_subscribed_ones(
+    sim: SimServer,
+) -> None:
+    async with connect(sim.url) as ws:
+        await login(ws)
+        await ws.send('{"action":"subscribe","params":"T.AAPL,Q.*,A.AAPL,A.A,LULD.*,AM.A"}')
+        assert await statuses(ws, 6) == [
+            ("success", f"subscribed to: {channel}")
+            for channel in ("T.AAPL", "Q.*", "A.AAPL", "A.A", "LULD.*", "AM.A")
+        ]
+
+        def enough(seen: list[dict[str, Any]]) -> bool:
+            kinds = {e["ev"] for e in seen}
+            return {"T", "Q", "A", "LULD"} <= kinds and len(seen) > 2_000
+
+        received = await asyncio.wait_for(events(ws, enough), 3 * TIMEOUT)
+        channels = {channel_of(e) for e in received}
+        assert channels - {f"Q.{s}" for s in sim.market.symbols} - {
+            f"LULD.{s}" for s in sim.market.symbols
+        } <= {"T.AAPL", "A.AAPL", "A.A", "AM.A"}
+        assert {f"Q.{s}" for s in sim.market.symbols} <= channels  # Q.* is every symbol
+        quotes = sum(e["ev"] == "Q" for e in received)
+        trades_of_aapl = sum(e["ev"] == "T" for e in received)
+        assert quotes > 5 * trades_of_aapl  # AAPL's trades only, every symbol's quotes
+        await ws.send('{"action":"unsubscribe","params":"Q.*"}')
+        seen: list[tuple[str, str]] = []
+        while ("success", "unsubscribed to: Q.*") not in seen:
+            seen += [(e["status"], e["message"]) for e in await receive(ws) if e["ev"] == "status"]
+
+        def quotes_stopped(seen: list[dict[str, Any]]) -> bool:
+            """Frames queued before the unsubscribe may still come; then only trades do."""
+            kinds = [e["ev"] for e in seen]
+            last_quote = max((i for i, ev in enumerate(kinds) if ev == "Q"), default=-1)
+            return kinds[last_quote + 1 :].count("T") >= 50
+
+        await asyncio.wait_for(events(ws, quotes_stopped), 3 * TIMEOUT)
+
+
+async def test_the_official_client_reads_quotes_aggregates_and_bands_from_the_sim(
+    sim: SimServer,
+) -> None:
+    """With ``raw=False`` the vendor's client builds its own models from the sim's events."""
+    from massive import WebSocketClient
+    from massive.websocket.models import EquityAgg, EquityQuote, LimitUpLimitDown
+
+    client = WebSocketClient(
+        api_key="any key",
+        feed=f"127.0.0.1:{sim.port}",
+        market="stocks",
+        secure=False,
+        subscriptions=["Q.AAPL", "A.*", "LULD.*"],
+    )
+    received: list[Any] = []
+    enough = asyncio.Event()
+
+    async def collect(messages: list[Any]) -> None:
+        received.extend(messages)
+        if {type(m) for m in received} >= {EquityQuote, EquityAgg, LimitUpLimitDown}:
+            enough.set()
+
+    task = asyncio.create_task(client.connect(collect))
+    try:
+        await asyncio.wait_for(enough.wait(), 3 * TIMEOUT)
+    finally:
+        await client.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    quotes = [m for m in received if isinstance(m, EquityQuote)]
+    assert {m.symbol for m in quotes} == {"AAPL"}
+    assert all(0 < m.bid_price < m.ask_price and m.bid_size and m.ask_size for m in quotes)
+    aggs = [m for m in received if isinstance(m, EquityAgg)]
+    assert all(m.event_type == "A" and m.end_timestamp == m.start_timestamp + 1000 for m in aggs)
+    assert all(m.low <= min(m.open, m.close) and m.high >= max(m.open, m.close) for m in aggs)
+    assert all(m.volume and m.accumulated_volume >= m.volume for m in aggs)
+    bands = [m for m in received if isinstance(m, LimitUpLimitDown)]
+    assert all(m.symbol in sim.market.symbols and m.low_price < m.high_price for m in bands)

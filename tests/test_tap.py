@@ -99,6 +99,44 @@ def test_tap_decodes_every_kind_and_filters_by_prefix(xpub: tuple[zmq.Socket[Any
     assert "gap on T.A: 2 messages lost before seq 4" in tap.output
 
 
+def test_tap_prints_quotes_aggregates_bands_and_raw_events_as_polygon_sent_them(
+    xpub: tuple[zmq.Socket[Any], str],
+) -> None:
+    socket, address = xpub
+    quote = np.zeros(1, codec.QUOTE_DTYPE)
+    quote[0] = (1_000, 7, 10.5, 10.52, 3, 4, 12, 11, 0, [604, 0, 0, 0], 3, 1, 1023, [0] * 6)
+    agg = np.zeros(1, codec.AGG_DTYPE)
+    agg[0] = (60_000, 120_000, 1, 3, 0.5, 2, 700, 1.9, 9_000, 1.5, 1.7, 350, 0x3FF, 0, [0] * 5)
+    band = np.zeros(1, codec.LULD_DTYPE)
+    band[0] = (2_000, 5, 11.0, 9.0, [21, 0, 0, 0], 2, 1, 31, [0] * 4)
+    raw = b'[{"ev":"NOI","T":"A","x":10}]'
+    messages = [
+        codec.encode(codec.event_topic("Q", "A"), codec.Kind.QUOTES, SESSION, 1, 1, quote.tobytes()),
+        codec.encode(codec.event_topic("AM", "A"), codec.Kind.AGGREGATES, SESSION, 1, 1, agg.tobytes()),
+        codec.encode(codec.event_topic("LULD", "A"), codec.Kind.LULD, SESSION, 1, 1, band.tobytes()),
+        codec.encode(codec.raw_topic("NOI"), codec.Kind.RAW, SESSION, 1, 1, raw),
+    ]  # fmt: skip
+    with Proc("tap", address, "--count", "4") as tap:
+        wait_for_subscriptions(socket, len(codec.EVERYTHING_BUT_REPLIES))
+        for message in messages:
+            socket.send(message)
+        assert tap.wait() == 0, tap.output
+    header = {"session": f"{SESSION:016x}", "seq": 1}
+    assert json_lines(tap.output) == [
+        {"topic": "Q.A", "kind": "quotes", **header, "sym": "A", "events": [
+            {"ev": "Q", "sym": "A", "bx": 12, "bp": 10.5, "bs": 3, "ax": 11, "ap": 10.52,
+             "as": 4, "c": 0, "i": [604], "t": 1000, "q": 7, "z": 3}]},
+        {"topic": "AM.A", "kind": "aggregates", **header, "sym": "A", "events": [
+            {"ev": "AM", "sym": "A", "v": 700, "av": 9000, "op": 1.5, "vw": 1.9, "o": 1.0,
+             "c": 2.0, "h": 3.0, "l": 0.5, "a": 1.7, "z": 350, "s": 60000, "e": 120000}]},
+        {"topic": "LULD.A", "kind": "luld", **header, "sym": "A", "events": [
+            {"ev": "LULD", "T": "A", "h": 11.0, "l": 9.0, "i": [21], "z": 2, "t": 2000,
+             "q": 5}]},
+        {"topic": "raw.NOI", "kind": "raw", **header,
+         "events": [{"ev": "NOI", "T": "A", "x": 10}]},
+    ]  # fmt: skip
+
+
 def test_tap_with_no_prefix_receives_everything_but_replies_and_stops_on_ctrl_c(
     xpub: tuple[zmq.Socket[Any], str],
 ) -> None:

@@ -331,7 +331,7 @@ def main(
     metavar="PARAMS",
     default="T.*",
     show_default=True,
-    help="Upstream subscribe params.",
+    help="Upstream channels, any stocks ones: T.*,Q.*,A.*,AM.*,LULD.* or Q.AAPL,...",
 )
 @click.option(
     "--pub",
@@ -352,7 +352,8 @@ def proxy(
     curve_secret: Path | None,
     curve_allow: Path | None,
 ) -> None:
-    """Hold the one upstream connection and republish every trade on ZeroMQ."""
+    """Hold the one upstream connection and republish every event on ZeroMQ (trades, and any
+    other stocks channel --subscribe names: quotes, aggregates, LULD, ...)."""
     from polyfan import proxy as role
 
     config = cfg.ProxyConfig(
@@ -662,6 +663,13 @@ def _sim_symbols(text: str, *, name: str = "--symbols") -> int | tuple[str, ...]
     show_default=True,
     help="Trades per second.",
 )
+@click.option(
+    "--quotes-per-trade",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Q events per trade, sent while a client subscribes quotes.",
+)
 @click.option("--seed", type=int, default=None, help="Seed for a reproducible market.")
 @click.option("--api-key", default=None, help="Accept only this key (default: any).")
 @click.option(
@@ -686,6 +694,7 @@ def sim(
     listen: tuple[str, int],
     symbols: int | tuple[str, ...],
     rate: float,
+    quotes_per_trade: float,
     seed: int | None,
     api_key: str | None,
     late_prints: float,
@@ -707,6 +716,7 @@ def sim(
         script=script,
         record=record,
         late_fraction=late_prints,
+        quotes_per_trade=quotes_per_trade,
     )
     _run(role.run, config)
 

@@ -277,6 +277,7 @@ class SimConfig:
     script: Path | None = None  # send these frames verbatim after subscribe (tests)
     record: Path | None = None  # write every frame sent, as JSON lines (tests)
     late_fraction: float = 0.0  # share of off-exchange prints stamped in the past
+    quotes_per_trade: float = 10.0  # Q events per trade while a client subscribes quotes
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""``polyfan proxy``: hold the one upstream connection and republish every trade on ZeroMQ.
+"""``polyfan proxy``: hold the one upstream connection and republish every event on ZeroMQ.
 
 A thin shell around ``feed.py``. Three tasks share one event loop:
 
 - the **reader** only reads: every upstream frame goes into a deque, nothing else, so pongs
   are never stuck behind parsing (protocol.md: a lagging reader looks like a dead server);
 - the **drain** takes *all* queued frames at once, feeds them to the session, publishes the
-  trades (one ZeroMQ message per symbol per drain, see docs/wire.md) and then the clock. Under
+  trades (one ZeroMQ message per symbol per drain, see docs/wire.md) and then the clock, and
+  every other event type the same way on its own topics (``Q.TSLA``, ``A.TSLA`` ...; types
+  it does not parse on ``raw.<ev>``). Under
   load the deque fills while a drain runs, so the next drain handles more frames per pass:
   batching grows with the rate, which is how one core keeps up;
 - the **clock** task publishes the feed clock every 100 ms.
@@ -39,13 +41,14 @@ from polyfan.feed import scan
 from polyfan.feed.upstream import (
     Action,
     Authenticated,
+    EventBatch,
+    EventDecoder,
     FeedClock,
     FeedStats,
     Problem,
     StatusReceived,
     Subscribed,
     TradeBatch,
-    TradeDecoder,
     UpstreamSession,
 )
 from polyfan.lifecycle import serve_until_stopped
@@ -97,7 +100,7 @@ class Proxy:
         self.session_id = secrets.randbits(64)
         self.sequencer = codec.Sequencer(self.session_id)
         self.stats = FeedStats()
-        self.decoder = TradeDecoder(self.stats)
+        self.decoder = EventDecoder(self.stats)
         self.clock = FeedClock()
         self.backoff = Backoff()
         self._queue: deque[tuple[_Connection, bytes | str | None]] = deque()
@@ -134,7 +137,19 @@ class Proxy:
             "Trades stamped more than 5 s ahead of the wall clock (rejected).",
         )
         self.m_unknown = r.counter(
-            "polyfan_proxy_unknown_events_total", "Upstream events of a type polyfan skips."
+            "polyfan_proxy_unknown_events_total",
+            "Upstream events of a type polyfan does not parse (passed on raw).",
+        )
+        self.m_events = r.labeled(
+            "polyfan_proxy_events_total",
+            "Events accepted and published, by type (T, Q, A, AM, LULD, raw).",
+            "kind",
+        )
+        self.m_rejected_events = r.labeled(
+            "polyfan_proxy_rejected_events_total", "Events rejected, by type.", "kind"
+        )
+        self.m_raw = r.labeled(
+            "polyfan_proxy_raw_events_total", "Events passed on raw, by their ev.", "ev"
         )
         self.m_statuses = r.labeled(
             "polyfan_proxy_statuses_total", "Upstream statuses, by status.", "status"
@@ -170,6 +185,13 @@ class Proxy:
         # runs on the metrics thread: dict() copies atomically under the GIL, iteration would not
         rejected, statuses = dict(stats.rejected), dict(stats.statuses)
         self.m_rejected.values = {k: float(v) for k, v in rejected.items() if v}
+        accepted, rejected_events = dict(stats.accepted), dict(stats.rejected_events)
+        raw = dict(stats.raw)
+        self.m_events.values = {k: float(v) for k, v in accepted.items() if v}
+        if raw:
+            self.m_events.values["raw"] = float(sum(raw.values()))
+        self.m_rejected_events.values = {k: float(v) for k, v in rejected_events.items() if v}
+        self.m_raw.values = {k: float(v) for k, v in raw.items()}
         # any status string upstream sends: bounded and escaped as they are exported
         self.m_statuses.values = {k: float(v) for k, v in statuses.items()}
         connection = self._connection
@@ -190,6 +212,12 @@ class Proxy:
         encode, send, trades = self.sequencer.encode, self._send, codec.Kind.TRADES
         for topic, records in zip(batch.topics, batch.records, strict=True):
             send(encode(topic, trades, len(records), records.tobytes()))
+
+    def publish_events(self, batch: EventBatch) -> None:
+        """Quotes, aggregates, LULD or raw events: one message per topic."""
+        encode, send, kind = self.sequencer.encode, self._send, batch.kind
+        for topic, count, payload in zip(batch.topics, batch.counts, batch.payloads, strict=True):
+            send(encode(topic, kind, count, payload))
 
     def publish_clock(self, now_ms: int) -> None:
         record = np.array([(self.clock.read(now_ms), now_ms)], codec.CLOCK_DTYPE)
@@ -357,7 +385,7 @@ class Proxy:
 
     async def _drain_forever(self) -> None:
         queue, wake = self._queue, self._wake
-        last_report, reported = time.monotonic(), 0
+        last_report, reported, others = time.monotonic(), 0, 0
         while True:
             await wake.wait()
             wake.clear()
@@ -370,15 +398,19 @@ class Proxy:
             now = time.monotonic()
             if now - last_report >= THROUGHPUT_EVERY_S:
                 published = int(self.m_trades.value)
+                other = sum(self.stats.accepted.values()) - self.stats.trades
+                other += self.stats.unknown_events
                 log.info(
-                    "published %d trades in %.0f s (%.0f/s); clock %d; %d bad messages",
+                    "published %d trades in %.0f s (%.0f/s) and %d other events; clock %d; "
+                    "%d bad messages",
                     published - reported,
                     now - last_report,
                     (published - reported) / (now - last_report),
+                    other - others,
                     self.clock.read(wall_ms()),
                     self.stats.bad_messages,
                 )
-                last_report, reported = now, published
+                last_report, reported, others = now, published, other
 
     @staticmethod
     async def _gather(queue: deque[Any]) -> None:
@@ -443,6 +475,8 @@ class Proxy:
             self.publish_trades(batch)
             if self.clock.trades_accepted(batch.max_t, now):
                 self.publish_clock(now)
+        for events in received.batches:
+            self.publish_events(events)
 
     def _background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coroutine)

@@ -247,7 +247,7 @@ class Replayer:
         log.info(
             "replay finished: %d trades sent; still serving so that a proxy does not reconnect "
             "in a loop (clients get no more trades); Ctrl-C to stop",
-            self.server.trades_sent,
+            self.server.events_sent,
         )
 
     async def _play_table(self, table: pa.Table, loop: asyncio.AbstractEventLoop) -> None:
@@ -294,7 +294,7 @@ class Replayer:
         now = time.monotonic()
         if now - self._last_report < PROGRESS_EVERY_S:
             return
-        sent = self.server.trades_sent
+        sent = self.server.events_sent
         log.info(
             "sent %d trades in %.0f s (%.0f/s); at SIP time %s",
             sent - self._sent_at_report,
@@ -332,7 +332,7 @@ async def serve_replay(config: ReplayConfig, stop: asyncio.Event) -> None:
         await asyncio.gather(player, stopper, return_exceptions=True)
         log.info(
             "stopping; sent %d trades%s",
-            replayer.server.trades_sent,
+            replayer.server.events_sent,
             "" if replayer.finished else " (not finished)",
         )
         await replayer.server.close()

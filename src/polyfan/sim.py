@@ -5,9 +5,11 @@ It speaks the protocol of shared/polygon/protocol.md through the server core it 
 open; ``auth`` with the
 ``--api-key`` (any key when none is set) gets ``auth_success``, a wrong key ``auth_failed`` and a
 close; anything else before auth gets ``auth_required``; ``subscribe`` / ``unsubscribe`` take
-``T.*`` or a comma list of ``T.<SYM>`` and answer one ``success`` status per channel. Only
-trades of subscribed symbols are sent, in frames of 1 to 100 events, at ``--rate`` trades per
-second over all symbols. Like the real server, it allows one connection per key: a second
+channels such as ``T.*,Q.*,A.AAPL`` and answer one ``success`` status per channel. It streams
+``T`` trades at ``--rate`` per second over all symbols, ``Q`` quotes at ``--quotes-per-trade``
+times that rate (only while a client subscribes quotes), ``LULD`` bands, and ``A``/``AM``
+aggregates computed from its own trades (:meth:`polyfan.market.Market.stream`), in frames of 1
+to 100 events; each client gets the events of the channels it subscribed. Like the real server, it allows one connection per key: a second
 connection authenticating with the same key gets the older one ``max_connections`` and a close
 (1008); and a client that falls more than ``MAX_BACKLOG_FRAMES`` frames behind gets
 ``slow_consumer`` and is closed.
@@ -45,8 +47,10 @@ __all__ = ["SimServer", "read_record", "run", "serve_sim", "status"]
 log = logging.getLogger("polyfan.sim")
 
 TICK_S = 0.01
+MAX_CATCH_UP_S = 0.1  # a late tick makes at most this much of --rate at once
 THROUGHPUT_EVERY_S = 5.0
 MAX_BACKLOG_FRAMES = 20_000
+KINDS = frozenset({"T", "Q", "A", "AM", "LULD"})  # the event types the market makes
 
 
 class SimServer:
@@ -75,8 +79,8 @@ class SimServer:
         return self.server.url
 
     @property
-    def trades_sent(self) -> int:
-        return self.server.trades_sent
+    def events_sent(self) -> int:
+        return self.server.events_sent
 
     async def start(self) -> None:
         await self.server.start()
@@ -106,27 +110,44 @@ class SimServer:
         due = 0.0
         last = time.monotonic()
         last_report, reported = last, 0
+        dropped = 0  # trades not made since the last report: the sim could not keep up
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             due += rate * (now - last)
             last = now
+            if due > rate * MAX_CATCH_UP_S:  # behind: catching up would only fall further back
+                dropped += int(due - rate * MAX_CATCH_UP_S)
+                due = rate * MAX_CATCH_UP_S
             count = int(due)
             due -= count
             streaming = self.server.streaming()
-            if count and streaming:
-                frames = self.market.frames(count, int(time.time() * 1000))
-                self.server.publish(frames, streaming)
+            if streaming:
+                quoting = any(c.state.wants_any("Q") for c in streaming)
+                frames = self.market.stream(
+                    count,
+                    int(time.time() * 1000),
+                    quotes_per_trade=self.config.quotes_per_trade if quoting else 0.0,
+                )
+                self.server.publish(frames, streaming, KINDS)
             if now - last_report >= THROUGHPUT_EVERY_S:
                 log.info(
-                    "sent %d trades in %.0f s (%.0f/s) to %d clients",
-                    self.trades_sent - reported,
+                    "sent %d events in %.0f s (%.0f/s) to %d clients",
+                    self.events_sent - reported,
                     now - last_report,
-                    (self.trades_sent - reported) / (now - last_report),
+                    (self.events_sent - reported) / (now - last_report),
                     len(streaming),
                 )
+                if dropped:
+                    log.warning(
+                        "cannot keep up with --rate %g: %d trades (and their quotes) not made "
+                        "in the last %.0f s",
+                        rate,
+                        dropped,
+                        now - last_report,
+                    )
                 self.server.flush_record()
-                last_report, reported = now, self.trades_sent
+                last_report, reported, dropped = now, self.events_sent, 0
 
 
 async def serve_sim(config: SimConfig, stop: asyncio.Event) -> None:
@@ -144,13 +165,15 @@ async def serve_sim(config: SimConfig, stop: asyncio.Event) -> None:
         "ready: sim listening on %s (%d symbols, %s)",
         sim.url,
         len(symbols),
-        f"script {config.script}" if sim.script is not None else f"{config.rate:g} trades/s",
+        f"script {config.script}"
+        if sim.script is not None
+        else f"{config.rate:g} trades/s, {config.quotes_per_trade:g} quotes per trade",
     )
     try:
         await stop.wait()
     finally:
         loop.remove_signal_handler(signal.SIGUSR1)
-        log.info("stopping; sent %d trades", sim.trades_sent)
+        log.info("stopping; sent %d events", sim.events_sent)
         await sim.close()
 
 

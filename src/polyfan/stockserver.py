@@ -3,8 +3,9 @@
 It carries out :mod:`polyfan.feed.serving`'s protocol over websockets: ``connected`` on open,
 then every client frame answered in order; a refused key closes the connection (1008); a newer
 connection with the same key gets the older one ``max_connections`` and a close (1008). What
-the two commands stream is theirs: they hand :meth:`StocksServer.publish` frames of trade
-events, and each client gets the events of the symbols it subscribed, in the same frames.
+the two commands stream is theirs: they hand :meth:`StocksServer.publish` frames of events
+(``T``, ``Q``, ``A``, ``AM``, ``LULD``), and each client gets the events of the channels it
+subscribed (event type and symbol), in the same frames.
 
 Every client has a backlog of frames and a writer task. ``max_backlog`` says what happens to a
 client that reads too slowly: cut off with ``slow_consumer`` past that many frames, as the real
@@ -82,7 +83,7 @@ class StocksServer:
         self.max_backlog = max_backlog
         self.record_path = record
         self.on_subscribed = on_subscribed
-        self.trades_sent = 0
+        self.events_sent = 0
         self.subscribed = asyncio.Event()  # set while at least one client is subscribed
         self._clients: dict[int, StreamClient] = {}
         self._ids = itertools.count(1)
@@ -134,9 +135,15 @@ class StocksServer:
 
     # --- streaming ----------------------------------------------------------------------------
 
-    def publish(self, frames: list[list[dict[str, Any]]], clients: list[StreamClient]) -> None:
-        """Queue each frame of trade events (``sym`` in each) to ``clients``, each client's
-        symbols only; a client past ``max_backlog`` frames is cut off as a slow consumer."""
+    def publish(
+        self,
+        frames: list[list[dict[str, Any]]],
+        clients: list[StreamClient],
+        kinds: frozenset[str] = frozenset({"T"}),
+    ) -> None:
+        """Queue each frame of events to ``clients``, each client's channels only (event type
+        ``ev`` and symbol: ``sym``, or ``T`` for ``LULD``); ``kinds`` holds every ``ev`` in
+        ``frames``. A client past ``max_backlog`` frames is cut off as a slow consumer."""
         for client in clients:
             if self.max_backlog is not None and len(client.backlog) > self.max_backlog:
                 self.log.warning("client %d is a slow consumer: disconnecting it", client.id)
@@ -145,13 +152,15 @@ class StocksServer:
                 client.queue((1008, "slow consumer"))
                 continue
             state = client.state
+            everything = kinds <= state.everything
+            wants = state.wants
             for events in frames:
-                if not state.all_symbols:
-                    events = [e for e in events if e["sym"] in state.symbols]
+                if not everything:
+                    events = [e for e in events if wants(e.get("sym") or e["T"], e["ev"])]
                     if not events:
                         continue
                 client.queue(orjson.dumps(events).decode())
-                self.trades_sent += len(events)
+                self.events_sent += len(events)
 
     def publish_texts(
         self, events: EventTexts, symbols: list[str], per_frame: int, clients: list[StreamClient]
@@ -171,12 +180,12 @@ class StocksServer:
                     ]
                 for frame in everything:
                     client.queue(frame)
-                self.trades_sent += count
+                self.events_sent += count
                 continue
             chosen = [events.event(i) for i, s in enumerate(symbols) if s in state.symbols]
             for i in range(0, len(chosen), per_frame):
                 client.queue("[" + b",".join(chosen[i : i + per_frame]).decode() + "]")
-            self.trades_sent += len(chosen)
+            self.events_sent += len(chosen)
 
     async def wait_for_room(self, frames: int) -> None:
         """Wait until no subscribed client has more than ``frames`` frames waiting."""

@@ -6,6 +6,10 @@ One JSON object per message on stdout, every kind of docs/wire.md decoded::
      "trades": [{"t": ..., "p": ..., "s": ..., "c": [14, 37], "x": 4, ...}]}
     {"topic": "500Ms.TSLA", "kind": "bars", ..., "bars": [{"ev": "MB", "sym": "TSLA", ...}]}
     {"topic": "_ctl", "kind": "clock", ..., "clock": ..., "wall": ...}
+    {"topic": "Q.AAPL", "kind": "quotes", ..., "sym": "AAPL", "events": [{"ev": "Q", ...}]}
+
+Quotes, aggregates (``A.``/``AM.``) and LULD bands print as the Polygon events they came from
+(``wire.polygon``); events the proxy passes on raw (``raw.<ev>``) as received.
 
 ``session`` is the publisher's session id in hex (a u64 does not survive JavaScript's
 numbers). Prefixes are typed as users think of them (``T.TSLA`` exact, ``T.`` or ``T.*`` every
@@ -30,7 +34,7 @@ from polyfan import curve
 from polyfan.config import TapConfig
 from polyfan.errors import ConfigError, WireError
 from polyfan.redact import mask_url
-from polyfan.wire import codec
+from polyfan.wire import codec, polygon
 
 log = logging.getLogger("polyfan.tap")
 
@@ -69,6 +73,9 @@ def _only_record(message: codec.Message) -> Any:
     return rows[0]
 
 
+_EVENT_KINDS = (codec.Kind.QUOTES, codec.Kind.AGGREGATES, codec.Kind.LULD, codec.Kind.RAW)
+
+
 def describe(message: codec.Message) -> dict[str, Any]:
     """A JSON-ready description of one decoded message."""
     kind = message.kind
@@ -96,6 +103,10 @@ def describe(message: codec.Message) -> dict[str, Any]:
                 }
             )
         out["trades"] = trades
+    elif kind in _EVENT_KINDS:
+        if kind is not codec.Kind.RAW:
+            out["sym"] = codec.topic_event(message.topic)[1]
+        out["events"] = polygon.encode_events_json(message)
     elif kind is codec.Kind.BARS:
         channel = _bar_channel(message.topic)
         symbol, interval = channel if channel is not None else (None, None)

@@ -26,6 +26,7 @@ def scan_one(frame: bytes, *, python: bool = False) -> tuple[int, scan.Columns, 
     rows = getattr(scan.scan_frame, "py_func", scan.scan_frame)(
         np.frombuffer(frame, np.uint8), 0, columns.t, columns.p, columns.s, columns.q,
         columns.trft, columns.trfi, columns.x, columns.z, columns.nc, columns.c, columns.ids,
+        columns.ints, columns.reals, columns.rows,
         table.arrays, scan._SYMBOL_BYTES, scan._POW10,
     )  # fmt: skip
     return int(rows), columns, table
@@ -175,16 +176,16 @@ def test_scanner_gives_up_on_anything_it_is_not_sure_about(frame: bytes) -> None
 
 
 def test_frames_the_scanner_refuses_keep_their_place_in_arrival_order() -> None:
-    decoder = upstream.TradeDecoder()
+    decoder = upstream.EventDecoder()
     fast = b'[{"ev":"T","sym":"A","p":1.5,"s":1,"t":10,"q":1}]'
-    slow = b'[{"ev":"T","sym":"A","p":1.5e0,"s":1,"t":11,"q":2},{"ev":"Q"}]'
+    slow = b'[{"ev":"T","sym":"A","p":1.5e0,"s":1,"t":11,"q":2},{"ev":"NOI"}]'
     decoded = decoder.decode([fast, slow, fast.replace(b'"q":1', b'"q":3')], NOW)
     assert decoded.trades.records[0]["q"].tolist() == [1, 2, 3]
     assert decoder.stats.unknown_events == 1
 
 
 def test_symbols_get_the_same_id_on_both_paths() -> None:
-    decoder = upstream.TradeDecoder()
+    decoder = upstream.EventDecoder()
     slow = b'[{"ev":"T","sym":"MSFT","p":1e1,"s":1,"t":1}]'
     fast = b'[{"ev":"T","sym":"MSFT","p":10,"s":1,"t":2}]'
     decoded = decoder.decode([slow, fast], NOW)
@@ -252,7 +253,7 @@ def test_values_beyond_the_input_bounds_are_read_exactly_then_rejected_on_either
     else:
         assert rows == 3
         assert getattr(columns, column)[1] == scanned
-    decoder = upstream.TradeDecoder()
+    decoder = upstream.EventDecoder()
     decoded = decoder.decode([data], NOW)
     assert decoded.trades.records[0]["t"].tolist() == [NOW - 9, NOW - 1]
     assert +decoder.stats.rejected == {reason: 1}

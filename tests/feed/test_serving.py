@@ -49,3 +49,17 @@ def test_garbage_gets_an_error_status_naming_it() -> None:
     ]
     reply = client_frame_received(state, '{"action":"subscribe","params":"nodot"}', None)
     assert statuses(reply.frames) == [("error", "invalid channel: nodot")]
+
+
+def test_every_channel_is_kept_by_event_type_and_symbol() -> None:
+    state = ClientState()
+    client_frame_received(state, '{"action":"auth","params":"k"}', None)
+    reply = client_frame_received(state, '{"action":"subscribe","params":"Q.AAPL,LULD.*"}', None)
+    assert reply.subscribed_now  # a quote channel alone is a subscription
+    assert state.wants("AAPL", "Q") and not state.wants("MSFT", "Q")
+    assert state.wants("MSFT", "LULD") and state.wants_any("LULD") and state.wants_any("Q")
+    assert not state.wants("AAPL") and not state.wants_any("T") and not state.wants_any("A")
+    client_frame_received(state, '{"action":"subscribe","params":"A.BRK.A"}', None)
+    assert state.wants("BRK.A", "A") and not state.wants("BRK.A", "AM")
+    client_frame_received(state, '{"action":"unsubscribe","params":"Q.AAPL,LULD.*,A.BRK.A"}', None)
+    assert not state.is_subscribed()

@@ -12,12 +12,12 @@ from polyfan.errors import AuthenticationError
 from polyfan.feed.upstream import (
     Action,
     Authenticated,
+    EventDecoder,
     FeedClock,
     Problem,
     State,
     StatusReceived,
     Subscribed,
-    TradeDecoder,
     UpstreamSession,
 )
 from polyfan.wire import codec
@@ -72,7 +72,7 @@ def as_tuples(records: np.ndarray) -> list[tuple[Any, ...]]:
 
 
 def streaming_session() -> UpstreamSession:
-    session = UpstreamSession(KEY, "T.*", TradeDecoder())
+    session = UpstreamSession(KEY, "T.*", EventDecoder())
     session.receive_frames([CONNECTED, AUTH_SUCCESS, SUBSCRIBED], NOW)
     session.data_to_send()
     return session
@@ -82,7 +82,7 @@ def streaming_session() -> UpstreamSession:
 
 
 def test_session_authenticates_on_connected_then_subscribes_on_auth_success() -> None:
-    session = UpstreamSession(KEY, "T.AAPL,T.MSFT", TradeDecoder())
+    session = UpstreamSession(KEY, "T.AAPL,T.MSFT", EventDecoder())
     assert session.receive_frames([CONNECTED], NOW).events == []
     assert session.data_to_send() == ['{"action":"auth","params":"' + KEY + '"}']
     assert session.state is State.AUTHENTICATING
@@ -104,7 +104,7 @@ def test_session_authenticates_on_connected_then_subscribes_on_auth_success() ->
 
 
 def test_statuses_and_trades_in_one_frame_are_all_handled() -> None:
-    session = UpstreamSession(KEY, "T.*", TradeDecoder())
+    session = UpstreamSession(KEY, "T.*", EventDecoder())
     mixed = orjson.dumps(
         [
             {"ev": "status", "status": "connected", "message": "Connected Successfully"},
@@ -117,7 +117,7 @@ def test_statuses_and_trades_in_one_frame_are_all_handled() -> None:
 
 
 def test_auth_failed_is_fatal_and_the_error_never_shows_the_key() -> None:
-    session = UpstreamSession(KEY, "T.*", TradeDecoder())
+    session = UpstreamSession(KEY, "T.*", EventDecoder())
     session.receive_frames([CONNECTED], NOW)
     with pytest.raises(AuthenticationError) as caught:
         session.receive_frames([status("auth_failed", "authentication failed")], NOW)
@@ -129,7 +129,7 @@ def test_auth_failed_is_fatal_and_the_error_never_shows_the_key() -> None:
 
 
 def test_session_repr_never_shows_the_key() -> None:
-    assert KEY not in repr(UpstreamSession(KEY, "T.*", TradeDecoder()))
+    assert KEY not in repr(UpstreamSession(KEY, "T.*", EventDecoder()))
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_a_repeated_connected_status_does_not_send_the_key_again() -> None:
 
 
 def test_a_real_vendor_trade_becomes_exactly_its_record() -> None:
-    decoded = TradeDecoder().decode([b"[" + REAL_TRADE + b"]"], NOW)
+    decoded = EventDecoder().decode([b"[" + REAL_TRADE + b"]"], NOW)
     assert decoded.trades.topics == [b"T.AAPL\x00"]
     assert as_tuples(decoded.trades.records[0]) == [expected_record(orjson.loads(REAL_TRADE))]
     assert decoded.trades.max_t == 1781622376036
@@ -184,7 +184,7 @@ def test_trades_are_grouped_per_symbol_in_arrival_order_across_frames() -> None:
         trade(sym="AAPL", t=NOW - 7, q=3),
     ]
     more = [trade(sym="A", t=NOW - 8, q=4), trade(sym="BRK.A", t=NOW - 1, q=5)]
-    batch = TradeDecoder().decode([frame(*events), frame(*more)], NOW).trades
+    batch = EventDecoder().decode([frame(*events), frame(*more)], NOW).trades
     by_topic = {
         topic: [int(q) for q in records["q"]]
         for topic, records in zip(batch.topics, batch.records, strict=True)
@@ -195,7 +195,7 @@ def test_trades_are_grouped_per_symbol_in_arrival_order_across_frames() -> None:
 
 def test_ds_is_preferred_to_s_and_conditions_fill_the_fixed_slots() -> None:
     event = trade(s=0, ds="0.25", c=[1, 2, 3, 4, 5, 6, 7, 8])
-    records = TradeDecoder().decode([frame(event)], NOW).trades.records[0]
+    records = EventDecoder().decode([frame(event)], NOW).trades.records[0]
     assert as_tuples(records) == [expected_record(event)]
     assert records["s"][0] == 0.25
 
@@ -215,25 +215,48 @@ def test_codes_the_record_cannot_hold_become_the_out_of_range_code_not_a_lost_tr
 ) -> None:
     """CONTRACT §3: an unknown code qualifies for volume only and is counted. A code above
     254 or past the eighth is unknown: it becomes 255, never a known code."""
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     records = decoder.decode([frame(trade(c=codes))], NOW).trades.records[0]
     assert int(records["nc"][0]) == len(slots)
     assert records["c"][0][: len(slots)].tolist() == slots
     assert decoder.stats.bad_messages == 0 and not decoder.stats.rejected
 
 
-def test_unknown_events_and_fields_are_skipped_but_the_trades_around_them_kept() -> None:
-    decoder = TradeDecoder()
+def test_unknown_events_pass_on_raw_and_unknown_fields_are_skipped() -> None:
+    decoder = EventDecoder()
+    noi = b'{"ev":"NOI","T":"AAPL","t":1601318039223013600,"at":930,"a":"M","b":25.03}'
     events = [
-        {"ev": "Q", "sym": "AAPL", "bp": 1.0},
         trade(q=1, brand_new_field={"x": [1]}),
-        {"ev": "AM", "sym": "AAPL"},
         trade(q=2),
     ]
-    decoded = decoder.decode([frame(*events)], NOW)
+    text = (
+        b"["
+        + noi
+        + b","
+        + frame(*events)[1:-1]
+        + b',{"ev":"FMV","sym":"A","fmv":1.5},'
+        + noi
+        + b"]"
+    )
+    decoded = decoder.decode([text], NOW)
     assert [int(q) for q in decoded.trades.records[0]["q"]] == [1, 2]
-    assert decoder.stats.unknown_events == 2
+    assert decoder.stats.unknown_events == 3
+    assert decoder.stats.raw == {"NOI": 2, "FMV": 1}
     assert decoder.stats.bad_messages == 0
+    (raw,) = decoded.batches
+    assert (raw.kind, raw.label) == (codec.Kind.RAW, "raw")
+    assert dict(zip(raw.topics, zip(raw.counts, raw.payloads, strict=True), strict=True)) == {
+        b"raw.NOI\x00": (2, b"[" + noi + b"," + noi + b"]"),  # byte for byte, as received
+        b"raw.FMV\x00": (1, b'[{"ev":"FMV","sym":"A","fmv":1.5}]'),
+    }
+
+
+def test_an_event_without_a_usable_type_is_skipped_counted_and_named() -> None:
+    decoder = EventDecoder()
+    decoded = decoder.decode([b'[{"sym":"A"},{"ev":"T T"},{"ev":7}]'], NOW)
+    assert decoder.stats.bad_messages == 3 and decoder.stats.unknown_events == 0
+    assert not decoded.batches
+    assert all("without a usable ev" in p.what for p in decoded.problems)
 
 
 symbol_text = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ.:/_-0123456789", min_size=1, max_size=32)
@@ -266,7 +289,7 @@ trade_events = st.builds(
 @settings(deadline=None)  # the first example may compile the numba scanner
 @given(st.lists(trade_events, min_size=1, max_size=30))
 def test_valid_trades_survive_decode_and_the_wire_round_trip(events: list[dict[str, Any]]) -> None:
-    batch = TradeDecoder().decode([frame(*events)], NOW).trades
+    batch = EventDecoder().decode([frame(*events)], NOW).trades
     assert batch.count == len(events)
     received: dict[str, list[tuple[Any, ...]]] = {}
     for seq, (topic, records) in enumerate(zip(batch.topics, batch.records, strict=True), start=1):
@@ -296,7 +319,7 @@ def test_valid_trades_survive_decode_and_the_wire_round_trip(events: list[dict[s
     ],
 )
 def test_malformed_frames_are_skipped_counted_and_named(bad: bytes, problem: str) -> None:
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     good = frame(trade(q=1))
     decoded = decoder.decode([good, bad, good], NOW)
     assert decoded.trades.count == 2
@@ -351,7 +374,7 @@ def test_malformed_frames_are_skipped_counted_and_named(bad: bytes, problem: str
 def test_invalid_trades_are_rejected_by_reason_and_valid_neighbours_kept(
     fields: dict[str, Any], reason: str
 ) -> None:
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     decoded = decoder.decode([frame(trade(q=1), trade(q=2, **fields), trade(q=3))], NOW)
     assert [int(q) for q in decoded.trades.records[0]["q"]] == [1, 3]
     assert +decoder.stats.rejected == {reason: 1}
@@ -382,7 +405,7 @@ def test_invalid_trades_are_rejected_by_reason_and_valid_neighbours_kept(
     ],
 )
 def test_edge_values_that_are_valid_are_accepted(fields: dict[str, Any]) -> None:
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     event = trade(**fields)
     decoded = decoder.decode([frame(event)], NOW)
     assert decoded.trades.count == 1
@@ -405,7 +428,7 @@ def test_edge_values_that_are_valid_are_accepted(fields: dict[str, Any]) -> None
 def test_an_integer_too_large_for_its_column_is_rejected_not_a_crash(
     field: str, digits: bytes, reason: str
 ) -> None:
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     huge = frame(trade(**{field: "HUGE"})).replace(b'"HUGE"', digits)
     decoded = decoder.decode([frame(trade(t=NOW - 2)), huge, frame(trade(t=NOW - 1))], NOW)
     assert decoded.trades.records[0]["t"].tolist() == [NOW - 2, NOW - 1]
@@ -414,7 +437,7 @@ def test_an_integer_too_large_for_its_column_is_rejected_not_a_crash(
 
 
 def test_a_trade_with_neither_s_nor_ds_is_rejected_as_size() -> None:
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     event = trade()
     del event["s"]
     assert decoder.decode([frame(event)], NOW).trades.count == 0
@@ -476,7 +499,7 @@ def test_clock_never_advances_while_disconnected() -> None:
 
 
 def test_a_future_trade_is_rejected_and_never_moves_the_clock() -> None:
-    decoder = TradeDecoder()
+    decoder = EventDecoder()
     clock = FeedClock()
     clock.subscribed(NOW - 10)
     batch = decoder.decode([frame(trade(t=NOW - 20), trade(t=NOW + 60_000))], NOW).trades

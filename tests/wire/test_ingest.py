@@ -265,6 +265,16 @@ def test_the_kernels_copies_of_the_wire_constants_agree_with_wire() -> None:
     kinds = (decode.KIND_TRADES, decode.KIND_BARS, decode.KIND_CLOCK, decode.KIND_UPSTREAM)
     assert kinds == (codec.Kind.TRADES, codec.Kind.BARS, codec.Kind.CLOCK, codec.Kind.UPSTREAM)
     assert max(codec.Kind) == decode.MAX_KIND
+    assert (decode.KIND_QUOTES, decode.KIND_AGGREGATES, decode.KIND_LULD) == (
+        codec.Kind.QUOTES,
+        codec.Kind.AGGREGATES,
+        codec.Kind.LULD,
+    )
+    assert (
+        codec.QUOTE_DTYPE.itemsize,
+        codec.AGG_DTYPE.itemsize,
+        codec.LULD_DTYPE.itemsize,
+    ) == (decode.QUOTE_SIZE, decode.AGG_SIZE, decode.LULD_SIZE)
     assert (kernels.FLAG_OUTAGE, kernels.FLAG_CARRIED) == (
         codec.BAR_FLAG_OUTAGE,
         codec.BAR_FLAG_CARRIED,

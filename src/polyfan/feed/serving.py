@@ -9,10 +9,12 @@ shared/polygon/protocol.md's:
 - ``auth`` with the server's key (any key when it has none) gets ``auth_success``; a wrong key
   gets ``auth_failed`` and the connection is closed (1008); anything else before auth gets
   ``auth_required``.
-- ``subscribe`` / ``unsubscribe`` take ``T.*`` or a comma list of ``T.<SYM>``; every channel
-  gets its own ``success`` status (``subscribed to: T.AAPL``); a channel without a ``.`` gets an
-  ``error`` status naming it. Only trades (``T``) are served; other channels are acknowledged
-  like the real server does and carry nothing.
+- ``subscribe`` / ``unsubscribe`` take a comma list of channels ``<EV>.<SYM>`` or ``<EV>.*``
+  (``T.*,Q.*,A.AAPL``); every channel gets its own ``success`` status (``subscribed to:
+  T.AAPL``); a channel without a ``.`` gets an ``error`` status naming it. The state keeps
+  every channel; what a server streams on which (``T``, ``Q``, ``A``, ``AM``, ``LULD`` for the
+  sim, ``T`` for the replay) is the server's: other channels are acknowledged, as the real
+  server does, and carry nothing.
 - One connection per key: the server tells the older connection ``max_connections`` and closes
   it (1008) when a newer one authenticates with the same key.
 """
@@ -31,6 +33,9 @@ def status(status: str, message: str) -> str:
     return orjson.dumps([{"ev": "status", "status": status, "message": message}]).decode()
 
 
+_NO_SYMBOLS: frozenset[str] = frozenset()
+
+
 @dataclass
 class ClientState:
     """What the protocol knows about one connection."""
@@ -38,14 +43,29 @@ class ClientState:
     authenticated: bool = False
     refused: bool = False  # auth_failed: close the connection
     key: str | None = None  # the key it authenticated with (None once evicted)
-    all_symbols: bool = False  # T.*
-    symbols: set[str] = field(default_factory=set)
+    everything: set[str] = field(default_factory=set)  # event types subscribed as <EV>.*
+    channels: dict[str, set[str]] = field(default_factory=dict)  # event type -> symbols
 
     def is_subscribed(self) -> bool:
-        return self.all_symbols or bool(self.symbols)
+        return bool(self.everything) or any(self.channels.values())
 
-    def wants(self, symbol: str) -> bool:
-        return self.all_symbols or symbol in self.symbols
+    def wants(self, symbol: str, ev: str = "T") -> bool:
+        """Whether events of type ``ev`` (a trade by default) of ``symbol`` go to this client."""
+        return ev in self.everything or symbol in self.channels.get(ev, _NO_SYMBOLS)
+
+    def wants_any(self, ev: str) -> bool:
+        """Whether any event of type ``ev`` goes to this client."""
+        return ev in self.everything or bool(self.channels.get(ev))
+
+    @property
+    def all_symbols(self) -> bool:
+        """``T.*``: every trade."""
+        return "T" in self.everything
+
+    @property
+    def symbols(self) -> set[str] | frozenset[str]:
+        """The symbols whose trades were subscribed one by one (``T.AAPL``)."""
+        return self.channels.get("T", _NO_SYMBOLS)
 
 
 @dataclass(frozen=True)
@@ -84,16 +104,15 @@ def client_frame_received(state: ClientState, message: str | bytes, api_key: str
         if not dot or not prefix or not symbol:
             frames.append(status("error", f"invalid channel: {channel}"))
             continue
-        if prefix == "T":
-            if action == "subscribe":
-                if symbol == "*":
-                    state.all_symbols = True
-                else:
-                    state.symbols.add(symbol)
-            elif symbol == "*":
-                state.all_symbols = False
+        if action == "subscribe":
+            if symbol == "*":
+                state.everything.add(prefix)
             else:
-                state.symbols.discard(symbol)
+                state.channels.setdefault(prefix, set()).add(symbol)
+        elif symbol == "*":
+            state.everything.discard(prefix)
+        else:
+            state.channels.get(prefix, set()).discard(symbol)
         verb = "subscribed to" if action == "subscribe" else "unsubscribed to"
         frames.append(status("success", f"{verb}: {channel}"))
     return Reply(frames, subscribed_now=not was_subscribed and state.is_subscribed())

@@ -3,9 +3,11 @@
 Nothing here touches a socket or a clock: the proxy shell feeds frames and the wall time in and
 writes out what comes back. Three pieces:
 
-- :class:`TradeDecoder` parses Polygon frames and validates every ``T`` event into
-  ``codec.TRADE_DTYPE`` records grouped by symbol (arrival order kept), counting everything it
-  skips in :class:`FeedStats`.
+- :class:`EventDecoder` parses Polygon frames and validates every ``T`` event into
+  ``codec.TRADE_DTYPE`` records grouped by symbol (arrival order kept), and likewise every
+  ``Q``, ``A``, ``AM`` and ``LULD`` event into its own records (:mod:`polyfan.feed.events`);
+  events of any other type are passed on as they came (``RAW``); everything it skips is
+  counted in :class:`FeedStats`.
 - :class:`UpstreamSession` follows the protocol of one connection (connected → auth → auth_success →
   subscribe → success) and decides what every status means: a reply to send, a reconnect, a
   cool-down, or :class:`~polyfan.errors.AuthenticationError`.
@@ -13,13 +15,14 @@ writes out what comes back. Three pieces:
 
 Parsing, fastest first (figures in docs/benchmarks.md, from bench/bench_proxy.py):
 
-1. ``scan.py``, a numba scanner, reads the vendor's usual trade frames straight into
-   columns, with symbols interned to small integers;
-2. a frame it is not sure about is decoded by msgspec as ``list[Trade | Status]`` (typed,
-   about 1.5 times faster than ``orjson.loads`` plus dict handling);
-3. a frame msgspec's typed decode refuses (an unknown ``ev``, a malformed trade, not JSON at
-   all) is decoded again generically and handled element by element, so one bad event never
-   costs the good ones around it.
+1. ``scan.py``, a numba scanner, reads the vendor's usual frames (trades, quotes,
+   aggregates, LULD, mixed) straight into columns, with symbols interned to small integers;
+2. a frame it is not sure about is decoded by msgspec as a list of the typed events (about 1.5
+   times faster than ``orjson.loads`` plus dict handling);
+3. a frame msgspec's typed decode refuses (an unknown ``ev``, a malformed event, not JSON at
+   all) is split into its elements (``msgspec.Raw``) and handled element by element, so one bad
+   event never costs the good ones around it, and an event of an unknown type is passed on
+   byte for byte.
 
 All three write into the same columns in arrival order; validation that needs the wall clock
 (the 5 s future limit) and the grouping by symbol run once per drain, vectorized.
@@ -28,12 +31,13 @@ All three write into the same columns in arrival order; validation that needs th
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -42,6 +46,7 @@ from msgspec import Meta
 
 from polyfan.config import SYMBOL_RE, mask_secret
 from polyfan.errors import AuthenticationError
+from polyfan.feed import events as kinds
 from polyfan.feed import scan
 from polyfan.wire import codec
 
@@ -78,8 +83,18 @@ class Status(msgspec.Struct, tag_field="ev", tag="status", gc=False):
     message: str = ""
 
 
-_FRAME = msgspec.json.Decoder(list[Trade | Status])
+_FRAME = msgspec.json.Decoder(
+    list[Trade | kinds.Quote | kinds.SecondAggregate | kinds.MinuteAggregate | kinds.Luld | Status]
+)
 _ANY = msgspec.json.Decoder()
+_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
+_TYPES: dict[str, type[msgspec.Struct]] = {"T": Trade, "status": Status, **kinds.TYPES}
+_KIND_OF: dict[type, int] = {
+    kinds.Quote: scan.QUOTES,
+    kinds.SecondAggregate: scan.AGGREGATES,
+    kinds.MinuteAggregate: scan.AGGREGATES,
+    kinds.Luld: scan.LULDS,
+}
 
 _NO_CONDITIONS: list[int] = []
 
@@ -114,10 +129,13 @@ class FeedStats:
 
     frames: int = 0
     trades: int = 0  # accepted trades
-    bad_messages: int = 0  # frames, elements and trades skipped as malformed
+    bad_messages: int = 0  # frames, elements and events skipped as malformed
     rejected: Counter[str] = field(default_factory=Counter)  # trades rejected, by reason
-    unknown_events: int = 0  # elements with an ``ev`` polyfan does not use
+    unknown_events: int = 0  # events of a type not parsed, passed on raw
     statuses: Counter[str] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)  # by ev: T, Q, A, AM, LULD
+    rejected_events: Counter[str] = field(default_factory=Counter)  # by ev, trades included
+    raw: Counter[str] = field(default_factory=Counter)  # events passed on raw, by ev
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +153,22 @@ class TradeBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Messages of one event type (``label``: ``Q``, ``A``, ``AM``, ``LULD`` or ``raw``): per
+    topic, the payload and its record (event) count, in arrival order within a topic."""
+
+    kind: codec.Kind
+    label: str
+    topics: list[bytes]
+    payloads: list[bytes]
+    counts: list[int]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     """Something skipped as malformed; the shell logs these, rate-limited."""
 
@@ -146,13 +180,15 @@ class Decoded:
     trades: TradeBatch
     statuses: list[Status]
     problems: list[Problem]
+    batches: list[EventBatch] = field(default_factory=list)  # every other event type
 
 
-class TradeDecoder:
-    """Polygon frames in, validated trade records per symbol and the status events out.
+class EventDecoder:
+    """Polygon frames in; validated trade records per symbol, the other events' messages per
+    topic, and the status events out.
 
     Each frame goes first through the numba scanner (``scan.py``), which reads the
-    vendor's usual trade frames straight into columns; a frame it is not sure about is decoded
+    vendor's usual frames straight into columns; a frame it is not sure about is decoded
     with msgspec (typed, then element by element), which validates and counts everything.
     Both paths write into the same columns, so arrival order is kept across them.
     """
@@ -162,6 +198,7 @@ class TradeDecoder:
         self.symbols = scan.SymbolTable()
         self._symbol_ids: dict[str, int] = {}
         self._topics: list[bytes] = []
+        self._event_topics: dict[str, list[bytes]] = {ev: [] for ev in kinds.TYPES}
         self._columns = scan.Columns(4096)
 
     def decode(self, frames: Sequence[bytes | str], now_ms: int) -> Decoded:
@@ -170,6 +207,7 @@ class TradeDecoder:
         stats.frames += len(frames)
         problems: list[Problem] = []
         statuses: list[Status] = []
+        raw: dict[str, list[bytes]] = {}
         table = self.symbols
         row = 0
         for frame in frames:
@@ -182,22 +220,55 @@ class TradeDecoder:
             try:
                 events = _FRAME.decode(data)
             except msgspec.DecodeError:
-                events = self._decode_slowly(data, problems)
+                events = self._decode_slowly(data, problems, raw)
             trades = [e for e in events if type(e) is Trade]
             if len(trades) < len(events):
-                statuses += [e for e in events if type(e) is Status]
+                found = [e for e in events if type(e) is Status]
+                statuses += found
+                if len(trades) + len(found) < len(events):
+                    self._fill_events(events, row)
             row = self._fill(trades, row)
-        return Decoded(self._batch(row, now_ms, problems), statuses, problems)
+        batch = self._batch(row, now_ms, problems)
+        batches = self._event_batches(now_ms, problems)
+        if raw:
+            batches.append(self._raw_batch(raw))
+        return Decoded(batch, statuses, problems, batches)
 
     def _reserve(self, row: int, more: int) -> scan.Columns:
+        """Room for ``more`` trade rows past ``row``. The other kinds share the capacity; the
+        scanner leaves a frame to msgspec when one of them is full, and :meth:`_fill_events`
+        makes room (so checking them here, every frame, is not needed)."""
         columns = self._columns
         capacity = len(columns.t)
         if row + more > capacity:
-            grown = scan.Columns(max(2 * capacity, row + more))
-            for name in ("t", "p", "s", "q", "trft", "trfi", "x", "z", "nc", "c", "ids"):
-                getattr(grown, name)[:row] = getattr(columns, name)[:row]
-            self._columns = columns = grown
+            columns = self._grown(row, max(2 * capacity, row + more))
         return columns
+
+    def _grown(self, row: int, size: int) -> scan.Columns:
+        columns = self._columns
+        grown = scan.Columns(size)
+        for name in ("t", "p", "s", "q", "trft", "trfi", "x", "z", "nc", "c", "ids"):
+            getattr(grown, name)[:row] = getattr(columns, name)[:row]
+        grown.adopt_events(columns)
+        self._columns = grown
+        return grown
+
+    def _fill_events(self, events: list[Any], row: int) -> None:
+        """Write the quotes, aggregates and LULD events msgspec decoded into their columns
+        (``row``: the trade rows in use)."""
+        by_kind: dict[int, list[Any]] = {}
+        for event in events:
+            kind = _KIND_OF.get(type(event))
+            if kind is not None:
+                by_kind.setdefault(kind, []).append(event)
+        for kind, found in by_kind.items():
+            columns = self._columns
+            start = int(columns.rows[kind])
+            capacity = len(columns.t)
+            if start + len(found) > capacity:
+                columns = self._grown(row, max(2 * capacity, start + len(found)))
+            ids = self._ids([e.sym for e in found])
+            columns.rows[kind] = kinds.fill(kind, found, columns.events[kind], start, ids)
 
     def _fill(self, trades: list[Trade], row: int) -> int:
         """Write trades decoded by msgspec into the columns from ``row``; the next free row."""
@@ -225,46 +296,160 @@ class TradeDecoder:
         columns.ids[row:end] = self._ids([t.sym for t in trades])
         return end
 
-    def _decode_slowly(self, frame: bytes | str, problems: list[Problem]) -> list[Trade | Status]:
-        """Element by element, after the typed decode refused the frame."""
+    def _decode_slowly(
+        self, frame: bytes | str, problems: list[Problem], raw: dict[str, list[bytes]]
+    ) -> list[Any]:
+        """Element by element, after the typed decode refused the frame; events of a type not
+        parsed go into ``raw`` (by ``ev``) as they came."""
         stats = self.stats
         try:
-            value = _ANY.decode(frame)
+            elements = _ELEMENTS.decode(frame)
+        except msgspec.ValidationError:
+            stats.bad_messages += 1
+            problems.append(Problem(f"a frame is not a JSON array: {_excerpt(frame)}"))
+            return []
         except msgspec.DecodeError:
             stats.bad_messages += 1
             problems.append(Problem(f"a frame is not JSON: {_excerpt(frame)}"))
             return []
-        if not isinstance(value, list):
-            stats.bad_messages += 1
-            problems.append(Problem(f"a frame is not a JSON array: {_excerpt(frame)}"))
-            return []
-        events: list[Trade | Status] = []
-        for element in value:
+        events: list[Any] = []
+        for text in elements:
+            element = _ANY.decode(text)
             if not isinstance(element, dict):
                 stats.bad_messages += 1
                 problems.append(Problem(f"a frame element is not an object: {_excerpt(element)}"))
                 continue
             ev = element.get("ev")
-            if ev == "T":
-                try:
-                    events.append(msgspec.convert(element, Trade))
-                except msgspec.ValidationError as exc:
-                    reason = _reason(str(exc))
-                    self._reject(reason, 1)
-                    problems.append(Problem(f"invalid trade ({exc}): {_excerpt(element)}"))
-            elif ev == "status":
-                try:
-                    events.append(msgspec.convert(element, Status))
-                except msgspec.ValidationError as exc:
+            kind = _TYPES.get(ev) if isinstance(ev, str) else None
+            if kind is None:
+                if isinstance(ev, str) and SYMBOL_RE.fullmatch(ev) is not None:
+                    raw.setdefault(ev, []).append(bytes(text))
+                    stats.unknown_events += 1
+                    stats.raw[ev] += 1
+                else:
+                    stats.bad_messages += 1
+                    problems.append(Problem(f"an event without a usable ev: {_excerpt(element)}"))
+                continue
+            assert isinstance(ev, str)
+            try:
+                events.append(msgspec.convert(element, kind))
+            except msgspec.ValidationError as exc:
+                if ev == "status":
                     stats.bad_messages += 1
                     problems.append(Problem(f"invalid status ({exc}): {_excerpt(element)}"))
-            else:
-                stats.unknown_events += 1
+                elif ev == "T":
+                    self._reject(_reason(str(exc)), 1)
+                    problems.append(Problem(f"invalid trade ({exc}): {_excerpt(element)}"))
+                else:
+                    reason = _reason(str(exc), kinds.REASONS[ev])
+                    self._reject_events(ev, 1)
+                    problems.append(
+                        Problem(f"invalid {ev} event ({reason}: {exc}): {_excerpt(element)}")
+                    )
         return events
 
     def _reject(self, reason: str, count: int) -> None:
         self.stats.rejected[reason] += count
+        self.stats.rejected_events["T"] += count
         self.stats.bad_messages += count
+
+    def _reject_events(self, ev: str, count: int) -> None:
+        if not count:
+            return
+        self.stats.rejected_events[ev] += count
+        self.stats.bad_messages += count
+
+    def _event_batches(self, now_ms: int, problems: list[Problem]) -> list[EventBatch]:
+        """Validate the quote, aggregate and LULD rows filled this drain; one batch per event
+        type, one message per topic."""
+        columns = self._columns
+        used = columns.rows.tolist()
+        batches: list[EventBatch] = []
+        if not any(used):
+            return batches  # a drain of trades only: as cheap as before these kinds existed
+        columns.rows[:] = 0  # for the next drain
+        for kind, info in kinds.KINDS.items():
+            n = used[kind]
+            if n == 0:
+                continue
+            table = columns.events[kind]
+            self._learn_symbols()
+            valid = np.ones(n, np.bool_)
+            minute = table.column("minute")[:n] if kind == scan.AGGREGATES else None
+            for reason, check in info.checks:
+                ok = check(table, n, now_ms)
+                if not ok.all():
+                    bad = ~ok & valid
+                    if minute is None:
+                        self._reject_events(_LABELS[kind], int(bad.sum()))
+                    else:
+                        self._reject_events("AM", int((bad & (minute == 1)).sum()))
+                        self._reject_events("A", int((bad & (minute == 0)).sum()))
+                    for index in np.flatnonzero(bad)[:3].tolist():
+                        problems.append(
+                            Problem(
+                                f"invalid {info.name} ({reason}): "
+                                f"{self._describe_event(table, info, index)}"
+                            )
+                        )
+                    valid &= ok
+            rows = np.flatnonzero(valid)
+            if len(rows) == 0:
+                continue
+            records = table.records(rows, info.dtype)
+            ids = table.column("ids")[rows]
+            if minute is None:
+                batches.append(self._grouped(info.kind, _LABELS[kind], records, ids))
+            else:
+                minutes = minute[rows] == 1
+                for label, chosen in (("A", ~minutes), ("AM", minutes)):
+                    if chosen.any():
+                        batches.append(
+                            self._grouped(info.kind, label, records[chosen], ids[chosen])
+                        )
+        return batches
+
+    def _grouped(
+        self, kind: codec.Kind, label: str, records: np.ndarray, ids: np.ndarray
+    ) -> EventBatch:
+        """One message per symbol, arrival order kept within each."""
+        self.stats.accepted[label] += len(records)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        grouped = records[order]
+        starts = (np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1).tolist()
+        bounds = [0, *starts, len(records)]
+        topics = self._event_topics[label]
+        for sid in range(len(topics), len(self._topics)):
+            topics.append(codec.event_topic(label, self.symbols.name(sid)))
+        return EventBatch(
+            kind,
+            label,
+            [topics[sid] for sid in sorted_ids[bounds[:-1]].tolist()],
+            [grouped[a:b].tobytes() for a, b in itertools.pairwise(bounds)],
+            [b - a for a, b in itertools.pairwise(bounds)],
+        )
+
+    @staticmethod
+    def _raw_batch(raw: dict[str, list[bytes]]) -> EventBatch:
+        """The events of types not parsed: one message per type, as a JSON array."""
+        return EventBatch(
+            codec.Kind.RAW,
+            "raw",
+            [codec.raw_topic(ev) for ev in raw],
+            [b"[" + b",".join(texts) + b"]" for texts in raw.values()],
+            [len(texts) for texts in raw.values()],
+        )
+
+    def _describe_event(self, table: scan.EventColumns, info: kinds.KindInfo, index: int) -> str:
+        sid = int(table.column("ids")[index])
+        symbol = self.symbols.name(sid) if sid >= 0 else "(invalid)"
+        fields = " ".join(
+            f"{name}={table.column(name)[index]}"
+            for name in info.dtype.names or ()
+            if name in table.layout and name not in ("i", "has")
+        )
+        return f"sym={symbol} {fields}"
 
     def _batch(self, n: int, now_ms: int, problems: list[Problem]) -> TradeBatch:
         """Validate rows ``[0, n)`` of the columns and group the valid ones by symbol."""
@@ -296,6 +481,7 @@ class TradeDecoder:
             ids = ids[valid]
         count = len(records)
         self.stats.trades += count
+        self.stats.accepted["T"] += count
         if count == 0:
             return TradeBatch.empty()
         order = np.argsort(ids, kind="stable")
@@ -353,11 +539,14 @@ def _size(trade: Trade) -> float:
         return math.nan
 
 
-def _reason(error: str) -> str:
+_LABELS = {scan.QUOTES: "Q", scan.LULDS: "LULD"}
+
+
+def _reason(error: str, reasons: dict[str, str] = _REASONS) -> str:
     match = _ERROR_FIELD.search(error)
     if match is None:
         return "malformed"
-    return _REASONS.get(match.group(1) or match.group(2), "field")
+    return reasons.get(match.group(1) or match.group(2), "field")
 
 
 def _excerpt(value: object, limit: int = 120) -> str:
@@ -438,6 +627,7 @@ _STATUS_ACTIONS = {
 class Received:
     events: list[Event]
     trades: TradeBatch
+    batches: list[EventBatch] = field(default_factory=list)  # quotes, aggregates, LULD, raw
 
 
 class UpstreamSession:
@@ -447,7 +637,7 @@ class UpstreamSession:
     ``auth_failed`` raises :class:`AuthenticationError`, which is fatal: the key was refused.
     """
 
-    def __init__(self, api_key: str, params: str, decoder: TradeDecoder) -> None:
+    def __init__(self, api_key: str, params: str, decoder: EventDecoder) -> None:
         self._api_key = api_key
         self.params = params
         self.decoder = decoder
@@ -464,7 +654,7 @@ class UpstreamSession:
             event = self._receive_status(status)
             if event is not None:
                 events.append(event)
-        return Received(events, decoded.trades)
+        return Received(events, decoded.trades, decoded.batches)
 
     def data_to_send(self) -> list[str]:
         """Client frames to send, in order (the auth frame holds the key: never log these)."""

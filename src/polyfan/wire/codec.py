@@ -14,8 +14,10 @@ terminator makes ``T.A\\0`` a different prefix from ``T.AAPL\\0``. The header is
     u64 session      the publisher's session id, random at each start
     u64 seq          per-topic sequence number, 1, 2, 3 ... within a session
 
-Payloads are arrays of fixed-size little-endian records (``TRADE_DTYPE``, ``BAR_DTYPE``,
-``CLOCK_DTYPE``, ``UPSTREAM_DTYPE``) or, for the low-rate announce message, UTF-8 JSON.
+Payloads are arrays of fixed-size little-endian records (``TRADE_DTYPE``, ``QUOTE_DTYPE``,
+``AGG_DTYPE``, ``LULD_DTYPE``, ``BAR_DTYPE``, ``CLOCK_DTYPE``, ``UPSTREAM_DTYPE``) or, for the
+low-rate announce message and the events the proxy passes through unparsed (``RAW``), UTF-8
+JSON.
 docs/wire.md is the reference for programs in other languages.
 
 History requests travel the other way, from an XSUB socket to the agg's XPUB socket, as
@@ -59,6 +61,10 @@ class Kind(enum.IntEnum):
     HISTORY = 6
     SYMBOLS = 7
     OUTAGE = 8  # an agg's outage began or ended (JSON, docs/wire.md)
+    QUOTES = 9  # Polygon Q events of one symbol (QUOTE_DTYPE)
+    AGGREGATES = 10  # Polygon A or AM events of one symbol (AGG_DTYPE); the topic says which
+    LULD = 11  # Polygon LULD events of one symbol (LULD_DTYPE)
+    RAW = 12  # upstream events of a type the proxy does not parse: a JSON array, as received
 
 
 TRADE_DTYPE = np.dtype(
@@ -112,6 +118,78 @@ BAR_DTYPE = np.dtype(
 )
 assert BAR_DTYPE.itemsize == 64
 
+# --- Polygon's other stocks events (docs/wire.md). Each record keeps which of the event's
+# optional keys were present in ``has`` (bits below), so wire.polygon turns a record back into
+# the very event dict it came from. Absent numbers are 0 in the record.
+
+MAX_INDICATORS = 4  # indicator codes a quote or LULD record holds (more: the event is rejected)
+MAX_VOLUME = 1e15  # an aggregate's v, av and z: [0, MAX_VOLUME] (a day of SPY is ~1e8)
+
+QUOTE_BX, QUOTE_BP, QUOTE_BS = 1, 2, 4
+QUOTE_AX, QUOTE_AP, QUOTE_AS = 8, 16, 32
+QUOTE_C, QUOTE_I, QUOTE_Q, QUOTE_Z = 64, 128, 256, 512
+
+QUOTE_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # SIP timestamp, Unix ms
+        ("q", "<i8"),  # upstream sequence number
+        ("bp", "<f8"),  # bid price
+        ("ap", "<f8"),  # ask price
+        ("bs", "<u4"),  # bid size, in round lots as Polygon sends it
+        ("as", "<u4"),  # ask size, in round lots
+        ("bx", "<u2"),  # bid exchange id
+        ("ax", "<u2"),  # ask exchange id
+        ("c", "<u2"),  # quote condition
+        ("i", "<u2", (MAX_INDICATORS,)),  # indicator codes, the first ni are valid
+        ("z", "u1"),  # tape
+        ("ni", "u1"),  # how many indicator codes are valid in i
+        ("has", "<u2"),  # which optional keys the event had: QUOTE_* bits
+        ("_pad", "u1", (6,)),
+    ]
+)
+assert QUOTE_DTYPE.itemsize == 64
+
+AGG_V, AGG_AV, AGG_OP, AGG_VW, AGG_O, AGG_C = 1, 2, 4, 8, 16, 32
+AGG_H, AGG_L, AGG_A, AGG_Z, AGG_OTC = 64, 128, 256, 512, 1024
+
+AGG_DTYPE = np.dtype(
+    [
+        ("s", "<i8"),  # window start, Unix ms
+        ("e", "<i8"),  # window end, Unix ms
+        ("o", "<f8"),
+        ("h", "<f8"),
+        ("l", "<f8"),
+        ("c", "<f8"),
+        ("v", "<f8"),  # the window's volume
+        ("vw", "<f8"),  # the window's volume-weighted average price
+        ("av", "<f8"),  # today's accumulated volume
+        ("op", "<f8"),  # today's official opening price
+        ("a", "<f8"),  # today's volume-weighted average price
+        ("z", "<f8"),  # the window's average trade size
+        ("has", "<u2"),  # which optional keys the event had: AGG_* bits
+        ("otc", "u1"),  # 1: "otc": true
+        ("_pad", "u1", (5,)),
+    ]
+)
+assert AGG_DTYPE.itemsize == 104
+
+LULD_H, LULD_L, LULD_I, LULD_Z, LULD_Q = 1, 2, 4, 8, 16
+
+LULD_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # timestamp, as Polygon sends it
+        ("q", "<i8"),  # upstream sequence number
+        ("h", "<f8"),  # limit-up price
+        ("l", "<f8"),  # limit-down price
+        ("i", "<u2", (MAX_INDICATORS,)),  # indicator codes, the first ni are valid
+        ("z", "u1"),  # tape
+        ("ni", "u1"),
+        ("has", "<u2"),  # which optional keys the event had: LULD_* bits
+        ("_pad", "u1", (4,)),
+    ]
+)
+assert LULD_DTYPE.itemsize == 48
+
 CLOCK_DTYPE = np.dtype([("clock", "<i8"), ("wall", "<i8")])
 
 UPSTREAM_DOWN = 0
@@ -121,6 +199,30 @@ UPSTREAM_DTYPE = np.dtype([("state", "<i8"), ("clock", "<i8"), ("wall", "<i8")])
 
 def trade_topic(symbol: str) -> bytes:
     return b"T." + symbol.encode() + TERMINATOR
+
+
+# Polygon's stocks channels the proxy parses, by event type: the topic prefix of each is the
+# event type and a dot (``Q.TSLA``), and each carries one record kind.
+EVENT_KINDS = {"T": Kind.TRADES, "Q": Kind.QUOTES, "A": Kind.AGGREGATES, "AM": Kind.AGGREGATES}
+EVENT_KINDS["LULD"] = Kind.LULD
+RAW_PREFIX = "raw."  # raw.<ev>: events of a type the proxy passes through unparsed
+
+
+def event_topic(ev: str, symbol: str) -> bytes:
+    """The topic of Polygon event type ``ev`` (``T``, ``Q``, ``A``, ``AM``, ``LULD``) of a symbol."""
+    return f"{ev}.{symbol}".encode() + TERMINATOR
+
+
+def raw_topic(ev: str) -> bytes:
+    """Where the proxy publishes events of type ``ev`` that it does not parse."""
+    return (RAW_PREFIX + ev).encode() + TERMINATOR
+
+
+def topic_event(topic: str) -> tuple[str, str]:
+    """``(event type, symbol)`` of an event topic: ``Q.BRK.A`` is ``("Q", "BRK.A")``; for
+    ``raw.NOI`` it is ``("raw", "NOI")``."""
+    ev, _, rest = topic.partition(".")
+    return ev, rest
 
 
 def bar_channel(interval_ms: int, symbol: str) -> str:
@@ -151,12 +253,22 @@ def subscription_prefix(text: str) -> bytes:
 
 # "Everything" as prefixes that never match a reply topic: an agg disconnects a peer whose
 # subscription would read other peers' replies (the empty prefix, "_", "_rep." ...).
-EVERYTHING_BUT_REPLIES = (b"T.", CONTROL_TOPIC, *(str(digit).encode() for digit in range(1, 10)))
+EVERYTHING_BUT_REPLIES = (
+    b"T.",
+    b"Q.",
+    b"A.",
+    b"AM.",
+    b"LULD.",
+    RAW_PREFIX.encode(),
+    CONTROL_TOPIC,
+    *(str(digit).encode() for digit in range(1, 10)),
+)
 
 
 def subscription_prefixes(text: str) -> tuple[bytes, ...]:
     """What to subscribe for what a user types (:func:`subscription_prefix`), with everything
-    (``""``, ``*``) spelled as :data:`EVERYTHING_BUT_REPLIES`: trades, control and bars."""
+    (``""``, ``*``) spelled as :data:`EVERYTHING_BUT_REPLIES`: every event kind, control and
+    bars."""
     prefix = subscription_prefix(text)
     return EVERYTHING_BUT_REPLIES if prefix == b"" else (prefix,)
 
@@ -208,6 +320,9 @@ def decode(frame: bytes) -> Message:
 
 _RECORD_DTYPE = {
     Kind.TRADES: TRADE_DTYPE,
+    Kind.QUOTES: QUOTE_DTYPE,
+    Kind.AGGREGATES: AGG_DTYPE,
+    Kind.LULD: LULD_DTYPE,
     Kind.BARS: BAR_DTYPE,
     Kind.CLOCK: CLOCK_DTYPE,
     Kind.UPSTREAM: UPSTREAM_DTYPE,

@@ -35,7 +35,13 @@ KIND_TRADES = 1
 KIND_BARS = 2
 KIND_CLOCK = 3
 KIND_UPSTREAM = 4
-MAX_KIND = 8
+KIND_QUOTES = 9
+KIND_AGGREGATES = 10
+KIND_LULD = 11
+MAX_KIND = 12  # RAW: the proxy's unparsed events (the agg subscribes none of 9-12)
+QUOTE_SIZE = 64
+AGG_SIZE = 104
+LULD_SIZE = 48
 
 TOPIC_CONTROL = -1  # topic_sym value for the control topic
 TOPIC_IGNORED = -2  # a topic we do not use (counted, skipped)
@@ -167,6 +173,9 @@ def decode_frames(
             or (kind == KIND_BARS and size != count * BAR_SIZE)
             or (kind == KIND_CLOCK and size != count * CLOCK_SIZE)
             or (kind == KIND_UPSTREAM and size != count * UPSTREAM_SIZE)
+            or (kind == KIND_QUOTES and size != count * QUOTE_SIZE)
+            or (kind == KIND_AGGREGATES and size != count * AGG_SIZE)
+            or (kind == KIND_LULD and size != count * LULD_SIZE)
         ):
             state[D_BAD] += 1
             continue

@@ -6,7 +6,6 @@ field, with what the sim sent."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from polyfan.market import Market
 from polyfan.sim import read_record
 from polyfan.wire import codec, polygon
 from procs import Context, Proc, endpoint, free_port, scrape
+from test_proxy_process import Subscriber
 
 KEY = "channels-key-0123456789"
 TIMEOUT = 30.0
@@ -24,23 +24,12 @@ CHANNELS = "T.*,Q.*,A.*,AM.*,LULD.*,NOI.*"
 TRADE_KEYS_NOT_ON_THE_WIRE = ("i", "pt", "ds")
 
 
-class Collector:
+class Collector(Subscriber):
     """A SUB socket on everything the proxy publishes, every receive bounded by a deadline."""
 
     def __init__(self, context: Context, address: str) -> None:
-        self.socket = context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 0)
-        self.socket.connect(address)
+        super().__init__(context, address)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.messages: list[codec.Message] = []
-
-    def receive_until(self, done: Callable[[Collector], bool], timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not done(self):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"timed out; received {len(self.messages)} messages"
-            if self.socket.poll(int(min(remaining, 0.2) * 1000)):
-                self.messages.append(codec.decode(self.socket.recv()))
 
     def joined(self) -> bool:
         return any(m.kind is codec.Kind.CLOCK for m in self.messages)
@@ -145,10 +134,10 @@ def test_every_event_of_a_known_script_arrives_on_its_topic_exactly(
     pub = endpoint("ipc", tmp_path, "proxy")
     with start_proxy(f"ws://127.0.0.1:{port}/stocks", pub, metrics) as proxy:
         sub = Collector(context, pub)
-        sub.receive_until(Collector.joined)
+        sub.receive_until(Collector.joined, TIMEOUT)
         with Proc("sim", "--listen", f"127.0.0.1:{port}", "--script", str(path)) as sim:
             sim.wait_for("ready:")
-            sub.receive_until(lambda s: s.count() >= total)
+            sub.receive_until(lambda s: s.count() >= total, TIMEOUT)
             stop(sim)
         values = scrape(metrics)
         proxy.wait_for("skipped malformed upstream input")
@@ -190,7 +179,7 @@ def test_the_sims_market_on_every_channel_reaches_subscribers_whole(
     record = tmp_path / "sent.jsonl"
     with start_proxy(f"ws://127.0.0.1:{port}/stocks", pub, metrics) as proxy:
         sub = Collector(context, pub)
-        sub.receive_until(Collector.joined)
+        sub.receive_until(Collector.joined, TIMEOUT)
         with Proc(
             "sim", "--listen", f"127.0.0.1:{port}", "--symbols", "A,AA,AAPL,BRK.A,TSLA",
             "--rate", "1000", "--seed", "5", "--record", str(record),
@@ -199,12 +188,13 @@ def test_the_sims_market_on_every_channel_reaches_subscribers_whole(
             sub.receive_until(
                 lambda s: (
                     any(m.kind is codec.Kind.AGGREGATES for m in s.messages) and s.count() >= 20_000
-                )
+                ),
+                TIMEOUT,
             )
             stop(sim)
         expected = sent_events([frame for _, frame in read_record(record)])
         total = sum(map(len, expected.values()))
-        sub.receive_until(lambda s: s.count() >= total)
+        sub.receive_until(lambda s: s.count() >= total, TIMEOUT)
         values = scrape(metrics)
         stop(proxy)
     received = sub.events()

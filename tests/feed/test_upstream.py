@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from polyfan.errors import AuthenticationError
 from polyfan.feed.upstream import (
+    MAX_RAW_TYPES,
     Action,
     Authenticated,
     EventDecoder,
@@ -220,6 +221,20 @@ def test_codes_the_record_cannot_hold_become_the_out_of_range_code_not_a_lost_tr
     assert int(records["nc"][0]) == len(slots)
     assert records["c"][0][: len(slots)].tolist() == slots
     assert decoder.stats.bad_messages == 0 and not decoder.stats.rejected
+
+
+def test_past_64_unknown_event_types_new_ones_are_bad_messages_and_trades_carry_on() -> None:
+    """Each unknown type is a topic and a metric label: an upstream that invents types
+    cannot grow them without bound."""
+    decoder = EventDecoder()
+    kinds = [f"X{k}" for k in range(MAX_RAW_TYPES + 6)]
+    unknown = b",".join(b'{"ev":"%s","v":1}' % k.encode() for k in kinds)
+    text = b"[" + unknown + b"," + frame(trade(q=1))[1:-1] + b',{"ev":"X0","v":2}]'
+    decoded = decoder.decode([text], NOW)
+    assert [int(q) for q in decoded.trades.records[0]["q"]] == [1]
+    assert decoder.stats.raw == {k: 1 + (k == "X0") for k in kinds[:MAX_RAW_TYPES]}
+    assert decoder.stats.bad_messages == 6
+    assert sum(p.what.startswith("an event of a new unknown type") for p in decoded.problems) == 6
 
 
 def test_unknown_events_pass_on_raw_and_unknown_fields_are_skipped() -> None:

@@ -53,6 +53,7 @@ from polyfan.wire import codec
 FUTURE_LIMIT_MS = 5_000  # a trade stamped further ahead of the wall clock is rejected
 IDLE_MS = 1_000  # the feed clock follows the wall clock after this long without a trade
 MAX_CODES = 64  # a trade with more condition codes is rejected (the wire keeps 8: _fitted)
+MAX_RAW_TYPES = 64  # unknown event types passed on raw; past that, new ones are bad messages
 
 _U16 = Annotated[int, Meta(ge=0, le=65_535)]
 _U8 = Annotated[int, Meta(ge=0, le=255)]
@@ -322,10 +323,23 @@ class EventDecoder:
             ev = element.get("ev")
             kind = _TYPES.get(ev) if isinstance(ev, str) else None
             if kind is None:
-                if isinstance(ev, str) and SYMBOL_RE.fullmatch(ev) is not None:
+                usable = isinstance(ev, str) and SYMBOL_RE.fullmatch(ev) is not None
+                if (
+                    usable
+                    and isinstance(ev, str)
+                    and (ev in stats.raw or len(stats.raw) < MAX_RAW_TYPES)
+                ):
                     raw.setdefault(ev, []).append(bytes(text))
                     stats.unknown_events += 1
                     stats.raw[ev] += 1
+                elif usable:
+                    stats.bad_messages += 1
+                    problems.append(
+                        Problem(
+                            f"an event of a new unknown type {ev!r} after {MAX_RAW_TYPES} such "
+                            "types were passed on raw: dropped"
+                        )
+                    )
                 else:
                     stats.bad_messages += 1
                     problems.append(Problem(f"an event without a usable ev: {_excerpt(element)}"))

@@ -25,7 +25,7 @@ from fake_agg import FakeAgg, bar_rows, expected_event
 from polyfan import bridge as bridge_module
 from polyfan.bridge import PASS_LOG_ENV, Bridge
 from polyfan.config import BridgeConfig
-from polyfan.fanout.protocol import Limits
+from polyfan.fanout.protocol import Limits, parse_channel
 from polyfan.wire import codec
 from procs import free_port
 from wsclient import Client, eventually
@@ -417,7 +417,9 @@ async def test_sharded_aggs_each_serve_their_own_symbols() -> None:
         bridge = Bridge(BridgeConfig(sub=(a.endpoint, b.endpoint), listen=("127.0.0.1", 0)))
         await bridge.start()
         try:
-            await eventually(lambda: len(bridge.catalog.intervals) == 2)
+            # both aggs announced (two intervals alone come from b's announce)
+            served = [parse_channel(name) for name in ("500Ms.AAPL", "500Ms.TSLA")]
+            await eventually(lambda: all(bridge.catalog.aggs_for(c) for c in served))
             client = await Client.open(url(bridge), token="x")
             await client.send(
                 {"action": "subscribe", "params": "500Ms.AAPL,500Ms.TSLA,1000Ms.AAPL,500Ms.MSFT"}
